@@ -199,3 +199,35 @@ def test_cli_zoo_build(tmp_path, monkeypatch, capsys):
     assert "--overwrite" in capsys.readouterr().err
     assert main(["zoo", "build", "--preset", "test", "--out", str(out), "--overwrite", "--no-progress"]) == 0
     assert load_manifest(out)["seed"] == 0
+
+
+def test_base_cap_takes_a_skill_out_of_the_mix(tmp_path, monkeypatch):
+    """Once the monitored accuracy on a skill reaches the cap, the base draws no more of it;
+    when every skill is capped the base stops early."""
+    import mergesearch.zoo.train as T
+    from mergesearch.zoo.tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    codec = T.CharCodec(tok)
+    draws = {"reverse": 0, "successor": 0}
+
+    def counting(skill):
+        stream = train_stream(skill, 0, set())
+        while True:
+            draws[skill] += 1
+            yield next(stream)
+
+    accs = {"reverse": 1.0, "successor": 0.0}
+    monkeypatch.setattr(T, "teacher_forced_accuracy", lambda model, codec, rows: accs[rows[0]["skill"]])
+    monitor = {s: [{"skill": s}] for s in draws}
+    cfg = TINY.base.model_copy(update={"steps": 12, "batch": 8, "cap": 0.5})
+    hist = T.train_base(T.make_model(TINY.model, tok, 0), codec, {s: counting(s) for s in draws}, cfg, 0,
+                        tmp_path / "log.jsonl", monitor, 4, progress=False)
+    assert hist[0]["capped"] == ["reverse"]
+    assert sum(draws.values()) == 12 * 8
+    assert draws["reverse"] <= 4 * 8 and draws["successor"] >= 8 * 8  # steps 5-12 drew successor only
+
+    accs["successor"] = 1.0
+    T.train_base(T.make_model(TINY.model, tok, 0), codec, {s: counting(s) for s in draws}, cfg, 0,
+                 tmp_path / "log2.jsonl", monitor, 4, progress=False)
+    assert len((tmp_path / "log2.jsonl").read_text().splitlines()) == 4

@@ -107,8 +107,10 @@ def _build_into(tmp: Path, p: ZooPreset, seed: int, progress: bool) -> dict:
 
     data = tmp / "data"
     data.mkdir(parents=True)
-    splits = {s: eval_splits(s, {"calib": p.splits.calib, "test": p.splits.test}, seed) for s in p.skills}
+    sizes = {"calib": p.splits.calib, "test": p.splits.test, "monitor": p.monitor_examples}
+    splits = {s: eval_splits(s, sizes, seed) for s in p.skills}
     held_out = {s: {r["question"] for rows in sp.values() for r in rows} for s, sp in splits.items()}
+    monitor = {s: sp.pop("monitor") for s, sp in splits.items()} if p.monitor_examples else {}
     if p.splits.train:
         for s in p.skills:
             draws = train_stream(s, seed, held_out[s], "fewshot")
@@ -122,7 +124,6 @@ def _build_into(tmp: Path, p: ZooPreset, seed: int, progress: bool) -> dict:
             rel = f"data/{s}.{split}.jsonl"
             _write_jsonl(tmp / rel, rows)
             files[s][split] = rel
-    monitor = {s: sp["calib"][: p.monitor_examples] for s, sp in splits.items()} if p.monitor_examples else {}
 
     timings = {}
     t = time.perf_counter()
@@ -134,7 +135,7 @@ def _build_into(tmp: Path, p: ZooPreset, seed: int, progress: bool) -> dict:
     base.save_pretrained(tmp / "base")
     tokenizer.save_pretrained(tmp / "base")
     timings["base"] = round(time.perf_counter() - t, 2)
-    log.info("base trained in %.1fs; calib accuracy %s", timings["base"], hist[-1].get("calib_acc") if hist else "-")
+    log.info("base trained in %.1fs; monitor accuracy %s", timings["base"], hist[-1].get("monitor_acc") if hist else "-")
 
     models = {"base": "base"}
     for s in p.skills:
@@ -149,8 +150,8 @@ def _build_into(tmp: Path, p: ZooPreset, seed: int, progress: bool) -> dict:
         tokenizer.save_pretrained(tmp / name)
         models[name] = name
         timings[name] = round(time.perf_counter() - t, 2)
-        log.info("%s trained in %.1fs; calib accuracy %s", name, timings[name],
-                 hist[-1].get("calib_acc") if hist else "-")
+        log.info("%s trained in %.1fs; monitor accuracy %s", name, timings[name],
+                 hist[-1].get("monitor_acc") if hist else "-")
 
     manifest = {
         "format_version": FORMAT_VERSION,
