@@ -29,14 +29,20 @@ def test_run_baselines_trials_and_held_out(zoo_test, tmp_path):
     assert any(n.startswith("task_arithmetic@") for n in names)
     searched = _search(study)
     assert len(searched) == 4
-    assert searched[0].user_attrs.get("start") == "uniform"  # warm start first
+    merges = [t for t in R.baseline_trials(study)
+              if R.baseline_name(t) == "uniform" or R.baseline_name(t).startswith("task_arithmetic@")]
+    start = max(merges, key=lambda t: (R.trial_mean(t), -t.number))
+    assert searched[0].user_attrs.get("start") == R.baseline_name(start)  # warm start first: the best merge
+    assert R.meta(study)["start"] == {"from": R.baseline_name(start), "x0": searched[0].params}
     for t in searched:
         assert set(t.user_attrs["scores"]) == set(experts)
         assert t.user_attrs["merge_s"] > 0 and t.user_attrs["eval_s"] > 0 and t.user_attrs["device"] == "cpu"
         assert t.params and all(k.startswith("weight[") for k in t.params)
-    # The uniform warm start in task arithmetic IS the uniform baseline: same candidate, same score.
+    # The start point in task arithmetic IS that baseline: every weight at its value, same score.
+    weights = dict(zip(experts, start.user_attrs["weights"]))
+    assert all(v == weights[k.split("[")[1].split("]")[0]] for k, v in searched[0].params.items())
+    assert searched[0].values == pytest.approx(start.values, abs=1e-9)
     uniform = next(t for t in R.baseline_trials(study) if R.baseline_name(t) == "uniform")
-    assert searched[0].values == pytest.approx(uniform.values, abs=1e-9)
     tests = R.test_scores(study)
     best = R.best_trials(study, 1)[0]
     assert best.number in tests and uniform.number in tests

@@ -51,6 +51,8 @@ def run_study(cfg: Config, *, extra_trials: int | None = None, worker: bool = Fa
         runner.run_baselines(study, progress=(lambda name, v: log.info("baseline %-22s %s", name,
                                                                         " ".join(f"{x:.4f}" for x in v)))
                              if progress else None)
+    if not worker:
+        runner.warm_start(study)
     done = runner.counted(study)
     target = (done + extra_trials) if extra_trials is not None else cfg.study.n_trials
     runner.optimize(study, target, timeout=cfg.study.timeout, progress=progress)

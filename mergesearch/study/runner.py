@@ -272,24 +272,69 @@ class StudyRunner:
         else:
             base_scores = {}
         self.base_scores = base_scores
-        constraints = self.constraints(base_scores)
-        x0 = self.space.point()
+        self._constraints = self.constraints(base_scores)
+        # A resumed study starts from the point it chose when it was new (see `warm_start`).
+        x0 = (R.meta(old_study).get("start") or {}).get("x0") if exists else None
         n_existing = len(old_study.get_trials(deepcopy=False)) if exists else 0
-        seed = sampler_seed(self.cfg.study.seed, n_existing, joining=not create)
-        sampler, reason = make_sampler(self.cfg.study.sampler, seed=seed, n_params=self.space.n_params,
-                                       n_objectives=len(self.objective_names), x0=x0, constraints_func=constraints)
+        self._sampler_seed = sampler_seed(self.cfg.study.seed, n_existing, joining=not create)
+        sampler, reason = self.make_sampler(x0 or self.space.point())
         log.info("sampler: %s (%s)", type(sampler).__name__, reason)
         pruner = make_pruner(self.cfg.study.pruner, n_slices=self.cfg.study.n_slices,
                              n_objectives=len(self.objective_names))
         study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
                                     directions=meta["directions"], load_if_exists=True)
         if not exists:
-            meta.update(sampler=type(sampler).__name__, sampler_reason=reason, base_scores={})
+            meta.update(sampler=str(sampler), sampler_reason=reason, base_scores={})
             study.set_user_attr(R.META_KEY, meta)
-            # Warm start: the uniform merge in the study's own method is the first searched candidate.
-            study.enqueue_trial(x0, user_attrs={"start": "uniform"})
         self.study = study
         return study
+
+    def make_sampler(self, x0: dict[str, float]):
+        return make_sampler(self.cfg.study.sampler, seed=self._sampler_seed, n_params=self.space.n_params,
+                            n_objectives=len(self.objective_names), x0=x0, constraints_func=self._constraints,
+                            consider_pruned=self.cfg.study.n_slices > 1)
+
+    def start_point(self, study: optuna.Study) -> tuple[str, dict[str, float]]:
+        """(name, point) where the search starts: the best baseline merge the space expresses exactly.
+
+        In task arithmetic a baseline (uniform, or every weight at the tuned global scale) is a point of
+        the space when its weights lie in the weight range and lambda can be 1: the search then starts
+        from the bar it has to beat instead of rediscovering it. Other methods start at the uniform merge.
+        """
+        uniform = ("uniform", self.space.point())
+        if self.space.op.name != BASELINE_METHOD:
+            return uniform
+        merges = [t for t in R.baseline_trials(study)
+                  if R.baseline_name(t) == "uniform" or R.baseline_name(t).startswith("task_arithmetic@")]
+        index = {e: i for i, e in enumerate(self.expert_names)}
+        for t in sorted(merges, key=lambda t: (-R.trial_mean(t), t.number)):
+            weights = t.user_attrs["weights"]
+            point = {}
+            for s in self.space.slots:
+                v = weights[index[s.expert]] if s.param == "weight" else 1.0 if s.param == "lambda" else None
+                if v is None or not s.low <= v <= s.high:
+                    break
+                point[s.key] = v
+            else:
+                return R.baseline_name(t), point
+        return uniform
+
+    def warm_start(self, study: optuna.Study) -> None:
+        """Fix the start point once (after the baselines), centre the sampler on it and queue it first.
+
+        The choice is stored in the study, so a resumed run (or a crash between baselines and search)
+        rebuilds the same sampler; a study that already has searched trials keeps its start.
+        """
+        m = R.meta(study)
+        if m.get("start") or study.get_trials(deepcopy=False, states=(TrialState.WAITING,)) or R.search_trials(
+                study, states=tuple(TrialState)):
+            return
+        name, x0 = self.start_point(study)
+        m["start"] = {"from": name, "x0": x0}
+        study.set_user_attr(R.META_KEY, m)
+        study.sampler, _ = self.make_sampler(x0)
+        study.enqueue_trial(x0, user_attrs={"start": name})
+        log.info("search starts from the %s merge", name)
 
     def run_baselines(self, study: optuna.Study, progress=None) -> None:
         """Evaluate the baselines not yet stored (a resumed study skips those it has)."""

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 import optuna
 
 from mergesearch.errors import ConfigError
+from mergesearch.study import records as R
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +27,12 @@ def choose_sampler(name: str, *, n_params: int, n_objectives: int, has_constrain
     if n_params <= 8:
         return "gp", f"{n_params} parameters: a Gaussian process is the most sample-efficient in few dimensions"
     return "cmaes", (f"{n_params} continuous parameters: CMA-ES scales to many dimensions, costs little per "
-                     "trial and starts from the uniform merge")
+                     "trial and starts from the best baseline merge")
 
 
 def make_sampler(name: str, *, seed: int, n_params: int, n_objectives: int = 1,
                  x0: dict[str, float] | None = None, constraints_func: ConstraintsFunc | None = None,
-                 n_startup_trials: int = 10) -> tuple[optuna.samplers.BaseSampler, str]:
+                 n_startup_trials: int = 10, consider_pruned: bool = False) -> tuple[optuna.samplers.BaseSampler, str]:
     """A seeded sampler and the reason it was chosen. Same seed and history -> same proposals."""
     chosen, reason = choose_sampler(name, n_params=n_params, n_objectives=n_objectives,
                                     has_constraints=constraints_func is not None)
@@ -43,17 +44,84 @@ def make_sampler(name: str, *, seed: int, n_params: int, n_objectives: int = 1,
     with warnings.catch_warnings():  # x0 and GPSampler carry Optuna deprecation/experimental warnings
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         warnings.simplefilter("ignore", FutureWarning)
-        return _build(chosen, seed, x0, constraints_func, n_startup_trials), reason
+        inner = _build(chosen, seed, x0, constraints_func, n_startup_trials, consider_pruned)
+        return SearchTrialsOnly(inner), reason
 
 
-def _build(chosen: str, seed: int, x0, constraints_func, n_startup_trials: int) -> optuna.samplers.BaseSampler:
+class _SearchView:
+    """A study as a sampler should see it: the baselines hidden.
+
+    Baselines are COMPLETE trials without parameters (they need not be points of the search space).
+    Optuna's relative samplers (CMA-ES, multivariate TPE, GP, NSGA-II) take the intersection of the
+    parameters of all completed trials as their search space; one parameter-less trial makes it
+    empty and they silently fall back to independent random sampling. Everything else (storage,
+    directions, system attributes) passes through to the real study.
+    """
+
+    def __init__(self, study: optuna.Study):
+        self._study = study
+
+    def __getattr__(self, name):
+        return getattr(self._study, name)
+
+    def get_trials(self, deepcopy: bool = True, states=None):
+        return [t for t in self._study.get_trials(deepcopy=deepcopy, states=states) if R.is_search_trial(t)]
+
+    def _get_trials(self, deepcopy: bool = True, states=None, use_cache: bool = False):
+        return [t for t in self._study._get_trials(deepcopy=deepcopy, states=states, use_cache=use_cache)
+                if R.is_search_trial(t)]
+
+    @property
+    def trials(self):
+        return self.get_trials()
+
+    @property
+    def best_trial(self):
+        return max(self.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)),
+                   key=lambda t: t.value if self._study.direction == optuna.study.StudyDirection.MAXIMIZE
+                   else -t.value)
+
+
+class SearchTrialsOnly(optuna.samplers.BaseSampler):
+    """Wraps an Optuna sampler so that it learns from the searched trials only (see `_SearchView`)."""
+
+    def __init__(self, inner: optuna.samplers.BaseSampler):
+        self.inner = inner
+
+    def __str__(self) -> str:
+        return type(self.inner).__name__
+
+    def infer_relative_search_space(self, study, trial):
+        return self.inner.infer_relative_search_space(_SearchView(study), trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self.inner.sample_relative(_SearchView(study), trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self.inner.sample_independent(_SearchView(study), trial, param_name, param_distribution)
+
+    def before_trial(self, study, trial) -> None:
+        self.inner.before_trial(_SearchView(study), trial)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self.inner.after_trial(_SearchView(study), trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.inner.reseed_rng()
+
+
+def _build(chosen: str, seed: int, x0, constraints_func, n_startup_trials: int,
+           consider_pruned: bool) -> optuna.samplers.BaseSampler:
     if chosen == "tpe":
         sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=n_startup_trials,
                                              constraints_func=constraints_func)
     elif chosen == "cmaes":
-        # Warm start: the search distribution is centred on the uniform merge.
+        # Warm start: the search distribution is centred on x0 (the study's start point). With pruning,
+        # a pruned candidate counts at its last reported (partial) score: otherwise every pruned trial
+        # is lost to CMA-ES and a generation needs many more candidates to fill.
         sampler = optuna.samplers.CmaEsSampler(seed=seed, x0=x0, n_startup_trials=0,
-                                               warn_independent_sampling=False)
+                                               warn_independent_sampling=False,
+                                               consider_pruned_trials=consider_pruned)
     elif chosen == "gp":
         sampler = optuna.samplers.GPSampler(seed=seed, n_startup_trials=n_startup_trials,
                                             constraints_func=constraints_func)
