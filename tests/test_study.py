@@ -199,3 +199,54 @@ def test_shipped_studies_validate_when_given_paths(path, zoo_test, tmp_path):
     target.write_text(yaml.safe_dump(raw))
     summary = validate_study(target)
     assert summary["n_params"] > 0 and summary["method"] == raw["merge"]["method"]
+
+
+@pytest.mark.parametrize("sampler", ["cmaes", "tpe", "gp"])
+def test_samplers_learn_beside_parameterless_baselines(zoo_test, tmp_path, sampler):
+    """Baselines carry no parameters; the samplers must still sample the space jointly (relative
+    sampling), not fall back to independent sampling because the intersection space came out empty."""
+    from mergesearch.study.samplers import SearchTrialsOnly
+
+    cfg = load_config(write_study(zoo_test, tmp_path, n_trials=14, sampler=sampler, top_k_test=0, limit=8))
+    study = run_study(cfg, progress=False)
+    assert R.baseline_trials(study)
+    assert isinstance(study.sampler, SearchTrialsOnly)
+    trial = study.trials[-1]
+    space = study.sampler.infer_relative_search_space(study, trial)
+    assert set(space) == set(_search(study)[0].params) and len(space) > 1
+    # why the wrapper exists: a bare Optuna sampler sees the baselines and finds no joint space
+    assert not type(study.sampler.inner)().infer_relative_search_space(study, trial)
+    if sampler == "cmaes":
+        gens = [t.system_attrs.get("cma:generation") for t in _search(study)[1:]]
+        assert all(g is not None for g in gens) and max(gens) >= 1  # CMA-ES ran generations, not random draws
+
+
+def test_start_point_is_the_best_baseline_merge_and_uniform_otherwise(zoo_test, tmp_path):
+    cfg = load_config(write_study(zoo_test, tmp_path, n_trials=1, top_k_test=0))
+    runner = StudyRunner(cfg)
+    study = runner.open_study()
+    experts = list(cfg.models.experts)
+    # Scores of baselines written by hand: task_arithmetic@0.5 is the best merge, an expert scores higher
+    # but is not a merge.
+    for name, w, v in [("uniform", [1 / len(experts)] * len(experts), 0.2), ("task_arithmetic@0.5", [0.5] * len(experts), 0.4),
+                       ("task_arithmetic@1", [1.0] * len(experts), 0.3), ("expert:" + experts[0], [1.0] + [0.0] * (len(experts) - 1), 0.9)]:
+        study.add_trial(optuna.trial.create_trial(state=TrialState.COMPLETE, values=[v], params={}, distributions={},
+                                                  user_attrs={R.BASELINE: name, "weights": w}))
+    name, x0 = runner.start_point(study)
+    assert name == "task_arithmetic@0.5" and set(x0) == {s.key for s in runner.space.slots}
+    assert all(v == 0.5 for v in x0.values())
+    runner.warm_start(study)
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert len(waiting) == 1 and waiting[0].user_attrs["start"] == "task_arithmetic@0.5"
+    runner.warm_start(study)  # decided once
+    assert len(study.get_trials(states=(TrialState.WAITING,))) == 1
+
+    # A weight range that excludes 0.5 skips to the next best merge that fits.
+    narrow = load_config(write_study(zoo_test, tmp_path, name="narrow", n_trials=1, top_k_test=0, space={
+        "granularity": "global", "parameters": {"weight": {"low": 0.6, "high": 1.0}, "lambda": {"fixed": 1.0}}}))
+    r2 = StudyRunner(narrow)
+    assert r2.start_point(study)[0] == "task_arithmetic@1"
+    ties = load_config(write_study(zoo_test, tmp_path, name="ties", method="ties", n_trials=1, top_k_test=0,
+                                   space={"granularity": "global"}))
+    r3 = StudyRunner(ties)
+    assert r3.start_point(study) == ("uniform", r3.space.point())
