@@ -20,6 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 from mergesearch.errors import StudyError
 from mergesearch.space import parse_key
 from mergesearch.study import records as R
+from mergesearch.study.records import pick_trial
 
 log = logging.getLogger(__name__)
 
@@ -91,26 +92,6 @@ def _group_sort_key(row: str) -> tuple:
 
 def _complete(study: optuna.Study) -> list[FrozenTrial]:
     return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values]
-
-
-def pick_trial(study: optuna.Study, which: str | int = "best") -> FrozenTrial:
-    """The best searched trial ('best') or COMPLETE trial number N."""
-    if str(which) == "best":
-        best = R.best_trials(study, 1)
-        if not best:
-            raise StudyError(f"study {study.study_name!r} has no completed searched trial yet: "
-                             "wait for the first trials or pass --trial N")
-        return best[0]
-    try:
-        number = int(which)
-    except ValueError:
-        raise StudyError(f"--trial must be 'best' or a trial number, got {which!r}") from None
-    for t in study.get_trials(deepcopy=False):
-        if t.number == number:
-            if t.state != TrialState.COMPLETE:
-                raise StudyError(f"trial {number} is {t.state.name}: pick a COMPLETE trial or 'best'")
-            return t
-    raise StudyError(f"study {study.study_name!r} has no trial {number} (it has {len(study.trials)} trials)")
 
 
 def _points(d: float, scale100: bool) -> str:

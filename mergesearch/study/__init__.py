@@ -161,24 +161,6 @@ def format_status(st: dict) -> str:
     return "\n".join(lines)
 
 
-def _pick_trial(study: optuna.Study, which: str | int) -> optuna.trial.FrozenTrial:
-    if str(which) == "best":
-        best = R.best_trials(study, 1)
-        if not best:
-            raise StudyError(f"study {study.study_name!r} has no completed searched trial yet")
-        return best[0]
-    try:
-        number = int(which)
-    except ValueError:
-        raise StudyError(f"--trial must be 'best' or a trial number, got {which!r}") from None
-    for t in study.get_trials(deepcopy=False):
-        if t.number == number:
-            if t.state != TrialState.COMPLETE:
-                raise StudyError(f"trial {number} is {t.state.name}, not COMPLETE: export a completed trial")
-            return t
-    raise StudyError(f"study {study.study_name!r} has no trial {number}")
-
-
 def export_trial(spec, which: str | int, out: str | Path, *, force: bool = False, study_name: str | None = None,
                  device: str | None = None) -> Path:
     """Write a trial's merged model (HF folder), its recipe in our format and, where expressible, mergekit's."""
@@ -193,7 +175,7 @@ def export_trial(spec, which: str | int, out: str | Path, *, force: bool = False
     study, cfg = resolve_study(spec, study_name)
     if cfg is None:
         raise StudyError("the study stores no config: export it with its study YAML")
-    trial = _pick_trial(study, which)
+    trial = R.pick_trial(study, which)
     if device:
         cfg = cfg.model_copy(update={"merge": cfg.merge.model_copy(update={"device": device})})
     runner = StudyRunner(cfg, load_evaluator=False)

@@ -20,6 +20,8 @@ from __future__ import annotations
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from mergesearch.errors import StudyError
+
 META_KEY = "mergesearch"
 TEST_KEY = "test_scores"
 BASELINE = "baseline"
@@ -61,3 +63,23 @@ def best_trials(study: optuna.Study, k: int = 1, include_baselines: bool = False
     if not include_baselines:
         pool = [t for t in pool if is_search_trial(t)]
     return sorted(pool, key=lambda t: (-trial_mean(t), t.number))[:k]
+
+
+def pick_trial(study: optuna.Study, which: str | int = "best") -> FrozenTrial:
+    """The best searched trial ('best') or COMPLETE trial number N (for export, reports, --trial)."""
+    if str(which) == "best":
+        best = best_trials(study, 1)
+        if not best:
+            raise StudyError(f"study {study.study_name!r} has no completed searched trial yet: "
+                             "wait for the first trials or pass --trial N")
+        return best[0]
+    try:
+        number = int(which)
+    except ValueError:
+        raise StudyError(f"--trial must be 'best' or a trial number, got {which!r}") from None
+    for t in study.get_trials(deepcopy=False):
+        if t.number == number:
+            if t.state != TrialState.COMPLETE:
+                raise StudyError(f"trial {number} is {t.state.name}: pick a COMPLETE trial or 'best'")
+            return t
+    raise StudyError(f"study {study.study_name!r} has no trial {number} (it has {len(study.trials)} trials)")
