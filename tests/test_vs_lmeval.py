@@ -77,9 +77,11 @@ def test_bigbench_multiple_choice_agrees(tmp_path, zoo_model):
     assert ours.scores[task.name]["acc_norm"] == pytest.approx(lm_scores["acc_norm,none"])
 
 
-def test_zoo_exact_match_one_pass_agrees(tmp_path, zoo_test, zoo_model):
-    model, tok = zoo_model
-    task = load_task(zoo_test / "data" / "successor.calib.jsonl")
+def test_zoo_exact_match_one_pass_agrees(tmp_path, zoo_test):
+    # The test zoo is weak by design; its reverse expert on its own skill is the one pairing that gets
+    # some answers right, so the comparison covers both correct and wrong answers.
+    model, tok = _load(zoo_test / "expert-reverse")
+    task = load_task(zoo_test / "data" / "reverse.calib.jsonl")
     ours = Evaluator(model, tok, [task], batch_size=16).evaluate()
     lm_scores, samples = run_lmeval(model, tok, export_lmeval_task(task, tmp_path))
     recs = ours.records[task.name]
