@@ -215,7 +215,11 @@ def _cmd_export(args) -> int:
 
     path = export_trial(args.study, args.trial, args.out, force=args.force, study_name=args.study_name,
                         device=args.device)
-    print(f"wrote {path} (model, recipe.yaml, provenance.json)")
+    from pathlib import Path
+
+    mk = (Path(path) / "mergekit.yaml").is_file()
+    print(f"wrote {path} (model, recipe.yaml, provenance.json{', mergekit.yaml' if mk else ''})"
+          + ("" if mk else "; no mergekit.yaml: this merge is not expressible in mergekit's format"))
     return 0
 
 
