@@ -48,7 +48,7 @@ def comparison(study) -> dict:
     for name in ["base"] + sorted(n for n in baselines if n.startswith("expert:")) + ["uniform"]:
         if name in baselines:
             add(name, baselines[name])
-    merges = [t for n, t in baselines.items() if n == "uniform" or n.startswith("task_arithmetic")]
+    merges = R.merge_baselines(study)
     if merges:
         best = max(merges, key=R.trial_mean)
         add(f"best baseline merge ({R.baseline_name(best)})", best)

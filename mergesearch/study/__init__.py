@@ -24,7 +24,7 @@ from optuna.trial import TrialState
 from mergesearch.config import Config, config_from_dict, load_config
 from mergesearch.errors import StudyError
 from mergesearch.study import records as R
-from mergesearch.study.storage import open_storage, study_exists
+from mergesearch.study.storage import open_storage, require_existing, study_exists
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +89,7 @@ def resolve_study(spec: str | Path, study_name: str | None = None) -> tuple[optu
                 raise StudyError(f"{text} is neither a study YAML, a storage URL nor an existing .db/.log file")
             url = f"sqlite:///{Path(text).resolve()}"
         name = study_name
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
-        # opening would create an empty database: reading a study never writes anything
-        raise StudyError(f"no study storage at {url.removeprefix('sqlite:///')}: start the study with "
-                         "`mergesearch run STUDY.yaml`")
+    require_existing(url, "start the study with `mergesearch run STUDY.yaml`")  # reading never writes
     storage = open_storage(url, heartbeat=False)
     names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
     if name is None:

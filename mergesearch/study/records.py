@@ -51,6 +51,12 @@ def baseline_trials(study: optuna.Study) -> list[FrozenTrial]:
     return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if not is_search_trial(t)]
 
 
+def merge_baselines(study: optuna.Study) -> list[FrozenTrial]:
+    """The baselines that are merges: the uniform merge and task arithmetic at each global scale."""
+    return [t for t in baseline_trials(study)
+            if baseline_name(t) == "uniform" or baseline_name(t).startswith("task_arithmetic@")]
+
+
 def trial_mean(trial: FrozenTrial) -> float:
     """The trial's mean objective score (its single value, or the mean of per-task values)."""
     vals = trial.values or []

@@ -29,7 +29,7 @@ from mergesearch.merge import Materializer, Plan
 from mergesearch.space import SearchSpace, allocate_chunks, layer_importance
 from mergesearch.study import records as R
 from mergesearch.study.samplers import make_pruner, make_sampler
-from mergesearch.study.storage import open_storage, study_exists
+from mergesearch.study.storage import open_storage, require_existing, study_exists
 
 log = logging.getLogger(__name__)
 
@@ -248,10 +248,8 @@ class StudyRunner:
     def open_study(self, *, create: bool = True) -> optuna.Study:
         """Create the study, or resume it after checking that its search space is the same."""
         name, url = self.cfg.study.name, self.cfg.storage_url
-        if not create and url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
-            # opening would create an empty database file for a worker that then has nothing to join
-            raise StudyError(f"no study storage at {url.removeprefix('sqlite:///')}: start the study with "
-                             "`mergesearch run` first, then add workers")
+        if not create:
+            require_existing(url, "start the study with `mergesearch run` first, then add workers")
         storage = open_storage(url)
         exists = study_exists(storage, name)
         if not exists and not create:
@@ -278,7 +276,7 @@ class StudyRunner:
         n_existing = len(old_study.get_trials(deepcopy=False)) if exists else 0
         self._sampler_seed = sampler_seed(self.cfg.study.seed, n_existing, joining=not create)
         sampler, reason = self.make_sampler(x0 or self.space.point())
-        log.info("sampler: %s (%s)", type(sampler).__name__, reason)
+        log.info("sampler: %s (%s)", sampler, reason)
         pruner = make_pruner(self.cfg.study.pruner, n_slices=self.cfg.study.n_slices,
                              n_objectives=len(self.objective_names))
         study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
@@ -304,8 +302,7 @@ class StudyRunner:
         uniform = ("uniform", self.space.point())
         if self.space.op.name != BASELINE_METHOD:
             return uniform
-        merges = [t for t in R.baseline_trials(study)
-                  if R.baseline_name(t) == "uniform" or R.baseline_name(t).startswith("task_arithmetic@")]
+        merges = R.merge_baselines(study)
         index = {e: i for i, e in enumerate(self.expert_names)}
         for t in sorted(merges, key=lambda t: (-R.trial_mean(t), t.number)):
             weights = t.user_attrs["weights"]
@@ -326,8 +323,7 @@ class StudyRunner:
         rebuilds the same sampler; a study that already has searched trials keeps its start.
         """
         m = R.meta(study)
-        if m.get("start") or study.get_trials(deepcopy=False, states=(TrialState.WAITING,)) or R.search_trials(
-                study, states=tuple(TrialState)):
+        if m.get("start") or R.search_trials(study, states=tuple(TrialState)):  # WAITING included
             return
         name, x0 = self.start_point(study)
         m["start"] = {"from": name, "x0": x0}

@@ -75,12 +75,6 @@ class _SearchView:
     def trials(self):
         return self.get_trials()
 
-    @property
-    def best_trial(self):
-        return max(self.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)),
-                   key=lambda t: t.value if self._study.direction == optuna.study.StudyDirection.MAXIMIZE
-                   else -t.value)
-
 
 class SearchTrialsOnly(optuna.samplers.BaseSampler):
     """Wraps an Optuna sampler so that it learns from the searched trials only (see `_SearchView`)."""

@@ -52,6 +52,13 @@ def _sqlite_path(url: str) -> Path:
     return Path(url.removeprefix("sqlite:///"))
 
 
+def require_existing(url: str, hint: str) -> None:
+    """Refuse an SQLite URL whose file does not exist: opening it would create an empty database
+    (for a reader or a joining worker there is nothing to read or join). `hint` says what to run first."""
+    if url.startswith("sqlite:///") and not _sqlite_path(url).is_file():
+        raise StudyError(f"no study storage at {_sqlite_path(url)}: {hint}")
+
+
 def _prepare_sqlite(url: str) -> None:
     path = _sqlite_path(url)
     if str(path) in ("", ":memory:"):

@@ -92,8 +92,9 @@ class ZooPreset(_Frozen):
 
 PRESETS: dict[str, ZooPreset] = {
     # Measured (issue 4): at 450 base steps every skill is still weak (12-36%), at 600 reverse and
-    # uppercase have already emerged (87-89%), leaving the experts nothing to add. Successor and sort
-    # are learnt fastest, so they get a smaller share of the base mix.
+    # uppercase have already emerged (87-89%), leaving the experts nothing to add, and the step at
+    # which a skill emerges depends on the seed: the cap takes a skill out of the base's mix at 35%.
+    # Successor and sort are learnt fastest, so they get a smaller share of the base mix.
     "demo": ZooPreset(
         name="demo",
         base=BaseTraining(mix={"reverse": 1.5, "uppercase": 1.5, "successor": 0.5, "sort": 0.8}, cap=0.35),

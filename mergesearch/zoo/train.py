@@ -158,7 +158,7 @@ def train_base(model: LlamaForCausalLM, codec: CharCodec, streams: dict[str, Ite
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, cfg.steps, cfg.warmup, cfg.lr)
-        ids, mask = codec.batch(mixed_pairs({k: v for k, v in streams.items() if mix[k] > 0}, cfg.batch, rng, mix))
+        ids, mask = codec.batch(mixed_pairs(streams, cfg.batch, rng, mix))  # a capped skill has weight 0
         loss = _answer_ce(model(input_ids=ids).logits, ids, mask)
         opt.zero_grad(set_to_none=True)
         loss.backward()
