@@ -37,16 +37,13 @@ sys.path.insert(0, str(ROOT))
 from mergesearch.config import config_from_dict, load_space  # noqa: E402
 from mergesearch.study import records as R  # noqa: E402
 from mergesearch.study import run_study  # noqa: E402
-from mergesearch.zoo import ensure_zoo  # noqa: E402
+from mergesearch.zoo import ensure_zoo, study_inputs  # noqa: E402
 
 
 def study_config(zoo: Path, space: str, storage: str, name: str, trials: int, seed: int):
     """studies/demo.yaml with its models and tasks pointed at `zoo` and the given space."""
     raw = yaml.safe_load((ROOT / "studies" / "demo.yaml").read_text())
-    m = json.loads((zoo / "zoo.json").read_text())
-    raw["models"] = {"base": str(zoo / m["base"]), "experts": {s: str(zoo / m["experts"][s]) for s in m["skills"]}}
-    raw["objectives"]["tasks"] = [{"name": s, "calib": str(zoo / m["data"][s]["calib"]),
-                                   "test": str(zoo / m["data"][s]["test"])} for s in m["skills"]]
+    raw["models"], raw["objectives"]["tasks"] = study_inputs(zoo)
     raw["space"] = load_space(space, ROOT / "studies")
     raw["study"].update(name=name, storage=storage, n_trials=trials, seed=seed)
     return config_from_dict(raw)

@@ -38,18 +38,18 @@ from mergesearch.config import config_from_dict  # noqa: E402
 from mergesearch.study import runner as runner_mod  # noqa: E402
 from mergesearch.study.runner import StudyRunner  # noqa: E402
 from mergesearch.study.storage import open_storage  # noqa: E402
-from mergesearch.zoo import ensure_zoo  # noqa: E402
+from mergesearch.zoo import ensure_zoo, study_inputs  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
 
 def study_dict(zoo: Path, storage: str, n_trials: int, name: str) -> dict:
-    m = json.loads((zoo / "zoo.json").read_text())
+    models, tasks = study_inputs(zoo)
     return {
-        "models": {"base": str(zoo / m["base"]), "experts": {s: str(zoo / m["experts"][s]) for s in m["skills"]}},
+        "models": models,
         "merge": {"method": "task_arithmetic", "device": "cpu"},
         "space": {"granularity": "per_layer", "parameters": {"lambda": {"fixed": 1.0}}},
-        "objectives": {"tasks": [{"name": s, "calib": str(zoo / m["data"][s]["calib"])} for s in m["skills"]]},
+        "objectives": {"tasks": [{"name": t["name"], "calib": t["calib"]} for t in tasks]},
         "study": {"name": name, "storage": storage, "n_trials": n_trials, "sampler": "cmaes", "pruner": "none",
                   "baselines": False, "top_k_test": 0, "n_slices": 1},
     }

@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import yaml
+
+from mergesearch.zoo import study_inputs
 
 
 def zoo_study_dict(zoo: Path, tmp: Path, *, name: str = "t", n_trials: int = 4, method: str = "task_arithmetic",
                    space: dict | None = None, sampler: str = "random", limit: int | None = 24, mode: str = "mean",
                    storage: str | None = None, **study) -> dict:
-    manifest = json.loads((zoo / "zoo.json").read_text())
-    skills = manifest["skills"]
-    tasks = [{"name": s, "calib": str(zoo / manifest["data"][s]["calib"]),
-              "test": str(zoo / manifest["data"][s]["test"]), "limit": limit} for s in skills]
+    models, tasks = study_inputs(zoo)
     return {
-        "models": {"base": str(zoo / manifest["base"]),
-                   "experts": {s: str(zoo / manifest["experts"][s]) for s in skills}},
+        "models": models,
         "merge": {"method": method, "device": "cpu"},
         "space": space or {"granularity": "per_layer", "parameters": {"lambda": {"fixed": 1.0}}},
-        "objectives": {"tasks": tasks, "mode": mode},
+        "objectives": {"tasks": [{**t, "limit": limit} for t in tasks], "mode": mode},
         "study": {"name": name, "storage": storage or f"sqlite:///{tmp / (name + '.db')}", "n_trials": n_trials,
                   "sampler": sampler, "seed": 0, "n_slices": 2, "top_k_test": 2, "pruner": "none", **study},
     }

@@ -242,3 +242,14 @@ def load_manifest(path: str | os.PathLike) -> dict:
     if not f.is_file():
         raise ConfigError(f"{path} is not a finished zoo (no {MANIFEST}); build it with `mergesearch zoo build`")
     return json.loads(f.read_text())
+
+
+def study_inputs(path: str | os.PathLike) -> tuple[dict, list[dict]]:
+    """A study's `models` section and its `objectives.tasks` (one task per skill, calib and test) for
+    this zoo; the paths are under `path` as given."""
+    zoo = Path(path)
+    m = load_manifest(zoo)
+    models = {"base": str(zoo / m["base"]), "experts": {s: str(zoo / m["experts"][s]) for s in m["skills"]}}
+    tasks = [{"name": s, "calib": str(zoo / m["data"][s]["calib"]), "test": str(zoo / m["data"][s]["test"])}
+             for s in m["skills"]]
+    return models, tasks
