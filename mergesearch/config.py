@@ -88,8 +88,9 @@ class ParamSpec(_Frozen):
 class SpaceConfig(_Frozen):
     """Which coefficients are searched and at what granularity."""
 
-    granularity: Literal["global", "per_layer"] = Field(
-        "per_layer", description="global: one value per expert; per_layer: one per expert and layer")
+    granularity: Literal["global", "per_layer", "per_tensor"] = Field(
+        "per_layer", description="global: one value per expert; per_layer: one per expert and layer; "
+                                 "per_tensor: one per expert and tensor (for fitted coefficients)")
     layer_groups: int | None = Field(None, ge=1, description="K contiguous layer groups instead of every layer")
     per_module: bool = Field(False, description="separate values for attention, MLP and norm tensors")
     chunks: int | Literal["auto"] = Field(1, description="intra-tensor chunks along dim 0, each its own value")
@@ -109,7 +110,7 @@ class SpaceConfig(_Frozen):
     def _budget(self) -> SpaceConfig:
         if self.chunks == "auto" and self.chunk_budget is None:
             raise ValueError("chunks: auto needs chunk_budget (total chunks to allocate over the layers)")
-        if self.layer_groups is not None and self.granularity == "global":
+        if self.layer_groups is not None and self.granularity != "per_layer":
             raise ValueError("layer_groups needs granularity: per_layer")
         return self
 
@@ -153,6 +154,91 @@ class ObjectivesConfig(_Frozen):
         return v
 
 
+FIT_KNOBS = ("lr", "steps", "start", "clamp_high", "pull", "temperature", "objective", "granularity")
+
+
+class KnobSpec(_Frozen):
+    """A fit knob searched by the study: a float/int range, or a list of choices."""
+
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _one_form(self) -> KnobSpec:
+        if self.choices is not None:
+            if self.low is not None or self.high is not None:
+                raise ValueError("give either choices or low/high, not both")
+            if not self.choices:
+                raise ValueError("choices must not be empty")
+        elif self.low is None or self.high is None or self.low > self.high:
+            raise ValueError("give low <= high (or choices)")
+        elif self.log and self.low <= 0:
+            raise ValueError("a log range needs low > 0")
+        return self
+
+
+class FitConfig(_Frozen):
+    """Merge coefficients fitted by gradient on the calibration set (mergesearch.fit).
+
+    Each trial starts every expert's weight at `start`, fits one coefficient per expert and
+    granularity cell (e.g. per tensor and row chunk) with Adam on the training part of calib,
+    keeps the coefficients with the best loss on the held-out `val_fraction` of calib, and is
+    scored on that validation slice. The study searches the method's other parameters (density,
+    ...) and the knobs listed in `search`.
+    """
+
+    objective: Literal["supervised", "distill"] = Field(
+        "supervised", description="supervised: cross-entropy of the gold answer + stop; distill: KL to each "
+                                  "task's expert on its prompts (no labels needed)")
+    granularity: Literal["global", "per_layer", "per_module", "per_tensor"] = Field(
+        "per_tensor", description="one coefficient per expert and: model (global), layer, layer x module group, "
+                                  "or tensor; times `chunks` row chunks")
+    chunks: int | Literal["auto"] = Field(4, description="row chunks per tensor (dim 0), each its own coefficient")
+    chunk_budget: int | None = Field(None, ge=1, description="with chunks: auto, total chunks over all layers")
+    max_chunks: int = Field(8, ge=1, description="with chunks: auto, most chunks one layer may get")
+    start: float = Field(0.7, description="every coefficient's starting value (task arithmetic's scale)")
+    clamp: tuple[float, float] = Field((0.0, 1.5), description="coefficients are kept in [low, high]")
+    lr: float = Field(0.02, gt=0, description="Adam learning rate (cosine decay to 0)")
+    steps: int = Field(300, ge=1, description="optimiser steps (at most: early stopping may end sooner)")
+    batch_size: int = Field(64, ge=1, description="examples per step, balanced over the tasks")
+    pull: float = Field(0.0, ge=0, description="L2 pull of the coefficients toward `start`")
+    temperature: float = Field(1.0, gt=0, description="distill: softmax temperature of teacher and student")
+    teachers: dict[str, str] = Field(default_factory=dict,
+                                     description="distill: task -> expert name (default: the expert named as the task)")
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="share of each task's calib examples held out "
+                                "for early stopping and for scoring the trial")
+    eval_every: int = Field(25, ge=1, description="steps between validation losses")
+    patience: int = Field(4, ge=1, description="stop after this many validation checks without improvement")
+    search: dict[str, KnobSpec] = Field(default_factory=dict,
+                                        description=f"knobs the study searches: {', '.join(FIT_KNOBS)}, task_weights")
+
+    @field_validator("search")
+    @classmethod
+    def _known_knobs(cls, v: dict) -> dict:
+        for k in v:
+            if k not in FIT_KNOBS + ("task_weights",):
+                raise ValueError(f"fit.search: unknown knob {k!r}{did_you_mean(k, FIT_KNOBS + ('task_weights',))}")
+        for k in ("objective", "granularity"):
+            if k in v and v[k].choices is None:
+                raise ValueError(f"fit.search.{k} takes choices: [...]")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FitConfig:
+        lo, hi = self.clamp
+        if lo > hi:
+            raise ValueError(f"fit.clamp low {lo} > high {hi}")
+        if not lo <= self.start <= hi:
+            raise ValueError(f"fit.start {self.start} is outside fit.clamp [{lo}, {hi}]")
+        if self.chunks == "auto" and self.chunk_budget is None:
+            raise ValueError("fit.chunks: auto needs fit.chunk_budget")
+        if isinstance(self.chunks, int) and self.chunks < 1:
+            raise ValueError("fit.chunks must be >= 1 or 'auto'")
+        return self
+
+
 class ConstraintsConfig(_Frozen):
     """Feasibility rules, honoured by samplers that support Optuna constraints."""
 
@@ -190,6 +276,7 @@ class Config(_Frozen):
     objectives: ObjectivesConfig
     constraints: ConstraintsConfig = ConstraintsConfig()
     study: StudyConfig = StudyConfig()
+    fit: FitConfig | None = Field(None, description="fit merge coefficients by gradient in every trial")
     source: Path | None = Field(None, description="the YAML file this was read from (set by load_config)")
 
     @model_validator(mode="after")
@@ -199,6 +286,8 @@ class Config(_Frozen):
         if n_obj > 1 and self.study.sampler in ("cmaes", "gp"):
             raise ValueError(f"sampler {self.study.sampler!r} handles one objective; use nsga2, tpe, random or "
                              f"auto for {n_obj} objectives (objectives.mode: per_task)")
+        if self.fit is not None and self.space.chunks != 1:
+            raise ValueError("with fit:, chunks belong to fit.chunks (the fitted coefficients); set space.chunks to 1")
         return self
 
     @property
@@ -211,7 +300,7 @@ class Config(_Frozen):
 
 _SECTION_MODELS = {
     "models": ModelsConfig, "merge": MergeConfig, "space": SpaceConfig, "objectives": ObjectivesConfig,
-    "constraints": ConstraintsConfig, "study": StudyConfig,
+    "constraints": ConstraintsConfig, "study": StudyConfig, "fit": FitConfig,
 }
 
 

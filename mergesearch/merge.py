@@ -863,6 +863,15 @@ class Materializer:
                 raise CandidateError(f"merged weights are not finite (NaN/inf) in {bad}")
         return self.model
 
+    def sources(self, i: int) -> tuple[torch.Tensor, list[torch.Tensor], list[tuple[int, int]], list[dict]]:
+        """Tensor i's cached base, task vectors, chunk row bounds and per-chunk precomputed state
+        (on the device; with `streaming`, in host memory). Read-only: the fit builds on them."""
+        return self._base[i], self._deltas[i], self._bounds[i], self._state[i]
+
+    def is_written(self, i: int) -> bool:
+        """False for the second name of a tied weight (written once, through the first)."""
+        return self._targets[i] is not None
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The current candidate's tensors by checkpoint name (views of the model's parameters)."""
         named = dict(self.model.named_parameters(remove_duplicate=False))

@@ -46,7 +46,15 @@ class Slot:
 _EPS_MARGIN = 1e-3  # DELLA: how far inside (0, 1) density +/- epsilon is kept
 
 _KEY_RE = re.compile(r"^(?P<param>\w+)(\[(?P<expert>[^\]]+)\])?@(?P<group>[A-Za-z0-9]+)"
-                     r"(\.(?P<module>[a-z_]+))?(#(?P<chunk>\d+))?$")
+                     r"(\.(?P<module>[a-z0-9_]+))?(#(?P<chunk>\d+))?$")
+_LAYER_PREFIX = re.compile(r"^.*?(?:^|\.)(?:layers|h|blocks)\.\d+\.")
+
+
+def tensor_slug(name: str) -> str:
+    """A tensor's name inside its layer as a slot module, e.g. `self_attn_q_proj` for
+    `model.layers.3.self_attn.q_proj.weight` (per_tensor granularity)."""
+    local = _LAYER_PREFIX.sub("", name).removesuffix(".weight")
+    return re.sub(r"[^a-z0-9_]", "_", local.lower().replace(".", "_"))
 
 
 def slot_key(param: str, expert: str | None, group: str, module: str | None, chunk: int | None) -> str:
@@ -176,6 +184,8 @@ class SearchSpace:
         return f"L{t.layer:02d}"
 
     def _module_of(self, t: TensorInfo) -> str | None:
+        if self.cfg.granularity == "per_tensor":
+            return tensor_slug(t.name)
         return MODULE_GROUPS[t.kind] if self.cfg.per_module else None
 
     def _build(self) -> None:
@@ -214,6 +224,10 @@ class SearchSpace:
     @property
     def n_params(self) -> int:
         return len(self.slots)
+
+    def slot_numbers(self, param: str) -> torch.Tensor:
+        """(n_tensors, n_experts or 1, max_chunks) long: the slot each entry of `param` reads, -1 where fixed."""
+        return self.index[param] - len(self._fixed_names)
 
     def distributions(self) -> dict[str, optuna.distributions.FloatDistribution]:
         return {s.key: optuna.distributions.FloatDistribution(s.low, s.high, log=s.log) for s in self.slots}

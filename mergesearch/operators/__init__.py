@@ -93,6 +93,10 @@ class Operator:
     reference: str = ""
     # Extra keys mergekit accepts for this method that change nothing here (e.g. int8_mask).
     ignored_mergekit_keys: frozenset[str] = field(default_factory=frozenset)
+    # linear_parts(base, deltas, params, state) -> one tensor per expert such that the merged chunk is
+    # base + sum_e weight_e * part_e at this candidate: what a gradient fit of the weights moves along
+    # (mergesearch.fit). None: the method's weights cannot be fitted.
+    linear_parts: Callable[..., list[torch.Tensor]] | None = None
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -123,7 +127,8 @@ _REGISTRY: dict[str, Operator] = {}
 
 def register(name: str, *, params: Sequence[Param], doc: str, min_experts: int = 1,
              max_experts: int | None = None, prepare: Prepare | None = None, reference: str = "",
-             ignored_mergekit_keys: Sequence[str] = ()) -> Callable[[Kernel], Kernel]:
+             ignored_mergekit_keys: Sequence[str] = (),
+             linear_parts: Callable[..., list[torch.Tensor]] | None = None) -> Callable[[Kernel], Kernel]:
     """Decorator: register `kernel` as merge method `name` (the one place a method is added)."""
 
     def deco(kernel: Kernel) -> Kernel:
@@ -131,7 +136,8 @@ def register(name: str, *, params: Sequence[Param], doc: str, min_experts: int =
             raise ValueError(f"merge method {name!r} registered twice")
         _REGISTRY[name] = Operator(name=name, kernel=kernel, params=tuple(params), doc=doc,
                                    min_experts=min_experts, max_experts=max_experts, prepare=prepare,
-                                   reference=reference, ignored_mergekit_keys=frozenset(ignored_mergekit_keys))
+                                   reference=reference, ignored_mergekit_keys=frozenset(ignored_mergekit_keys),
+                                   linear_parts=linear_parts)
         return kernel
 
     return deco

@@ -37,6 +37,7 @@ from mergesearch.operators import (
     LAMBDA,
     WEIGHT,
     Param,
+    Scratch,
     exact,
     is_on,
     normalize_param,
@@ -285,6 +286,65 @@ def _make_kernel(kind: str, consensus: bool):
     return kernel
 
 
+def _make_linear_parts(kind: str, consensus: bool):
+    """Per-expert parts of a candidate: merged = base + sum_e w_e * part_e (see Operator.linear_parts).
+
+    Masks and L1 rescaling do not depend on the weights, so without sign consensus the merge is
+    linear in the weights and the parts are exact everywhere. With consensus the elected sign and the
+    divisor do depend on them: the parts freeze both at this candidate (exact here, a linearisation
+    around it), and an expert counts where its own kept entries agree with the elected sign
+    (the same as the kernel for non-negative weights).
+    """
+
+    def parts(base, deltas, p, state) -> list[torch.Tensor]:
+        ds = [d.reshape(-1) for d in deltas]
+        n = ds[0].numel() if ds else 0
+        w, lam = p["weight"], p["lambda"]
+        normalize, rescale = is_on(p["normalize"]), is_on(p.get("rescale", 0.0))
+        scratch = Scratch()
+        kept = []  # per expert: its sparsified (and rescaled) task vector, at unit weight
+        for e, d in enumerate(ds):
+            spec = _sparse_spec(kind, e, n, p, state)
+            if spec[0] == "zero":
+                kept.append(torch.zeros_like(d))
+                continue
+            if spec[0] == "dense":
+                kept.append(d)
+                continue
+            m = torch.empty_like(d)
+            _mask(spec, e, d, 0, n, state, scratch, m)
+            x = d * m
+            if rescale:
+                before = state["l1"][e]
+                after = torch.linalg.vector_norm(x, 1, dtype=torch.float32)
+                small = (before < _RESCALE_EPS) | (after < _RESCALE_EPS)
+                x.mul_(torch.where(small, torch.ones_like(after), before / after.clamp_min(_RESCALE_EPS)).to(x.dtype))
+            kept.append(x)
+        if not consensus:
+            total = sum(w)
+            factor = lam / (total if (normalize and abs(total) >= 1e-8) else 1.0)
+            out = kept if factor == 1.0 else [x * factor for x in kept]
+        else:
+            mixed = torch.zeros_like(ds[0])
+            for e, x in enumerate(kept):
+                if w[e] != 0.0:
+                    mixed.add_(x, alpha=w[e])
+            sg = torch.where(mixed >= 0, 1.0, -1.0).to(mixed.dtype)
+            agree = [((x * sg) > 0).to(x.dtype) for x in kept]
+            if normalize:
+                divisor = torch.zeros_like(mixed)
+                for e, a in enumerate(agree):
+                    if w[e] != 0.0:
+                        divisor.add_(a, alpha=w[e])
+                divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+                out = [x * a * lam / divisor for x, a in zip(kept, agree)]
+            else:
+                out = [x * a * lam for x, a in zip(kept, agree)]
+        return [x.reshape(d.shape) for x, d in zip(out, deltas)]
+
+    return parts
+
+
 def _register(name: str, kind: str, consensus: bool, normalize: bool, rescale: bool, doc: str, ref: str) -> None:
     params = [WEIGHT]
     if kind != "none":
@@ -299,8 +359,8 @@ def _register(name: str, kind: str, consensus: bool, normalize: bool, rescale: b
     prepare = {"none": None, "magnitude": _prepare_magnitude, "outliers": _prepare_magnitude,
                "random": _prepare_random, "della": _prepare_della}[kind]
     ignored = {"int8_mask"} | ({"rescale"} if kind == "none" else set())
-    register(name, params=params, doc=doc, prepare=prepare, reference=ref,
-             ignored_mergekit_keys=ignored)(_make_kernel(kind, consensus))
+    register(name, params=params, doc=doc, prepare=prepare, reference=ref, ignored_mergekit_keys=ignored,
+             linear_parts=_make_linear_parts(kind, consensus))(_make_kernel(kind, consensus))
 
 
 _register("task_arithmetic", "none", False, False, False,

@@ -23,11 +23,12 @@ from optuna.trial import TrialState, create_trial
 
 from mergesearch import __version__
 from mergesearch.checkpoints import check_compatible, open_checkpoint, task_vector_stats
-from mergesearch.config import Config
+from mergesearch.config import Config, SpaceConfig
 from mergesearch.errors import CandidateError, StudyError
 from mergesearch.merge import Materializer, Plan
 from mergesearch.space import SearchSpace, allocate_chunks, layer_importance
 from mergesearch.study import records as R
+from mergesearch.study.fitting import FIT_KEY, FitStage, fit_fingerprint, fit_space_config, method_space_config
 from mergesearch.study.samplers import make_pruner, make_sampler
 from mergesearch.study.storage import open_storage, require_existing, study_exists
 
@@ -89,21 +90,28 @@ def _expert_dirs(cfg: Config) -> list[Path]:
     return [cfg.models.experts[n] for n in cfg.models.experts]
 
 
-def layer_chunks_for(cfg: Config, base, experts) -> list[int] | None:
-    """Per-layer chunk counts for `chunks: auto` (importance-guided), else None."""
-    if cfg.space.chunks != "auto":
-        return None
-    delta_sq, _, _ = task_vector_stats(base, experts)
-    return allocate_chunks(layer_importance(delta_sq, base.num_layers), cfg.space.chunk_budget, cfg.space.max_chunks)
+def build_space(cfg: Config, base=None, experts=None, space_cfg: SpaceConfig | None = None) -> SearchSpace:
+    """The study's search space from checkpoint metadata only (no weights loaded unless chunks: auto).
 
-
-def build_space(cfg: Config, base=None, experts=None) -> SearchSpace:
-    """The study's search space from checkpoint metadata only (no weights loaded unless chunks: auto)."""
+    With a fit, the space holds the method's other parameters (the weights are fitted, see study.fitting);
+    `space_cfg` builds another space (e.g. a fit's coefficient space) over the same tensors."""
     base = base or open_checkpoint(cfg.models.base)
     experts = experts or [open_checkpoint(p) for p in _expert_dirs(cfg)]
     tensors = [t for t in base.tensors.values() if t.dtype.is_floating_point]
-    return SearchSpace(cfg.space, cfg.merge.method, tensors, list(cfg.models.experts), base.num_layers,
-                       layer_chunks_for(cfg, base, experts))
+    if space_cfg is None:
+        space_cfg = method_space_config(cfg) if cfg.fit is not None else cfg.space
+    layer_chunks = None
+    if space_cfg.chunks == "auto":
+        delta_sq, _, _ = task_vector_stats(base, experts)
+        layer_chunks = allocate_chunks(layer_importance(delta_sq, base.num_layers), space_cfg.chunk_budget,
+                                       space_cfg.max_chunks)
+    return SearchSpace(space_cfg, cfg.merge.method, tensors, list(cfg.models.experts), base.num_layers, layer_chunks)
+
+
+def study_fingerprint(cfg: Config, space: SearchSpace) -> str:
+    """Identity of what a study searches: its space, and its fit section if any."""
+    fp = space.fingerprint()
+    return fp if cfg.fit is None else f"{fp}+fit:{fit_fingerprint(cfg.fit)}"
 
 
 def _load_tasks(cfg: Config, split: str) -> list:
@@ -131,12 +139,24 @@ class StudyRunner:
         check_compatible(base, experts, merge_common_vocab=cfg.models.merge_common_vocab)
         self.expert_names = list(cfg.models.experts)
         self.space = build_space(cfg, base, experts)
+        self.fingerprint = study_fingerprint(cfg, self.space)
+        # With a fit, the materialiser's chunks are the fitted coefficients' (the method space has one chunk).
+        chunk_space = (build_space(cfg, base, experts, fit_space_config(cfg.fit)) if cfg.fit is not None
+                       else self.space)
+        self.want_chunks, self.chunk_counts = chunk_space.want_chunks, tuple(chunk_space.chunk_counts)
         # Tasks are read (and checked) before the weights are loaded: bad input fails fast.
-        self.calib_tasks = _load_tasks(cfg, "calib") if load_evaluator else []
+        need_calib = load_evaluator or cfg.fit is not None
+        self.calib_tasks = _load_tasks(cfg, "calib") if need_calib else []
         self.mat = Materializer(base, experts, cfg.merge.method, dtype=cfg.merge.dtype, device=cfg.merge.device,
-                                chunks=self.space.want_chunks, streaming=cfg.merge.streaming, seed=cfg.merge.seed,
+                                chunks=self.want_chunks, streaming=cfg.merge.streaming, seed=cfg.merge.seed,
                                 merge_common_vocab=cfg.models.merge_common_vocab)
         self.tokenizer = AutoTokenizer.from_pretrained(base.path, trust_remote_code=False)
+        self.fit_stage = None
+        if cfg.fit is not None:
+            self.fit_stage = FitStage(cfg, self.mat, self.tokenizer, self.calib_tasks, self.expert_names,
+                                      lambda sc: build_space(cfg, base, experts, sc))
+            # a fitted trial is scored on the calib examples the fit held out
+            self.calib_tasks = self.fit_stage.val_tasks
         self.evaluator = None
         if load_evaluator:
             from mergesearch.evaluate import Evaluator
@@ -153,12 +173,28 @@ class StudyRunner:
     # --- plans ---------------------------------------------------------------------------------
 
     def plan_for(self, values: dict[str, float]) -> Plan:
-        return Plan(self.space.op.name, tuple(t.name for t in self.mat.tensors), tuple(self.space.chunk_counts),
-                    len(self.expert_names), self.space.arrays(values))
+        """The merge of a point of the method space (with a fit: before fitting, weights at fit.start)."""
+        cmax = max(self.chunk_counts, default=1)
+        arrays = {k: v.expand(-1, -1, cmax).contiguous() if v.shape[2] != cmax else v
+                  for k, v in self.space.arrays(values).items()}
+        return Plan(self.space.op.name, tuple(t.name for t in self.mat.tensors), self.chunk_counts,
+                    len(self.expert_names), arrays)
+
+    def plan_for_trial(self, t: optuna.trial.FrozenTrial) -> Plan:
+        """The exact merge a stored trial scored: a baseline, a searched point, or a fitted one."""
+        if R.baseline_name(t) is not None:
+            return self.baseline_plan(t.user_attrs["weights"])
+        plan = self.plan_for(t.params)
+        if self.fit_stage is not None:
+            record = t.user_attrs.get(FIT_KEY)
+            if record is None:
+                raise StudyError(f"trial {t.number} stores no fitted coefficients: it did not complete its fit")
+            plan = self.fit_stage.plan_from_record(plan, t.params, record)
+        return plan
 
     def baseline_plan(self, weights: Sequence[float]) -> Plan:
         return Plan.full(BASELINE_METHOD, self.mat.tensors, len(self.expert_names),
-                         chunks=self.space.want_chunks, weight=list(weights), **{"lambda": 1.0})
+                         chunks=self.want_chunks, weight=list(weights), **{"lambda": 1.0})
 
     def baselines(self) -> dict[str, list[float]]:
         """Baseline name -> per-expert task-arithmetic weights."""
@@ -225,7 +261,8 @@ class StudyRunner:
             "config": self.cfg.model_dump(mode="json", exclude={"source"}),
             "config_path": str(self.cfg.source) if self.cfg.source else None,
             "space": self.space.describe(),
-            "space_fingerprint": self.space.fingerprint(),
+            "space_fingerprint": self.fingerprint,
+            "fit": self.fit_stage.keys() if self.fit_stage is not None else None,
             "experts": self.expert_names,
             "num_layers": self.mat.num_layers,
             "tasks": self.task_names,
@@ -259,8 +296,9 @@ class StudyRunner:
             old_study = optuna.load_study(study_name=name, storage=storage)
             old = R.meta(old_study)
             if old.get("space_fingerprint") != meta["space_fingerprint"]:
+                what = "fit: section or search space" if self.fit_stage is not None else "search space"
                 raise StudyError(
-                    f"study {name!r} in {url} was created with another search space "
+                    f"study {name!r} in {url} was created with another {what} "
                     f"({old.get('space', {}).get('n_params')} parameters, method {old.get('space', {}).get('method')}); "
                     "changing it would mix incomparable trials: give the study a new name")
             if old.get("objectives") != meta["objectives"]:
@@ -275,7 +313,7 @@ class StudyRunner:
         x0 = (R.meta(old_study).get("start") or {}).get("x0") if exists else None
         n_existing = len(old_study.get_trials(deepcopy=False)) if exists else 0
         self._sampler_seed = sampler_seed(self.cfg.study.seed, n_existing, joining=not create)
-        sampler, reason = self.make_sampler(x0 or self.space.point())
+        sampler, reason = self.make_sampler(x0 or self.start_point_guess())
         log.info("sampler: %s (%s)", sampler, reason)
         pruner = make_pruner(self.cfg.study.pruner, n_slices=self.cfg.study.n_slices,
                              n_objectives=len(self.objective_names))
@@ -287,8 +325,17 @@ class StudyRunner:
         self.study = study
         return study
 
+    @property
+    def n_search_params(self) -> int:
+        """Parameters the sampler sees: the space's slots, plus the fit's knobs and task weights."""
+        return self.space.n_params + (len(self.fit_stage.default_params()) if self.fit_stage is not None else 0)
+
+    def start_point_guess(self) -> dict:
+        return ({**self.space.point(), **self.fit_stage.default_params()} if self.fit_stage is not None
+                else self.space.point())
+
     def make_sampler(self, x0: dict[str, float]):
-        return make_sampler(self.cfg.study.sampler, seed=self._sampler_seed, n_params=self.space.n_params,
+        return make_sampler(self.cfg.study.sampler, seed=self._sampler_seed, n_params=self.n_search_params,
                             n_objectives=len(self.objective_names), x0=x0, constraints_func=self._constraints,
                             consider_pruned=self.cfg.study.n_slices > 1)
 
@@ -299,6 +346,8 @@ class StudyRunner:
         the space when its weights lie in the weight range and lambda can be 1: the search then starts
         from the bar it has to beat instead of rediscovering it. Other methods start at the uniform merge.
         """
+        if self.fit_stage is not None:
+            return "plain fit", {**self.space.point(), **self.fit_stage.default_params()}
         uniform = ("uniform", self.space.point())
         if self.space.op.name != BASELINE_METHOD:
             return uniform
@@ -360,9 +409,15 @@ class StudyRunner:
 
     def objective(self, trial: optuna.Trial) -> list[float] | float:
         values_in = self.space.suggest(trial)
+        if self.fit_stage is not None:
+            values_in.update(self.fit_stage.suggest(trial))
         trial.set_user_attr("device", self.device)
         try:
-            values, scores, result, merge_s, eval_s, _ = self.score_plan(self.plan_for(values_in), trial)
+            plan = self.plan_for(values_in)
+            if self.fit_stage is not None:
+                _, plan, record = self.fit_stage.run(plan, values_in)
+                trial.set_user_attr(FIT_KEY, record)
+            values, scores, result, merge_s, eval_s, _ = self.score_plan(plan, trial)
         except optuna.TrialPruned:
             raise
         except Exception as exc:  # noqa: BLE001 - one bad candidate (NaN, OOM, evaluator crash) must not end the study
@@ -388,6 +443,9 @@ class StudyRunner:
         from tqdm.auto import tqdm
 
         done = self.counted(study)
+        if target is not None and self.n_search_params == 0 and target > 1:
+            log.info("nothing is searched (every parameter fixed): one trial is the whole study")
+            target = max(1, done)
         if target is not None and done >= target:
             return
         bar = tqdm(total=target, initial=done, desc=f"study {study.study_name}", unit="trial", disable=not progress,
@@ -431,11 +489,7 @@ class StudyRunner:
         for t in todo:
             if str(t.number) in stored:
                 continue
-            if R.baseline_name(t) is not None:
-                plan = self.baseline_plan(t.user_attrs["weights"])
-            else:
-                plan = self.plan_for(t.params)
-            self.mat.materialize(plan)
+            self.mat.materialize(self.plan_for_trial(t))
             res = ev.evaluate()
             test = {name: self.task_score(res, name) for name in res.scores}
             calib = t.user_attrs.get("objective_scores", {})

@@ -1,0 +1,466 @@
+"""Merge coefficients fitted by gradient on the calibration set (Expert Merging / AdaMerging style).
+
+A fitted merge is W = base + sum_k c[k, cell] * part_k on every tensor entry of a cell (a tensor's
+row chunk, a layer, ... : the granularity), where part_k is expert k's task vector as the method
+uses it (task arithmetic: the task vector; TIES/DARE/breadcrumbs/DELLA: its masked, rescaled form
+at the trial's density, see `Operator.linear_parts`). Then
+
+    dL/dc[k, cell] = sum over the cell's entries of dL/dW * part_k
+
+which is one ordinary backward pass through the materialised model and a contraction with the
+parts. The contraction runs in a post-accumulate-grad hook as soon as each parameter's gradient
+is ready, and the gradient is freed there, so a fit holds at most one parameter's gradient beyond
+the model, the sources and one batch's activations. Coefficients and their gradients are float32
+whatever the model's dtype.
+
+Objectives: `supervised` (cross-entropy of the gold answer tokens and the stop token) and
+`distill` (KL to each task's expert on that task's prompts, along the expert's own greedy
+answer: no labels needed). Batches are balanced over tasks, each task's loss weighted; Adam with
+cosine decay; coefficients clamped; early stopping keeps the coefficients with the best loss on a
+validation slice carved out of calib (never the test split). Same inputs and seed, same result.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from mergesearch.errors import ConfigError, OperatorError, TaskError
+from mergesearch.evaluate import _scoring as S
+from mergesearch.evaluate.tasks import Task
+from mergesearch.merge import Materializer, Plan
+from mergesearch.space import SearchSpace
+
+log = logging.getLogger(__name__)
+
+TOPK = 64  # distill: teacher distributions kept as their top-k logits (exact when the vocabulary is smaller)
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """The knobs of one fit (a study trial resolves them from fit: and its searched values)."""
+
+    objective: str = "supervised"
+    lr: float = 0.02
+    steps: int = 300
+    start: float = 0.7
+    clamp: tuple[float, float] = (0.0, 1.5)
+    pull: float = 0.0
+    temperature: float = 1.0
+    batch_size: int = 64
+    eval_every: int = 25
+    patience: int = 4
+    task_weights: Mapping[str, float] = field(default_factory=dict)
+    seed: int = 0
+
+
+@dataclass
+class FitResult:
+    """Fitted coefficients (one per slot of the coefficient space, float32) and the fit's history."""
+
+    coef: torch.Tensor  # (n_slots,) float32, CPU
+    keys: list[str]
+    history: list[dict]  # {"step", "train_loss", "val_loss"} at every validation check
+    best_step: int
+    steps_run: int
+    seconds: float
+
+    def values(self) -> dict[str, float]:
+        return dict(zip(self.keys, self.coef.tolist()))
+
+    def record(self) -> dict:
+        """JSON-able form stored with a trial (the coefficients rebuild the merge exactly)."""
+        return {"coef": [float(x) for x in self.coef.tolist()], "history": self.history, "best_step": self.best_step,
+                "steps_run": self.steps_run, "seconds": self.seconds}
+
+
+def split_calib(task: Task, val_fraction: float, seed: int) -> tuple[Task, Task]:
+    """(train, validation) parts of a calibration task: a seeded `val_fraction` of its examples held out."""
+    n = len(task.examples)
+    n_val = max(1, round(n * val_fraction))
+    if n - n_val < 1:
+        raise TaskError(f"task {task.name!r} has {n} calibration example(s): too few to hold out a validation "
+                        "slice for the fit; give more examples or lower fit.val_fraction")
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=g).tolist()
+    val = sorted(order[:n_val])
+    train = sorted(order[n_val:])
+    return (replace(task, examples=tuple(task.examples[i] for i in train), limit=None),
+            replace(task, examples=tuple(task.examples[i] for i in val), limit=None))
+
+
+# --- tokenised sequences --------------------------------------------------------------------------
+
+
+@dataclass
+class _Seqs:
+    """One task's sequences: ids[j] is predicted from position j - 1 for j >= start (the targets)."""
+
+    task: str
+    ids: list[list[int]]
+    start: list[int]
+    teacher: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # (targets, TOPK) indices and logits
+
+
+def supervised_seqs(task: Task, tokenizer) -> _Seqs:
+    """Prompt + gold answer + stop (exact match) or prompt + gold choice (multiple choice)."""
+    ids, start = [], []
+    for ex in task.examples:
+        if task.kind == "generate":
+            p = S._encode(tokenizer, ex.prompt)
+            tgt = S._encode(tokenizer, ex.answers[0]) + (S._encode(tokenizer, task.stop) if task.stop else [])
+            ids.append(p + tgt)
+            start.append(len(p))
+        elif task.kind == "choice":
+            whole, n_ctx = S.encode_pair(tokenizer, ex.prompt, ex.choices[ex.label])
+            ids.append(whole)
+            start.append(max(1, n_ctx))
+        else:
+            raise TaskError(f"task {task.name!r} is an lm-eval task: the fit needs JSONL or BIG-bench tasks it can "
+                            "tokenise itself")
+    return _Seqs(task.name, ids, start)
+
+
+def _pad_batch(rows: Sequence[list[int]], starts: Sequence[int], pad: int, device):
+    """Right-padded ids (B, L), attention mask, and the flat (row, position) of every prediction."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    rr, pp, tt = [], [], []
+    for i, (r, s) in enumerate(zip(rows, starts)):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+        for j in range(s, len(r)):
+            rr.append(i)
+            pp.append(j - 1)
+            tt.append(r[j])
+    return (ids.to(device), mask.to(device), torch.tensor(rr, device=device), torch.tensor(pp, device=device),
+            torch.tensor(tt, device=device))
+
+
+def distill_seqs(task: Task, tokenizer, model, *, pad: int, stop_ids: set[int], batch_size: int) -> _Seqs:
+    """The current model's (an expert's) greedy answers to the task's prompts and its top-k logits along them."""
+    device = next(model.parameters()).device
+    prompts = [S._encode(tokenizer, ex.prompt) for ex in task.examples]
+    ids, start, teacher = [], [], []
+    with torch.inference_mode():
+        for lo in range(0, len(prompts), batch_size):
+            chunk = prompts[lo: lo + batch_size]
+            gen = S.generate_batch(model, chunk, pad, task.max_new_tokens, stop_ids, device, S.n_ctx(model))
+            rows = [p + (g or [pad]) for p, g in zip(chunk, gen)]
+            starts = [len(p) for p in chunk]
+            x, m, r, pos, _ = _pad_batch(rows, starts, pad, device)
+            logits = model(input_ids=x, attention_mask=m).logits[r, pos].float()  # (targets, V)
+            k = min(TOPK, logits.shape[-1])
+            top = logits.topk(k, dim=-1)
+            counts = [len(row) - s for row, s in zip(rows, starts)]
+            for idx, val in zip(top.indices.split(counts), top.values.split(counts)):
+                teacher.append((idx.cpu(), val.cpu()))
+            ids += rows
+            start += starts
+    return _Seqs(task.name, ids, start, teacher)
+
+
+# --- the fitter -----------------------------------------------------------------------------------
+
+
+class CoefficientFitter:
+    """Fits merge coefficients on a Materializer's model in place (see the module docstring).
+
+    `train_tasks` feed the gradient, `val_tasks` the early stopping. With `distill`, `teachers`
+    maps each task to the index of its expert; the teachers' answers are computed once, on first use.
+    """
+
+    def __init__(self, mat: Materializer, tokenizer, train_tasks: Sequence[Task], val_tasks: Sequence[Task], *,
+                 teachers: Mapping[str, int] | None = None, progress: bool = False):
+        if not train_tasks:
+            raise TaskError("the fit needs at least one calibration task")
+        self.mat = mat
+        self.tokenizer = tokenizer
+        self.train_tasks = list(train_tasks)
+        self.val_tasks = list(val_tasks)
+        self.teachers = dict(teachers or {})
+        self.progress = progress
+        self.device = mat.device
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self._seqs: dict[str, tuple[list[_Seqs], list[_Seqs]]] = {}
+        params = dict(mat.model.named_parameters(remove_duplicate=False))
+        state = mat.state_dict()
+        # (tensor index, target view, parameter or None): tied duplicates are skipped, buffers get no gradient
+        self._written = [(i, state[t.name], params.get(t.name)) for i, t in enumerate(mat.tensors)
+                         if mat.is_written(i)]
+
+    # -- data --
+
+    def sequences(self, objective: str) -> tuple[list[_Seqs], list[_Seqs]]:
+        if objective not in self._seqs:
+            if objective == "supervised":
+                self._seqs[objective] = ([supervised_seqs(t, self.tokenizer) for t in self.train_tasks],
+                                         [supervised_seqs(t, self.tokenizer) for t in self.val_tasks])
+            elif objective == "distill":
+                self._seqs[objective] = self._distill_sequences()
+            else:
+                raise ConfigError(f"unknown fit objective {objective!r}: use supervised or distill")
+        return self._seqs[objective]
+
+    def _distill_sequences(self) -> tuple[list[_Seqs], list[_Seqs]]:
+        missing = [t.name for t in self.train_tasks if t.name not in self.teachers]
+        if missing:
+            raise ConfigError(f"distill: no expert for task {missing[0]!r}; name it in fit.teachers (task: expert)")
+        eos = self.tokenizer.eos_token_id
+        n = len(self.mat.experts)
+        out: tuple[list[_Seqs], list[_Seqs]] = ([], [])
+        for part, tasks in enumerate((self.train_tasks, self.val_tasks)):
+            for t in tasks:
+                if t.kind != "generate":
+                    raise TaskError(f"distill needs generation tasks; {t.name!r} is {t.kind}: use supervised")
+                onehot = [1.0 if j == self.teachers[t.name] else 0.0 for j in range(n)]
+                self.mat.materialize(Plan.full("task_arithmetic", self.mat.tensors, n, chunks=self.mat.chunks,
+                                               weight=onehot, **{"lambda": 1.0}))
+                stop = S._encode(self.tokenizer, t.stop) if t.stop else []
+                stop_ids = ({stop[0]} if len(stop) == 1 else set()) | ({eos} if eos is not None else set())
+                out[part].append(distill_seqs(t, self.tokenizer, self.mat.model, pad=self.pad, stop_ids=stop_ids,
+                                              batch_size=64))
+        return out
+
+    # -- the merge as a function of the coefficients --
+
+    def linear_parts(self, plan: Plan) -> list[list[torch.Tensor]]:
+        """Per written tensor, per expert: the part its coefficient scales (chunk rows filled in turn)."""
+        op = plan.operator
+        if op.linear_parts is None:
+            raise OperatorError(f"method {op.name!r} has no fittable weights; the fit supports "
+                                "task_arithmetic, ties, dare_*, breadcrumbs* and della*")
+        vals = {p.name: plan.params[p.name].tolist() for p in op.params}
+        per_expert = {p.name: p.per_expert for p in op.params}
+        own_state = op.prepare is self.mat.op.prepare
+        out = []
+        with torch.no_grad():
+            for i, _, _ in self._written:
+                base, deltas, bounds, states = self.mat.sources(i)
+                base = base.to(self.device)
+                deltas = [d.to(self.device) for d in deltas]
+                chunks = []
+                for c, (lo, hi) in enumerate(bounds):
+                    p = {name: (tuple(row[c] for row in v[i]) if per_expert[name] else v[i][0][c])
+                         for name, v in vals.items()}
+                    sl = (lambda x: x[lo:hi] if x.dim() else x)
+                    st = states[c] if own_state else {}
+                    chunks.append(op.linear_parts(sl(base), [sl(d) for d in deltas], p, st))
+                if len(chunks) == 1:
+                    out.append(chunks[0])
+                else:
+                    out.append([torch.cat([ch[e] for ch in chunks]) for e in range(len(deltas))])
+        return out
+
+    def _write(self, table: list, parts: list[list[torch.Tensor]]) -> None:
+        """Model weights for a coefficient table ((n_tensors, experts, chunks) as nested lists)."""
+        with torch.no_grad():
+            for (i, target, _), ps in zip(self._written, parts):
+                base, _, bounds, _ = self.mat.sources(i)
+                base = base.to(self.device)
+                for c, (lo, hi) in enumerate(bounds):
+                    sl = (lambda x: x[lo:hi] if x.dim() else x)
+                    o = sl(target)
+                    torch.add(sl(base), sl(ps[0]), alpha=table[i][0][c], out=o)
+                    for e in range(1, len(ps)):
+                        o.add_(sl(ps[e]), alpha=table[i][e][c])
+
+    # -- the fit --
+
+    def fit(self, plan: Plan, coef_space: SearchSpace, opts: FitOptions) -> FitResult:
+        """Fit the `weight` coefficients of `coef_space`, starting at opts.start, on the merge `plan` describes
+        (its other parameters, e.g. density, stay as they are). The model is left at the best coefficients."""
+        t_start = time.perf_counter()
+        train, val = self.sequences(opts.objective)
+        slots = coef_space.slot_numbers("weight")  # (n_t, E, C)
+        n_slots = coef_space.n_params
+        if n_slots == 0 or any(s.param != "weight" for s in coef_space.slots):
+            raise ConfigError("the coefficient space must search the weights and nothing else")
+        parts = self.linear_parts(plan)
+        n_exp = len(self.mat.experts)
+        cmax = slots.shape[2]
+        written = [i for i, _, _ in self._written]
+        ix = slots[written]  # (n_written, E, C)
+        nchunks = torch.tensor([len(self.mat.sources(i)[2]) for i in written])
+        valid = (torch.arange(cmax).view(1, 1, cmax) < nchunks.view(-1, 1, 1)).expand_as(ix) & (ix >= 0)
+        flat_ix = ix[valid]
+        lo_c, hi_c = opts.clamp
+        theta = torch.full((n_slots,), float(opts.start), dtype=torch.float32)
+        theta0 = theta.clone()
+        theta.requires_grad_(True)
+        optim = torch.optim.Adam([theta], lr=opts.lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, opts.steps)
+                                                                                   / opts.steps)))
+        grad_table = torch.zeros((len(written), n_exp, cmax), dtype=torch.float32, device=self.device)
+        # the full table (every tensor) is what `_write` indexes by tensor number
+        full = torch.zeros((len(self.mat.tensors), n_exp, cmax), dtype=torch.float32)
+
+        def write(th: torch.Tensor) -> None:
+            full[written] = th.detach()[ix.clamp_min(0)]
+            self._write(full.tolist(), parts)
+
+        hooks = self._install_hooks(parts, grad_table)
+        gen = torch.Generator().manual_seed(opts.seed)
+        sampler = _BalancedSampler(train, opts.batch_size, gen)
+        weights = {s.task: float(opts.task_weights.get(s.task, 1.0)) for s in train}
+        history: list[dict] = []
+        try:
+            write(theta)
+            best_val = self._loss_eval(val, weights, opts)
+            best = (best_val, theta.detach().clone(), 0)
+            history.append({"step": 0, "train_loss": None, "val_loss": best_val})
+            bad, running, n_run, step = 0, 0.0, 0, 0
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=opts.steps, desc="fit", unit="step", disable=not self.progress, leave=False,
+                       dynamic_ncols=True)
+            for step in range(1, opts.steps + 1):
+                grad_table.zero_()
+                batch = sampler.next()
+                loss = self._loss(batch, weights, opts, train=True)
+                loss.backward()
+                g = torch.zeros(n_slots, dtype=torch.float32)
+                g.index_add_(0, flat_ix, grad_table.cpu()[valid])
+                if opts.pull > 0:
+                    g += opts.pull * (theta.detach() - theta0)
+                theta.grad = g
+                optim.step()
+                sched.step()
+                with torch.no_grad():
+                    theta.clamp_(lo_c, hi_c)
+                write(theta)
+                running += loss.item()
+                n_run += 1
+                bar.update(1)
+                if step % opts.eval_every == 0 or step == opts.steps:
+                    v = self._loss_eval(val, weights, opts)
+                    history.append({"step": step, "train_loss": running / n_run, "val_loss": v})
+                    bar.set_postfix(train=f"{running / n_run:.4f}", val=f"{v:.4f}")
+                    running, n_run = 0.0, 0
+                    if v < best[0] - 1e-6:
+                        best, bad = (v, theta.detach().clone(), step), 0
+                    else:
+                        bad += 1
+                        if bad >= opts.patience:
+                            break
+            bar.close()
+        finally:
+            for h in hooks:
+                h.remove()
+            for _, _, p in self._written:
+                if p is not None:
+                    p.requires_grad_(False)
+                    p.grad = None
+        write(best[1])
+        keys = [s.key for s in coef_space.slots]
+        return FitResult(best[1].cpu(), keys, history, best[2], step, time.perf_counter() - t_start)
+
+    def _install_hooks(self, parts, grad_table) -> list:
+        """Post-accumulate-grad hooks: contract each parameter's gradient with its parts, then free it."""
+        hooks = []
+        for w, ((i, _, param), ps) in enumerate(zip(self._written, parts)):
+            if param is None:
+                continue
+            param.requires_grad_(True)
+            bounds = self.mat.sources(i)[2]
+
+            def hook(p, w=w, ps=ps, bounds=bounds):
+                g = p.grad
+                rows = g.reshape(g.shape[0], -1) if g.dim() else g.reshape(1, 1)
+                dots = []
+                for lo, hi in bounds:
+                    gc = rows[lo:hi].reshape(-1)
+                    for part in ps:
+                        pc = (part.reshape(part.shape[0], -1) if part.dim() else part.reshape(1, 1))[lo:hi].reshape(-1)
+                        dots.append(torch.dot(gc, pc) if gc.dtype == torch.float32
+                                    else torch.dot(gc.float(), pc.float()))
+                # (chunks * experts,) chunk-major -> (experts, chunks)
+                grad_table[w, :, : len(bounds)] = torch.stack(dots).view(len(bounds), len(ps)).T
+                p.grad = None
+
+            hooks.append(param.register_post_accumulate_grad_hook(hook))
+        return hooks
+
+    # -- losses --
+
+    def _loss(self, batch: list[tuple[_Seqs, list[int]]], weights: Mapping[str, float], opts: FitOptions,
+              *, train: bool) -> torch.Tensor:
+        """Weighted mean over tasks of each task's mean per-example loss on `batch` ((seqs, indices) per task)."""
+        rows, starts, owner, teach = [], [], [], []
+        for k, (seqs, idx) in enumerate(batch):
+            for j in idx:
+                rows.append(seqs.ids[j])
+                starts.append(seqs.start[j])
+                owner.append(k)
+                if seqs.teacher is not None:
+                    teach.append(seqs.teacher[j])
+        x, m, r, pos, tgt = _pad_batch(rows, starts, self.pad, self.device)
+        with torch.set_grad_enabled(train):
+            logits = self.mat.model(input_ids=x, attention_mask=m).logits[r, pos].float()  # (targets, V)
+            if opts.objective == "supervised":
+                tok = torch.nn.functional.cross_entropy(logits, tgt, reduction="none")
+            else:
+                t = opts.temperature
+                t_idx = torch.cat([a for a, _ in teach]).to(self.device)
+                t_val = torch.cat([b for _, b in teach]).to(self.device)
+                p = torch.softmax(t_val / t, dim=-1)
+                logq = torch.log_softmax(logits / t, dim=-1).gather(1, t_idx)
+                tok = (p * (torch.log(p.clamp_min(1e-30)) - logq)).sum(-1) * (t * t)
+            # per example mean over its targets, then per task mean, then the weighted mean over tasks
+            n_rows = len(rows)
+            per_row = torch.zeros(n_rows, device=self.device).index_add_(0, r, tok)
+            counts = torch.zeros(n_rows, device=self.device).index_add_(0, r, torch.ones_like(tok))
+            per_row = per_row / counts.clamp_min(1)
+            own = torch.tensor(owner, device=self.device)
+            total, wsum = 0.0, 0.0
+            for k, (seqs, _) in enumerate(batch):
+                w = weights.get(seqs.task, 1.0)
+                sel = own == k
+                total = total + w * per_row[sel].mean()
+                wsum += w
+            return total / max(wsum, 1e-12)
+
+    def _loss_eval(self, seqs: list[_Seqs], weights: Mapping[str, float], opts: FitOptions) -> float:
+        """The same weighted loss over every validation example (no gradient)."""
+        if not seqs:
+            return float("nan")
+        total, wsum = 0.0, 0.0
+        with torch.no_grad():
+            for s in seqs:
+                w = weights.get(s.task, 1.0)
+                acc, n = 0.0, 0
+                for lo in range(0, len(s.ids), opts.batch_size):
+                    idx = list(range(lo, min(len(s.ids), lo + opts.batch_size)))
+                    acc += float(self._loss([(s, idx)], weights, opts, train=False)) * len(idx)
+                    n += len(idx)
+                total += w * acc / max(n, 1)
+                wsum += w
+        return total / max(wsum, 1e-12)
+
+
+class _BalancedSampler:
+    """Seeded batches with an equal share of every task, each task's examples visited in shuffled epochs."""
+
+    def __init__(self, seqs: list[_Seqs], batch_size: int, gen: torch.Generator):
+        self.seqs = seqs
+        self.per_task = max(1, batch_size // len(seqs))
+        self.gen = gen
+        self.queues: list[list[int]] = [[] for _ in seqs]
+
+    def next(self) -> list[tuple[_Seqs, list[int]]]:
+        out = []
+        for k, s in enumerate(self.seqs):
+            q = self.queues[k]
+            take = []
+            while len(take) < min(self.per_task, len(s.ids)):
+                if not q:
+                    q.extend(torch.randperm(len(s.ids), generator=self.gen).tolist())
+                take.append(q.pop())
+            out.append((s, take))
+        return out
