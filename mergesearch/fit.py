@@ -273,69 +273,57 @@ class CoefficientFitter:
 
     # -- the fit --
 
+    def session(self, plan: Plan, coef_space: SearchSpace) -> _Session:
+        """Parts and index maps for fitting the `weight` slots of `coef_space` on the merge `plan` describes."""
+        if coef_space.n_params == 0 or any(s.param != "weight" for s in coef_space.slots):
+            raise ConfigError("the coefficient space must search the weights and nothing else")
+        return _Session(self, plan, coef_space)
+
+    def gradient(self, plan: Plan, coef_space: SearchSpace, coef: torch.Tensor, opts: FitOptions,
+                 ) -> tuple[float, torch.Tensor]:
+        """(loss, d loss / d coef) on every training example at once, with the coefficients `coef`."""
+        train, _ = self.sequences(opts.objective)
+        weights = {s.task: float(opts.task_weights.get(s.task, 1.0)) for s in train}
+        with self.session(plan, coef_space) as sess:
+            sess.write(coef)
+            return sess.grad([(s, list(range(len(s.ids)))) for s in train], weights, opts)
+
     def fit(self, plan: Plan, coef_space: SearchSpace, opts: FitOptions) -> FitResult:
         """Fit the `weight` coefficients of `coef_space`, starting at opts.start, on the merge `plan` describes
         (its other parameters, e.g. density, stay as they are). The model is left at the best coefficients."""
+        from tqdm.auto import tqdm
+
         t_start = time.perf_counter()
         train, val = self.sequences(opts.objective)
-        slots = coef_space.slot_numbers("weight")  # (n_t, E, C)
-        n_slots = coef_space.n_params
-        if n_slots == 0 or any(s.param != "weight" for s in coef_space.slots):
-            raise ConfigError("the coefficient space must search the weights and nothing else")
-        parts = self.linear_parts(plan)
-        n_exp = len(self.mat.experts)
-        cmax = slots.shape[2]
-        written = [i for i, _, _ in self._written]
-        ix = slots[written]  # (n_written, E, C)
-        nchunks = torch.tensor([len(self.mat.sources(i)[2]) for i in written])
-        valid = (torch.arange(cmax).view(1, 1, cmax) < nchunks.view(-1, 1, 1)).expand_as(ix) & (ix >= 0)
-        flat_ix = ix[valid]
+        weights = {s.task: float(opts.task_weights.get(s.task, 1.0)) for s in train}
         lo_c, hi_c = opts.clamp
-        theta = torch.full((n_slots,), float(opts.start), dtype=torch.float32)
+        theta = torch.full((coef_space.n_params,), float(opts.start), dtype=torch.float32)
         theta0 = theta.clone()
         theta.requires_grad_(True)
         optim = torch.optim.Adam([theta], lr=opts.lr)
-        sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, opts.steps)
-                                                                                   / opts.steps)))
-        grad_table = torch.zeros((len(written), n_exp, cmax), dtype=torch.float32, device=self.device)
-        # the full table (every tensor) is what `_write` indexes by tensor number
-        full = torch.zeros((len(self.mat.tensors), n_exp, cmax), dtype=torch.float32)
-
-        def write(th: torch.Tensor) -> None:
-            full[written] = th.detach()[ix.clamp_min(0)]
-            self._write(full.tolist(), parts)
-
-        hooks = self._install_hooks(parts, grad_table)
-        gen = torch.Generator().manual_seed(opts.seed)
-        sampler = _BalancedSampler(train, opts.batch_size, gen)
-        weights = {s.task: float(opts.task_weights.get(s.task, 1.0)) for s in train}
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            optim, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, opts.steps) / opts.steps)))
+        sampler = _BalancedSampler(train, opts.batch_size, torch.Generator().manual_seed(opts.seed))
         history: list[dict] = []
-        try:
-            write(theta)
+        with self.session(plan, coef_space) as sess:
+            sess.write(theta)
             best_val = self._loss_eval(val, weights, opts)
             best = (best_val, theta.detach().clone(), 0)
             history.append({"step": 0, "train_loss": None, "val_loss": best_val})
             bad, running, n_run, step = 0, 0.0, 0, 0
-            from tqdm.auto import tqdm
-
             bar = tqdm(total=opts.steps, desc="fit", unit="step", disable=not self.progress, leave=False,
                        dynamic_ncols=True)
             for step in range(1, opts.steps + 1):
-                grad_table.zero_()
-                batch = sampler.next()
-                loss = self._loss(batch, weights, opts, train=True)
-                loss.backward()
-                g = torch.zeros(n_slots, dtype=torch.float32)
-                g.index_add_(0, flat_ix, grad_table.cpu()[valid])
+                loss, g = sess.grad(sampler.next(), weights, opts)
                 if opts.pull > 0:
-                    g += opts.pull * (theta.detach() - theta0)
-                theta.grad = g
+                    g = g + opts.pull * (theta.detach() - theta0)
+                theta.grad = g.float()
                 optim.step()
                 sched.step()
                 with torch.no_grad():
                     theta.clamp_(lo_c, hi_c)
-                write(theta)
-                running += loss.item()
+                sess.write(theta)
+                running += loss
                 n_run += 1
                 bar.update(1)
                 if step % opts.eval_every == 0 or step == opts.steps:
@@ -350,42 +338,9 @@ class CoefficientFitter:
                         if bad >= opts.patience:
                             break
             bar.close()
-        finally:
-            for h in hooks:
-                h.remove()
-            for _, _, p in self._written:
-                if p is not None:
-                    p.requires_grad_(False)
-                    p.grad = None
-        write(best[1])
+            sess.write(best[1])
         keys = [s.key for s in coef_space.slots]
         return FitResult(best[1].cpu(), keys, history, best[2], step, time.perf_counter() - t_start)
-
-    def _install_hooks(self, parts, grad_table) -> list:
-        """Post-accumulate-grad hooks: contract each parameter's gradient with its parts, then free it."""
-        hooks = []
-        for w, ((i, _, param), ps) in enumerate(zip(self._written, parts)):
-            if param is None:
-                continue
-            param.requires_grad_(True)
-            bounds = self.mat.sources(i)[2]
-
-            def hook(p, w=w, ps=ps, bounds=bounds):
-                g = p.grad
-                rows = g.reshape(g.shape[0], -1) if g.dim() else g.reshape(1, 1)
-                dots = []
-                for lo, hi in bounds:
-                    gc = rows[lo:hi].reshape(-1)
-                    for part in ps:
-                        pc = (part.reshape(part.shape[0], -1) if part.dim() else part.reshape(1, 1))[lo:hi].reshape(-1)
-                        dots.append(torch.dot(gc, pc) if gc.dtype == torch.float32
-                                    else torch.dot(gc.float(), pc.float()))
-                # (chunks * experts,) chunk-major -> (experts, chunks)
-                grad_table[w, :, : len(bounds)] = torch.stack(dots).view(len(bounds), len(ps)).T
-                p.grad = None
-
-            hooks.append(param.register_post_accumulate_grad_hook(hook))
-        return hooks
 
     # -- losses --
 
@@ -402,7 +357,8 @@ class CoefficientFitter:
                     teach.append(seqs.teacher[j])
         x, m, r, pos, tgt = _pad_batch(rows, starts, self.pad, self.device)
         with torch.set_grad_enabled(train):
-            logits = self.mat.model(input_ids=x, attention_mask=m).logits[r, pos].float()  # (targets, V)
+            logits = self.mat.model(input_ids=x, attention_mask=m).logits[r, pos]  # (targets, V)
+            logits = logits if logits.dtype == torch.float64 else logits.float()
             if opts.objective == "supervised":
                 tok = torch.nn.functional.cross_entropy(logits, tgt, reduction="none")
             else:
@@ -414,8 +370,8 @@ class CoefficientFitter:
                 tok = (p * (torch.log(p.clamp_min(1e-30)) - logq)).sum(-1) * (t * t)
             # per example mean over its targets, then per task mean, then the weighted mean over tasks
             n_rows = len(rows)
-            per_row = torch.zeros(n_rows, device=self.device).index_add_(0, r, tok)
-            counts = torch.zeros(n_rows, device=self.device).index_add_(0, r, torch.ones_like(tok))
+            per_row = torch.zeros(n_rows, device=self.device, dtype=tok.dtype).index_add_(0, r, tok)
+            counts = torch.zeros(n_rows, device=self.device, dtype=tok.dtype).index_add_(0, r, torch.ones_like(tok))
             per_row = per_row / counts.clamp_min(1)
             own = torch.tensor(owner, device=self.device)
             total, wsum = 0.0, 0.0
@@ -442,6 +398,78 @@ class CoefficientFitter:
                 total += w * acc / max(n, 1)
                 wsum += w
         return total / max(wsum, 1e-12)
+
+
+class _Session:
+    """One fit's working state: the parts, the slot map and the gradient hooks (removed on exit)."""
+
+    def __init__(self, fitter: CoefficientFitter, plan: Plan, coef_space: SearchSpace):
+        self.f = fitter
+        mat = fitter.mat
+        self.parts = fitter.linear_parts(plan)
+        self.written = [i for i, _, _ in fitter._written]
+        slots = coef_space.slot_numbers("weight")  # (n_tensors, experts, max chunks)
+        self.n_slots = coef_space.n_params
+        self.n_exp, cmax = slots.shape[1], slots.shape[2]
+        self.ix = slots[self.written]  # (n_written, experts, max chunks)
+        nchunks = torch.tensor([len(mat.sources(i)[2]) for i in self.written])
+        self.valid = (torch.arange(cmax).view(1, 1, cmax) < nchunks.view(-1, 1, 1)).expand_as(self.ix)
+        self.flat_ix = self.ix[self.valid]
+        # float32 accumulation (float64 for a float64 model: the gradient tests)
+        acc = torch.float64 if mat.dtype == torch.float64 else torch.float32
+        self.grad_table = torch.zeros((len(self.written), self.n_exp, cmax), dtype=acc, device=fitter.device)
+        self.table = torch.zeros((len(mat.tensors), self.n_exp, cmax), dtype=torch.float64)
+        self.hooks: list = []
+
+    def __enter__(self) -> _Session:
+        for w, ((i, _, param), ps) in enumerate(zip(self.f._written, self.parts)):
+            if param is None:
+                continue
+            param.requires_grad_(True)
+            self.hooks.append(param.register_post_accumulate_grad_hook(self._hook(w, ps, self.f.mat.sources(i)[2])))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.hooks:
+            h.remove()
+        for _, _, p in self.f._written:
+            if p is not None:
+                p.requires_grad_(False)
+                p.grad = None
+
+    def _hook(self, w: int, ps: list[torch.Tensor], bounds):
+        """Contract the parameter's gradient with its parts per chunk, then free the gradient."""
+        grad_table = self.grad_table
+
+        def hook(p) -> None:
+            g = p.grad
+            rows = g.reshape(g.shape[0], -1) if g.dim() else g.reshape(1, 1)
+            dots = []
+            for lo, hi in bounds:
+                gc = rows[lo:hi].reshape(-1)
+                for part in ps:
+                    pc = (part.reshape(part.shape[0], -1) if part.dim() else part.reshape(1, 1))[lo:hi].reshape(-1)
+                    dots.append(torch.dot(gc, pc) if gc.dtype == pc.dtype == grad_table.dtype
+                                else torch.dot(gc.to(grad_table.dtype), pc.to(grad_table.dtype)))
+            # (chunks * experts,) chunk-major -> (experts, chunks)
+            grad_table[w, :, : len(bounds)] = torch.stack(dots).view(len(bounds), len(ps)).T
+            p.grad = None
+
+        return hook
+
+    def write(self, theta: torch.Tensor) -> None:
+        """Write the model's weights for coefficients `theta` (one host transfer of the coefficient table)."""
+        self.table[self.written] = theta.detach().double().cpu()[self.ix]
+        self.f._write(self.table.tolist(), self.parts)
+
+    def grad(self, batch, weights: Mapping[str, float], opts: FitOptions) -> tuple[float, torch.Tensor]:
+        """(loss, float32 gradient per slot) of one batch at the weights last written."""
+        self.grad_table.zero_()
+        loss = self.f._loss(batch, weights, opts, train=True)
+        loss.backward()
+        g = torch.zeros(self.n_slots, dtype=self.grad_table.dtype)
+        g.index_add_(0, self.flat_ix, self.grad_table.cpu()[self.valid])
+        return loss.item(), g
 
 
 class _BalancedSampler:

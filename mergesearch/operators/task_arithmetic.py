@@ -58,8 +58,12 @@ EPSILON = Param("epsilon", 0.0, 0.5, 0.15,
 # --- precomputation (once per chunk) ---------------------------------------------------------------
 
 
+def _acc_dtype(d: torch.Tensor) -> torch.dtype:
+    return torch.float64 if d.dtype == torch.float64 else torch.float32  # never narrower than the input
+
+
 def _l1(deltas) -> list[torch.Tensor]:
-    return [torch.linalg.vector_norm(d, 1, dtype=torch.float32) for d in deltas]
+    return [torch.linalg.vector_norm(d, 1, dtype=_acc_dtype(d)) for d in deltas]
 
 
 def _prepare_magnitude(base, deltas, gen) -> dict:
@@ -316,7 +320,7 @@ def _make_linear_parts(kind: str, consensus: bool):
             x = d * m
             if rescale:
                 before = state["l1"][e]
-                after = torch.linalg.vector_norm(x, 1, dtype=torch.float32)
+                after = torch.linalg.vector_norm(x, 1, dtype=_acc_dtype(x))
                 small = (before < _RESCALE_EPS) | (after < _RESCALE_EPS)
                 x.mul_(torch.where(small, torch.ones_like(after), before / after.clamp_min(_RESCALE_EPS)).to(x.dtype))
             kept.append(x)

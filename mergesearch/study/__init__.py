@@ -176,10 +176,10 @@ def export_trial(spec, which: str | int, out: str | Path, *, force: bool = False
     if device:
         cfg = cfg.model_copy(update={"merge": cfg.merge.model_copy(update={"device": device})})
     runner = StudyRunner(cfg, load_evaluator=False)
-    if runner.space.fingerprint() != R.meta(study).get("space_fingerprint"):
+    if runner.fingerprint != R.meta(study).get("space_fingerprint"):
         raise StudyError("the config's search space differs from the study's: export with the study's own YAML")
     baseline = R.baseline_name(trial)
-    plan = runner.baseline_plan(trial.user_attrs["weights"]) if baseline else runner.plan_for(trial.params)
+    plan = runner.plan_for_trial(trial)
     runner.mat.materialize(plan)
     models = [str(p) for p in cfg.models.experts.values()]
     recipe_kw = dict(base_model=str(cfg.models.base), models=models, dtype=cfg.merge.dtype)
@@ -191,8 +191,13 @@ def export_trial(spec, which: str | int, out: str | Path, *, force: bool = False
         mk, mk_reason = None, str(exc)
     else:
         mk_reason = None
+    fitted = trial.user_attrs.get("fit") if not baseline else None
+    if fitted and mk is None:
+        mk_reason = f"{mk_reason} (fitted coefficients: {len(fitted['coef'])} per expert and {fitted['granularity']} cell)"
     provenance = {
         "tool": f"mergesearch export (study {study.study_name}, trial {trial.number})",
+        "fit": ({k: fitted[k] for k in ("granularity", "objective", "best_step", "steps_run", "history")}
+                if fitted else None),
         "study": study.study_name, "trial": trial.number, "baseline": baseline,
         "calib_scores": trial.user_attrs.get("objective_scores"), "values": trial.values,
         "test_scores": R.test_scores(study).get(trial.number),
@@ -204,16 +209,18 @@ def export_trial(spec, which: str | int, out: str | Path, *, force: bool = False
     if mk is not None:
         write_recipe(path / "mergekit.yaml", mk)
     else:
-        log.info("no mergekit.yaml: %s", mk_reason)
+        log.warning("no mergekit.yaml: %s", mk_reason)
     return path
 
 
 def _recipe_chunks(runner) -> int | list[int]:
     # chunks: auto gives each layer its own count (and the tensors outside the layers 1): only the
     # per-layer form of the recipe reproduces that.
-    if runner.cfg.space.chunks == "auto":
-        return list(runner.space.layer_chunks)
-    return int(runner.cfg.space.chunks)
+    chunks = runner.cfg.fit.chunks if runner.cfg.fit is not None else runner.cfg.space.chunks
+    if chunks == "auto":
+        return list(runner.fit_stage.coef_space(runner.cfg.fit.granularity).layer_chunks if runner.cfg.fit is not None
+                    else runner.space.layer_chunks)
+    return int(chunks)
 
 
 def validate_study(path: str | Path) -> dict:

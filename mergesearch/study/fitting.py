@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 import optuna
 import torch
 
+from mergesearch import operators
 from mergesearch.config import Config, FitConfig, SpaceConfig
 from mergesearch.errors import ConfigError
 from mergesearch.fit import CoefficientFitter, FitOptions, FitResult, split_calib
@@ -31,12 +32,14 @@ KNOB_PREFIX = "fit."
 TASK_WEIGHT = "task_weight[{}]"
 
 
-def fit_space_config(fit: FitConfig, granularity: str | None = None) -> SpaceConfig:
-    """The coefficient space of a fit granularity: one `weight` per expert and cell, everything else fixed."""
+def fit_space_config(fit: FitConfig, method: str, granularity: str | None = None) -> SpaceConfig:
+    """The coefficient space of a fit granularity: one `weight` per expert and cell, everything else fixed
+    (the other parameters come from the study's own space)."""
     g = granularity or fit.granularity
+    fixed = {p.name: {"fixed": p.default} for p in operators.get(method).params if p.name != "weight"}
     return SpaceConfig(granularity="per_layer" if g == "per_module" else g, per_module=g == "per_module",
                        chunks=fit.chunks, chunk_budget=fit.chunk_budget, max_chunks=fit.max_chunks,
-                       parameters={"weight": {"low": fit.clamp[0], "high": fit.clamp[1]}, "lambda": {"fixed": 1.0}})
+                       parameters={**fixed, "weight": {"low": fit.clamp[0], "high": fit.clamp[1]}})
 
 
 def method_space_config(cfg: Config) -> SpaceConfig:
@@ -91,7 +94,8 @@ class FitStage:
 
     def coef_space(self, granularity: str) -> SearchSpace:
         if granularity not in self._spaces:
-            self._spaces[granularity] = self._space_for(fit_space_config(self.fit, granularity))
+            self._spaces[granularity] = self._space_for(fit_space_config(self.fit, self.cfg.merge.method,
+                                                                         granularity))
         return self._spaces[granularity]
 
     def keys(self) -> dict[str, list[str]]:

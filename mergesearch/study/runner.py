@@ -141,7 +141,7 @@ class StudyRunner:
         self.space = build_space(cfg, base, experts)
         self.fingerprint = study_fingerprint(cfg, self.space)
         # With a fit, the materialiser's chunks are the fitted coefficients' (the method space has one chunk).
-        chunk_space = (build_space(cfg, base, experts, fit_space_config(cfg.fit)) if cfg.fit is not None
+        chunk_space = (build_space(cfg, base, experts, fit_space_config(cfg.fit, cfg.merge.method)) if cfg.fit is not None
                        else self.space)
         self.want_chunks, self.chunk_counts = chunk_space.want_chunks, tuple(chunk_space.chunk_counts)
         # Tasks are read (and checked) before the weights are loaded: bad input fails fast.

@@ -1,0 +1,279 @@
+"""Fitted coefficients (mergesearch.fit and the study's fit stage).
+
+The coefficient gradient is checked against central finite differences and against autograd through
+torch.func.functional_call on a float64 model; the linear parts against the merge kernels; a fitted
+study against its export. Nothing here depends on the exact weights the zoo trains.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+from study_helpers import zoo_study_dict
+
+from mergesearch import operators
+from mergesearch.checkpoints import open_checkpoint
+from mergesearch.config import SpaceConfig, config_from_dict, load_config
+from mergesearch.errors import ConfigError
+from mergesearch.evaluate import load_task
+from mergesearch.fit import CoefficientFitter, FitOptions, split_calib
+from mergesearch.merge import Materializer, Plan
+from mergesearch.operators import Scratch
+from mergesearch.space import SearchSpace
+from mergesearch.study import export_trial, run_study
+from mergesearch.study import records as R
+from mergesearch.zoo import load_manifest
+
+GTA = ["task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della",
+       "della_linear"]
+CONSENSUS = {"ties", "dare_ties", "breadcrumbs_ties", "della"}
+
+
+def _params(op, w):
+    vals = {"weight": w, "density": [0.5, 0.3, 0.7], "gamma": [0.02] * 3, "epsilon": [0.1] * 3}
+    return {p.name: (tuple(vals.get(p.name, [p.default] * 3)) if p.per_expert else p.default) for p in op.params}
+
+
+@pytest.mark.parametrize("method", GTA)
+def test_linear_parts_reproduce_the_kernel(method):
+    """base + sum_e w_e part_e is the method's merge at the candidate; without sign consensus at every weight."""
+    op = operators.get(method)
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(48, 40, generator=g)
+    deltas = [0.1 * torch.randn(48, 40, generator=g) for _ in range(3)]
+    state = op.prepare(base, deltas, torch.Generator().manual_seed(1)) if op.prepare else {}
+    p = _params(op, [0.7, 0.5, 0.9])
+    parts = op.linear_parts(base, deltas, p, state)
+    out = torch.empty_like(base)
+    op.kernel(out, base, deltas, p, state, Scratch())
+    torch.testing.assert_close(base + sum(w * x for w, x in zip(p["weight"], parts)), out, rtol=0, atol=2e-6)
+    if method not in CONSENSUS:  # linear in the weights: the same parts hold at other weights
+        q = _params(op, [0.2, 1.1, 0.4])
+        op.kernel(out, base, deltas, q, state, Scratch())
+        torch.testing.assert_close(base + sum(w * x for w, x in zip(q["weight"], parts)), out, rtol=0, atol=2e-6)
+
+
+def test_task_arithmetic_parts_are_the_task_vectors_themselves():
+    op = operators.get("task_arithmetic")
+    base, deltas = torch.zeros(4, 3), [torch.randn(4, 3) for _ in range(2)]
+    parts = op.linear_parts(base, deltas, _params(op, [0.3, 0.4]), {})
+    assert all(p.data_ptr() == d.data_ptr() for p, d in zip(parts, deltas))  # no copy of the sources
+
+
+# --- the fitter on the test zoo -------------------------------------------------------------------
+
+
+def _setup(zoo, method="task_arithmetic", dtype=torch.float32, granularity="per_tensor", chunks=2, limit=6):
+    from transformers import AutoTokenizer
+
+    m = load_manifest(zoo)
+    skills = m["skills"]
+    base = open_checkpoint(zoo / m["base"])
+    tensors = [t for t in base.tensors.values() if t.dtype.is_floating_point]
+    fixed = {p.name: {"fixed": p.default} for p in operators.get(method).params if p.name != "weight"}
+    sc = SpaceConfig(granularity=granularity, chunks=chunks, parameters={**fixed, "weight": {"low": 0.0, "high": 2.0}})
+    space = SearchSpace(sc, method, tensors, skills, base.num_layers)
+    mat = Materializer(base, [zoo / m["experts"][s] for s in skills], method, dtype=dtype, device="cpu",
+                       chunks=space.want_chunks)
+    tasks = [load_task(str(zoo / m["data"][s]["calib"]), name=s, limit=limit, seed=0) for s in skills]
+    train, val = zip(*[split_calib(t, 0.34, 0) for t in tasks])
+    fitter = CoefficientFitter(mat, AutoTokenizer.from_pretrained(zoo / m["base"]), train, val,
+                               teachers={s: i for i, s in enumerate(skills)})
+    return fitter, space, mat, skills
+
+
+def _plan(mat, method, w=0.7, **kw):
+    return Plan.full(method, mat.tensors, len(mat.experts), chunks=mat.chunks, weight=w, **kw)
+
+
+@pytest.fixture
+def fp64_norms(monkeypatch):
+    """Llama's RMSNorm computes in float32 whatever the model's dtype; in float64 end to end the loss is
+    smooth enough for central differences at h = 1e-5."""
+    from transformers.models.llama import modeling_llama
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+    monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", forward)
+
+
+@pytest.mark.parametrize("method,extra", [("task_arithmetic", {}), ("ties", {"density": 0.6})])
+def test_coefficient_gradient_matches_finite_differences(zoo_test, fp64_norms, method, extra):
+    fitter, space, mat, _ = _setup(zoo_test, method, dtype=torch.float64)
+    plan = _plan(mat, method, **extra)
+    g = torch.Generator().manual_seed(3)
+    coef = 0.7 + 0.2 * torch.rand(space.n_params, generator=g, dtype=torch.float64)
+    opts = FitOptions(objective="supervised")
+    loss, grad = fitter.gradient(plan, space, coef, opts)
+    assert grad.dtype == torch.float64 and grad.abs().max() > 0
+    picks = torch.argsort(grad.abs(), descending=True)[:3].tolist() + [space.n_params // 2, space.n_params - 1]
+    h = 1e-5
+    for j in picks:
+        e = torch.zeros_like(coef)
+        e[j] = h
+        up, _ = fitter.gradient(plan, space, coef + e, opts)
+        down, _ = fitter.gradient(plan, space, coef - e, opts)
+        fd = (up - down) / (2 * h)
+        assert fd == pytest.approx(float(grad[j]), rel=1e-6, abs=1e-9), space.slots[j].key
+
+
+def test_coefficient_gradient_matches_autograd_through_functional_call(zoo_test):
+    """The hooked contraction equals autograd on W(c) = base + sum c * delta fed to torch.func.functional_call."""
+    fitter, space, mat, _ = _setup(zoo_test, "task_arithmetic", dtype=torch.float64)
+    plan = _plan(mat, "task_arithmetic", **{"lambda": 1.0})
+    coef = torch.linspace(0.3, 1.2, space.n_params, dtype=torch.float64)
+    opts = FitOptions(objective="supervised")
+    _, grad = fitter.gradient(plan, space, coef, opts)
+
+    c = coef.clone().requires_grad_(True)
+    ix = space.slot_numbers("weight")
+    params = {}
+    names = dict(mat.model.named_parameters(remove_duplicate=False))
+    for i, t in enumerate(mat.tensors):
+        if not mat.is_written(i) or t.name not in names:
+            continue
+        base, deltas, bounds, _ = mat.sources(i)
+        rows = []
+        for k, (lo, hi) in enumerate(bounds):
+            rows.append(base[lo:hi] + sum(c[ix[i, e, k]] * d[lo:hi] for e, d in enumerate(deltas)))
+        params[t.name] = torch.cat(rows)
+    # the loss written out: per example mean CE over its gold answer + stop tokens, per task mean, task mean
+    train, _ = fitter.sequences("supervised")
+    per_task = []
+    for s in train:
+        losses = []
+        for ids, start in zip(s.ids, s.start):
+            x = torch.tensor([ids])
+            logits = torch.func.functional_call(mat.model, params, (x,)).logits[0]
+            losses.append(torch.nn.functional.cross_entropy(logits[start - 1: len(ids) - 1],
+                                                            torch.tensor(ids[start:])))
+        per_task.append(torch.stack(losses).mean())
+    torch.stack(per_task).mean().backward()
+    torch.testing.assert_close(grad, c.grad, rtol=1e-8, atol=1e-10)
+
+
+def test_fit_holds_one_gradient_at_a_time_and_frees_it(zoo_test, monkeypatch):
+    from mergesearch import fit as F
+
+    fitter, space, mat, _ = _setup(zoo_test)
+    params = [p for _, p in mat.model.named_parameters()]
+    alive = []
+    orig = F._Session._hook
+
+    def spy(self, w, ps, bounds):
+        inner = orig(self, w, ps, bounds)
+
+        def hook(p):
+            alive.append(sum(q.grad is not None for q in params))
+            inner(p)
+
+        return hook
+
+    monkeypatch.setattr(F._Session, "_hook", spy)
+    fitter.gradient(_plan(mat, "task_arithmetic"), space, torch.full((space.n_params,), 0.7), FitOptions())
+    assert alive and max(alive) == 1
+    assert all(p.grad is None and not p.requires_grad for p in params)
+
+
+def test_fit_is_seeded_improves_its_loss_and_stays_clamped(zoo_test):
+    fitter, space, mat, _ = _setup(zoo_test)
+    plan = _plan(mat, "task_arithmetic")
+    opts = FitOptions(steps=12, eval_every=4, patience=10, lr=0.05, clamp=(0.0, 0.9), seed=5)
+    a = fitter.fit(plan, space, opts)
+    b = fitter.fit(plan, space, opts)
+    assert torch.equal(a.coef, b.coef) and a.history == b.history
+    assert a.coef.min() >= 0.0 and a.coef.max() <= 0.9 and not torch.all(a.coef == 0.7)
+    val = [h["val_loss"] for h in a.history]
+    assert min(val) <= val[0] and a.best_step == a.history[val.index(min(val))]["step"]
+    # the model holds the best coefficients: writing them again changes nothing
+    before = {k: v.clone() for k, v in mat.state_dict().items()}
+    with fitter.session(plan, space) as sess:
+        sess.write(a.coef)
+    assert all(torch.equal(before[k], v) for k, v in mat.state_dict().items())
+    c = fitter.fit(plan, space, FitOptions(**{**opts.__dict__, "seed": 6}))
+    assert not torch.equal(a.coef, c.coef)  # another seed, other batches
+
+
+def test_distill_needs_no_labels(zoo_test):
+    fitter, space, mat, skills = _setup(zoo_test, granularity="per_layer", chunks=1)
+    train, val = fitter.sequences("distill")
+    # the teacher of a task is its expert: its answers are what that expert generates, not the gold ones
+    assert [s.task for s in train] == skills and all(s.teacher is not None for s in train + val)
+    res = fitter.fit(_plan(mat, "task_arithmetic"), space, FitOptions(objective="distill", steps=4, eval_every=2))
+    assert all(math.isfinite(h["val_loss"]) for h in res.history)
+
+
+# --- the study's fit stage ------------------------------------------------------------------------
+
+
+def _fit_study(zoo, tmp, **fit):
+    raw = zoo_study_dict(zoo, tmp, name="fitted", n_trials=2, sampler="random", limit=12,
+                         space={"granularity": "global"})
+    raw["fit"] = {"granularity": "per_tensor", "chunks": 2, "steps": 6, "eval_every": 3, "val_fraction": 0.34,
+                  "search": {"lr": {"low": 0.01, "high": 0.05, "log": True}}, **fit}
+    path = tmp / "fitted.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def test_fitted_study_exports_the_merge_it_scored(zoo_test, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mergesearch.evaluate import Evaluator
+    from mergesearch.study.runner import StudyRunner
+
+    path = _fit_study(zoo_test, tmp_path)
+    cfg = load_config(path)
+    study = run_study(cfg, progress=False)
+    searched = R.search_trials(study)
+    assert len(searched) == 2
+    first = min(searched, key=lambda t: t.number)
+    assert first.params == {"fit.lr": 0.02} and first.user_attrs.get("start") == "plain fit"
+    for t in searched:
+        rec = t.user_attrs["fit"]
+        assert rec["granularity"] == "per_tensor" and len(rec["coef"]) == len(R.meta(study)["fit"]["per_tensor"])
+    best = max(searched, key=lambda t: t.values[0])
+    out = export_trial(path, best.number, tmp_path / "merged")
+    model = AutoModelForCausalLM.from_pretrained(out)
+    runner = StudyRunner(cfg, load_evaluator=False)
+    res = Evaluator(model, AutoTokenizer.from_pretrained(out), runner.calib_tasks).evaluate()
+    assert res.mean == pytest.approx(best.values[0], abs=1e-9)  # scored on the calib validation slice
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["fit"]["granularity"] == "per_tensor" and prov["fit"]["history"]
+    # the recipe carries the per-tensor, per-chunk coefficients: `mergesearch merge` gives the same weights
+    from mergesearch.cli import main
+
+    assert main(["merge", str(out / "recipe.yaml"), "--out", str(tmp_path / "again")]) == 0
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "again")
+    for (k, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=k)
+    # resuming rebuilds the same merge from the stored coefficients
+    assert R.test_scores(study)[best.number]["test_mean"] is not None
+    runner.mat.materialize(runner.plan_for_trial(best))
+    for (k, a), b in zip(model.state_dict().items(), runner.mat.model.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_fit_config_errors(zoo_test, tmp_path):
+    raw = zoo_study_dict(zoo_test, tmp_path, space={"granularity": "global", "chunks": 2})
+    raw["fit"] = {}
+    with pytest.raises(ConfigError, match="fit.chunks"):
+        config_from_dict(raw)
+    raw["space"] = {"granularity": "global"}
+    raw["fit"] = {"search": {"lrr": {"low": 0.1, "high": 0.2}}}
+    with pytest.raises(ConfigError, match="did you mean 'lr'"):
+        config_from_dict(raw)
+    raw["fit"] = {"start": 2.0}
+    with pytest.raises(ConfigError, match="outside fit.clamp"):
+        config_from_dict(raw)
+    from mergesearch.study.runner import StudyRunner
+
+    raw["fit"] = {"objective": "distill"}
+    raw["objectives"]["tasks"][0]["name"] = "renamed"
+    with pytest.raises(ConfigError, match="fit.teachers"):
+        StudyRunner(config_from_dict(raw), load_evaluator=False)
