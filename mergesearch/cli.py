@@ -251,15 +251,18 @@ def _cmd_validate(args) -> int:
 
 
 def _add_demo(sub) -> None:
-    p = _parser("demo", sub, "build the demo zoo (cached), run a per-layer study on it and print what it found",
+    p = _parser("demo", sub, "build the demo zoo (cached), fit a merge on it and print what it found",
                 "Builds the demo expert zoo under zoo/ (once; about 5 minutes on 2 CPU cores), runs\n"
-                "studies/demo.yaml on it with live progress, prints base / experts / uniform / best\n"
-                "baseline merge / best found on the calib and test splits, and writes the report.")
+                "studies/demo_global.yaml (a global search: one weight per expert) and studies/demo.yaml\n"
+                "(per-tensor x chunk coefficients fitted by gradient) with live progress, prints base /\n"
+                "experts / uniform / best baseline merge / global search / fitted merge on the calib and\n"
+                "test splits, and writes the fitted study's report.")
     p.add_argument("--seed", type=int, default=0, help="search seed (seed N > 0 runs a study named demo-sN)")
     p.add_argument("--n-trials", type=int, default=None, help="override the study's n_trials")
     p.add_argument("--timeout", type=float, default=None, help="stop the search after this many seconds")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-report", action="store_true", help="do not write the HTML report")
+    p.add_argument("--no-compare", action="store_true", help="skip the global search printed for comparison")
     p.set_defaults(func=_cmd_demo)
 
 
@@ -267,7 +270,7 @@ def _cmd_demo(args) -> int:
     from mergesearch.demo import format_comparison, run_demo
 
     out = run_demo(seed=args.seed, n_trials=args.n_trials, timeout=args.timeout, progress=not args.no_progress,
-                   report=not args.no_report)
+                   report=not args.no_report, compare=not args.no_compare)
     print(format_comparison(out["table"]))
     print(f"\ndemo finished in {out['seconds'] / 60:.1f} min (zoo {out['zoo_seconds']:.0f} s)")
     resume = f"mergesearch run {out['config']}" if args.seed == 0 else f"mergesearch demo --seed {args.seed}"

@@ -1,4 +1,5 @@
-"""The demo: build the demo zoo (cached), run studies/demo.yaml on it, print the comparison table."""
+"""The demo: build the demo zoo (cached), run studies/demo.yaml (the fitted merge) and studies/demo_global.yaml
+(a global search) on it, print the comparison table."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_STUDY = ROOT / "studies" / "demo.yaml"
+GLOBAL_STUDY = ROOT / "studies" / "demo_global.yaml"
 
 
 def prepare_zoo(seed: int = 0, progress: bool = True) -> Path:
@@ -34,13 +36,14 @@ def prepare_zoo(seed: int = 0, progress: bool = True) -> Path:
     raise ConfigError(f"{link} exists and is not a link made by the demo: move it away")
 
 
-def comparison(study) -> dict:
-    """Rows of the demo table: base, experts, uniform, best baseline merge, best found; calib and test."""
+def comparison(study, global_study=None) -> dict:
+    """Rows of the demo table: base, experts, uniform, best baseline merge, the global search's best and the
+    best found; calib and test. A fitted study's calib column is its held-out validation slice of calib."""
     tests = R.test_scores(study)
     rows = []
 
-    def add(label: str, trial) -> None:
-        t = tests.get(trial.number, {})
+    def add(label: str, trial, source=study) -> None:
+        t = (tests if source is study else R.test_scores(source)).get(trial.number, {})
         rows.append({"label": label, "trial": trial.number, "calib": trial.user_attrs.get("objective_scores", {}),
                      "test": t.get("test", {})})
 
@@ -52,10 +55,18 @@ def comparison(study) -> dict:
     if merges:
         best = max(merges, key=R.trial_mean)
         add(f"best baseline merge ({R.baseline_name(best)})", best)
+    if global_study is not None:
+        found = R.best_trials(global_study, 1)
+        if found:
+            n = R.meta(global_study).get("space", {}).get("n_params")
+            add(f"global search ({n} weights, trial {found[0].number})", found[0], global_study)
     found = R.best_trials(study, 1)
     if found:
-        add(f"best found (trial {found[0].number})", found[0])
-    return {"rows": rows, "tasks": R.meta(study).get("tasks", [])}
+        fit = found[0].user_attrs.get("fit")
+        what = f"fitted, {len(fit['coef'])} coefficients" if fit else "best found"
+        add(f"{what} (trial {found[0].number})", found[0])
+    calib = "the calib validation slice" if R.meta(study).get("fit") else "the calib splits"
+    return {"rows": rows, "tasks": R.meta(study).get("tasks", []), "calib_label": calib}
 
 
 def format_comparison(table: dict) -> str:
@@ -64,7 +75,8 @@ def format_comparison(table: dict) -> str:
     head = f"{'':<{width}}  " + " ".join(f"{t[:9]:>9}" for t in tasks) + f" {'mean':>7}"
     lines = []
     for split in ("calib", "test"):
-        lines += ["", f"accuracy on the {split} splits:", head]
+        where = table.get("calib_label", "the calib splits") if split == "calib" else "the held-out test splits"
+        lines += ["", f"accuracy on {where}:", head]
         for r in table["rows"]:
             s = r[split]
             if not s:
@@ -76,8 +88,9 @@ def format_comparison(table: dict) -> str:
 
 
 def run_demo(*, seed: int = 0, n_trials: int | None = None, timeout: float | None = None, zoo_seed: int = 0,
-             progress: bool = True, report: bool = True) -> dict:
-    """Build the zoo, run (or resume) the demo study, write its report; returns the comparison table."""
+             progress: bool = True, report: bool = True, compare: bool = True) -> dict:
+    """Build the zoo, run (or resume) the demo's fitted study and, with `compare`, the global search beside it;
+    write the fitted study's report; return the comparison table."""
     from mergesearch.study import run_study
 
     if not DEMO_STUDY.is_file():
@@ -85,16 +98,26 @@ def run_demo(*, seed: int = 0, n_trials: int | None = None, timeout: float | Non
     t0 = time.perf_counter()
     prepare_zoo(zoo_seed, progress)
     zoo_s = time.perf_counter() - t0
-    # seed 0 is the YAML's own study, so `mergesearch run studies/demo.yaml` resumes it
-    overrides = {"study.seed": seed} if seed == 0 else {"study.seed": seed, "study.name": f"demo-s{seed}"}
+
+    def overrides(name: str) -> dict:
+        # seed 0 is the YAML's own study, so `mergesearch run studies/demo.yaml` resumes it
+        out = {"study.seed": seed} if seed == 0 else {"study.seed": seed, "study.name": f"{name}-s{seed}"}
+        if timeout is not None:
+            out["study.timeout"] = timeout
+        return out
+
+    glob = None
+    if compare:
+        log.info("global search (one weight per expert), for comparison")
+        glob = run_study(load_config(GLOBAL_STUDY, overrides("demo-global")), progress=progress)
+    over = overrides("demo")
     if n_trials is not None:
-        overrides["study.n_trials"] = n_trials
-    if timeout is not None:
-        overrides["study.timeout"] = timeout
-    cfg = load_config(DEMO_STUDY, overrides)
+        over["study.n_trials"] = n_trials
+    cfg = load_config(DEMO_STUDY, over)
+    log.info("fitted coefficients (the demo study)")
     study = run_study(cfg, progress=progress)
     out = {"study": study.study_name, "storage": cfg.storage_url, "config": str(DEMO_STUDY),
-           "zoo_seconds": zoo_s, "table": comparison(study), "report": None,
+           "zoo_seconds": zoo_s, "table": comparison(study, glob), "report": None,
            "seconds": time.perf_counter() - t0}
     if report:
         try:

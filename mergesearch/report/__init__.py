@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 from mergesearch.report._info import (
+    FitInfo,
     HeatmapInfo,
     HeatmapPanel,
     HistoryInfo,
@@ -16,6 +17,8 @@ from mergesearch.report._info import (
     ParetoInfo,
     SummaryInfo,
     TimingInfo,
+    fit_info,
+    fitted_coefficients,
     heatmap_info,
     history_info,
     importance_info,
@@ -28,6 +31,7 @@ from mergesearch.report._info import (
     timing_info,
 )
 from mergesearch.report._plots import (
+    plot_fit,
     plot_heatmap,
     plot_history,
     plot_importance,
@@ -39,6 +43,7 @@ from mergesearch.report.dashboard import make_dashboard_server
 from mergesearch.report.html import Report, build_report, save_report, write_report
 
 __all__ = [
+    "FitInfo", "fit_info", "fitted_coefficients", "plot_fit",
     "HeatmapInfo", "HeatmapPanel", "HistoryInfo", "ImportanceInfo", "OverfitInfo", "ParetoInfo", "SummaryInfo",
     "TimingInfo", "heatmap_info", "history_info", "importance_info", "key_coefficients", "non_dominated",
     "overfit_info", "pareto_info", "pick_trial", "summary_info", "timing_info", "plot_heatmap", "plot_history",

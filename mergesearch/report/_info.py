@@ -315,18 +315,20 @@ class HeatmapInfo:
 def heatmap_info(study: optuna.Study, which: str | int = "best") -> HeatmapInfo:
     """The searched coefficients of one trial as (layer group, expert, chunk) arrays, one per parameter."""
     trial = pick_trial(study, which)
-    if not trial.params:
+    fitted = fitted_coefficients(study, trial)
+    if not trial.params and not fitted:
         raise StudyError(f"trial {trial.number} ({trial_label(trial)}) has no searched coefficients: "
                          "pick a searched trial or 'best'")
     experts_meta = list(R.meta(study).get("experts") or [])
     by_param: dict[str, list[tuple[dict, float, str]]] = {}
-    for key, value in trial.params.items():
+    for key, value in list(trial.params.items()) + list(fitted.items()):
         try:
             k = parse_key(key)
         except ValueError:
             log.debug("parameter %s is not a mergesearch slot; left out of the heatmap", key)
             continue
-        by_param.setdefault(k["param"], []).append((k, float(value), key))
+        name = f"{k['param']} (fitted)" if key in fitted else k["param"]
+        by_param.setdefault(name, []).append((k, float(value), key))
     panels = []
     for param, slots in by_param.items():
         rows = sorted({k["group"] + (f".{k['module']}" if k["module"] else "") for k, _, _ in slots},
@@ -343,10 +345,49 @@ def heatmap_info(study: optuna.Study, which: str | int = "best") -> HeatmapInfo:
             if isinstance(dist, optuna.distributions.FloatDistribution):
                 lows.append(dist.low)
                 highs.append(dist.high)
+            elif key in fitted:
+                clamp = ((R.meta(study).get("config") or {}).get("fit") or {}).get("clamp")
+                if clamp:
+                    lows.append(clamp[0])
+                    highs.append(clamp[1])
         panels.append(HeatmapPanel(param, rows, experts, n_chunks, arr, min(lows, default=None),
                                    max(highs, default=None)))
     label = f"trial {trial.number}" + (" (best)" if str(which) == "best" else "")
     return HeatmapInfo(trial.number, label, panels)
+
+
+def fitted_coefficients(study: optuna.Study, trial: FrozenTrial) -> dict[str, float]:
+    """A fitted trial's coefficients by slot name (empty for trials without a fit)."""
+    record = trial.user_attrs.get("fit")
+    keys = (R.meta(study).get("fit") or {}).get(record["granularity"]) if record else None
+    return dict(zip(keys, record["coef"])) if keys else {}
+
+
+@dataclass
+class FitInfo:
+    number: int
+    label: str
+    steps: list[int]
+    train_loss: list[float | None]  # mean training loss since the previous check (None at step 0)
+    val_loss: list[float]
+    best_step: int
+    granularity: str
+    objective: str
+    n_coefficients: int
+
+
+def fit_info(study: optuna.Study, which: str | int = "best") -> FitInfo:
+    """The fit of one trial: training and validation loss at every check, and the step kept."""
+    trial = pick_trial(study, which)
+    record = trial.user_attrs.get("fit")
+    if not record:
+        raise StudyError(f"trial {trial.number} ({trial_label(trial)}) was not fitted: the study has no fit: "
+                         "section, or this is a baseline")
+    h = record["history"]
+    label = f"trial {trial.number}" + (" (best)" if str(which) == "best" else "")
+    return FitInfo(trial.number, label, [x["step"] for x in h], [x["train_loss"] for x in h],
+                   [x["val_loss"] for x in h], record["best_step"], record["granularity"], record["objective"],
+                   len(record["coef"]))
 
 
 # --- parameter importances ----------------------------------------------------------------------

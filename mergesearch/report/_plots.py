@@ -9,6 +9,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from mergesearch.report._info import (
+    FitInfo,
     HeatmapInfo,
     HistoryInfo,
     ImportanceInfo,
@@ -229,6 +230,22 @@ def plot_heatmap(info: HeatmapInfo) -> go.Figure:
         fig.update_yaxes(autorange="reversed", type="category", row=1, col=i + 1)
         fig.update_xaxes(type="category", tickangle=-30 if len(cols) > 4 else 0, row=1, col=i + 1)
     return _layout(fig, max(320, 120 + 26 * n_rows), margin=dict(l=70, r=60, t=50, b=70))
+
+
+def plot_fit(info: FitInfo) -> go.Figure:
+    """Training and validation loss of a fit against its steps; the kept step marked."""
+    fig = go.Figure()
+    tr = [(s, v) for s, v in zip(info.steps, info.train_loss) if v is not None]
+    fig.add_trace(go.Scatter(x=[s for s, _ in tr], y=[v for _, v in tr], mode="lines+markers", name="train loss",
+                             line=dict(color="#1c7ed6")))
+    fig.add_trace(go.Scatter(x=info.steps, y=info.val_loss, mode="lines+markers", name="validation loss",
+                             line=dict(color="#e8590c")))
+    if info.best_step in info.steps:
+        fig.add_trace(go.Scatter(x=[info.best_step], y=[info.val_loss[info.steps.index(info.best_step)]],
+                                 mode="markers", name="kept", marker=dict(symbol="star", size=14, color="#2b8a3e")))
+    fig.update_xaxes(title_text="step")
+    fig.update_yaxes(title_text=f"{info.objective} loss")
+    return _layout(fig, 360)
 
 
 # --- parameter importances ----------------------------------------------------------------------

@@ -21,6 +21,7 @@ from plotly.offline import get_plotlyjs
 from mergesearch.errors import MergeSearchError, StudyError
 from mergesearch.report import _info as I
 from mergesearch.report import _plots as P
+from mergesearch.study import records as R
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,14 @@ def _draw_heatmap(study, trial) -> _Drawn:
     return _Drawn(P.plot_heatmap(info), how=f" Shown: {info.label}.")
 
 
+def _draw_fit(study, trial) -> _Drawn:
+    if not R.meta(study).get("fit"):
+        return _Drawn(None, "this study fits no coefficients (no fit: section)")
+    info = I.fit_info(study, trial)
+    return _Drawn(P.plot_fit(info), how=f" Shown: {info.label}, {info.objective} objective, "
+                                        f"{info.n_coefficients} coefficients ({info.granularity}).")
+
+
 def _draw_importance(study, _trial) -> _Drawn:
     info = I.importance_info(study)
     if info.note:
@@ -105,8 +114,12 @@ _SECTIONS: list[tuple[str, str, str, Callable[..., _Drawn]]] = [
      "Score of every completed trial in the order they ran, with the best so far (green). Orange crosses: pruned "
      "trials at their last reported score; red crosses: failed trials (hover for the reason).", _draw_history),
     ("heatmap", "Which layers take which expert",
-     "The merge coefficients of one trial: rows are layers (io = embeddings, final norm and head), columns are "
-     "experts (and chunks), one panel per searched parameter.", _draw_heatmap),
+     "The merge coefficients of one trial: rows are layers (io = embeddings, final norm and head; with fitted "
+     "per-tensor coefficients, layer.tensor), columns are experts (and chunks), one panel per searched or "
+     "fitted parameter.", _draw_heatmap),
+    ("fit", "How the coefficients were fitted",
+     "Loss of the fitted merge on the training part of calib (blue, mean since the previous check) and on the "
+     "held-out validation slice (orange); the star marks the coefficients kept (best validation loss).", _draw_fit),
     ("importance", "Which coefficients matter",
      "fANOVA importance of each searched coefficient for the score, summed by layer group and by expert.",
      _draw_importance),
@@ -171,6 +184,8 @@ def build_report(study: optuna.Study, *, trial: str | int = "best") -> Report:
         try:
             d = draw(study, trial)
         except MergeSearchError as exc:  # e.g. no completed trial yet: the rest of the report still helps
+            if fid in ("heatmap", "fit") and str(trial) != "best" and R.meta(study).get("fit"):
+                raise  # a trial the user named explicitly must exist and be a fitted one
             if fid == "heatmap" and str(trial) != "best":
                 raise  # a trial the user named explicitly must exist and be a searched one
             d = _Drawn(None, str(exc))

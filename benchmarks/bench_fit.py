@@ -1,0 +1,250 @@
+"""Benchmark: the cost of one coefficient-fit step, and the memory a fit holds.
+
+For the demo zoo (4 experts, 0.7M parameters) and a 134M-parameter Llama with 3 experts (random
+weights, bench_merge's shape, scored on the demo zoo's prompts), in the same run:
+
+  fwd+bwd s   forward + backward of the fit's batch through the plain model (parameter gradients on)
+  merge s     one task-arithmetic candidate written by the Materializer
+  step s      one fit step: forward, backward with the gradient contracted per parameter in a hook,
+              coefficient update, weights rewritten (median of --steps)
+  ratio       step / (fwd+bwd + merge)          target <= 1.5
+
+and, for the 134M model, the peak memory of a process (ru_maxrss on CPU, max_memory_allocated on
+CUDA) that runs a few fit steps against processes that hold the same model + sources and run one
+batch forward and backward with (a) no parameter gradient kept (activations only: the floor) and
+(b) every parameter gradient kept (what an ordinary backward holds).
+
+Per-task step times and peaks are noisy on a shared machine: read the ratios. Exit code 1 on a MISS.
+
+    .venv/bin/python benchmarks/bench_fit.py              # demo zoo (seed 0, built if needed) + 134M
+    .venv/bin/python benchmarks/bench_fit.py --quick      # a 30M model instead of 134M
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import gc
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+TARGET_RATIO = 1.5
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _setup(base, experts, zoo, *, granularity: str, chunks: int, batch: int, dtype: str = "float32"):
+    from transformers import AutoTokenizer
+
+    from mergesearch.checkpoints import open_checkpoint
+    from mergesearch.config import SpaceConfig
+    from mergesearch.evaluate import load_task
+    from mergesearch.fit import CoefficientFitter, FitOptions, split_calib
+    from mergesearch.merge import Materializer, Plan
+    from mergesearch.space import SearchSpace
+    from mergesearch.zoo import load_manifest
+
+    m = load_manifest(zoo)
+    b = open_checkpoint(base)
+    tensors = [t for t in b.tensors.values() if t.dtype.is_floating_point]
+    names = [f"e{i}" for i in range(len(experts))]
+    sc = SpaceConfig(granularity=granularity, chunks=chunks, parameters={"lambda": {"fixed": 1.0},
+                                                                        "weight": {"low": 0.0, "high": 1.5}})
+    space = SearchSpace(sc, "task_arithmetic", tensors, names, b.num_layers)
+    mat = Materializer(base, experts, "task_arithmetic", dtype=dtype, chunks=space.want_chunks)
+    tasks = [load_task(str(zoo / m["data"][s]["calib"]), name=s, limit=64, seed=0) for s in m["skills"]]
+    train, val = zip(*[split_calib(t, 0.25, 0) for t in tasks])
+    fitter = CoefficientFitter(mat, AutoTokenizer.from_pretrained(zoo / m["base"]), train, val)
+    plan = Plan.full("task_arithmetic", mat.tensors, len(experts), chunks=mat.chunks, weight=0.7,
+                     **{"lambda": 1.0})
+    return fitter, space, mat, plan, FitOptions(batch_size=batch)
+
+
+def time_steps(base, experts, zoo, *, steps: int, batch: int, label: str) -> dict:
+    """Same-run times of fwd+bwd, one merge and one fit step on the fit's own batches."""
+    from mergesearch.fit import _BalancedSampler
+
+    fitter, space, mat, plan, opts = _setup(base, experts, zoo, granularity="per_tensor", chunks=4, batch=batch)
+    train, _ = fitter.sequences("supervised")
+    weights = {s.task: 1.0 for s in train}
+    sampler = _BalancedSampler(train, opts.batch_size, torch.Generator().manual_seed(0))
+    batches = [sampler.next() for _ in range(steps + 1)]
+    dev = mat.device
+    params = [p for p in mat.model.parameters()]
+    fb, mg, st = [], [], []
+    theta = torch.full((space.n_params,), 0.7)
+    for k, b in enumerate(batches):
+        # plain forward + backward, every parameter's gradient kept (as an ordinary training step)
+        for p in params:
+            p.requires_grad_(True)
+        _sync(dev)
+        t0 = time.perf_counter()
+        loss = fitter._loss(b, weights, opts, train=True)
+        loss.backward()
+        _sync(dev)
+        t1 = time.perf_counter()
+        for p in params:
+            p.grad = None
+            p.requires_grad_(False)
+        mat.materialize(plan)
+        _sync(dev)
+        t2 = time.perf_counter()
+        with fitter.session(plan, space) as sess:
+            sess.write(theta)
+            _sync(dev)
+            t3 = time.perf_counter()
+            _, g = sess.grad(b, weights, opts)
+            theta = (theta - 1e-3 * g.sign().float()).clamp(0, 1.5)  # the update is negligible next to the rest
+            sess.write(theta)
+            _sync(dev)
+            t4 = time.perf_counter()
+        if k:  # the first round warms up allocators and kernels
+            fb.append(t1 - t0)
+            mg.append(t2 - t1)
+            st.append(t4 - t3)
+    out = {"model": label, "n_coef": space.n_params, "batch": batch, "fwd_bwd_s": statistics.median(fb),
+           "merge_s": statistics.median(mg), "step_s": statistics.median(st)}
+    out["ratio"] = out["step_s"] / (out["fwd_bwd_s"] + out["merge_s"])
+    return out
+
+
+def child_memory(mode: str, base: str, experts: list[str], zoo: str, batch: int) -> dict:
+    """Peak memory of one process: `floor` (model + sources + one batch fwd/bwd, no parameter gradient),
+    `grads` (the same with every parameter gradient kept) or `fit` (3 fit steps)."""
+    fitter, space, mat, plan, opts = _setup(Path(base), [Path(e) for e in experts], Path(zoo),
+                                            granularity="per_tensor", chunks=4, batch=batch)
+    from mergesearch.fit import _BalancedSampler
+
+    train, _ = fitter.sequences("supervised")
+    weights = {s.task: 1.0 for s in train}
+    sampler = _BalancedSampler(train, opts.batch_size, torch.Generator().manual_seed(0))
+    dev = mat.device
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark (VmHWM): loading is not measured
+    if mode == "fit":
+        with fitter.session(plan, space) as sess:
+            theta = torch.full((space.n_params,), 0.7)
+            for _ in range(3):
+                sess.write(theta)
+                sess.grad(sampler.next(), weights, opts)
+    else:
+        emb = mat.model.get_input_embeddings()
+        if mode == "grads":
+            for p in mat.model.parameters():
+                p.requires_grad_(True)
+        else:  # activations kept for a backward, but no parameter gradient: the floor of any fit
+            emb.weight.requires_grad_(True)
+        for _ in range(3):
+            fitter._loss(sampler.next(), weights, opts, train=True).backward()
+            if mode != "grads":
+                emb.weight.grad = None
+    _sync(dev)
+    if dev.type == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        hwm = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM"))
+        peak = int(hwm.split()[1]) * 1024
+    largest = max(p.numel() * p.element_size() for p in mat.model.parameters())
+    return {"mode": mode, "peak_bytes": peak, "largest_param_bytes": largest, "device": str(dev)}
+
+
+def make_big(root: Path, quick: bool) -> tuple[Path, list[Path], int]:
+    from bench_merge import make_models
+
+    if quick:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(vocab_size=8000, hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
+                          num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=False)
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(cfg)
+        model.save_pretrained(root / "base")
+        experts = []
+        for i in range(3):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.01 * torch.randn_like(p))
+            model.save_pretrained(root / f"expert{i}")
+            experts.append(root / f"expert{i}")
+        return root / "base", experts, sum(p.numel() for p in model.parameters())
+    return make_models(root, quick=False)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="a 30M model instead of the 134M one")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per model (median)")
+    ap.add_argument("--batch", type=int, default=16, help="examples per step on the big model (demo zoo: 64)")
+    ap.add_argument("--zoo-root", type=Path, default=ROOT / "zoo")
+    ap.add_argument("--child", nargs=5, metavar=("MODE", "BASE", "EXPERTS", "ZOO", "BATCH"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        mode, base, experts, zoo, batch = args.child
+        print(json.dumps(child_memory(mode, base, experts.split(","), zoo, int(batch))))
+        return 0
+
+    from mergesearch.zoo import ensure_zoo, load_manifest
+
+    zoo = ensure_zoo(args.zoo_root, "demo", seed=0, progress=False)
+    m = load_manifest(zoo)
+    rows = [time_steps(zoo / m["base"], [zoo / m["experts"][s] for s in m["skills"]], zoo, steps=args.steps,
+                       batch=64, label="demo zoo (0.7M, 4 experts)")]
+    print(json.dumps(rows[-1]), flush=True)
+    mem = {}
+    with tempfile.TemporaryDirectory(prefix="bench-fit-") as tmp:
+        base, experts, n = make_big(Path(tmp), args.quick)
+        rows.append(time_steps(base, experts, zoo, steps=args.steps, batch=args.batch,
+                               label=f"Llama {n / 1e6:.0f}M, 3 experts"))
+        print(json.dumps(rows[-1]), flush=True)
+        for mode in ("floor", "grads", "fit"):
+            cmd = [sys.executable, __file__, "--child", mode, str(base), ",".join(map(str, experts)), str(zoo),
+                   str(args.batch)]
+            res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            got = json.loads(res.stdout.strip().splitlines()[-1])
+            mem[mode], largest = got["peak_bytes"], got["largest_param_bytes"]
+        model_bytes = n * 4
+
+    print(f"\nfit step vs the same run's forward+backward and one merge (per_tensor x 4 chunks, task arithmetic)")
+    print(f"{'model':<28} {'coef':>6} {'batch':>5} {'fwd+bwd s':>10} {'merge s':>8} {'step s':>8} {'ratio':>6}")
+    ok = True
+    for r in rows:
+        hit = r["ratio"] <= TARGET_RATIO
+        ok &= hit
+        print(f"{r['model']:<28} {r['n_coef']:>6} {r['batch']:>5} {r['fwd_bwd_s']:>10.3f} {r['merge_s']:>8.3f} "
+              f"{r['step_s']:>8.3f} {r['ratio']:>6.2f}  {'ok' if hit else 'MISS'} (target <= {TARGET_RATIO})")
+    gib = 1 << 30
+    print(f"\npeak memory, {rows[-1]['model']} (model {model_bytes / gib:.2f} GiB in fp32):")
+    print(f"  model + sources + one batch (no parameter gradient)  {mem['floor'] / gib:6.2f} GiB")
+    print(f"  same, every parameter gradient kept                  {mem['grads'] / gib:6.2f} GiB")
+    print(f"  fit (gradients contracted in hooks and freed)        {mem['fit'] / gib:6.2f} GiB")
+    extra = mem["fit"] - mem["floor"]
+    # the fit may hold one parameter's gradient (the largest: embeddings or head) and small tables beyond the floor
+    hit = extra <= largest + 64 * (1 << 20)
+    ok &= hit
+    print(f"  fit - floor = {extra / (1 << 20):.0f} MiB (one gradient of the largest tensor: {largest / (1 << 20):.0f} "
+          f"MiB) {'ok' if hit else 'MISS'}; all gradients kept would add {(mem['grads'] - mem['floor']) / gib:.2f} GiB")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
