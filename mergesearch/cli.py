@@ -243,6 +243,10 @@ def _cmd_validate(args) -> int:
     print(f"{v['config']}: OK")
     print(f"method {v['method']}, {len(v['experts'])} experts, {v['parameters']:,} parameters per model")
     print(f"searched parameters: {v['n_params']} ({', '.join(f'{k} {n}' for k, n in v['space']['searched'].items())})")
+    if v.get("fit"):
+        f = v["fit"]
+        print(f"fitted coefficients: {f['coefficients']} ({f['granularity']}, {f['objective']}, up to {f['steps']} "
+              f"steps per trial); fit knobs searched: {', '.join(f['knobs']) or 'none'}")
     print(f"calibration examples: {v['calib_examples']}")
     print(f"estimated time per trial: {est['total_s']:.2f} s (merge {est['merge_s']:.2f} s, "
           f"evaluation {est['eval_s']:.2f} s; {est['note']})")

@@ -277,3 +277,37 @@ def test_fit_config_errors(zoo_test, tmp_path):
     raw["objectives"]["tasks"][0]["name"] = "renamed"
     with pytest.raises(ConfigError, match="fit.teachers"):
         StudyRunner(config_from_dict(raw), load_evaluator=False)
+
+
+def test_fit_refuses_a_method_without_fittable_weights(zoo_test, tmp_path):
+    from mergesearch.study import validate_study
+
+    path = _fit_study(zoo_test, tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    raw["merge"]["method"] = "slerp"
+    raw["models"]["experts"] = dict(list(raw["models"]["experts"].items())[:1])
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="no fittable weights; use one of task_arithmetic, ties"):
+        validate_study(path)
+    raw["merge"]["method"] = "ties"
+    path.write_text(yaml.safe_dump(raw))
+    v = validate_study(path)
+    assert v["fit"]["coefficients"] > 0 and v["fit"]["knobs"] == ["lr"]
+
+
+@pytest.mark.gpu
+def test_fit_on_cuda_matches_the_cpu_fit(zoo_test):
+    """The same fit on CUDA (model float32 and bfloat16) lands near the CPU's coefficients."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    opts = FitOptions(steps=8, eval_every=4, patience=10, lr=0.05)
+    fitter, space, mat, _ = _setup(zoo_test)
+    cpu = fitter.fit(_plan(mat, "task_arithmetic"), space, opts)
+    for dtype, tol in ((torch.float32, 2e-3), (torch.bfloat16, 5e-2)):
+        m = load_manifest(zoo_test)
+        gmat = Materializer(zoo_test / m["base"], [zoo_test / m["experts"][s] for s in m["skills"]],
+                            "task_arithmetic", dtype=dtype, device="cuda", chunks=space.want_chunks)
+        gfit = CoefficientFitter(gmat, fitter.tokenizer, fitter.train_tasks, fitter.val_tasks)
+        res = gfit.fit(_plan(gmat, "task_arithmetic"), space, opts)
+        assert gmat.device.type == "cuda" and res.coef.dtype == torch.float32
+        torch.testing.assert_close(res.coef, cpu.coef, rtol=0, atol=tol)

@@ -240,7 +240,15 @@ def validate_study(path: str | Path) -> dict:
     _load_tasks(cfg, "test")
     n_examples = sum(len(t) for t in tasks if t.kind != "lmeval")
     est = estimate_trial_seconds(base.num_parameters, len(experts), cfg.merge.dtype, n_examples)
-    return {"config": str(path), "method": cfg.merge.method, "n_params": space.n_params, "space": space.describe(),
+    fit = None
+    if cfg.fit is not None:
+        from mergesearch.study.fitting import fit_space_config
+
+        coef = build_space(cfg, base, experts, fit_space_config(cfg.fit, cfg.merge.method))
+        fit = {"objective": cfg.fit.objective, "granularity": cfg.fit.granularity, "coefficients": coef.n_params,
+               "steps": cfg.fit.steps, "knobs": sorted(cfg.fit.search)}
+    return {"config": str(path), "method": cfg.merge.method, "n_params": space.n_params, "fit": fit,
+            "space": space.describe(),
             "experts": list(cfg.models.experts), "parameters": base.num_parameters, "calib_examples": n_examples,
             "storage": cfg.storage_url, "estimated_seconds_per_trial": est,
             "storage_exists": _storage_has(cfg)}

@@ -21,10 +21,10 @@ import optuna
 import torch
 from optuna.trial import TrialState, create_trial
 
-from mergesearch import __version__
+from mergesearch import __version__, operators
 from mergesearch.checkpoints import check_compatible, open_checkpoint, task_vector_stats
 from mergesearch.config import Config, SpaceConfig
-from mergesearch.errors import CandidateError, StudyError
+from mergesearch.errors import CandidateError, ConfigError, StudyError
 from mergesearch.merge import Materializer, Plan
 from mergesearch.space import SearchSpace, allocate_chunks, layer_importance
 from mergesearch.study import records as R
@@ -98,6 +98,10 @@ def build_space(cfg: Config, base=None, experts=None, space_cfg: SpaceConfig | N
     base = base or open_checkpoint(cfg.models.base)
     experts = experts or [open_checkpoint(p) for p in _expert_dirs(cfg)]
     tensors = [t for t in base.tensors.values() if t.dtype.is_floating_point]
+    if cfg.fit is not None and operators.get(cfg.merge.method).linear_parts is None:
+        fittable = ", ".join(o.name for o in operators.all_operators() if o.linear_parts is not None)
+        raise ConfigError(f"fit: method {cfg.merge.method!r} has no fittable weights; use one of {fittable}, "
+                          "or remove the fit: section")
     if space_cfg is None:
         space_cfg = method_space_config(cfg) if cfg.fit is not None else cfg.space
     layer_chunks = None
