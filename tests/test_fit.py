@@ -213,7 +213,7 @@ def test_distill_needs_no_labels(zoo_test):
 
 def _fit_study(zoo, tmp, **fit):
     raw = zoo_study_dict(zoo, tmp, name="fitted", n_trials=2, sampler="random", limit=12,
-                         space={"granularity": "global"})
+                         space={"granularity": "global"}, baselines=False, top_k_test=1)
     raw["fit"] = {"granularity": "per_tensor", "chunks": 2, "steps": 6, "eval_every": 3, "val_fraction": 0.34,
                   "search": {"lr": {"low": 0.01, "high": 0.05, "log": True}}, **fit}
     path = tmp / "fitted.yaml"
@@ -311,3 +311,18 @@ def test_fit_on_cuda_matches_the_cpu_fit(zoo_test):
         res = gfit.fit(_plan(gmat, "task_arithmetic"), space, opts)
         assert gmat.device.type == "cuda" and res.coef.dtype == torch.float32
         torch.testing.assert_close(res.coef, cpu.coef, rtol=0, atol=tol)
+
+
+def test_per_task_loss_weights_give_a_pareto_study_of_fitted_merges(zoo_test, tmp_path):
+    path = _fit_study(zoo_test, tmp_path, steps=2, eval_every=1,
+                      search={"task_weights": {"low": 0.25, "high": 4.0, "log": True}})
+    raw = yaml.safe_load(path.read_text())
+    raw["objectives"]["mode"] = "per_task"
+    raw["study"].update(sampler="auto", n_trials=3, top_k_test=0)
+    path.write_text(yaml.safe_dump(raw))
+    study = run_study(load_config(path), progress=False)
+    assert R.meta(study)["sampler"] == "NSGAIISampler"
+    searched = R.search_trials(study)
+    assert len(searched) == 3 and all(len(t.values) == 4 for t in searched)
+    weights = [tuple(v for k, v in sorted(t.params.items()) if k.startswith("task_weight[")) for t in searched]
+    assert weights[0] == (1.0,) * 4 and len(set(weights)) == 3  # the plain fit first, then searched weightings
