@@ -13,6 +13,7 @@ import torch
 from mergesearch.errors import TaskError
 from mergesearch.evaluate import _scoring as S
 from mergesearch.evaluate.tasks import Task
+from mergesearch.threads import rebalance
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +246,7 @@ class Evaluator:
         if n_slices < 1:
             raise TaskError(f"n_slices must be >= 1 (got {n_slices})")
         plan = self._plan(n_slices)
+        rebalance()  # a fair share of the cores, if other mergesearch processes started or ended meanwhile
         records: dict[str, list[dict]] = {t.name: [] for t in self.tasks}
         lm_scores: dict[str, dict[str, float]] = {}
         seconds = {t.name: 0.0 for t in self.tasks}
