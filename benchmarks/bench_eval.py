@@ -44,6 +44,7 @@ SHARED_BIGBENCH = Path("/work/shared/data/bigbench")
 ONE_PASS_TARGET = 0.95  # share of exact-match examples decided by the one teacher-forced pass
 GEN_SPEEDUP_TARGET = 4.0  # exact match, ours vs lm-eval HFLM
 BPE_VOCAB = 640
+CHARS = set("\n" + "".join(chr(c) for c in range(32, 127)))
 
 
 def _words(rng: random.Random, n: int) -> list[str]:
@@ -74,9 +75,11 @@ def build_model(seed: int = 0, tokenizer: str = "char"):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg).eval()
     nl = newline_id(tok)
+    # a trained model never emits <pad>/<s>/<unk>, nor a byte its (ASCII) training text never had;
+    # zero rows give logit 0, below the best character
+    never = [0, 1, 2, 3] + [i for t, i in tok.get_vocab().items() if i > 3 and not set(tok.decode([i])) <= CHARS]
     with torch.no_grad():
-        # a trained model never emits <pad>/<s>/<unk>; zero rows give logit 0, below the best character
-        model.lm_head.weight[[0, 1, 2, 3]] = 0.0
+        model.lm_head.weight[never] = 0.0
         model.lm_head.weight[nl] *= 2.0  # stop after a few characters, as a trained model does
     return model, tok
 

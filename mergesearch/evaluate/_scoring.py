@@ -12,7 +12,8 @@ The one-pass exact-match decision: one teacher-forced pass over prompt + gold an
 decoding's tokens for as long as they follow the gold ones, and the first token where they part. The
 text known from there on (`decide`) settles most examples exactly: an output that has ended, or one
 whose known text already differs from every answer. Only an alternative tokenisation of the answer
-(BPE), a special token or a near-tie leaves the example to real generation.
+(BPE) needs more passes (`follow_greedy`: teacher-forced along greedy's own tokens); a special token
+or a near-tie leaves the example to real generation.
 """
 
 from __future__ import annotations
@@ -162,8 +163,12 @@ def decide(text: str, complete: bool, prefix_stable: bool, task: Task, answers) 
     Otherwise the output is `text` + something unknown, which `prefix_stable` decoding guarantees.
     """
     stop = task.stop
-    if not complete and (not prefix_stable or "\ufffd" in text):
-        return None, None  # a decode that may rewrite earlier text, or a partial UTF-8 character
+    if not complete:
+        if not prefix_stable:
+            return None, None  # a decode that may rewrite earlier text
+        # the bytes of a character not yet complete decode to U+FFFD and become that character once the
+        # rest arrives: the output is only known to start with the text before the trailing ones
+        text = text.rstrip("\ufffd")
     if complete or (stop and stop in text):
         output = text.split(stop)[0] if stop else text
         return postprocess(output, task) in answers, output
@@ -223,6 +228,19 @@ def prepare_generate(task: Task, tokenizer, max_len: int | None) -> list[GenItem
                             f"context of {max_len}; shorten the prompt or use fewer few-shot examples")
         items.append(GenItem(ex, prompt_ids, whole, n_context, gen_start))
     return items
+
+
+def follow_greedy(item: GenItem, tokens: list[int], text: str, tokenizer, max_len: int | None) -> GenItem | None:
+    """The example to teacher-force next when greedy decoding spelt the start of the answer with other
+    tokens than the answer's own (BPE): its proven tokens, then the rest of the answer's text, tokenised.
+    None when its text does not start an answer (then only generation can tell)."""
+    answer = next((a for a in item.example.answers if a.startswith(text)), None)
+    if answer is None or "\ufffd" in text:
+        return None
+    whole = item.prompt_ids + tokens + _encode(tokenizer, answer[len(text):])
+    if max_len is not None and len(whole) + 1 > max_len:
+        return None
+    return GenItem(item.example, item.prompt_ids, whole, item.n_context, len(item.prompt_ids))
 
 
 def prepare_choice(task: Task, tokenizer, max_len: int | None) -> list[ChoiceItem]:

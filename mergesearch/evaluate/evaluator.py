@@ -17,6 +17,10 @@ from mergesearch.threads import rebalance
 
 log = logging.getLogger(__name__)
 
+# Teacher-forced passes an exact-match example may take before it is left to generation: the first
+# over the answer's own tokens, the others along greedy's own spelling of it (BPE).
+MAX_PASSES = 5
+
 
 @dataclass
 class EvalResult:
@@ -177,21 +181,38 @@ class Evaluator:
         uniq = sl["uniq"]
         stop_ids = {i for i in (self.eos_id, self._stop_id(task)) if i is not None}
         ll = [0.0] * len(uniq)
-        proven: list[tuple[list[int], bool] | None] = [None] * len(uniq)
+        proven: dict[int, tuple[list[int], bool] | None] = {}
         for chunk, batch in sl["batches"]:
             lls, known = S.score_gen_batch(self.model, batch, task.max_new_tokens, stop_ids, self.skipped,
                                            self.max_len)
             for u, a, k in zip(chunk, lls, known):
                 ll[u], proven[u] = a, k
-        # (match, output or None, the text the pass proves) for the examples the pass decides
-        decided: list[tuple[bool, str | None, str] | None] = [None] * len(uniq)
-        for u, known in enumerate(proven):
-            if known is None:
-                continue
-            text = self.tokenizer.decode(known[0], skip_special_tokens=True)
-            match, output = S.decide(text, known[1], self.prefix_stable, task, prep.items[uniq[u]].example.answers)
-            if match is not None:
-                decided[u] = (match, output, text)
+        # (match, output or None, the text the passes prove, passes) for the examples the passes decide
+        decided: list[tuple[bool, str | None, str, int] | None] = [None] * len(uniq)
+        for n_pass in range(1, MAX_PASSES + 1):
+            retry = {}
+            for u, known in proven.items():
+                if known is None:
+                    continue
+                text = self.tokenizer.decode(known[0], skip_special_tokens=True)
+                it = prep.items[uniq[u]]
+                match, output = S.decide(text, known[1], self.prefix_stable, task, it.example.answers)
+                if match is not None:
+                    decided[u] = (match, output, text, n_pass)
+                elif not known[1] and self.prefix_stable and n_pass < MAX_PASSES:
+                    nxt = S.follow_greedy(it, known[0], text, self.tokenizer, self.max_len)
+                    if nxt is not None:
+                        retry[u] = nxt
+            if not retry:
+                break
+            proven = {}
+            order = sorted(retry, key=lambda u: len(retry[u].whole))
+            for start in range(0, len(order), self.batch_size):
+                chunk = order[start: start + self.batch_size]
+                batch = S.build_gen_batch([retry[u] for u in chunk], self.device, self.pad_id, True)
+                _, known = S.score_gen_batch(self.model, batch, task.max_new_tokens, stop_ids, self.skipped,
+                                             self.max_len)
+                proven.update(zip(chunk, known))
         outputs: list[str | None] = [None] * len(uniq)
         todo = [u for u in range(len(uniq)) if decided[u] is None]
         if todo:
@@ -213,10 +234,11 @@ class Evaluator:
                 rec.update(exact_match=float(extracted in it.example.answers), output=outputs[u],
                            extracted=extracted, decided_by="generation")
             else:
-                match, output, text = decided[u]
+                match, output, text, n_pass = decided[u]
                 # the greedy output starts with output_prefix (up to its first stop, where it has one)
                 prefix = text.split(task.stop)[0] + task.stop if task.stop and task.stop in text else text
-                rec.update(exact_match=float(match), output=output, output_prefix=prefix, decided_by="one-pass")
+                rec.update(exact_match=float(match), output=output, output_prefix=prefix,
+                           decided_by="one-pass" if n_pass == 1 else "teacher-forced", passes=n_pass)
                 if output is not None:
                     rec["extracted"] = S.postprocess(output, task)
             records.append(rec)
