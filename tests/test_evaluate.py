@@ -469,3 +469,12 @@ def test_scoring_emits_no_future_warning(tmp_path, nl_model):
         warnings.simplefilter("error")  # a FutureWarning (e.g. `past_key_values`) fails the test
         Evaluator(model, tok, [gen, mc], batch_size=4).evaluate()
         Evaluator(model, tok, [gen], batch_size=4, shortcut=False).evaluate()
+
+
+def test_cli_eval_limit_help_says_random_subset(capsys):
+    from mergesearch.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "random subset drawn with --seed" in text and "lm-eval's --limit takes the first N" in text
