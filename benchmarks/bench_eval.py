@@ -261,11 +261,16 @@ def main(argv=None) -> int:
         print(f"  {name:<14} ours {v['ours_vs_lmeval']}  plain {v['plain_vs_lmeval']}  "
               f"score ours {v['score_ours']:.4f} lm-eval {v['score_lmeval']:.4f}")
     res = last[(gen.name, "ours")]
+    recs = res.records[gen.name]
     one_pass = res.one_pass[gen.name] / res.n[gen.name]
+    by = {k: sum(r["decided_by"] == k for r in recs) for k in ("one-pass", "teacher-forced", "generation")}
+    misses = [r for r in recs if not r["exact_match"]]
+    print(f"  {gen.name}: first pass {by['one-pass']}, more teacher-forced passes {by['teacher-forced']} (greedy "
+          f"spelt the answer with other tokens), generation {by['generation']}; wrong answers decided by the first "
+          f"pass: {sum(r['decided_by'] == 'one-pass' for r in misses)}/{len(misses)}")
     speedup = next(r["speedup_vs_lmeval"] for r in rows if r["task"] == gen.name and r["engine"] == "ours")
-    checks = [(f"{gen.name}: {res.one_pass[gen.name]}/{res.n[gen.name]} ({100 * one_pass:.1f}%) decided by the "
-               f"one-pass shortcut, the rest by KV-cache generation (target >= {100 * ONE_PASS_TARGET:.0f}%)",
-               one_pass >= ONE_PASS_TARGET),
+    checks = [(f"{gen.name}: {res.one_pass[gen.name]}/{res.n[gen.name]} ({100 * one_pass:.1f}%) decided in one "
+               f"pass (target >= {100 * ONE_PASS_TARGET:.0f}%)", one_pass >= ONE_PASS_TARGET),
               (f"{gen.name}: {speedup:.2f}x lm-eval HFLM (target >= {GEN_SPEEDUP_TARGET:g}x)",
                speedup >= GEN_SPEEDUP_TARGET)]
     checks.append(("every example scored as lm-eval scores it (table above)", ok))
@@ -274,7 +279,7 @@ def main(argv=None) -> int:
     ok &= all(good for _, good in checks)
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "identity": identity, "tokenizer": args.tokenizer,
-                                               "one_pass": one_pass}, indent=1))
+                                               "one_pass": one_pass, "decided_by": by}, indent=1))
     return 0 if ok else 1
 
 
