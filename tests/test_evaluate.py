@@ -478,3 +478,24 @@ def test_cli_eval_limit_help_says_random_subset(capsys):
         main(["eval", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "random subset drawn with --seed" in text and "lm-eval's --limit takes the first N" in text
+
+
+def test_prefix_stable_decoders():
+    """Misses are decided from a text prefix only for decoders that only ever append text."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    from mergesearch.evaluate._scoring import decode_is_prefix_stable
+
+    def wrap(decoder, cleanup=False):
+        t = Tokenizer(models.BPE())
+        t.decoder = decoder
+        return PreTrainedTokenizerFast(tokenizer_object=t, clean_up_tokenization_spaces=cleanup)
+
+    assert decode_is_prefix_stable(wrap(decoders.ByteLevel()))  # GPT-2, Llama 3, Qwen
+    llama2 = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                decoders.Strip(" ", 1, 0)])
+    assert decode_is_prefix_stable(wrap(llama2))
+    assert not decode_is_prefix_stable(wrap(decoders.ByteLevel(), cleanup=True))  # " ." becomes "."
+    assert not decode_is_prefix_stable(wrap(decoders.Strip(" ", 0, 1)))  # a trailing strip
+    assert not decode_is_prefix_stable(wrap(decoders.WordPiece()))
