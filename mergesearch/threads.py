@@ -104,7 +104,7 @@ class _Share:
         if n != self.applied:
             torch.set_num_threads(n)
             if self.applied:
-                log.info("torch threads: %d (%d cores shared by %d mergesearch processes)", n, cores(), procs)
+                log.debug("torch threads: %d (%d cores shared by %d mergesearch processes)", n, cores(), procs)
             self.applied = n
         return n
 
@@ -132,7 +132,7 @@ def apply_threads(threads: int | None = None, *, registry: Path = REGISTRY) -> i
         pass
     how = "fixed by --threads" if threads is not None else \
         f"a fair share of {cores()} cores among {max(1, live_processes(registry))} mergesearch processes"
-    log.info("torch threads: %d (%s)", n, how)
+    log.debug("torch threads: %d (%s)", n, how)
     return n
 
 
