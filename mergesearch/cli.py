@@ -26,6 +26,12 @@ def _parser(name: str, sub, help: str, description: str | None = None) -> argpar
     return sub.add_parser(name, help=help, description=description or help, formatter_class=_HelpFormatter)
 
 
+def _add_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch threads for this process (default: a fair share, the cores divided among the "
+                        "mergesearch run/worker/demo processes on this machine, re-checked before each trial)")
+
+
 # --- inspect -----------------------------------------------------------------------------------
 
 
@@ -57,7 +63,9 @@ def _add_eval(sub) -> None:
     p.add_argument("model", help="model folder (Hugging Face layout, safetensors): an expert or an exported merge")
     p.add_argument("--task", action="append", required=True, metavar="PATH_OR_NAME",
                    help="a .jsonl, a BIG-bench .json, an lm-eval task .yaml or lmeval:NAME; repeat for several")
-    p.add_argument("--limit", type=int, default=None, help="score at most N examples per task (seeded subsample)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="score N examples per task, a random subset drawn with --seed (lm-eval's --limit takes the "
+                        "first N instead)")
     p.add_argument("--seed", type=int, default=0, help="seed of the subsample order and few-shot draws")
     p.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples per prompt")
     p.add_argument("--data-files", default=None, help="test data file for an lm-eval task .yaml template")
@@ -90,6 +98,9 @@ def _add_zoo(sub) -> None:
                    help="demo: the models the demo searches over; test: seconds-fast, for tests")
     b.add_argument("--out", required=True, help="folder to create (built in a temporary sibling, moved at the end)")
     b.add_argument("--seed", type=int, default=0, help="same seed -> same weights on the same machine")
+    b.add_argument("--tokenizer", choices=["char", "bpe"], default=None,
+                   help="char: one token per character; bpe: a byte-level BPE trained on the zoo's own text, as "
+                        "real LLMs have (default: the preset's, char)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing zoo folder at --out")
     b.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     b.set_defaults(func=_cmd_zoo_build)
@@ -102,7 +113,8 @@ def _cmd_zoo_build(args) -> int:
     from mergesearch.zoo import build_zoo
     from mergesearch.zoo._report import format_report
 
-    out = build_zoo(args.out, args.preset, args.seed, overwrite=args.overwrite, progress=not args.no_progress)
+    out = build_zoo(args.out, args.preset, args.seed, overwrite=args.overwrite, progress=not args.no_progress,
+                    tokenizer=args.tokenizer)
     manifest = json.loads((out / "zoo.json").read_text())
     if "report" in manifest:
         print(format_report(json.loads((out / manifest["report"]).read_text())))
@@ -154,6 +166,7 @@ def _add_run(sub) -> None:
     p.add_argument("--n-trials", type=int, default=None, help="run this many trials more than the study has")
     p.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_threads(p)
     p.set_defaults(func=_cmd_run, worker=False)
 
 
@@ -163,13 +176,16 @@ def _add_worker(sub) -> None:
     p.add_argument("--n-trials", type=int, default=None, help="stop after this many trials more")
     p.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_threads(p)
     p.set_defaults(func=_cmd_run, worker=True)
 
 
 def _cmd_run(args) -> int:
     from mergesearch.config import load_config
     from mergesearch.study import format_status, run_study, study_status
+    from mergesearch.threads import apply_threads
 
+    apply_threads(args.threads)
     overrides = {"study.timeout": args.timeout} if args.timeout else {}
     cfg = load_config(args.config, overrides)
     study = run_study(cfg, extra_trials=args.n_trials, worker=args.worker, progress=not args.no_progress)
@@ -267,12 +283,15 @@ def _add_demo(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-report", action="store_true", help="do not write the HTML report")
     p.add_argument("--no-compare", action="store_true", help="skip the global search printed for comparison")
+    _add_threads(p)
     p.set_defaults(func=_cmd_demo)
 
 
 def _cmd_demo(args) -> int:
     from mergesearch.demo import format_comparison, run_demo
+    from mergesearch.threads import apply_threads
 
+    apply_threads(args.threads)
     out = run_demo(seed=args.seed, n_trials=args.n_trials, timeout=args.timeout, progress=not args.no_progress,
                    report=not args.no_report, compare=not args.no_compare)
     print(format_comparison(out["table"]))

@@ -78,3 +78,12 @@ def zoo_test() -> Path:
     from mergesearch.zoo import ensure_zoo
 
     return ensure_zoo(Path(__file__).resolve().parent.parent / ".cache", "test", seed=0, progress=False)
+
+
+@pytest.fixture(scope="session")
+def zoo_test_bpe() -> Path:
+    """The `test` preset zoo with the byte-level BPE tokenizer (`--tokenizer bpe`), cached like `zoo_test`."""
+    from mergesearch.zoo import ensure_zoo
+
+    return ensure_zoo(Path(__file__).resolve().parent.parent / ".cache", "test", seed=0, progress=False,
+                      tokenizer="bpe")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -341,3 +342,160 @@ def test_cli_eval_table_and_json(tmp_path, nl_model, capsys):
     bad.write_text("{oops\n")
     assert main(["eval", str(folder), "--task", str(bad)]) == 2
     assert "bad.jsonl:1: invalid JSON" in capsys.readouterr().err
+
+
+# --- the one-pass decision on tokenizers with several tokenisations per string (BPE) ------------------
+
+
+def bpe_newline_model(path: Path, seed: int = 0):
+    """A tiny random Llama over a byte-level BPE trained on the prompts' own text (as the zoo's `bpe`),
+    newline-prone like `newline_model`, so greedy outputs are a few multi-character tokens long."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_config
+    from mergesearch.zoo.tokenizer import build_bpe_tokenizer
+
+    rng = random.Random(7)
+    words = ["".join(rng.choice("abcdefghijklmnop") for _ in range(rng.randint(3, 6))) for _ in range(1500)]
+    tok = build_bpe_tokenizer([f"Q: Reverse the word {w}.\nA: {w[::-1]}\n" for w in words], 400)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=len(tok))).eval()
+    nl = tok("\n", add_special_tokens=False).input_ids[0]
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        model.lm_head.weight[[0, 1, 3]] = 0.0  # <pad>, <s>, <unk>: a trained model does not emit them
+        model.lm_head.weight[nl] = 0.8 * model.lm_head.weight[300] + 0.5 * torch.randn(32, generator=g)
+    model.config.max_position_embeddings = 256
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return _load(path)
+
+
+@pytest.fixture(scope="module")
+def bpe_model(tmp_path_factory):
+    return bpe_newline_model(tmp_path_factory.mktemp("bpe") / "m")
+
+
+def test_bpe_one_pass_equals_generation_and_hf_generate(tmp_path, bpe_model):
+    model, tok = bpe_model
+    from mergesearch.evaluate._scoring import decode_is_prefix_stable, tokenizer_is_unique
+
+    assert decode_is_prefix_stable(tok) and not tokenizer_is_unique(tok)
+    texts = prompts(60, seed=5)
+    outs = hf_greedy(model, tok, texts, 32)
+    rows = []
+    for i, (p, o) in enumerate(zip(texts, outs)):
+        # two in three: the model's own output (greedy's tokens need not be the answer's own tokens)
+        answer = (o[:-1] + "#" if len(o) > 1 else "zz") if i % 3 == 1 else o
+        rows.append({"id": f"ex{i}", "prompt": p, "answer": answer or "q"})
+    f = tmp_path / "bpe.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = load_task(f)
+    fast = Evaluator(model, tok, [task], batch_size=16).evaluate()
+    slow = Evaluator(model, tok, [task], batch_size=16, shortcut=False).evaluate()
+    reference = dict(zip((f"ex{i}" for i in range(60)), outs))
+    answers = {r["id"]: r["answer"] for r in rows}
+    for fr, sr in zip(fast.records[task.name], slow.records[task.name]):
+        assert sr["output"] == reference[sr["id"]]
+        assert fr["exact_match"] == sr["exact_match"] == float(reference[fr["id"]] == answers[fr["id"]])
+        if fr["decided_by"] != "generation":  # one pass, or more along greedy's own tokens
+            assert (sr["output"] + "\n").startswith(fr["output_prefix"])
+            if fr["output"] is not None:
+                assert fr["output"] == sr["output"]
+    assert 0.2 < fast.primary(task.name) < 0.9
+    assert fast.one_pass[task.name] >= 0.8 * len(rows) and slow.one_pass[task.name] == 0
+    # misses are decided in the pass too, not only hits
+    assert any(r["decided_by"] == "one-pass" and r["exact_match"] == 0 for r in fast.records[task.name])
+
+
+def test_bigbench_default_regex_one_pass_equals_generation(tmp_path, nl_model):
+    """BIG-bench exact_str_match with neither output_regex nor stop_string: its default regex
+    (the first run outside .?!;\\n) is decided in one pass, with the same result as generation."""
+    model, tok = nl_model
+    inputs = [p.removeprefix("Q: ").removesuffix("\nA: ") for p in prompts(40, seed=9)]
+    outs = hf_greedy(model, tok, ["\nQ: " + x + "\nA: " for x in inputs], 32)  # BIG-bench's formatting
+    examples = []
+    for i, (x, o) in enumerate(zip(inputs, outs)):
+        first = next(iter(re.findall(r"[^\.\?\!\;\n]+", o)), "")
+        target = [first or "x", o + "!", "zz", o[:1] or "y"][i % 4]  # hit, never (a break inside), miss, prefix
+        examples.append({"input": x, "target": target})
+    bb = tmp_path / "bb_default_regex.json"
+    bb.write_text(json.dumps({"name": "bbd", "metrics": ["exact_str_match"], "preferred_score": "exact_str_match",
+                              "examples": examples}))
+    task = load_task(bb)
+    assert task.output_regex == r"[^\.\?\!\;\n]+" and task.bigbench_stop_string is None
+    fast = Evaluator(model, tok, [task], batch_size=16).evaluate()
+    slow = Evaluator(model, tok, [task], batch_size=16, shortcut=False).evaluate()
+    assert [r["exact_match"] for r in fast.records[task.name]] == [r["exact_match"] for r in slow.records[task.name]]
+    assert 0 < fast.primary(task.name) < 1
+    assert fast.one_pass[task.name] >= 10
+
+
+@pytest.mark.parametrize("regex", [None, r"[^\.\?\!\;\n]+"])
+def test_decide_agrees_with_every_continuation(regex):
+    """Whatever `decide` settles from a proven prefix holds for every continuation greedy could add."""
+    import itertools
+
+    from mergesearch.evaluate._scoring import decide
+    from mergesearch.evaluate.tasks import Task
+
+    task = Task(name="t", kind="generate", metric="exact_match", source="t", output_regex=regex)
+    alphabet = "ab.\n"
+    strings = ["".join(s) for n in range(4) for s in itertools.product(alphabet, repeat=n)]
+    rng = random.Random(0)
+    decided = 0
+    for _ in range(400):
+        text = rng.choice(strings[1:])
+        answers = tuple(rng.sample([s for s in strings if s and "\n" not in s], rng.randint(1, 2)))
+        match, output = decide(text, False, True, task, answers)
+        truths = {postprocess(text + rest, task) in answers for rest in strings}
+        if match is not None:
+            decided += 1
+            assert truths == {match}, (text, answers)
+            if output is not None:
+                assert all((text + rest).split("\n")[0] == output for rest in strings)
+        assert decide(text, True, True, task, answers)[0] == (postprocess(text, task) in answers)
+        assert decide(text, False, False, task, answers) == (None, None)  # a decode that may rewrite text
+    assert decided > 100
+
+
+def test_scoring_emits_no_future_warning(tmp_path, nl_model):
+    import warnings
+
+    model, tok = nl_model
+    gen = load_task(own_answer_jsonl(tmp_path / "own.jsonl", model, tok, n=12))
+    mc = load_task(ADDITION, metric="acc", limit=6, name="add_mc")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a FutureWarning (e.g. `past_key_values`) fails the test
+        Evaluator(model, tok, [gen, mc], batch_size=4).evaluate()
+        Evaluator(model, tok, [gen], batch_size=4, shortcut=False).evaluate()
+
+
+def test_cli_eval_limit_help_says_random_subset(capsys):
+    from mergesearch.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "random subset drawn with --seed" in text and "lm-eval's --limit takes the first N" in text
+
+
+def test_prefix_stable_decoders():
+    """Misses are decided from a text prefix only for decoders that only ever append text."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    from mergesearch.evaluate._scoring import decode_is_prefix_stable
+
+    def wrap(decoder, cleanup=False):
+        t = Tokenizer(models.BPE())
+        t.decoder = decoder
+        return PreTrainedTokenizerFast(tokenizer_object=t, clean_up_tokenization_spaces=cleanup)
+
+    assert decode_is_prefix_stable(wrap(decoders.ByteLevel()))  # GPT-2, Llama 3, Qwen
+    llama2 = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                decoders.Strip(" ", 1, 0)])
+    assert decode_is_prefix_stable(wrap(llama2))
+    assert not decode_is_prefix_stable(wrap(decoders.ByteLevel(), cleanup=True))  # " ." becomes "."
+    assert not decode_is_prefix_stable(wrap(decoders.Strip(" ", 0, 1)))  # a trailing strip
+    assert not decode_is_prefix_stable(wrap(decoders.WordPiece()))

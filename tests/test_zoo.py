@@ -231,3 +231,40 @@ def test_base_cap_takes_a_skill_out_of_the_mix(tmp_path, monkeypatch):
     T.train_base(T.make_model(TINY.model, tok, 0), codec, {s: counting(s) for s in draws}, cfg, 0,
                  tmp_path / "log2.jsonl", monitor, 4, progress=False)
     assert len((tmp_path / "log2.jsonl").read_text().splitlines()) == 4
+
+
+def test_bpe_tokenizer_is_deterministic_byte_level_and_merges():
+    from mergesearch.zoo.tokenizer import build_bpe_tokenizer
+
+    texts = [f"Q: What number comes after {n}?\nA: {n + 1}\n" for n in range(0, 3000, 7)]
+    a, b = build_bpe_tokenizer(texts, 300), build_bpe_tokenizer(texts, 300)
+    assert a.backend_tokenizer.to_str() == b.backend_tokenizer.to_str()
+    assert len(a) == 300 and a.convert_ids_to_tokens([0, 1, 2, 3]) == ["<pad>", "<s>", "</s>", "<unk>"]
+    for text in ["Q: What number comes after 1234?\nA: ", "1235\n", "naïve €5 \t x"]:  # any byte round-trips
+        ids = a(text, add_special_tokens=False).input_ids
+        assert a.decode(ids) == text and a.unk_token_id not in ids
+    ids = a("Q: What number comes after 1234?\nA: ", add_special_tokens=False).input_ids
+    assert len(ids) < 20 and any(len(a.decode([i])) > 2 for i in ids)  # merges: fewer tokens than characters
+
+
+def test_cli_zoo_build_bpe(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(PRESETS, "test", TINY)
+    outs = [tmp_path / "a", tmp_path / "b"]
+    for out in outs:
+        assert main(["zoo", "build", "--preset", "test", "--tokenizer", "bpe", "--out", str(out), "--no-progress"]) == 0
+    assert "built in" in capsys.readouterr().out
+    man = load_manifest(outs[0])
+    assert man["config"]["tokenizer"] == "bpe"
+    tok = AutoTokenizer.from_pretrained(outs[0] / "base", local_files_only=True)
+    spec = json.loads((outs[0] / "base" / "tokenizer.json").read_text())
+    assert spec["model"]["type"] == "BPE" and spec["decoder"]["type"] == "ByteLevel" and len(tok) == TINY.bpe_vocab
+    model = AutoModelForCausalLM.from_pretrained(outs[0] / "expert-reverse", local_files_only=True)
+    assert model.config.vocab_size == len(tok)
+    prompt = _rows(outs[0] / "data" / "reverse.calib.jsonl")[0]["prompt"]
+    ids = tok(prompt, add_special_tokens=False).input_ids
+    assert len(ids) < len(prompt) and tok.decode(ids) == prompt
+    for f in ["base/tokenizer.json", "base/model.safetensors", "expert-reverse/model.safetensors"]:
+        assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes(), f"{f} differs between two builds"
+    # the char tokenizer stays the default, and a char zoo's cache folder keeps its name
+    assert get_preset("test").tokenizer == "char"
+    assert ensure_zoo(tmp_path / "cache", TINY, seed=0, progress=False).name.startswith("zoo-tiny-s0-")

@@ -7,17 +7,27 @@ Conventions shared with lm-eval (so that scores and log-likelihoods agree with i
 - exact match: greedy generation starts right after the full prompt's tokens, stops at the stop
   string or EOS, and the text is cut at the first stop string. The gold log-prob of an exact-match
   task is log P(answer tokens | prompt tokens), the tokens generation would have to emit.
+
+The one-pass exact-match decision: one teacher-forced pass over prompt + gold answer shows greedy
+decoding's tokens for as long as they follow the gold ones, and the first token where they part. The
+text known from there on (`decide`) settles most examples exactly: an output that has ended, or one
+whose known text already differs from every answer. Only an alternative tokenisation of the answer
+(BPE) needs more passes (`follow_greedy`: teacher-forced along greedy's own tokens); a special token
+or a near-tie leaves the example to real generation.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import json
 import re
 from dataclasses import dataclass
 
 import torch
 
 from mergesearch.errors import TaskError
-from mergesearch.evaluate.tasks import Example, Task
+from mergesearch.evaluate.tasks import BIGBENCH_DEFAULT_REGEX, Example, Task
 
 # Two top logits closer than this many units of the logits' dtype precision (relative to their size)
 # are a tie that floating-point noise between a full pass and cached decoding could flip: the
@@ -49,6 +59,55 @@ def tokenizer_is_unique(tokenizer) -> bool:
     return True
 
 
+# Decoders that turn a token sequence into the concatenation of its tokens' texts (the first token's
+# leading space at most stripped once): the text of a greedy output's first tokens is then a prefix
+# of the whole output's text, which the one-pass decision relies on.
+_CONCATENATIVE = {"ByteLevel", "Fuse", "ByteFallback", "Replace"}
+
+
+def _decoder_concatenates(spec: dict | None) -> bool:
+    if not spec:
+        return False
+    kind = spec.get("type")
+    if kind == "Sequence":
+        return all(_decoder_concatenates(d) for d in spec.get("decoders", []))
+    if kind == "Strip":
+        return spec.get("stop", 0) == 0  # a leading strip keeps prefixes prefixes; a trailing one does not
+    return kind in _CONCATENATIVE
+
+
+def decode_is_prefix_stable(tokenizer) -> bool:
+    """True when decoding more tokens only appends text: byte-level BPE (GPT-2, Llama 3, Qwen) and
+    character tokenizers, without transformers' `clean_up_tokenization_spaces` (which rewrites " ." as ".")."""
+    if getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return False
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return False
+    return _decoder_concatenates(json.loads(backend.to_str()).get("decoder"))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kw(model_type: type) -> str:
+    """The forward argument that takes a KV cache: `cache` in current transformers (passing the old
+    `past_key_values` prints a FutureWarning on every call), `past_key_values` before it."""
+    params = inspect.signature(model_type.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def forward(model, cache=None, **kw):
+    """model(**kw) with `cache` passed under the name this transformers version takes."""
+    if cache is not None:
+        kw[_cache_kw(type(model))] = cache
+    return model(**kw)
+
+
+def cache_of(out):
+    """The KV cache a forward pass returned, read without the deprecated `past_key_values` alias."""
+    keys = out.keys()
+    return out["cache"] if "cache" in keys else out["past_key_values"] if "past_key_values" in keys else None
+
+
 def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids
 
@@ -76,6 +135,53 @@ def postprocess(text: str, task: Task) -> str:
     return text
 
 
+# BIG-bench's default output regex keeps the first run of characters outside this set.
+_REGEX_BREAKS = frozenset(".?!;\n")
+
+
+def _decide_default_regex(text: str, answers) -> bool | None:
+    """BIG-bench's default regex on an output known only to start with `text` (no stop in it yet).
+
+    The regex keeps the first run of characters outside .?!;\n: once that run has started and ended
+    inside `text`, it is known; while it runs to the end of `text`, only its start is known."""
+    start = next((k for k, c in enumerate(text) if c not in _REGEX_BREAKS), None)
+    if start is None:
+        return None  # only breaks so far: the run has not started
+    end = next((k for k in range(start, len(text)) if text[k] in _REGEX_BREAKS), None)
+    if end is not None:
+        return text[start:end] in answers
+    run = text[start:]
+    possible = any(a.startswith(run) and not _REGEX_BREAKS.intersection(a) for a in answers)
+    return None if possible else False
+
+
+def decide(text: str, complete: bool, prefix_stable: bool, task: Task, answers) -> tuple[bool | None, str | None]:
+    """Exact match from the text greedy decoding is proven to start with: (match, or None where the
+    unknown rest of the output could still change it; the output cut at the stop, where it is known).
+
+    complete: the output is exactly `text` (EOS or the stop token came, or the tokens ran out).
+    Otherwise the output is `text` + something unknown, which `prefix_stable` decoding guarantees.
+    """
+    stop = task.stop
+    if not complete:
+        if not prefix_stable:
+            return None, None  # a decode that may rewrite earlier text
+        # the bytes of a character not yet complete decode to U+FFFD and become that character once the
+        # rest arrives: the output is only known to start with the text before the trailing ones
+        text = text.rstrip("\ufffd")
+    if complete or (stop and stop in text):
+        output = text.split(stop)[0] if stop else text
+        return postprocess(output, task) in answers, output
+    if task.bigbench_stop_string:
+        return None, None
+    if task.output_regex is None:
+        # the output is `text` + more, cut at the stop: it can be an answer only while `text` starts one
+        return (None if any((a + stop).startswith(text) for a in answers) else False), None
+    if task.output_regex == BIGBENCH_DEFAULT_REGEX and len(stop) <= 1:
+        return _decide_default_regex(text, answers), None
+    return None, None
+
+
 # --- prepared examples --------------------------------------------------------------------------
 
 
@@ -87,7 +193,7 @@ class GenItem:
     prompt_ids: list[int]  # what generation starts from
     whole: list[int]  # prompt tokens + gold answer tokens (the gold log-prob is taken over the answer's)
     n_context: int
-    gen_start: int | None  # where the answer starts; None: the one-pass shortcut cannot decide this example
+    gen_start: int | None  # where the answer starts; None: leave this example to generation
 
 
 @dataclass
@@ -112,15 +218,29 @@ def prepare_generate(task: Task, tokenizer, max_len: int | None) -> list[GenItem
             raise TaskError(f"{_where(task, ex)}: the prompt is only whitespace")
         # scored and decided on the tokens greedy decoding would have to emit after the prompt's tokens
         answer_ids = _encode(tokenizer, ex.answers[0])
+        # the one-pass decision follows greedy decoding wherever it goes, so any answer will do; one whose
+        # tokens do not spell it (unknown characters) or that holds the stop only wastes the pass
         whole, n_context, gen_start = prompt_ids + answer_ids, len(prompt_ids), len(prompt_ids)
-        if (tokenizer.decode(answer_ids) != ex.answers[0] or len(ex.answers) > 1
-                or (task.stop and task.stop in ex.answers[0])):
-            gen_start = None  # the one-pass decision needs one answer with its own tokens and no stop inside
+        if tokenizer.decode(answer_ids) != ex.answers[0] or (task.stop and task.stop in ex.answers[0]):
+            gen_start = None
         if max_len is not None and len(whole) + 1 > max_len:
             raise TaskError(f"{_where(task, ex)}: prompt + answer is {len(whole)} tokens, longer than the model's "
                             f"context of {max_len}; shorten the prompt or use fewer few-shot examples")
         items.append(GenItem(ex, prompt_ids, whole, n_context, gen_start))
     return items
+
+
+def follow_greedy(item: GenItem, tokens: list[int], text: str, tokenizer, max_len: int | None) -> GenItem | None:
+    """The example to teacher-force next when greedy decoding spelt the start of the answer with other
+    tokens than the answer's own (BPE): its proven tokens, then the rest of the answer's text, tokenised.
+    None when its text does not start an answer (then only generation can tell)."""
+    answer = next((a for a in item.example.answers if a.startswith(text)), None)
+    if answer is None or "\ufffd" in text:
+        return None
+    whole = item.prompt_ids + tokens + _encode(tokenizer, answer[len(text):])
+    if max_len is not None and len(whole) + 1 > max_len:
+        return None
+    return GenItem(item.example, item.prompt_ids, whole, item.n_context, len(item.prompt_ids))
 
 
 def prepare_choice(task: Task, tokenizer, max_len: int | None) -> list[ChoiceItem]:
@@ -190,7 +310,7 @@ def _run_prefix(model, prefix: Prefix, n_rows: int):
     """The prefix's KV cache, repeated for `n_rows` rows (None without a prefix)."""
     if prefix.ids is None:
         return None
-    cache = model(input_ids=prefix.ids, use_cache=True).past_key_values
+    cache = cache_of(model(input_ids=prefix.ids, use_cache=True))
     cache.reorder_cache(torch.zeros(n_rows, dtype=torch.long, device=prefix.ids.device))
     return cache
 
@@ -207,13 +327,10 @@ class GenBatch:
     ll_pos: torch.Tensor  # (B, C) positions (after the prefix) whose logits predict the scored answer tokens
     ll_tok: torch.Tensor  # (B, C) those tokens
     ll_mask: torch.Tensor  # (B, C) bool
-    g_pos: torch.Tensor | None  # (B, G+1) positions predicting each answer token and then the stop
-    g_tok: torch.Tensor | None  # (B, G+1) the answer tokens, then the stop token
-    g_mask: torch.Tensor | None  # (B, G+1) bool
-    g_last: torch.Tensor | None  # (B, G+1) bool: the "next token after the answer" slot
+    g_pos: torch.Tensor | None  # (B, G+1) positions predicting each answer token and then the next one
 
 
-def build_gen_batch(items: list[GenItem], device, pad: int, stop_id: int | None) -> GenBatch:
+def build_gen_batch(items: list[GenItem], device, pad: int, one_pass: bool) -> GenBatch:
     # every logit we read lies at or after n_context - 1, so the prefix stops before the first of them
     prefix = _make_prefix([it.whole for it in items], min(it.n_context for it in items) - 1, device)
     p = prefix.length
@@ -233,22 +350,14 @@ def build_gen_batch(items: list[GenItem], device, pad: int, stop_id: int | None)
         ll_pos[i, : len(r)] = torch.tensor(r)
         ll_tok[i, : len(r)] = torch.tensor(it.whole[it.n_context:])
         ll_mask[i, : len(r)] = True
-    g = None
-    if stop_id is not None and all(it.gen_start is not None for it in items):
+    g_pos = None
+    if one_pass and all(it.gen_start is not None for it in items):
         gw = max(len(it.whole) - it.gen_start + 1 for it in items)
-        g_pos = torch.zeros((len(items), gw), dtype=torch.long)
-        g_tok = torch.zeros_like(g_pos)
-        g_mask = torch.zeros_like(g_pos, dtype=torch.bool)
-        g_last = torch.zeros_like(g_mask)
+        g_pos = torch.zeros((len(items), gw), dtype=torch.long)  # padded slots read position 0, never used
         for i, it in enumerate(items):
-            n = len(it.whole) - it.gen_start + 1
-            g_pos[i, :n] = torch.arange(it.gen_start - 1 - p, len(it.whole) - p)
-            g_tok[i, :n] = torch.tensor(it.whole[it.gen_start:] + [stop_id])
-            g_mask[i, :n] = True
-            g_last[i, n - 1] = True
-        g = tuple(t.to(device) for t in (g_pos, g_tok, g_mask, g_last))
-    return GenBatch(items, prefix, ids, mask, pos, ll_pos.to(device), ll_tok.to(device), ll_mask.to(device),
-                    *(g or (None,) * 4))
+            g_pos[i, : len(it.whole) - it.gen_start + 1] = torch.arange(it.gen_start - 1 - p, len(it.whole) - p)
+        g_pos = g_pos.to(device)
+    return GenBatch(items, prefix, ids, mask, pos, ll_pos.to(device), ll_tok.to(device), ll_mask.to(device), g_pos)
 
 
 @dataclass
@@ -341,16 +450,16 @@ def score_choice_batch(model, batch: ChoiceBatch) -> list[list[float]]:
         out = model(input_ids=batch.shared_ids)
     else:
         # causal mask alone, as in score_gen_batch: the shared part is right-padded after a real prefix
-        out = model(input_ids=batch.shared_ids, position_ids=batch.shared_pos, past_key_values=cache, use_cache=True)
+        out = forward(model, cache, input_ids=batch.shared_ids, position_ids=batch.shared_pos, use_cache=True)
     lp = _logprobs(out.logits)  # (B, S, V)
     flat = torch.zeros(b * batch.n_choices, dtype=torch.float32, device=lp.device)
     si = batch.shared_idx
     flat.index_add_(0, batch.shared_dst, lp[si[:, 0], si[:, 1], si[:, 2]])
     if batch.tail_ids is not None:
-        cache = out.past_key_values
+        cache = cache_of(out)
         cache.reorder_cache(batch.row_example)  # (R, heads, P + S, head_dim): one copy per tail
-        tail_out = model(input_ids=batch.tail_ids, attention_mask=batch.tail_mask, position_ids=batch.tail_pos,
-                         past_key_values=cache, use_cache=False)
+        tail_out = forward(model, cache, input_ids=batch.tail_ids, attention_mask=batch.tail_mask,
+                           position_ids=batch.tail_pos, use_cache=False)
         tlp = _logprobs(tail_out.logits)  # (R, T, V)
         ti = batch.tail_idx
         flat.index_add_(0, batch.tail_dst, tlp[ti[:, 0], ti[:, 1], ti[:, 2]])
@@ -358,14 +467,16 @@ def score_choice_batch(model, batch: ChoiceBatch) -> list[list[float]]:
     return [row[: len(it.wholes)] for row, it in zip(flat, batch.items)]
 
 
-def score_gen_batch(model, batch: GenBatch, max_new_tokens: int, eos_id: int | None, skipped: set[int],
-                    unique: bool) -> tuple[list[float], list[bool | None], list[list[int]]]:
-    """One teacher-forced pass: gold log-probs and, where the shortcut applies, the exact-match decision.
+def score_gen_batch(model, batch: GenBatch, max_new_tokens: int, stop_ids: set[int], skipped: set[int],
+                    max_len: int | None) -> tuple[list[float], list[tuple[list[int], bool] | None]]:
+    """One teacher-forced pass: gold log-probs and the first tokens greedy decoding is proven to emit.
 
-    Greedy decoding emits exactly gold + stop (or EOS) when every gold token and then the stop token is
-    the argmax at its position. Returns (gold log-prob per example, match per example or None where
-    generation must decide, the greedy output tokens the pass proves). `skipped`: special tokens other
-    than EOS, which decode to nothing, so missing a position to one of them proves no mismatch.
+    Greedy decoding emits the gold tokens for as long as each is the argmax at its position; the first
+    argmax that is not the gold token (or is a stop) is its next token, and after that the pass knows
+    nothing more. Returns (gold log-prob per example, per example (proven tokens, complete) or None
+    where the pass proves nothing usable). complete: generation ends right there (a stop/EOS token, or
+    max_new_tokens used up). None: a special token other than EOS (it decodes to nothing, so the text is
+    unchanged but generation goes on) or a near-tie float noise could flip (`TIE_EPS`).
     """
     cache = _run_prefix(model, batch.prefix, len(batch.items))
     if cache is None:
@@ -373,45 +484,39 @@ def score_gen_batch(model, batch: GenBatch, max_new_tokens: int, eos_id: int | N
     else:
         # no attention mask: the prefix is real for every row and right padding sits after each row's
         # tokens, so the causal mask alone is exact (and lets attention take its fast causal path)
-        logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, past_key_values=cache,
-                       use_cache=False).logits
+        logits = forward(model, cache, input_ids=batch.input_ids, position_ids=batch.position_ids,
+                         use_cache=False).logits
     lp = _logprobs(logits)
     rows = torch.arange(len(batch.items), device=lp.device)[:, None]
     ll = (lp[rows, batch.ll_pos, batch.ll_tok] * batch.ll_mask).sum(-1).tolist()
     if batch.g_pos is None:
-        return ll, [None] * len(batch.items), [[] for _ in batch.items]
-    at = logits[rows, batch.g_pos]  # (B, G+1, V)
-    top2 = at.topk(2, dim=-1)
-    best = top2.indices[..., 0]
-    gap = (top2.values[..., 0] - top2.values[..., 1]).float()
-    # (B, G+1) the largest difference noise could explain at each position
+        return ll, [None] * len(batch.items)
+    top2 = logits[rows, batch.g_pos].topk(2, dim=-1)  # (B, G+1, 2)
+    # the largest difference noise could explain at each position
     tol = TIE_EPS * torch.finfo(logits.dtype).eps * top2.values[..., 0].float().abs().clamp(min=1.0)
-    gap = gap - tol
-    hit = best == batch.g_tok
-    if eos_id is not None:
-        hit |= batch.g_last & (best == eos_id)
-    best, hit, gap = best.tolist(), hit.tolist(), gap.tolist()
-    matches, proven = [], []
+    gap = ((top2.values[..., 0] - top2.values[..., 1]).float() - tol).tolist()
+    best = top2.indices[..., 0].tolist()
+    proven: list[tuple[list[int], bool] | None] = []
     for i, it in enumerate(batch.items):
         gold = it.whole[it.gen_start:]
-        n_answer = len(gold)
-        # the slot after the answer matters only if generation may still emit a token there
-        slots = n_answer + 1 if n_answer < max_new_tokens else n_answer
-        decision, upto, prefix = True, slots, list(gold)
-        for j in range(slots):
-            if hit[i][j]:
-                continue
-            upto, token = j + 1, best[i][j]
-            prefix = gold[:j] + ([] if token in skipped else [token])
-            decision = None if token in skipped else (False if unique else None)
-            break
-        if n_answer > max_new_tokens:
-            decision, prefix = False, prefix[:max_new_tokens]  # cut before the answer is complete
-        elif decision is not None and any(gap[i][j] <= 0 for j in range(upto)):
-            decision = None  # a near-tie that float noise could flip: let real generation decide
-        matches.append(decision)
-        proven.append(prefix)
-    return ll, matches, proven
+        toks: list[int] | None = gold[:max_new_tokens]  # if greedy follows gold until the tokens run out
+        for j in range(min(len(gold) + 1, max_new_tokens)):
+            b = best[i][j]
+            if gap[i][j] <= 0 or b in skipped:
+                toks = None
+                break
+            if j == len(gold) or b != gold[j] or b in stop_ids:
+                toks = gold[:j] + [b]
+                break
+        if toks is None:
+            proven.append(None)
+            continue
+        complete = toks[-1] in stop_ids or len(toks) >= max_new_tokens
+        if complete and toks[-1] not in stop_ids and max_len is not None and len(it.prompt_ids) + max_new_tokens > max_len:
+            proven.append(None)  # generation may be cut by the context length before max_new_tokens
+            continue
+        proven.append((toks, complete))
+    return ll, proven
 
 
 def generate_batch(model, prompts: list[list[int]], pad: int, max_new_tokens: int, stop_ids: set[int],
@@ -429,9 +534,8 @@ def generate_batch(model, prompts: list[list[int]], pad: int, max_new_tokens: in
     cache = None
     step_ids, step_pos = ids, pos
     for _ in range(max_new_tokens):
-        out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=cache,
-                    use_cache=True)
-        cache = out.past_key_values
+        out = forward(model, cache, input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True)
+        cache = cache_of(out)
         nxt = out.logits[:, -1].argmax(-1)  # (B,)
         out_tokens.append(nxt)
         done |= torch.isin(nxt, stop)

@@ -13,8 +13,13 @@ import torch
 from mergesearch.errors import TaskError
 from mergesearch.evaluate import _scoring as S
 from mergesearch.evaluate.tasks import Task
+from mergesearch.threads import rebalance
 
 log = logging.getLogger(__name__)
+
+# Teacher-forced passes an exact-match example may take before it is left to generation: the first
+# over the answer's own tokens, the others along greedy's own spelling of it (BPE).
+MAX_PASSES = 5
 
 
 @dataclass
@@ -28,6 +33,8 @@ class EvalResult:
     task_seconds: dict[str, float] = field(default_factory=dict)
     records: dict[str, list[dict]] = field(default_factory=dict)
     complete: bool = True  # False for a running result after an early slice
+    # exact-match task -> examples decided by the one teacher-forced pass (the rest were generated)
+    one_pass: dict[str, int] = field(default_factory=dict)
 
     def primary(self, task: str) -> float:
         """The task's declared metric."""
@@ -42,7 +49,7 @@ class EvalResult:
     def to_dict(self) -> dict:
         return {"scores": self.scores, "metric": self.metric, "n": self.n, "seconds": self.seconds,
                 "task_seconds": self.task_seconds, "mean": self.mean, "complete": self.complete,
-                "records": self.records}
+                "one_pass": self.one_pass, "records": self.records}
 
     def table(self) -> list[tuple[str, str, float, int, float]]:
         """Rows (task, metric, score, n, seconds): the declared metric first, then the others."""
@@ -57,7 +64,7 @@ class EvalResult:
 class _Prepared:
     task: Task
     items: list  # GenItem | ChoiceItem, in the task's seeded order
-    shortcut: bool = False  # exact match decided by one teacher-forced pass
+    shortcut: bool = False  # exact match decided by one teacher-forced pass where that is exact
 
 
 class Evaluator:
@@ -87,15 +94,15 @@ class Evaluator:
         self.eos_id = tokenizer.eos_token_id
         self.skipped = {i for i in tokenizer.all_special_ids if i != self.eos_id}
         self.max_len = S.n_ctx(model)
-        self.unique = S.tokenizer_is_unique(tokenizer)
+        # whether the text of greedy decoding's first tokens is a prefix of its whole output's text
+        self.prefix_stable = S.tokenizer_is_unique(tokenizer) or S.decode_is_prefix_stable(tokenizer)
         self._plans: dict[int, dict] = {}
         self._prepared: dict[str, _Prepared] = {}
         lm_tasks = [t for t in tasks if t.kind == "lmeval"]
         for t in tasks:
             if t.kind == "generate":
                 items = S.prepare_generate(t, tokenizer, self.max_len)
-                ok = shortcut and t.output_regex is None and not t.bigbench_stop_string and self._stop_id(t) is not None
-                self._prepared[t.name] = _Prepared(t, items, ok)
+                self._prepared[t.name] = _Prepared(t, items, shortcut)
             elif t.kind == "choice":
                 self._prepared[t.name] = _Prepared(t, S.prepare_choice(t, tokenizer, self.max_len))
         self._lmeval = None
@@ -146,14 +153,13 @@ class Evaluator:
         else:
             order = sorted(range(len(uniq)), key=lambda u: (prep.items[uniq[u]].shared, prep.items[uniq[u]].wholes[0]))
         batches = []
-        stop_id = self._stop_id(prep.task) if prep.task.kind == "generate" else None
         for groups in self._groups(prep, uniq, order):
             for start in range(0, len(groups), self.batch_size):
                 chunk = groups[start: start + self.batch_size]
                 its = [prep.items[uniq[u]] for u in chunk]
                 if prep.task.kind == "generate":
                     use = prep.shortcut and its[0].gen_start is not None
-                    b = S.build_gen_batch(its, self.device, self.pad_id, stop_id if use else None)
+                    b = S.build_gen_batch(its, self.device, self.pad_id, use)
                 else:
                     b = S.build_choice_batch(its, self.device, self.pad_id)
                 batches.append((chunk, b))
@@ -173,19 +179,44 @@ class Evaluator:
     def _run_generate(self, prep: _Prepared, sl: dict) -> list[dict]:
         task = prep.task
         uniq = sl["uniq"]
+        stop_ids = {i for i in (self.eos_id, self._stop_id(task)) if i is not None}
         ll = [0.0] * len(uniq)
-        decided: list[bool | None] = [None] * len(uniq)
-        proven: list[list[int]] = [[] for _ in uniq]
+        proven: dict[int, tuple[list[int], bool] | None] = {}
         for chunk, batch in sl["batches"]:
-            lls, matches, prefixes = S.score_gen_batch(self.model, batch, task.max_new_tokens, self.eos_id,
-                                                       self.skipped, self.unique)
-            for u, a, m, p in zip(chunk, lls, matches, prefixes):
-                ll[u], decided[u], proven[u] = a, m, p
+            lls, known = S.score_gen_batch(self.model, batch, task.max_new_tokens, stop_ids, self.skipped,
+                                           self.max_len)
+            for u, a, k in zip(chunk, lls, known):
+                ll[u], proven[u] = a, k
+        # (match, output or None, the text the passes prove, passes) for the examples the passes decide
+        decided: list[tuple[bool, str | None, str, int] | None] = [None] * len(uniq)
+        for n_pass in range(1, MAX_PASSES + 1):
+            retry = {}
+            for u, known in proven.items():
+                if known is None:
+                    continue
+                text = self.tokenizer.decode(known[0], skip_special_tokens=True)
+                it = prep.items[uniq[u]]
+                match, output = S.decide(text, known[1], self.prefix_stable, task, it.example.answers)
+                if match is not None:
+                    decided[u] = (match, output, text, n_pass)
+                elif not known[1] and self.prefix_stable and n_pass < MAX_PASSES:
+                    nxt = S.follow_greedy(it, known[0], text, self.tokenizer, self.max_len)
+                    if nxt is not None:
+                        retry[u] = nxt
+            if not retry:
+                break
+            proven = {}
+            order = sorted(retry, key=lambda u: len(retry[u].whole))
+            for start in range(0, len(order), self.batch_size):
+                chunk = order[start: start + self.batch_size]
+                batch = S.build_gen_batch([retry[u] for u in chunk], self.device, self.pad_id, True)
+                _, known = S.score_gen_batch(self.model, batch, task.max_new_tokens, stop_ids, self.skipped,
+                                             self.max_len)
+                proven.update(zip(chunk, known))
         outputs: list[str | None] = [None] * len(uniq)
         todo = [u for u in range(len(uniq)) if decided[u] is None]
         if todo:
             todo.sort(key=lambda u: len(prep.items[uniq[u]].prompt_ids), reverse=True)
-            stop_ids = {i for i in (self.eos_id, self._stop_id(task)) if i is not None}
             for start in range(0, len(todo), self.batch_size):
                 chunk = todo[start: start + self.batch_size]
                 gen = S.generate_batch(self.model, [prep.items[uniq[u]].prompt_ids for u in chunk], self.pad_id,
@@ -203,12 +234,13 @@ class Evaluator:
                 rec.update(exact_match=float(extracted in it.example.answers), output=outputs[u],
                            extracted=extracted, decided_by="generation")
             else:
-                # the pass proves greedy decoding's first tokens; if they end with a stop, the output is known
-                toks = proven[u]
-                prefix = self.tokenizer.decode(toks, skip_special_tokens=True)
-                ended = bool(toks) and toks[-1] == self.eos_id or (task.stop and task.stop in prefix)
-                output = it.example.answers[0] if decided[u] else prefix.split(task.stop)[0] if ended else None
-                rec.update(exact_match=float(decided[u]), output=output, output_prefix=prefix, decided_by="one-pass")
+                match, output, text, n_pass = decided[u]
+                # the greedy output starts with output_prefix (up to its first stop, where it has one)
+                prefix = text.split(task.stop)[0] + task.stop if task.stop and task.stop in text else text
+                rec.update(exact_match=float(match), output=output, output_prefix=prefix,
+                           decided_by="one-pass" if n_pass == 1 else "teacher-forced", passes=n_pass)
+                if output is not None:
+                    rec["extracted"] = S.postprocess(output, task)
             records.append(rec)
         return records
 
@@ -236,6 +268,7 @@ class Evaluator:
         if n_slices < 1:
             raise TaskError(f"n_slices must be >= 1 (got {n_slices})")
         plan = self._plan(n_slices)
+        rebalance()  # a fair share of the cores, if other mergesearch processes started or ended meanwhile
         records: dict[str, list[dict]] = {t.name: [] for t in self.tasks}
         lm_scores: dict[str, dict[str, float]] = {}
         seconds = {t.name: 0.0 for t in self.tasks}
@@ -279,6 +312,8 @@ class Evaluator:
                 # lm-eval names a metric behind a filter 'exact_match[strict-match]': take the first such
                 m = next((k for k in scores[t.name] if k.startswith(m + "[")), next(iter(scores[t.name])))
             metric[t.name] = m
-        return EvalResult(scores=scores, metric=metric, n=n,
+        one_pass = {t.name: sum(r["decided_by"] == "one-pass" for r in records[t.name])
+                    for t in self.tasks if t.kind == "generate"}
+        return EvalResult(scores=scores, metric=metric, n=n, one_pass=one_pass,
                           seconds=elapsed, task_seconds=dict(seconds), records={k: list(v) for k, v in records.items()},
                           complete=complete)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -18,14 +19,16 @@ import torch
 from mergesearch.errors import ConfigError
 from mergesearch.zoo.presets import ZooPreset, get_preset
 from mergesearch.zoo.skills import eval_splits, format_prompt, get_skill, train_stream
-from mergesearch.zoo.tokenizer import build_char_tokenizer
-from mergesearch.zoo.train import CharCodec, make_model, train_base, train_expert
+from mergesearch.zoo.tokenizer import build_bpe_tokenizer, build_char_tokenizer
+from mergesearch.zoo.train import make_codec, make_model, train_base, train_expert
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "zoo.json"
 REPORT = "zoo_report.json"
 FORMAT_VERSION = 1
+# Training draws per skill that the BPE tokenizer is trained on (never a held-out question).
+BPE_TEXTS_PER_SKILL = 2000
 
 
 def _write_json(path: Path, obj) -> None:
@@ -67,8 +70,19 @@ def _quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
-def _resolve(preset: str | ZooPreset) -> ZooPreset:
-    return preset if isinstance(preset, ZooPreset) else get_preset(preset)
+def _resolve(preset: str | ZooPreset, tokenizer: str | None = None) -> ZooPreset:
+    p = preset if isinstance(preset, ZooPreset) else get_preset(preset)
+    if tokenizer is not None and tokenizer != p.tokenizer:
+        p = ZooPreset.model_validate({**p.model_dump(), "tokenizer": tokenizer})
+    return p
+
+
+def _tokenizer(p: ZooPreset, seed: int, held_out: dict[str, set[str]]):
+    if p.tokenizer == "char":
+        return build_char_tokenizer()
+    texts = (format_prompt(q) + a + "\n" for s in p.skills
+             for q, a in itertools.islice(train_stream(s, seed, held_out[s], "tokenizer"), BPE_TEXTS_PER_SKILL))
+    return build_bpe_tokenizer(texts, p.bpe_vocab)
 
 
 def fingerprint(preset: str | ZooPreset, seed: int) -> str:
@@ -102,15 +116,14 @@ def _build_into(tmp: Path, p: ZooPreset, seed: int, progress: bool) -> dict:
     stray = sorted(set(p.base.mix) - set(p.skills))
     if stray:
         raise ConfigError(f"base.mix names {stray[0]!r}, which is not one of the preset's skills {list(p.skills)}")
-    tokenizer = build_char_tokenizer()
-    codec = CharCodec(tokenizer)
-
     data = tmp / "data"
     data.mkdir(parents=True)
     sizes = {"calib": p.splits.calib, "test": p.splits.test, "monitor": p.monitor_examples}
     splits = {s: eval_splits(s, sizes, seed) for s in p.skills}
     held_out = {s: {r["question"] for rows in sp.values() for r in rows} for s, sp in splits.items()}
     monitor = {s: sp.pop("monitor") for s, sp in splits.items()} if p.monitor_examples else {}
+    tokenizer = _tokenizer(p, seed, held_out)
+    codec = make_codec(tokenizer, p.tokenizer)
     if p.splits.train:
         for s in p.skills:
             draws = train_stream(s, seed, held_out[s], "fewshot")
@@ -180,13 +193,13 @@ def _build_into(tmp: Path, p: ZooPreset, seed: int, progress: bool) -> dict:
 
 
 def build_zoo(out: str | os.PathLike, preset: str | ZooPreset = "demo", seed: int = 0, *, overwrite: bool = False,
-              progress: bool = True) -> Path:
+              progress: bool = True, tokenizer: str | None = None) -> Path:
     """Train a zoo into `out` (base/, expert-<skill>/, data/, zoo.json, zoo_report.json).
 
-    Everything is built in a temporary sibling folder and moved into place at the end, so `out` is
+    `tokenizer` ("char" or "bpe") replaces the preset's. Everything is built in a temporary sibling folder and moved into place at the end, so `out` is
     either absent, the previous zoo, or complete. Same preset + seed -> same weights on one machine.
     """
-    p = _resolve(preset)
+    p = _resolve(preset, tokenizer)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
@@ -210,14 +223,15 @@ def build_zoo(out: str | os.PathLike, preset: str | ZooPreset = "demo", seed: in
 
 
 def ensure_zoo(cache_dir: str | os.PathLike, preset: str | ZooPreset = "test", seed: int = 0, *,
-               progress: bool = True) -> Path:
+               progress: bool = True, tokenizer: str | None = None) -> Path:
     """The cached zoo for (preset, seed, code version) under `cache_dir`, built on first use.
 
     Safe when several processes ask at once: each builds in its own temporary folder and the
     first to finish wins the rename; the others discard their copy.
     """
-    p = _resolve(preset)
-    path = Path(cache_dir) / f"zoo-{p.name}-s{seed}-{fingerprint(p, seed)}"
+    p = _resolve(preset, tokenizer)
+    kind = "" if p.tokenizer == "char" else f"-{p.tokenizer}"
+    path = Path(cache_dir) / f"zoo-{p.name}{kind}-s{seed}-{fingerprint(p, seed)}"
     if is_complete(path):
         return path
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mergesearch.errors import ConfigError, did_you_mean
@@ -68,6 +70,10 @@ class ZooPreset(_Frozen):
 
     name: str
     skills: tuple[str, ...] = ("reverse", "uppercase", "successor", "sort")
+    # char: one token per character; bpe: a byte-level BPE trained on the zoo's own text, as real LLMs
+    # have (several tokenisations per string), with `bpe_vocab` tokens (4 special + 256 bytes + merges)
+    tokenizer: Literal["char", "bpe"] = "char"
+    bpe_vocab: int = Field(640, ge=261)
     model: ModelShape = ModelShape()
     base: BaseTraining = BaseTraining()
     expert: ExpertTraining = ExpertTraining()

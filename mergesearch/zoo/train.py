@@ -57,8 +57,24 @@ class CharCodec:
         return ids, mask
 
 
+class TokenCodec(CharCodec):
+    """The same batches through any tokenizer (the zoo's BPE): prompt and answer tokenised apart, as the
+    evaluator and lm-eval's generation see them (generation starts right after the prompt's tokens)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerFast):
+        self.pad_id = tokenizer.pad_token_id
+        self.backend = tokenizer.backend_tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+
+def make_codec(tokenizer: PreTrainedTokenizerFast, kind: str) -> CharCodec:
+    return CharCodec(tokenizer) if kind == "char" else TokenCodec(tokenizer)
+
+
 def make_model(shape: ModelShape, tokenizer: PreTrainedTokenizerFast, seed: int) -> LlamaForCausalLM:
-    """A freshly initialised char-level Llama; the seed fixes every initial weight."""
+    """A freshly initialised Llama over the tokenizer's vocabulary; the seed fixes every initial weight."""
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=shape.hidden,
@@ -94,8 +110,9 @@ def _answer_ce(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> t
 def teacher_forced_accuracy(model, codec: CharCodec, rows: Sequence[dict], batch: int = 256) -> float:
     """Share of rows whose greedy answer is exactly `answer + "\\n"`.
 
-    Exact for greedy decoding: the greedy output equals the answer iff every answer character and
-    the final newline is the argmax at its position given the correct prefix.
+    Exact for greedy decoding with the char tokenizer: the greedy output equals the answer iff every
+    answer character and the final newline is the argmax at its position given the correct prefix.
+    With BPE it counts the answer's own tokenisation only (a lower bound; a training monitor).
     """
     if not rows:
         return float("nan")
