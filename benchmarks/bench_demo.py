@@ -95,6 +95,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--zoo-seeds", default="0,1,2", help="comma-separated demo zoo seeds")
     ap.add_argument("--zoo-root", type=Path, default=ROOT / "zoo", help="where the demo zoos are cached")
+    ap.add_argument("--zoo-dirs", default=None, help="comma-separated prebuilt demo zoo folders, one per seed of "
+                    "--zoo-seeds (e.g. built by an earlier checkout: the zoo fingerprint follows the zoo code)")
     ap.add_argument("--global-trials", type=int, default=150, help="trials of the global CMA-ES search")
     ap.add_argument("--fit-trials", type=int, default=4, help="trials of the fit study (the first is the plain fit)")
     ap.add_argument("--study-seed", type=int, default=0)
@@ -103,8 +105,12 @@ def main(argv=None) -> int:
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-demo-") as tmp:
-        for zs in [int(s) for s in args.zoo_seeds.split(",") if s]:
-            zoo = ensure_zoo(args.zoo_root, "demo", seed=zs, progress=False)
+        seeds = [int(s) for s in args.zoo_seeds.split(",") if s]
+        dirs = [Path(d) for d in args.zoo_dirs.split(",")] if args.zoo_dirs else [None] * len(seeds)
+        if len(dirs) != len(seeds):
+            ap.error("--zoo-dirs needs one folder per seed of --zoo-seeds")
+        for zs, d in zip(seeds, dirs):
+            zoo = d or ensure_zoo(args.zoo_root, "demo", seed=zs, progress=False)
             rows.append(run_seed(zs, zoo, tmp, args))
             print(json.dumps(rows[-1]), flush=True)
 

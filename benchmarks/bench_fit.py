@@ -196,6 +196,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=5, help="timed steps per model (median)")
     ap.add_argument("--batch", type=int, default=16, help="examples per step on the big model (demo zoo: 64)")
     ap.add_argument("--zoo-root", type=Path, default=ROOT / "zoo")
+    ap.add_argument("--zoo", type=Path, default=None, help="a prebuilt demo zoo folder (default: seed 0, built if needed)")
     ap.add_argument("--child", nargs=5, metavar=("MODE", "BASE", "EXPERTS", "ZOO", "BATCH"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -205,7 +206,7 @@ def main(argv=None) -> int:
 
     from mergesearch.zoo import ensure_zoo, load_manifest
 
-    zoo = ensure_zoo(args.zoo_root, "demo", seed=0, progress=False)
+    zoo = args.zoo or ensure_zoo(args.zoo_root, "demo", seed=0, progress=False)
     m = load_manifest(zoo)
     rows = [time_steps(zoo / m["base"], [zoo / m["experts"][s] for s in m["skills"]], zoo, steps=args.steps,
                        batch=64, label="demo zoo (0.7M, 4 experts)")]
