@@ -230,8 +230,9 @@ class CoefficientFitter:
 
     # -- the merge as a function of the coefficients --
 
-    def linear_parts(self, plan: Plan) -> list[list[torch.Tensor]]:
-        """Per written tensor, per expert: the part its coefficient scales (chunk rows filled in turn)."""
+    def linear_parts(self, plan: Plan) -> list[list[list[torch.Tensor]]]:
+        """Per written tensor, per chunk, per expert: the part its coefficient scales (chunk-shaped; for task
+        arithmetic, views of the cached task vectors: no copy)."""
         op = plan.operator
         if op.linear_parts is None:
             raise OperatorError(f"method {op.name!r} has no fittable weights; the fit supports "
@@ -252,24 +253,21 @@ class CoefficientFitter:
                     sl = (lambda x: x[lo:hi] if x.dim() else x)
                     st = states[c] if own_state else {}
                     chunks.append(op.linear_parts(sl(base), [sl(d) for d in deltas], p, st))
-                if len(chunks) == 1:
-                    out.append(chunks[0])
-                else:
-                    out.append([torch.cat([ch[e] for ch in chunks]) for e in range(len(deltas))])
+                out.append(chunks)
         return out
 
-    def _write(self, table: list, parts: list[list[torch.Tensor]]) -> None:
+    def _write(self, table: list, parts: list[list[list[torch.Tensor]]]) -> None:
         """Model weights for a coefficient table ((n_tensors, experts, chunks) as nested lists)."""
         with torch.no_grad():
-            for (i, target, _), ps in zip(self._written, parts):
+            for (i, target, _), per_chunk in zip(self._written, parts):
                 base, _, bounds, _ = self.mat.sources(i)
                 base = base.to(self.device)
-                for c, (lo, hi) in enumerate(bounds):
+                for c, ((lo, hi), ps) in enumerate(zip(bounds, per_chunk)):
                     sl = (lambda x: x[lo:hi] if x.dim() else x)
                     o = sl(target)
-                    torch.add(sl(base), sl(ps[0]), alpha=table[i][0][c], out=o)
+                    torch.add(sl(base), ps[0], alpha=table[i][0][c], out=o)
                     for e in range(1, len(ps)):
-                        o.add_(sl(ps[e]), alpha=table[i][e][c])
+                        o.add_(ps[e], alpha=table[i][e][c])
 
     # -- the fit --
 
@@ -437,22 +435,23 @@ class _Session:
                 p.requires_grad_(False)
                 p.grad = None
 
-    def _hook(self, w: int, ps: list[torch.Tensor], bounds):
+    def _hook(self, w: int, per_chunk: list[list[torch.Tensor]], bounds):
         """Contract the parameter's gradient with its parts per chunk, then free the gradient."""
         grad_table = self.grad_table
+        n_exp = len(per_chunk[0])
 
         def hook(p) -> None:
             g = p.grad
             rows = g.reshape(g.shape[0], -1) if g.dim() else g.reshape(1, 1)
             dots = []
-            for lo, hi in bounds:
+            for (lo, hi), ps in zip(bounds, per_chunk):
                 gc = rows[lo:hi].reshape(-1)
                 for part in ps:
-                    pc = (part.reshape(part.shape[0], -1) if part.dim() else part.reshape(1, 1))[lo:hi].reshape(-1)
+                    pc = part.reshape(-1)
                     dots.append(torch.dot(gc, pc) if gc.dtype == pc.dtype == grad_table.dtype
                                 else torch.dot(gc.to(grad_table.dtype), pc.to(grad_table.dtype)))
             # (chunks * experts,) chunk-major -> (experts, chunks)
-            grad_table[w, :, : len(bounds)] = torch.stack(dots).view(len(bounds), len(ps)).T
+            grad_table[w, :, : len(bounds)] = torch.stack(dots).view(len(bounds), n_exp).T
             p.grad = None
 
         return hook
