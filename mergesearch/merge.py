@@ -742,7 +742,11 @@ class Materializer:
                 b, x = base_src[n], src.pop(n)
                 if x.shape != b.shape:  # merge_common_vocab: keep the rows the base has
                     x = x[: b.shape[0]]
-                self._deltas[i].append((x.to(b.dtype) - b).to(self.dtype))
+                # In the wider of the source and merge dtypes: bf16 checkpoints merged in float32 get
+                # exact differences (as mergekit, which casts first), float32 ones merged in bf16 are
+                # rounded once, after the subtraction.
+                wide = torch.promote_types(b.dtype, self.dtype)
+                self._deltas[i].append((x.to(wide) - b.to(wide)).to(self.dtype))
             del src
         self._base = [base_src.pop(n).to(self.dtype) for n in names]
         if self.streaming:
