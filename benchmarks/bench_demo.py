@@ -1,7 +1,7 @@
 """Benchmark: the demo study's targets (issue 6) on demo zoos of several seeds.
 
 For each zoo seed, runs the demo study (studies/demo.yaml: per-layer task arithmetic, CMA-ES) and the
-same study with one weight per expert (search_spaces/global_task_arithmetic.yaml) at the same trial
+same study with one weight per expert (mergesearch/search_spaces/global_task_arithmetic.yaml) at the same trial
 budget, sampler and study seed, then compares on the mean over skills of the `test` splits:
 
   best expert      the single expert with the best test mean (the strictest bar: picked on test)
