@@ -104,7 +104,7 @@ def _prepare_della(base, deltas, gen) -> dict:
     rn = []
     for d in deltas:
         mags = _rows(d).abs().float()
-        order = torch.argsort(mags, dim=1)
+        order = torch.argsort(mags, dim=1, stable=True)  # ties by index: the same ranks on every device
         ranks = torch.empty_like(order)
         ranks.scatter_(1, order, torch.arange(mags.shape[1], device=d.device).expand_as(order))
         # (rank - 1) / (ncols - 1) with 1-based ranks; a one-column row gets 0 (mergekit: NaN).
