@@ -81,3 +81,28 @@ def test_declared_floor_is_the_tested_version(package):
     assert floor == installed, (f"pyproject declares {spec} but the suite runs on {package} {version(package)}: "
                                 f"raise the floor to {installed[0]}.{installed[1]} or also run the suite on "
                                 f"{floor[0]}.{floor[1]}")
+
+
+def _bench_gpu(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_gpu.py"), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_gpu_bench_says_it_needs_a_gpu():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: bench_gpu.py measures instead of refusing")
+    res = _bench_gpu()
+    assert res.returncode == 77 and "needs a CUDA device" in res.stderr, res.stderr
+
+
+@pytest.mark.slow
+def test_gpu_bench_script_runs_end_to_end_on_the_cpu():
+    """The GPU check must not break on its first GPU run: its merge and evaluator parts run on the CPU
+    (tiny model; the targets are for a GPU, so MISS lines are expected here)."""
+    res = _bench_gpu("--device", "cpu", "--size", "tiny", "--skip-tests", "--examples", "32", "--repeat", "2")
+    assert res.returncode in (0, 1), res.stderr[-3000:]
+    out = res.stdout
+    assert "2. merge" in out and "task_arithmetic (streaming)" in out and "dare_ties" in out
+    assert "3. evaluator: 32 exact-match prompts" in out and "same decision on 32/32" in out
