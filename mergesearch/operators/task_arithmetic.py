@@ -141,10 +141,10 @@ def _sparse_spec(kind: str, e: int, n: int, p, state):
             return ("zero",)
         n_top = int(exact(p["gamma"][e]) * n)
         n_bot = max(0, n - target - n_top)
-        # Ascending position n - 1 - rank in [n_bot, n_bot + target)  <=>  rank in [n - n_bot - target, n - n_bot).
-        if n_bot == 0:
-            return ("top", target)
-        return ("band", n - n_bot - target, n - n_bot)
+        # Ascending position n - 1 - rank in [n_bot, n_bot + target)  <=>  rank in [n - n_bot - target, n - n_bot);
+        # the lower end is 0 when no outlier is dropped (gamma 0, or density 1).
+        lo, hi = n - n_bot - target, n - n_bot
+        return ("top", hi) if lo == 0 else ("band", lo, hi)
     if kind == "random":
         if density <= 0.0:
             return ("zero",)
