@@ -1,7 +1,8 @@
 """Pydantic models of the study YAML (frozen, extra="forbid"); the defaults of a study live here only.
 
-A study file has six sections: `models`, `merge`, `space` (inline or a file in search_spaces/),
-`objectives`, `constraints` and `study`. Relative paths are resolved against the YAML's folder.
+A study file has six sections: `models`, `merge`, `space` (inline, or a YAML file beside the study,
+in search_spaces/ or shipped in mergesearch/search_spaces/), `objectives`, `constraints` and `study`.
+Relative paths are resolved against the YAML's folder.
 Merge-method parameters (names, ranges, defaults) are NOT declared here: they come from the
 operator registry, and `space.parameters` may only narrow or fix them.
 """
@@ -9,6 +10,7 @@ operator registry, and `space.parameters` may only narrow or fix them.
 from __future__ import annotations
 
 import re
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -362,19 +364,36 @@ def _explain(exc: ValidationError, path: Path, raw: dict) -> ConfigError:
     return ConfigError(f"{path}: {loc or 'file'}: {msg}{more}")
 
 
+def shipped_spaces() -> list[str]:
+    """File names of the search spaces shipped in the package (mergesearch/search_spaces/)."""
+    return sorted(p.name for p in resources.files("mergesearch").joinpath("search_spaces").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
 def load_space(spec: str | Path | dict, folder: Path) -> dict:
-    """An inline space mapping, or one read from a YAML file (looked up beside the study, then in search_spaces/)."""
+    """An inline space mapping, or one read from a YAML file: looked up beside the study, in a
+    search_spaces/ folder beside the study's folder or the working directory, then among the spaces
+    shipped in the package (so a study copied anywhere still finds `per_layer_ties.yaml`)."""
     if isinstance(spec, dict):
         return spec
     candidates = [folder / spec, folder.parent / "search_spaces" / spec, Path.cwd() / "search_spaces" / spec,
                   Path(spec)]
-    for c in candidates:
-        if Path(c).is_file():
-            raw = _read_yaml(Path(c))
-            if not isinstance(raw, dict):
-                raise ConfigError(f"{c}: a search space must be a mapping of keys to values")
-            return raw
-    raise ConfigError(f"search space file {spec!r} not found beside the study or in search_spaces/")
+    found = next((Path(c) for c in candidates if Path(c).is_file()), None)
+    if found is None and Path(str(spec)).name == str(spec) and str(spec) in shipped_spaces():
+        with resources.as_file(resources.files("mergesearch").joinpath("search_spaces", str(spec))) as shipped:
+            return _space_file(shipped)
+    if found is None:
+        raise ConfigError(f"search space file {spec!r} not found beside the study, in search_spaces/ or among the "
+                          f"shipped spaces{did_you_mean(str(spec), shipped_spaces())} "
+                          f"({', '.join(shipped_spaces())})")
+    return _space_file(found)
+
+
+def _space_file(path: Path) -> dict:
+    raw = _read_yaml(path)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a search space must be a mapping of keys to values")
+    return raw
 
 
 def load_config(path: str | Path, overrides: dict | None = None) -> Config:

@@ -712,7 +712,9 @@ class Materializer:
         self.device = resolve_device(device)
         self.chunks = chunks
         self.seed = seed
-        self.streaming = streaming and self.device.type != "cpu"
+        # Streaming keeps the sources in host memory, apart from the model, and copies each tensor's to the
+        # device when it is merged. On the CPU the copy is free, but the same path runs, so it is tested.
+        self.streaming = streaming
         self.check_finite = check_finite
         self.num_layers = self.base.num_layers
         self.expert_names = [e.path.name for e in self.experts]
@@ -742,10 +744,14 @@ class Materializer:
                 b, x = base_src[n], src.pop(n)
                 if x.shape != b.shape:  # merge_common_vocab: keep the rows the base has
                     x = x[: b.shape[0]]
-                self._deltas[i].append((x.to(b.dtype) - b).to(self.dtype))
+                # In the wider of the source and merge dtypes: bf16 checkpoints merged in float32 get
+                # exact differences (as mergekit, which casts first), float32 ones merged in bf16 are
+                # rounded once, after the subtraction.
+                wide = torch.promote_types(b.dtype, self.dtype)
+                self._deltas[i].append((x.to(wide) - b.to(wide)).to(self.dtype))
             del src
         self._base = [base_src.pop(n).to(self.dtype) for n in names]
-        if self.streaming:
+        if self.streaming and self.device.type == "cuda":  # page-locked: asynchronous host-to-device copies
             self._base = [t.pin_memory() for t in self._base]
             self._deltas = [[d.pin_memory() for d in ds] for ds in self._deltas]
         # Precomputed state per tensor per chunk, in plan order (the random fields draw in this order).

@@ -88,6 +88,33 @@ def test_bf16_and_streaming(tiny_family):
         assert (t.float() - ref.state_dict()[name]).abs().mean() < 2e-3, name
 
 
+STREAMED = [("task_arithmetic", {"weight": [0.3, 0.9]}), ("ties", {"weight": [0.5, 0.5], "density": 0.4}),
+            ("dare_ties", {"weight": [0.6, 0.4], "density": 0.5}), ("della", {"density": 0.5, "epsilon": 0.1}),
+            ("breadcrumbs", {"density": 0.7, "gamma": 0.05}), ("slerp", {"t": 0.3}), ("model_stock", {})]
+
+
+@pytest.mark.parametrize("method, values", STREAMED, ids=[m for m, _ in STREAMED])
+def test_streaming_matches_resident_sources_on_cpu(method, values, tiny_family):
+    """streaming=True keeps the sources (and precomputed states) in host memory, apart from the model, and
+    hands each tensor's to the kernel when it is merged: on the CPU too, with the same weights."""
+    n = 1 if method == "slerp" else 2
+    base, experts = tiny_family("llama", n)
+    got = {}
+    for streaming in (False, True):
+        m = Materializer(base, experts, method, device="cpu", chunks=2, seed=3, streaming=streaming)
+        assert m.streaming is streaming
+        plan = m.plan(**values)
+        m.materialize(plan)
+        first = {k: v.clone() for k, v in m.state_dict().items()}
+        m.materialize(m.plan())  # another candidate in between: nothing of the first may stick
+        m.materialize(plan)
+        assert all(torch.equal(first[k], v) for k, v in m.state_dict().items())
+        got[streaming] = first
+        targets = {v.data_ptr() for v in m.state_dict().values()}
+        assert not any(b.data_ptr() in targets for b in m._base)  # sources apart from the model
+    assert all(torch.equal(got[False][k], got[True][k]) for k in got[False])
+
+
 def test_dare_same_seed_same_weights(tiny_family):
     base, experts = tiny_family("llama", 2)
     runs = []

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import optuna
 import pytest
+from optuna.trial import TrialState
+
+from conftest import ZOO_SEED
+from study_helpers import write_study
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"
@@ -31,6 +37,7 @@ def test_quickstart_then_analysis(zoo_test, tmp_path, monkeypatch):
     monkeypatch.setenv("MERGESEARCH_REPO", str(REPO))
     monkeypatch.setenv("MERGESEARCH_NB_WORK", str(tmp_path / "work"))
     monkeypatch.setenv("MERGESEARCH_NB_PRESET", "test")  # the zoo the zoo_test fixture already built
+    monkeypatch.setenv("MERGESEARCH_NB_ZOO_SEED", str(ZOO_SEED))
     monkeypatch.setenv("MERGESEARCH_NB_TRIALS", "4")
     monkeypatch.setenv("MERGESEARCH_NB_LIMIT", "8")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -45,8 +52,6 @@ def test_quickstart_then_analysis(zoo_test, tmp_path, monkeypatch):
     assert "best baseline" in text and "Best found: trial" in text
     assert len(_outputs(quick, "application/vnd.plotly.v1+json")) == 3  # Pareto, history, heatmap
 
-    from optuna.trial import TrialState
-
     from mergesearch.study import load_study, records
 
     study = load_study(work / "quickstart.db")
@@ -60,3 +65,41 @@ def test_quickstart_then_analysis(zoo_test, tmp_path, monkeypatch):
     exported = work / "best-merge"
     assert (exported / "recipe.yaml").exists() and (exported / "provenance.json").exists()
     assert list(exported.glob("*.safetensors"))
+
+
+class _AlwaysPrune(optuna.pruners.BasePruner):
+    def prune(self, study, trial):
+        return True
+
+
+def test_analysis_of_a_study_whose_best_is_a_baseline(zoo_test, tmp_path, monkeypatch):
+    """Every searched trial pruned: the readers say so and point at the best baseline, the analysis
+    notebook runs to the end and exports that baseline."""
+    from mergesearch.config import load_config
+    from mergesearch.errors import StudyError
+    from mergesearch.report import build_report, heatmap_info, summary_info
+    from mergesearch.study import records
+    from mergesearch.study.runner import StudyRunner
+
+    path = write_study(zoo_test, tmp_path, name="pruned", n_trials=2, top_k_test=0, limit=8)
+    runner = StudyRunner(load_config(path))
+    study = runner.open_study()
+    runner.run_baselines(study)
+    study.pruner = _AlwaysPrune()
+    runner.optimize(study, 2, progress=False)
+    assert not records.search_trials(study) and len(records.search_trials(study, (TrialState.PRUNED,))) == 2
+    top = records.best_trials(study, 1, include_baselines=True)[0]
+    with pytest.raises(StudyError, match=rf"best merge so far is the baseline .*pass --trial {top.number}"):
+        heatmap_info(study, "best")
+    assert "No searched trial has completed yet." in summary_info(study).sentences
+    assert "no completed searched trial" in build_report(study).notes["heatmap"]
+
+    work = tmp_path / "work"
+    monkeypatch.setenv("MERGESEARCH_NB_STUDY", str(path))
+    monkeypatch.setenv("MERGESEARCH_NB_WORK", str(work))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    analysis = _run("analysis", tmp_path)
+    text = "".join(o["text"] for c in analysis.cells if c.cell_type == "code" for o in c.outputs if "text" in o)
+    assert "no searched trial has completed" in text and "the best merge is the baseline" in text
+    prov = json.loads((work / "best-merge" / "provenance.json").read_text())
+    assert prov["trial"] == top.number and prov["baseline"] == records.baseline_name(top)

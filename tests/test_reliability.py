@@ -34,6 +34,7 @@ from mergesearch.study import run_study
 from mergesearch.study.runner import MAX_FAILURES_IN_A_ROW, StudyRunner
 from mergesearch.study.storage import open_storage
 
+from required import require
 from study_helpers import write_study
 
 REPO = Path(__file__).resolve().parent.parent
@@ -289,22 +290,20 @@ def _pg_bin(name: str) -> str | None:
 def pg_url():
     """A throwaway PostgreSQL cluster in a temp folder on 127.0.0.1 and a free port; its URL."""
     initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
-    if not (initdb and pg_ctl):
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found: install Debian's `postgresql` "
-                    "package (.ci/run does so when apt-get is available)")
+    require(initdb and pg_ctl, "postgresql", "server binaries (initdb, pg_ctl) not found: install Debian's "
+            "`postgresql` package (.ci/run does)")
     try:
         import psycopg2
     except ImportError:
-        pytest.skip("psycopg2 is not installed (pip install psycopg2-binary, a dev dependency)")
+        require(False, "psycopg2", "not installed (pip install psycopg2-binary, a dev dependency)")
     prefix: list[str] = []
     if os.geteuid() == 0:  # PostgreSQL refuses to run as root: run it as the `postgres` user
         try:
             pw = pwd.getpwnam("postgres")
         except KeyError:
-            pytest.skip("running as root and there is no `postgres` user to run the server as")
+            require(False, "postgresql", "running as root and there is no `postgres` user to run the server as")
         runuser = shutil.which("runuser")
-        if not runuser:
-            pytest.skip("running as root without `runuser` to start the server as `postgres`")
+        require(runuser, "postgresql", "running as root without `runuser` to start the server as `postgres`")
         prefix = [runuser, "-u", "postgres", "--"]
     root = Path(tempfile.mkdtemp(prefix="mergesearch-pg-"))
     if prefix:
@@ -315,8 +314,8 @@ def pg_url():
         res = subprocess.run(prefix + cmd, capture_output=True, text=True, timeout=120, cwd=root)
         if res.returncode != 0:
             log = (root / "server.log").read_text()[-1500:] if (root / "server.log").exists() else ""
-            pytest.skip(f"cannot start a throwaway PostgreSQL ({Path(cmd[0]).name} exit {res.returncode}): "
-                        f"{(res.stderr or res.stdout).strip()[-1500:]} {log}")
+            require(False, "postgresql", f"cannot start a throwaway server ({Path(cmd[0]).name} exit "
+                    f"{res.returncode}): {(res.stderr or res.stdout).strip()[-1500:]} {log}")
 
     started = False
     try:

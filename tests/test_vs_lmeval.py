@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from mergesearch.evaluate import Evaluator, export_lmeval_task, load_task
 from mergesearch.zoo import load_manifest
@@ -72,8 +73,7 @@ def test_bigbench_exact_match_generation_agrees(tmp_path, zoo, zoo_model):
         assert rec["extracted"] == s["filtered_resps"][0]  # after the regex filter
         assert rec["exact_match"] == float(s["exact_match"])
     assert ours.primary(task.name) == pytest.approx(lm_scores["exact_match,regex"])
-    if load_manifest(zoo)["config"]["tokenizer"] == "char":  # the BPE zoo's model stops at once on these prompts
-        assert len({r["output"] for r in recs}) > 5  # the outputs are not all alike
+    assert len({r["output"] for r in recs}) > 1  # not one answer to every prompt (its value depends on the zoo)
 
 
 def test_bigbench_multiple_choice_agrees(tmp_path, zoo_model):
@@ -90,31 +90,34 @@ def test_bigbench_multiple_choice_agrees(tmp_path, zoo_model):
     assert ours.scores[task.name]["acc_norm"] == pytest.approx(lm_scores["acc_norm,none"])
 
 
-def _own_answers(model, tok, src: Path, out: Path) -> Path:
-    """`src` with every other answer replaced by the model's own greedy answer, so that a weak zoo
-    model gets some right: the comparison covers correct and wrong answers."""
-    import torch
-
-    rows = [json.loads(line) for line in src.read_text().splitlines()]
-    enc = tok([r["prompt"] for r in rows], return_tensors="pt", padding=True)
-    with torch.no_grad():
-        g = model.generate(**enc, max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id,
-                           eos_token_id=tok.eos_token_id)
-    texts = tok.batch_decode(g[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
-    for i, (r, t) in enumerate(zip(rows, texts)):
-        if i % 2 == 0 and t.split("\n")[0]:
-            r["answer"] = t.split("\n")[0]
+def _own_answers_half(model, tok, src: Path, out: Path, max_new: int = 16) -> Path:
+    """src's questions, half of them answered with the model's own greedy output (hits) and half with an
+    answer it does not give (misses): both outcomes occur whatever weights the zoo trained."""
+    rows = [json.loads(line) for line in src.read_text().splitlines() if line]
+    for start in range(0, len(rows), 32):
+        chunk = rows[start: start + 32]
+        tok.padding_side = "left"
+        enc = tok([r["prompt"] for r in chunk], return_tensors="pt", padding=True)
+        with torch.inference_mode():
+            g = model.generate(**enc, max_new_tokens=max_new, do_sample=False, pad_token_id=tok.pad_token_id)
+        for i, (r, text) in enumerate(zip(chunk, tok.batch_decode(g[:, enc.input_ids.shape[1]:],
+                                                                  skip_special_tokens=True))):
+            own = text.split("\n")[0]
+            if (start + i) % 2 == 0 and own and "\n" in text:
+                r["answer"] = own
+            elif r["answer"] == own:
+                r["answer"] = own + "#"
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return out
 
 
 def test_zoo_exact_match_one_pass_agrees(tmp_path, zoo):
-    # The test zoo is weak by design; its reverse expert on its own skill gets some answers right with
-    # the char tokenizer, none with BPE: there half of the answers are the model's own.
+    # Half of the answers are the model's own greedy output, so hits and misses both occur whatever
+    # weights the zoo trained (char or BPE tokenizer).
     model, tok = _load(zoo / "expert-reverse")
-    data = zoo / "data" / "reverse.calib.jsonl"
     bpe = load_manifest(zoo)["config"]["tokenizer"] == "bpe"
-    task = load_task(_own_answers(model, tok, data, tmp_path / "own.jsonl") if bpe else data)
+    task = load_task(_own_answers_half(model, tok, zoo / "data" / "reverse.calib.jsonl",
+                                       tmp_path / "reverse.calib.jsonl"))
     ours = Evaluator(model, tok, [task], batch_size=16).evaluate()
     lm_scores, samples = run_lmeval(model, tok, export_lmeval_task(task, tmp_path))
     recs = ours.records[task.name]

@@ -11,7 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-mergekit = pytest.importorskip("mergekit")
+from required import require
+
+try:
+    import mergekit  # noqa: F401
+except ImportError as exc:
+    require(False, "mergekit", f"not importable ({exc}); it is a dev dependency: pip install -e '.[dev]'")
 
 from mergekit.config import MergeConfiguration  # noqa: E402
 from mergekit.merge import run_merge  # noqa: E402
@@ -160,3 +165,113 @@ def test_dare_ties_statistics_on_a_checkpoint(tiny_family, tmp_path):
     name = "model.layers.0.mlp.up_proj.weight"
     for got in (ours[name], ref[name]):
         assert abs(((got - b[name]) != 0).float().mean().item() - 0.3) < 0.03
+
+
+# --- exactly k at ties (bf16 task vectors) --------------------------------------------------------
+
+
+def _tied_delta(n: int = 40_000, seed: int = 0, levels: int = 12) -> torch.Tensor:
+    """(n,) bf16 task vector with few distinct magnitudes: nearly every threshold falls inside a tie."""
+    g = torch.Generator().manual_seed(seed)
+    mags = torch.linspace(1e-3, 2e-2, levels)[torch.randint(levels, (n,), generator=g)]
+    signs = torch.randint(2, (n,), generator=g) * 2 - 1
+    rounded = (0.01 * torch.randn(n, generator=g)).abs() + 1e-4  # realistic bf16 rounding: ~1e3 values
+    return torch.where(torch.arange(n) % 2 == 0, mags, rounded).mul(signs).bfloat16()
+
+
+def _order_mask(d: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Independent formula: entries at positions [lo, hi) of the order 'larger |d| first, then lower
+    index first' (Python's stable sort on (-|d|, index))."""
+    mags = d.abs().float().tolist()
+    order = sorted(range(len(mags)), key=lambda j: (-mags[j], j))
+    keep = torch.zeros(len(mags), dtype=torch.bool)
+    keep[order[lo:hi]] = True
+    return keep
+
+
+class _StableSortTorch:
+    """`torch` as mergekit.sparsify sees it, with its sorts made stable in our tie order (its own
+    order among equal magnitudes is whatever torch's unstable sort gives)."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def argsort(w, descending=False):
+        idx = torch.sort(w, descending=True, stable=True).indices  # larger first, then lower index
+        return idx if descending else idx.flip(0)
+
+    @staticmethod
+    def sort(w, descending=False):
+        idx = _StableSortTorch.argsort(w, descending=descending)
+        return torch.return_types.sort((w[idx], idx))
+
+
+@pytest.mark.parametrize("density, gamma", [(0.5, 0.05), (0.3, 0.05), (0.7, 0.05), (0.123, 0.05), (0.4, 0.0),
+                                            (0.95, 0.1)])  # the last: density + gamma > 1, fewer outliers dropped
+def test_ties_and_breadcrumbs_keep_exactly_k_at_bf16_ties(density, gamma, monkeypatch):
+    import mergekit.sparsify as sp
+
+    d = _tied_delta()
+    n = d.numel()
+    assert d.abs().unique().numel() < n // 10  # many ties
+    zero = torch.zeros_like(d)
+    k = max(1, int(density * n))
+    # ties (one expert, weight 1): base + the k largest entries, exactly
+    ties = merge_tensor("ties", zero, [d], weight=1.0, density=density)
+    assert int((ties != 0).sum()) == k
+    assert torch.equal(ties != 0, _order_mask(d, 0, k))
+    # breadcrumbs: drop the int(gamma n) largest and the smallest, exactly int(density n) remain
+    target, n_top = int(density * n), int(gamma * n)
+    n_top = min(n_top, n - target)
+    crumbs = merge_tensor("breadcrumbs", zero, [d], weight=1.0, density=density, gamma=gamma)
+    assert int((crumbs != 0).sum()) == target
+    assert torch.equal(crumbs != 0, _order_mask(d, n_top, n_top + target))
+
+    # mergekit as published: also exactly k, the same magnitudes kept; only which of the tied entries
+    # at the threshold differs (torch's unstable sort).
+    theirs = sp.magnitude(d, density) != 0
+    assert int(theirs.sum()) == k
+    assert torch.equal(d.abs()[theirs].float().sort().values, d.abs()[ties != 0].float().sort().values)
+    # mergekit with a stable sort in our order: the same entries.
+    monkeypatch.setattr(sp, "torch", _StableSortTorch())
+    assert torch.equal(sp.magnitude(d, density) != 0, ties != 0)
+    assert torch.equal(sp.magnitude_outliers(d, density, gamma=gamma) != 0, crumbs != 0)
+
+
+def test_bf16_checkpoints_with_ties_match_mergekit(tiny_family, tmp_path, monkeypatch):
+    """Checkpoints stored in bf16 (task vectors full of equal magnitudes), merged in float32 by both
+    tools: TIES and breadcrumbs at the issue's densities match mergekit (given a stable sort) to 1e-6."""
+    import mergekit.sparsify as sp
+    from safetensors.torch import save_file
+
+    base, experts = tiny_family("llama", 3, layers=3)
+    for folder in (base, *experts):
+        w = load_file(folder / "model.safetensors")
+        save_file({k: v.bfloat16() for k, v in w.items()}, folder / "model.safetensors", metadata={"format": "pt"})
+    b = load_file(base / "model.safetensors")
+    split = 0  # thresholds that fall inside a tie: keeping every |d| >= threshold would keep more than k
+    for folder, density in zip(experts, (0.5, 0.3, 0.7)):
+        e = load_file(folder / "model.safetensors")
+        for name in b:
+            d = (e[name].float() - b[name].float()).abs().reshape(-1)
+            top, k = d.sort(descending=True).values, max(1, int(density * d.numel()))
+            split += bool(k < d.numel() and top[k - 1] == top[k])
+    assert split >= 5, split
+    be, ex = str(base), [str(x) for x in experts]
+    recipes = {
+        "ties": {"merge_method": "ties", "base_model": be, "models": [
+            {"model": ex[0], "parameters": {"weight": 0.4, "density": 0.5}},
+            {"model": ex[1], "parameters": {"weight": 0.3, "density": 0.3}},
+            {"model": ex[2], "parameters": {"weight": 0.3, "density": 0.7}}]},
+        "breadcrumbs_ties": {"merge_method": "breadcrumbs_ties", "base_model": be, "models": [
+            {"model": m, "parameters": {"weight": 0.3, "density": dn, "gamma": 0.05}}
+            for m, dn in zip(ex, (0.5, 0.3, 0.7))]},
+    }
+    monkeypatch.setattr(sp, "torch", _StableSortTorch())
+    for method, recipe in recipes.items():
+        recipe = {**recipe, "dtype": "float32"}
+        ref = _mergekit(recipe, tmp_path / f"mk-{method}")
+        ours = materialize_recipe(recipe, device="cpu").state_dict()
+        diff = max((ours[k] - ref[k].float()).abs().max().item() for k in ref)
+        assert diff <= 1e-6, (method, diff)

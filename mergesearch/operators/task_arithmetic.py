@@ -3,15 +3,20 @@
 All of mergekit's `GeneralizedTaskArithmeticMerge` methods, with its semantics:
 
 1. each task vector d_i = expert_i - base is sparsified (per chunk, as mergekit does per tensor):
-   - magnitude (ties): keep the k = max(1, int(density * n)) largest |d| (density >= 1: keep all,
-     density <= 0: keep none);
+   - magnitude (ties): keep exactly the k = max(1, int(density * n)) largest |d| (density >= 1:
+     keep all, density <= 0: keep none);
    - random (dare_*): keep each entry with probability `density`;
    - magnitude_outliers (breadcrumbs*): sort |d| ascending, drop the int(gamma * n) largest and
-     the smallest so that int(density * n) remain (fewer outliers dropped if needed);
+     the smallest so that exactly int(density * n) remain (fewer outliers dropped if needed);
    - della_magprune (della*): keep entry j of a row with probability
      density - epsilon + 2 * epsilon * rank_j / (ncols - 1) (rank by |d| within the row);
    and with `rescale`, the kept entries are scaled so the chunk's L1 norm is unchanged
-   (mergekit's RescaleNorm.l1, skipped when either norm is below 1e-7);
+   (mergekit's RescaleNorm.l1, skipped when either norm is below 1e-7).
+   Magnitudes are ranked in one total order: by |d|, and among equal |d| the entry with the lower
+   flat index (in the chunk) counts as the larger, so exactly k entries are kept even at ties
+   (rare in float32 task vectors, common in bf16). mergekit ranks with torch's default sort,
+   whose order among equal magnitudes is arbitrary; given a stable sort in this order it keeps
+   the same entries (tests/test_vs_mergekit.py);
 2. each is multiplied by its weight: wd_i = w_i * d_i;
 3. with sign consensus (ties, dare_ties, breadcrumbs_ties, della), the elected sign per entry is
    sign(sum_i wd_i) (0 counts as +); only entries of that sign (nonzero) are summed, and the
@@ -19,10 +24,11 @@ All of mergekit's `GeneralizedTaskArithmeticMerge` methods, with its semantics:
    over all, divisor sum_i w_i (|.| < 1e-8 -> 1);
 4. normalize divides by the divisor; the result is scaled by lambda and added to the base.
 
-Speed: sparsification never sorts on the hot path. `prepare` sorts each chunk's |d| once, so a
-density's threshold is one index into the sorted copy (thr = sorted[n - k]) and the mask is a
-single comparison. DARE/DELLA draw their uniform numbers once per chunk from the seeded
-generator (float32 fields, kept iff u < p): the same candidate and seed give the same
+Speed: sparsification never sorts on the hot path. `prepare` sorts each chunk's |d| once and
+keeps each entry's rank in that order (int32, 0 = largest), so a density's mask is one integer
+comparison (rank < k; breadcrumbs: two), exact at ties, with no threshold to look up.
+DARE/DELLA draw their uniform numbers once per chunk from the seeded generator (float32
+fields, kept iff u < p): the same candidate and seed give the same
 weights, and candidates at different densities share the random numbers (nested masks), which
 takes noise out of comparisons between candidates.
 """
@@ -66,10 +72,21 @@ def _l1(deltas) -> list[torch.Tensor]:
     return [torch.linalg.vector_norm(d, 1, dtype=_acc_dtype(d)) for d in deltas]
 
 
+def magnitude_rank(d: torch.Tensor) -> torch.Tensor:
+    """(n,) rank of each entry of d (flattened) by |d|, 0 = largest; equal |d|: lower index first.
+
+    int32 where n fits (half the memory of int64, and compared as fast as float32 on CPU).
+    """
+    n = d.numel()
+    order = torch.sort(d.abs().reshape(-1), descending=True, stable=True).indices
+    dtype = torch.int32 if n < 2**31 else torch.int64
+    rank = torch.empty(n, dtype=dtype, device=d.device)
+    rank[order] = torch.arange(n, dtype=dtype, device=d.device)
+    return rank
+
+
 def _prepare_magnitude(base, deltas, gen) -> dict:
-    # (n,) ascending |d| per expert, in the delta dtype: a threshold is one index into it.
-    asc = [torch.sort(d.abs().reshape(-1)).values for d in deltas]
-    return {"asc": asc, "l1": _l1(deltas)}
+    return {"rank": [magnitude_rank(d) for d in deltas], "l1": _l1(deltas)}
 
 
 def _uniform_field(n: int, gen: torch.Generator, device) -> torch.Tensor:
@@ -92,7 +109,7 @@ def _prepare_della(base, deltas, gen) -> dict:
     rn = []
     for d in deltas:
         mags = _rows(d).abs().float()
-        order = torch.argsort(mags, dim=1)
+        order = torch.argsort(mags, dim=1, stable=True)  # ties by index: the same ranks on every device
         ranks = torch.empty_like(order)
         ranks.scatter_(1, order, torch.arange(mags.shape[1], device=d.device).expand_as(order))
         # (rank - 1) / (ncols - 1) with 1-based ranks; a one-column row gets 0 (mergekit: NaN).
@@ -122,17 +139,17 @@ def _sparse_spec(kind: str, e: int, n: int, p, state):
         if density <= 0.0:
             return ("zero",)
         k = max(1, int(exact(density) * n))
-        return ("ge", state["asc"][e][n - k])  # 0-d view: no host sync
+        return ("top", k)  # keep rank < k
     if kind == "outliers":
         target = int(exact(density) * n)
         if target <= 0:
             return ("zero",)
         n_top = int(exact(p["gamma"][e]) * n)
         n_bot = max(0, n - target - n_top)
-        asc = state["asc"][e]
-        if n_bot + target >= n:
-            return ("ge", asc[n_bot])
-        return ("range", asc[n_bot], asc[n_bot + target - 1])
+        # Ascending position n - 1 - rank in [n_bot, n_bot + target)  <=>  rank in [n - n_bot - target, n - n_bot);
+        # the lower end is 0 when no outlier is dropped (gamma 0, or density 1).
+        lo, hi = n - n_bot - target, n - n_bot
+        return ("top", hi) if lo == 0 else ("band", lo, hi)
     if kind == "random":
         if density <= 0.0:
             return ("zero",)
@@ -153,14 +170,14 @@ def _sparse_spec(kind: str, e: int, n: int, p, state):
 def _mask(spec, e: int, d, lo: int, hi: int, state, scratch, m) -> None:
     """Write expert e's 0/1 keep mask for entries [lo, hi) into the float buffer m (shape like d)."""
     mode = spec[0]
-    if mode in ("ge", "range"):
-        a = scratch.get("abs", d)
-        torch.abs(d, out=a)
-        torch.ge(a, spec[1], out=m)
-        if mode == "range":
-            m2 = scratch.get("mask2", d)
-            torch.le(a, spec[2], out=m2)
-            m.mul_(m2)
+    if mode == "top":
+        torch.lt(state["rank"][e][lo:hi], spec[1], out=m)
+    elif mode == "band":
+        r = state["rank"][e][lo:hi]
+        torch.lt(r, spec[2], out=m)
+        m2 = scratch.get("mask2", d)
+        torch.ge(r, spec[1], out=m2)
+        m.mul_(m2)
     elif mode == "lt_u":
         torch.lt(state["u"][e][lo:hi], spec[1], out=m)
     elif mode == "della":

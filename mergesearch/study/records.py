@@ -76,8 +76,11 @@ def pick_trial(study: optuna.Study, which: str | int = "best") -> FrozenTrial:
     if str(which) == "best":
         best = best_trials(study, 1)
         if not best:
-            raise StudyError(f"study {study.study_name!r} has no completed searched trial yet: "
-                             "wait for the first trials or pass --trial N")
+            top = best_trials(study, 1, include_baselines=True)
+            hint = (f"; its best merge so far is the baseline {baseline_name(top[0])} (trial {top[0].number}): "
+                    f"pass --trial {top[0].number} for it" if top else "; pass --trial N")
+            raise StudyError(f"study {study.study_name!r} has no completed searched trial yet (all pruned, "
+                             f"failed or still running){hint}, or wait for searched trials to complete")
         return best[0]
     try:
         number = int(which)

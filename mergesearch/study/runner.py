@@ -391,7 +391,7 @@ class StudyRunner:
         for name, weights in self.baselines().items():
             if name in done:
                 continue
-            values, scores, result, merge_s, eval_s, inter = self.score_plan(self.baseline_plan(weights))
+            values, scores, result, merge_s, eval_s, _ = self.score_plan(self.baseline_plan(weights))
             attrs = {R.BASELINE: name, "weights": weights, "scores": scores, "merge_s": merge_s, "eval_s": eval_s,
                      "device": self.device,
                      "objective_scores": {t: self.task_score(result, t) for t in self.task_names}}
@@ -405,9 +405,11 @@ class StudyRunner:
             if drop is not None and self.base_scores:
                 system["constraints"] = [self.base_scores[t] - attrs["objective_scores"][t] - drop
                                          for t in self.task_names]
+            # No intermediate values: Optuna's pruners compare a trial with the completed trials that
+            # reported at that step, and a searched trial must be judged against searched trials only.
             study.add_trial(create_trial(
                 state=TrialState.COMPLETE, values=values, params={}, distributions={}, user_attrs=attrs,
-                system_attrs=system, intermediate_values={i: v for i, v in enumerate(inter)}))
+                system_attrs=system))
             if progress is not None:
                 progress(name, values)
 

@@ -133,7 +133,9 @@ def make_pruner(name: str, *, n_slices: int, n_objectives: int) -> optuna.pruner
     if name == "none" or n_objectives > 1 or n_slices < 2:
         return optuna.pruners.NopPruner()
     if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0)
+        # n_min_trials: the baselines are COMPLETE trials too and count towards n_startup_trials, so the
+        # median waits for 5 searched trials that reported at the step (baselines report nothing).
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0, n_min_trials=5)
     if name == "halving":
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
     raise ConfigError(f"unknown pruner {name!r}: use none, median or halving")
