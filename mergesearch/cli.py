@@ -258,7 +258,10 @@ def _cmd_validate(args) -> int:
     est = v["estimated_seconds_per_trial"]
     print(f"{v['config']}: OK")
     print(f"method {v['method']}, {len(v['experts'])} experts, {v['parameters']:,} parameters per model")
-    print(f"searched parameters: {v['n_params']} ({', '.join(f'{k} {n}' for k, n in v['space']['searched'].items())})")
+    searched = [f"{k} {n}" for k, n in v["space"]["searched"].items()]
+    if v.get("fit") and v["fit"]["n_knobs"]:
+        searched.append(f"fit knobs {v['fit']['n_knobs']}")
+    print(f"searched parameters: {v['n_params']} ({', '.join(searched) or 'none'})")
     if v.get("fit"):
         f = v["fit"]
         print(f"fitted coefficients: {f['coefficients']} ({f['granularity']}, {f['objective']}, up to {f['steps']} "

@@ -252,6 +252,15 @@ def test_fitted_study_exports_the_merge_it_scored(zoo_test, tmp_path):
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "again")
     for (k, a), b in zip(model.state_dict().items(), again.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=k)
+    # the report shows the fitted coefficients and the fit's losses
+    from mergesearch.report import build_report, fit_info, heatmap_info
+
+    rep = build_report(study, trial=best.number)
+    assert "fit" in rep.figures and "heatmap" in rep.figures
+    panel = next(p for p in heatmap_info(study, best.number).panels if p.param == "weight (fitted)")
+    assert "L00.self_attn_q_proj" in panel.rows and panel.n_chunks == 2 and (panel.low, panel.high) == (0.0, 1.5)
+    info = fit_info(study, best.number)
+    assert info.steps[0] == 0 and info.best_step in info.steps and len(info.val_loss) == len(info.steps)
     # resuming rebuilds the same merge from the stored coefficients
     assert R.test_scores(study)[best.number]["test_mean"] is not None
     runner.mat.materialize(runner.plan_for_trial(best))

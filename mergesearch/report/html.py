@@ -81,9 +81,9 @@ def _draw_heatmap(study, trial) -> _Drawn:
     return _Drawn(P.plot_heatmap(info), how=f" Shown: {info.label}.")
 
 
-def _draw_fit(study, trial) -> _Drawn:
+def _draw_fit(study, trial) -> _Drawn | None:
     if not R.meta(study).get("fit"):
-        return _Drawn(None, "this study fits no coefficients (no fit: section)")
+        return None  # a study without a fit: section has no such section
     info = I.fit_info(study, trial)
     return _Drawn(P.plot_fit(info), how=f" Shown: {info.label}, {info.objective} objective, "
                                         f"{info.n_coefficients} coefficients ({info.granularity}).")
@@ -183,6 +183,8 @@ def build_report(study: optuna.Study, *, trial: str | int = "best") -> Report:
     for fid, title, how, draw in _SECTIONS:
         try:
             d = draw(study, trial)
+            if d is None:
+                continue
         except MergeSearchError as exc:  # e.g. no completed trial yet: the rest of the report still helps
             if fid in ("heatmap", "fit") and str(trial) != "best" and R.meta(study).get("fit"):
                 raise  # a trial the user named explicitly must exist and be a fitted one

@@ -245,9 +245,12 @@ def validate_study(path: str | Path) -> dict:
         from mergesearch.study.fitting import fit_space_config
 
         coef = build_space(cfg, base, experts, fit_space_config(cfg.fit, cfg.merge.method))
+        knobs = sorted(cfg.fit.search)
+        n_knobs = len(knobs) + (len(cfg.objectives.tasks) - 1 if "task_weights" in knobs else 0)
         fit = {"objective": cfg.fit.objective, "granularity": cfg.fit.granularity, "coefficients": coef.n_params,
-               "steps": cfg.fit.steps, "knobs": sorted(cfg.fit.search)}
-    return {"config": str(path), "method": cfg.merge.method, "n_params": space.n_params, "fit": fit,
+               "steps": cfg.fit.steps, "knobs": knobs, "n_knobs": n_knobs}
+    n_params = space.n_params + (fit["n_knobs"] if fit else 0)
+    return {"config": str(path), "method": cfg.merge.method, "n_params": n_params, "fit": fit,
             "space": space.describe(),
             "experts": list(cfg.models.experts), "parameters": base.num_parameters, "calib_examples": n_examples,
             "storage": cfg.storage_url, "estimated_seconds_per_trial": est,
