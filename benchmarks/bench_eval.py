@@ -138,14 +138,14 @@ class LmEvalRun:
         return {s["doc"]["id"]: s for s in out["samples"][self.name]}
 
 
-def plain_generate(model, tok, task, batch_size: int):
+def plain_generate(model, tok, task, batch_size: int, device="cpu"):
     """The issue's baseline: batched HF `generate`, stopping at the newline token or EOS."""
     nl = newline_id(tok)
     outs = {}
     exs = list(task.examples)
     for start in range(0, len(exs), batch_size):
         chunk = exs[start: start + batch_size]
-        enc = tok([e.prompt for e in chunk], return_tensors="pt", padding=True)
+        enc = tok([e.prompt for e in chunk], return_tensors="pt", padding=True).to(device)
         with torch.inference_mode():
             g = model.generate(**enc, max_new_tokens=task.max_new_tokens, do_sample=False, pad_token_id=0,
                                eos_token_id=[2, nl])

@@ -182,19 +182,10 @@ def merge_rows(base: Path, experts: list[Path], n_params: int, device: torch.dev
 
 def generate_answers(model, tok, task, batch_size: int, device: torch.device) -> dict[str, str]:
     """Batched HF `generate` (greedy, stops at the newline or EOS): the plain way to score exact match."""
-    nl = tok.convert_tokens_to_ids("\n")
-    outs = {}
-    exs = list(task.examples)
+    from bench_eval import plain_generate
+
     tok.padding_side = "left"
-    for start in range(0, len(exs), batch_size):
-        chunk = exs[start: start + batch_size]
-        enc = tok([e.prompt for e in chunk], return_tensors="pt", padding=True).to(device)
-        with torch.inference_mode():
-            g = model.generate(**enc, max_new_tokens=task.max_new_tokens, do_sample=False, pad_token_id=0,
-                               eos_token_id=[2, nl])
-        for e, t in zip(chunk, tok.batch_decode(g[:, enc.input_ids.shape[1]:], skip_special_tokens=True)):
-            outs[e.id] = t.split("\n")[0]
-    return outs
+    return plain_generate(model, tok, task, batch_size, device)
 
 
 def eval_row(folder: Path, device: torch.device, n: int, batch_size: int, repeat: int) -> dict:
