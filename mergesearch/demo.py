@@ -60,6 +60,8 @@ def comparison(study, global_study=None) -> dict:
         if found:
             n = R.meta(global_study).get("space", {}).get("n_params")
             add(f"global search ({n} weights, trial {found[0].number})", found[0], global_study)
+            if R.meta(study).get("fit"):
+                rows[-1]["calib"] = {}  # scored on the whole calib split, not on the fit's validation slice
     found = R.best_trials(study, 1)
     if found:
         fit = found[0].user_attrs.get("fit")

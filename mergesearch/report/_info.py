@@ -163,7 +163,12 @@ def summary_info(study: optuna.Study) -> SummaryInfo:
     n_search = sum(counts.values())
     states = ", ".join(f"{n} {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
     what = ""
-    if space:
+    fit = (meta.get("config") or {}).get("fit")
+    if space and fit:
+        n_coef = {g: len(k) for g, k in (meta.get("fit") or {}).items()}
+        what = (f"; each trial fits {', '.join(f'{n} {g} coefficients' for g, n in n_coef.items())} by gradient "
+                f"({space.get('method')}, {fit.get('objective')}, {fit.get('chunks')} chunks)")
+    elif space:
         what = (f" over {space.get('n_params')} coefficients ({space.get('method')}, {space.get('granularity')}"
                 + (f", {space.get('layer_groups')} layer groups" if space.get("layer_groups") else "")
                 + (", per module" if space.get("per_module") else "")
