@@ -64,7 +64,7 @@ def comparison(study, global_study=None) -> dict:
                 rows[-1]["calib"] = {}  # scored on the whole calib split, not on the fit's validation slice
     found = R.best_trials(study, 1)
     if found:
-        fit = found[0].user_attrs.get("fit")
+        fit = found[0].user_attrs.get(R.FIT_KEY)
         what = f"fitted, {len(fit['coef'])} coefficients" if fit else "best found"
         add(f"{what} (trial {found[0].number})", found[0])
     calib = "the calib validation slice" if R.meta(study).get("fit") else "the calib splits"

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from mergesearch.errors import ConfigError, OperatorError, TaskError
+from mergesearch import operators
+from mergesearch.errors import ConfigError, TaskError
 from mergesearch.evaluate import _scoring as S
 from mergesearch.evaluate.tasks import Task
 from mergesearch.merge import Materializer, Plan
@@ -63,20 +64,24 @@ class FitOptions:
 class FitResult:
     """Fitted coefficients (one per slot of the coefficient space, float32) and the fit's history."""
 
-    coef: torch.Tensor  # (n_slots,) float32, CPU
-    keys: list[str]
+    coef: torch.Tensor  # (n_slots,) float32, CPU, in the coefficient space's slot order
     history: list[dict]  # {"step", "train_loss", "val_loss"} at every validation check
     best_step: int
     steps_run: int
     seconds: float
 
-    def values(self) -> dict[str, float]:
-        return dict(zip(self.keys, self.coef.tolist()))
-
     def record(self) -> dict:
         """JSON-able form stored with a trial (the coefficients rebuild the merge exactly)."""
         return {"coef": [float(x) for x in self.coef.tolist()], "history": self.history, "best_step": self.best_step,
                 "steps_run": self.steps_run, "seconds": self.seconds}
+
+
+def require_fittable(method: str) -> None:
+    """ConfigError naming the methods the fit supports, unless `method` is one (has `linear_parts`)."""
+    if operators.get(method).linear_parts is None:
+        fittable = ", ".join(o.name for o in operators.all_operators() if o.linear_parts is not None)
+        raise ConfigError(f"fit: method {method!r} has no fittable weights; use one of {fittable}, "
+                          "or remove the fit: section")
 
 
 def split_calib(task: Task, val_fraction: float, seed: int) -> tuple[Task, Task]:
@@ -233,10 +238,8 @@ class CoefficientFitter:
     def linear_parts(self, plan: Plan) -> list[list[list[torch.Tensor]]]:
         """Per written tensor, per chunk, per expert: the part its coefficient scales (chunk-shaped; for task
         arithmetic, views of the cached task vectors: no copy)."""
+        require_fittable(plan.method)
         op = plan.operator
-        if op.linear_parts is None:
-            raise OperatorError(f"method {op.name!r} has no fittable weights; the fit supports "
-                                "task_arithmetic, ties, dare_*, breadcrumbs* and della*")
         vals = {p.name: plan.params[p.name].tolist() for p in op.params}
         per_expert = {p.name: p.per_expert for p in op.params}
         own_state = op.prepare is self.mat.op.prepare
@@ -337,8 +340,7 @@ class CoefficientFitter:
                             break
             bar.close()
             sess.write(best[1])
-        keys = [s.key for s in coef_space.slots]
-        return FitResult(best[1].cpu(), keys, history, best[2], step, time.perf_counter() - t_start)
+        return FitResult(best[1].cpu(), history, best[2], step, time.perf_counter() - t_start)
 
     # -- losses --
 

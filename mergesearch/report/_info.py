@@ -363,7 +363,7 @@ def heatmap_info(study: optuna.Study, which: str | int = "best") -> HeatmapInfo:
 
 def fitted_coefficients(study: optuna.Study, trial: FrozenTrial) -> dict[str, float]:
     """A fitted trial's coefficients by slot name (empty for trials without a fit)."""
-    record = trial.user_attrs.get("fit")
+    record = trial.user_attrs.get(R.FIT_KEY)
     keys = (R.meta(study).get("fit") or {}).get(record["granularity"]) if record else None
     return dict(zip(keys, record["coef"])) if keys else {}
 
@@ -384,7 +384,7 @@ class FitInfo:
 def fit_info(study: optuna.Study, which: str | int = "best") -> FitInfo:
     """The fit of one trial: training and validation loss at every check, and the step kept."""
     trial = pick_trial(study, which)
-    record = trial.user_attrs.get("fit")
+    record = trial.user_attrs.get(R.FIT_KEY)
     if not record:
         raise StudyError(f"trial {trial.number} ({trial_label(trial)}) was not fitted: the study has no fit: "
                          "section, or this is a baseline")

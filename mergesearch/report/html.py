@@ -186,10 +186,8 @@ def build_report(study: optuna.Study, *, trial: str | int = "best") -> Report:
             if d is None:
                 continue
         except MergeSearchError as exc:  # e.g. no completed trial yet: the rest of the report still helps
-            if fid in ("heatmap", "fit") and str(trial) != "best" and R.meta(study).get("fit"):
-                raise  # a trial the user named explicitly must exist and be a fitted one
-            if fid == "heatmap" and str(trial) != "best":
-                raise  # a trial the user named explicitly must exist and be a searched one
+            if fid in ("heatmap", "fit") and str(trial) != "best":
+                raise  # a trial the user named explicitly must exist and be a searched (or fitted) one
             d = _Drawn(None, str(exc))
         fig, note = d.fig, d.note
         title, how = d.title or title, how + d.how

@@ -191,7 +191,7 @@ def export_trial(spec, which: str | int, out: str | Path, *, force: bool = False
         mk, mk_reason = None, str(exc)
     else:
         mk_reason = None
-    fitted = trial.user_attrs.get("fit") if not baseline else None
+    fitted = trial.user_attrs.get(R.FIT_KEY) if not baseline else None
     if fitted and mk is None:
         mk_reason = f"{mk_reason} (fitted coefficients: {len(fitted['coef'])} per expert and {fitted['granularity']} cell)"
     provenance = {
@@ -216,11 +216,8 @@ def export_trial(spec, which: str | int, out: str | Path, *, force: bool = False
 def _recipe_chunks(runner) -> int | list[int]:
     # chunks: auto gives each layer its own count (and the tensors outside the layers 1): only the
     # per-layer form of the recipe reproduces that.
-    chunks = runner.cfg.fit.chunks if runner.cfg.fit is not None else runner.cfg.space.chunks
-    if chunks == "auto":
-        return list(runner.fit_stage.coef_space(runner.cfg.fit.granularity).layer_chunks if runner.cfg.fit is not None
-                    else runner.space.layer_chunks)
-    return int(chunks)
+    chunks = runner.chunk_space.cfg.chunks
+    return list(runner.chunk_space.layer_chunks) if chunks == "auto" else int(chunks)
 
 
 def validate_study(path: str | Path) -> dict:

@@ -27,7 +27,6 @@ from mergesearch.space import SearchSpace
 
 log = logging.getLogger(__name__)
 
-FIT_KEY = "fit"  # trial user attribute: the fitted coefficients and the fit's history
 KNOB_PREFIX = "fit."
 TASK_WEIGHT = "task_weight[{}]"
 
@@ -59,7 +58,7 @@ class FitStage:
     spaces and the knobs."""
 
     def __init__(self, cfg: Config, mat, tokenizer, calib_tasks: Sequence, expert_names: Sequence[str],
-                 space_for, *, progress: bool = False):
+                 space_for, *, spaces: Mapping[str, SearchSpace] | None = None, progress: bool = False):
         self.cfg = cfg
         self.fit: FitConfig = cfg.fit
         self.mat = mat
@@ -84,7 +83,7 @@ class FitStage:
         self.fitter = CoefficientFitter(mat, tokenizer, self.train_tasks, self.val_tasks, teachers=teachers,
                                         progress=progress)
         self._space_for = space_for  # SpaceConfig -> SearchSpace over the model's tensors
-        self._spaces: dict[str, SearchSpace] = {}
+        self._spaces: dict[str, SearchSpace] = dict(spaces or {})  # granularity -> coefficient space
 
     # -- spaces and knobs --
 

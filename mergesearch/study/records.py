@@ -24,6 +24,7 @@ from mergesearch.errors import StudyError
 
 META_KEY = "mergesearch"
 TEST_KEY = "test_scores"
+FIT_KEY = "fit"  # trial user attribute: fitted coefficients and the fit's history (study.fitting)
 BASELINE = "baseline"
 
 

@@ -21,14 +21,15 @@ import optuna
 import torch
 from optuna.trial import TrialState, create_trial
 
-from mergesearch import __version__, operators
+from mergesearch import __version__
 from mergesearch.checkpoints import check_compatible, open_checkpoint, task_vector_stats
 from mergesearch.config import Config, SpaceConfig
-from mergesearch.errors import CandidateError, ConfigError, StudyError
+from mergesearch.errors import CandidateError, StudyError
+from mergesearch.fit import require_fittable
 from mergesearch.merge import Materializer, Plan
 from mergesearch.space import SearchSpace, allocate_chunks, layer_importance
 from mergesearch.study import records as R
-from mergesearch.study.fitting import FIT_KEY, FitStage, fit_fingerprint, fit_space_config, method_space_config
+from mergesearch.study.fitting import FitStage, fit_fingerprint, fit_space_config, method_space_config
 from mergesearch.study.samplers import make_pruner, make_sampler
 from mergesearch.study.storage import open_storage, require_existing, study_exists
 
@@ -90,22 +91,21 @@ def _expert_dirs(cfg: Config) -> list[Path]:
     return [cfg.models.experts[n] for n in cfg.models.experts]
 
 
-def build_space(cfg: Config, base=None, experts=None, space_cfg: SpaceConfig | None = None) -> SearchSpace:
+def build_space(cfg: Config, base=None, experts=None, space_cfg: SpaceConfig | None = None,
+                layer_chunks: Sequence[int] | None = None) -> SearchSpace:
     """The study's search space from checkpoint metadata only (no weights loaded unless chunks: auto).
 
     With a fit, the space holds the method's other parameters (the weights are fitted, see study.fitting);
-    `space_cfg` builds another space (e.g. a fit's coefficient space) over the same tensors."""
+    `space_cfg` builds another space (e.g. a fit's coefficient space) over the same tensors; `layer_chunks`
+    gives `chunks: auto` an allocation already made (it reads every task vector)."""
     base = base or open_checkpoint(cfg.models.base)
     experts = experts or [open_checkpoint(p) for p in _expert_dirs(cfg)]
     tensors = [t for t in base.tensors.values() if t.dtype.is_floating_point]
-    if cfg.fit is not None and operators.get(cfg.merge.method).linear_parts is None:
-        fittable = ", ".join(o.name for o in operators.all_operators() if o.linear_parts is not None)
-        raise ConfigError(f"fit: method {cfg.merge.method!r} has no fittable weights; use one of {fittable}, "
-                          "or remove the fit: section")
+    if cfg.fit is not None:
+        require_fittable(cfg.merge.method)
     if space_cfg is None:
         space_cfg = method_space_config(cfg) if cfg.fit is not None else cfg.space
-    layer_chunks = None
-    if space_cfg.chunks == "auto":
+    if space_cfg.chunks == "auto" and layer_chunks is None:
         delta_sq, _, _ = task_vector_stats(base, experts)
         layer_chunks = allocate_chunks(layer_importance(delta_sq, base.num_layers), space_cfg.chunk_budget,
                                        space_cfg.max_chunks)
@@ -145,9 +145,9 @@ class StudyRunner:
         self.space = build_space(cfg, base, experts)
         self.fingerprint = study_fingerprint(cfg, self.space)
         # With a fit, the materialiser's chunks are the fitted coefficients' (the method space has one chunk).
-        chunk_space = (build_space(cfg, base, experts, fit_space_config(cfg.fit, cfg.merge.method)) if cfg.fit is not None
-                       else self.space)
-        self.want_chunks, self.chunk_counts = chunk_space.want_chunks, tuple(chunk_space.chunk_counts)
+        self.chunk_space = (build_space(cfg, base, experts, fit_space_config(cfg.fit, cfg.merge.method))
+                            if cfg.fit is not None else self.space)
+        self.want_chunks, self.chunk_counts = self.chunk_space.want_chunks, tuple(self.chunk_space.chunk_counts)
         # Tasks are read (and checked) before the weights are loaded: bad input fails fast.
         need_calib = load_evaluator or cfg.fit is not None
         self.calib_tasks = _load_tasks(cfg, "calib") if need_calib else []
@@ -157,8 +157,10 @@ class StudyRunner:
         self.tokenizer = AutoTokenizer.from_pretrained(base.path, trust_remote_code=False)
         self.fit_stage = None
         if cfg.fit is not None:
+            # every granularity shares the chunk allocation (and the default one is the space just built)
             self.fit_stage = FitStage(cfg, self.mat, self.tokenizer, self.calib_tasks, self.expert_names,
-                                      lambda sc: build_space(cfg, base, experts, sc))
+                                      lambda sc: build_space(cfg, base, experts, sc, self.chunk_space.layer_chunks),
+                                      spaces={cfg.fit.granularity: self.chunk_space})
             # a fitted trial is scored on the calib examples the fit held out
             self.calib_tasks = self.fit_stage.val_tasks
         self.evaluator = None
@@ -190,7 +192,7 @@ class StudyRunner:
             return self.baseline_plan(t.user_attrs["weights"])
         plan = self.plan_for(t.params)
         if self.fit_stage is not None:
-            record = t.user_attrs.get(FIT_KEY)
+            record = t.user_attrs.get(R.FIT_KEY)
             if record is None:
                 raise StudyError(f"trial {t.number} stores no fitted coefficients: it did not complete its fit")
             plan = self.fit_stage.plan_from_record(plan, t.params, record)
@@ -351,7 +353,7 @@ class StudyRunner:
         from the bar it has to beat instead of rediscovering it. Other methods start at the uniform merge.
         """
         if self.fit_stage is not None:
-            return "plain fit", {**self.space.point(), **self.fit_stage.default_params()}
+            return "plain fit", self.start_point_guess()
         uniform = ("uniform", self.space.point())
         if self.space.op.name != BASELINE_METHOD:
             return uniform
@@ -422,7 +424,7 @@ class StudyRunner:
             plan = self.plan_for(values_in)
             if self.fit_stage is not None:
                 _, plan, record = self.fit_stage.run(plan, values_in)
-                trial.set_user_attr(FIT_KEY, record)
+                trial.set_user_attr(R.FIT_KEY, record)
             values, scores, result, merge_s, eval_s, _ = self.score_plan(plan, trial)
         except optuna.TrialPruned:
             raise
