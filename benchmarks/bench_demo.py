@@ -54,7 +54,7 @@ def study_config(zoo: Path, yaml_name: str, storage: str, name: str, trials: int
 
 
 def test_mean(study, trial) -> float:
-    t = R.test_scores(study).get(trial.number)
+    t = R.test_score(study, trial)
     return float("nan") if t is None else 100 * t["test_mean"]
 
 
@@ -86,7 +86,7 @@ def run_seed(zs: int, zoo: Path, tmp: str, args) -> dict:
         "fit": test_mean(fit, plain), "fit_val": 100 * R.trial_mean(plain),
         "fit_study": test_mean(fit, pick), "fit_study_val": 100 * R.trial_mean(pick), "fit_study_trial": pick.number,
         "distill": test_mean(distill, R.search_trials(distill)[0]),
-        "n_coef": len(plain.user_attrs["fit"]["coef"]), "fit_steps": plain.user_attrs["fit"]["best_step"],
+        "n_coef": len(R.record(plain)[R.FIT_KEY]["coef"]), "fit_steps": R.record(plain)[R.FIT_KEY]["best_step"],
         "seconds": secs,
     }
 

@@ -39,12 +39,11 @@ def prepare_zoo(seed: int = 0, progress: bool = True) -> Path:
 def comparison(study, global_study=None) -> dict:
     """Rows of the demo table: base, experts, uniform, best baseline merge, the global search's best and the
     best found; calib and test. A fitted study's calib column is its held-out validation slice of calib."""
-    tests = R.test_scores(study)
     rows = []
 
     def add(label: str, trial, source=study) -> None:
-        t = (tests if source is study else R.test_scores(source)).get(trial.number, {})
-        rows.append({"label": label, "trial": trial.number, "calib": trial.user_attrs.get("objective_scores", {}),
+        t = R.test_score(source, trial) or {}
+        rows.append({"label": label, "trial": trial.number, "calib": R.objective_scores(trial),
                      "test": t.get("test", {})})
 
     baselines = {R.baseline_name(t): t for t in R.baseline_trials(study)}
@@ -64,7 +63,7 @@ def comparison(study, global_study=None) -> dict:
                 rows[-1]["calib"] = {}  # scored on the whole calib split, not on the fit's validation slice
     found = R.best_trials(study, 1)
     if found:
-        fit = found[0].user_attrs.get(R.FIT_KEY)
+        fit = R.record(found[0]).get(R.FIT_KEY)
         what = f"fitted, {len(fit['coef'])} coefficients" if fit else "best found"
         add(f"{what} (trial {found[0].number})", found[0])
     calib = "the calib validation slice" if R.meta(study).get("fit") else "the calib splits"

@@ -235,7 +235,7 @@ def test_fitted_study_exports_the_merge_it_scored(zoo_test, tmp_path):
     first = min(searched, key=lambda t: t.number)
     assert first.params == {"fit.lr": 0.02} and first.user_attrs.get("start") == "plain fit"
     for t in searched:
-        rec = t.user_attrs["fit"]
+        rec = R.record(t)[R.FIT_KEY]
         assert rec["granularity"] == "per_tensor" and len(rec["coef"]) == len(R.meta(study)["fit"]["per_tensor"])
     best = max(searched, key=lambda t: t.values[0])
     out = export_trial(path, best.number, tmp_path / "merged")

@@ -92,5 +92,5 @@ def test_study_runs_on_cuda(zoo_test, tmp_path):
     path.write_text(yaml.safe_dump(raw))
     study = run_study(load_config(path), progress=False)
     searched = R.search_trials(study)
-    assert len(searched) == 3 and all(t.user_attrs["device"].startswith("cuda") for t in searched)
-    assert all(t.user_attrs["device"].startswith("cuda") for t in R.baseline_trials(study))
+    assert len(searched) == 3 and all(R.record(t)["device"].startswith("cuda") for t in searched)
+    assert all(R.record(t)["device"].startswith("cuda") for t in R.baseline_trials(study))

@@ -79,17 +79,19 @@ def test_analysis_of_a_study_whose_best_is_a_baseline(zoo_test, tmp_path, monkey
     from mergesearch.errors import StudyError
     from mergesearch.report import build_report, heatmap_info, summary_info
     from mergesearch.study import records
+    from mergesearch.study.baselines import run_baselines
+    from mergesearch.study.opening import open_study
     from mergesearch.study.runner import StudyRunner
 
     path = write_study(zoo_test, tmp_path, name="pruned", n_trials=2, top_k_test=0, limit=8)
     runner = StudyRunner(load_config(path))
-    study = runner.open_study()
-    runner.run_baselines(study)
+    study = open_study(runner)
+    run_baselines(runner, study)
     study.pruner = _AlwaysPrune()
     runner.optimize(study, 2, progress=False)
     assert not records.search_trials(study) and len(records.search_trials(study, (TrialState.PRUNED,))) == 2
     top = records.best_trials(study, 1, include_baselines=True)[0]
-    with pytest.raises(StudyError, match=rf"best merge so far is the baseline .*pass --trial {top.number}"):
+    with pytest.raises(StudyError, match=rf"best merge so far is the baseline .*pass --trial {records.baseline_name(top)}"):
         heatmap_info(study, "best")
     assert "No searched trial has completed yet." in summary_info(study).sentences
     assert "no completed searched trial" in build_report(study).notes["heatmap"]
@@ -102,4 +104,4 @@ def test_analysis_of_a_study_whose_best_is_a_baseline(zoo_test, tmp_path, monkey
     text = "".join(o["text"] for c in analysis.cells if c.cell_type == "code" for o in c.outputs if "text" in o)
     assert "no searched trial has completed" in text and "the best merge is the baseline" in text
     prov = json.loads((work / "best-merge" / "provenance.json").read_text())
-    assert prov["trial"] == top.number and prov["baseline"] == records.baseline_name(top)
+    assert prov["trial"] is None and prov["baseline"] == records.baseline_name(top)

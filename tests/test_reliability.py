@@ -31,6 +31,7 @@ from mergesearch.config import load_config
 from mergesearch.errors import CandidateError, StudyError
 from mergesearch.study import records as R
 from mergesearch.study import run_study
+from mergesearch.study.opening import open_study
 from mergesearch.study.runner import MAX_FAILURES_IN_A_ROW, StudyRunner
 from mergesearch.study.storage import open_storage
 
@@ -50,11 +51,13 @@ def _env(**extra: str) -> dict:
     return env
 
 
-def _spawn(args: list[str], log: Path, env: dict) -> subprocess.Popen:
+def _spawn(args: list[str], log: Path, env: dict, pause: str | None = None) -> subprocess.Popen:
+    """`mergesearch ARGS` in a subprocess; with `pause` (STAGE:N) through tests/pause_at.py, which stops there."""
     # stderr to a file, not a pipe: a full pipe would block the child and look like a hang.
     fh = open(log, "w")
+    cmd = [str(REPO / "tests" / "pause_at.py"), pause] if pause else ["-m", "mergesearch"]
     try:
-        return subprocess.Popen([sys.executable, "-m", "mergesearch", *args], stdout=subprocess.DEVNULL, stderr=fh,
+        return subprocess.Popen([sys.executable, *cmd, *args], stdout=subprocess.DEVNULL, stderr=fh,
                                 env=env, cwd=log.parent)
     finally:
         fh.close()
@@ -113,13 +116,11 @@ def test_kill9_at_every_stage_then_resume(zoo_test, tmp_path):
         time.sleep(max(0.0, killed_at + GRACE + 0.5 - time.monotonic()))
 
     for i, (stage, nth) in enumerate(plan):
-        extra = {"MERGESEARCH_HEARTBEAT": HEARTBEAT}
-        if stage != "random":
-            extra["MERGESEARCH_PAUSE_AT"] = f"{stage}:{nth}"
         log = tmp_path / f"run{i}.log"
         before = _n_trials_sqlite(db) if db.exists() else 0
         after_grace()
-        proc = _spawn(["run", str(path), "--no-progress"], log, _env(**extra))
+        proc = _spawn(["run", str(path), "--no-progress"], log, _env(MERGESEARCH_HEARTBEAT=HEARTBEAT),
+                      pause=None if stage == "random" else f"{stage}:{nth}")
         try:
             if stage == "random":
                 end = time.monotonic() + 180
@@ -164,8 +165,8 @@ def test_kill9_at_every_stage_then_resume(zoo_test, tmp_path):
         assert retries, f"failed trial {f.number} was not retried"
         assert all(_key(r) == _key(f) for r in retries)
     # The kill in the storage write landed after the scores were computed, the others before.
-    assert any("objective_scores" in f.user_attrs for f in failed)
-    assert any("merge_s" not in f.user_attrs for f in failed)
+    assert any("objective_scores" in R.record(f) for f in failed)
+    assert any("merge_s" not in R.record(f) for f in failed)
     # Each retry chain ends in a completed trial.
     chains = {}
     for t in trials:
@@ -210,7 +211,7 @@ def _run_workers(zoo, tmp: Path, url: str, *, n_workers: int = 4, n_trials: int 
     only ask and tell `stress` trials each as fast as they can (the storage's worst case for locks)."""
     path = write_study(zoo, tmp, name="w", storage=url, n_trials=n_trials, baselines=False, top_k_test=0, limit=4,
                        sampler="tpe")
-    StudyRunner(load_config(path), load_evaluator=False).open_study()  # `run` creates; workers join
+    open_study(StudyRunner(load_config(path), load_evaluator=False))  # `run` creates; workers join
     logs = [tmp / f"worker{i}.log" for i in range(n_workers)]
     t0 = time.monotonic()
     procs = [_spawn(["worker", str(path), "--no-progress"], log, _env()) for log in logs]
@@ -239,7 +240,7 @@ def _run_workers(zoo, tmp: Path, url: str, *, n_workers: int = 4, n_trials: int 
     keys = [_key(t) for t in trials if t.state == TrialState.COMPLETE]
     assert len(set(keys)) == len(keys), "two workers proposed the same candidate (same sampler seed)"
     for t in trials:
-        assert t.user_attrs["objective_scores"] and t.values is not None
+        assert R.objective_scores(t) and t.values is not None
 
     got = {"workers": n_workers, "trials": len(trials), "counted": counted,
            "workers_s": round(time.monotonic() - t0, 1)}
@@ -383,7 +384,7 @@ def test_failing_candidates_become_failed_trials_and_the_study_goes_on(zoo_test,
     study = run_study(cfg, runner=runner, progress=False)
     searched = R.search_trials(study, states=tuple(TrialState))
     failed = [t for t in searched if t.state == TrialState.FAIL]
-    reasons = [t.user_attrs.get("fail_reason", "") for t in failed]
+    reasons = [R.record(t).get("fail_reason", "") for t in failed]
     assert len(failed) == 6, reasons
     assert "not finite" in reasons[0] and "not finite" in reasons[1]
     assert reasons[2].startswith("out of memory") and "simulated host" in reasons[2]
@@ -417,17 +418,19 @@ def test_a_broken_setup_stops_the_study_instead_of_failing_every_trial(zoo_test,
     assert states == [TrialState.FAIL] * MAX_FAILURES_IN_A_ROW
 
 
-def test_pause_hook_is_off_by_default_and_validated(monkeypatch):
-    from mergesearch.study.runner import pause_hook_from_env
-    from mergesearch.study.storage import GRACE_S, HEARTBEAT_S, heartbeat_settings
+def test_no_fault_hook_outside_the_tests_and_the_pause_spec_is_validated(monkeypatch):
+    """A user's runner has no fault hook (the pause lives in tests/pause_at.py, not in the package)."""
+    from pause_at import make_hook
 
-    monkeypatch.delenv("MERGESEARCH_PAUSE_AT", raising=False)
+    from mergesearch.study.storage import GRACE_S, HEARTBEAT_S, heartbeat_settings
+    from mergesearch.study.workbench import Workbench
+
     monkeypatch.delenv("MERGESEARCH_HEARTBEAT", raising=False)
-    assert pause_hook_from_env() is None
+    assert Workbench.fault_hook is None
     assert heartbeat_settings() == (HEARTBEAT_S, GRACE_S)
-    monkeypatch.setenv("MERGESEARCH_PAUSE_AT", "shopping")
-    with pytest.raises(StudyError, match="merge, evaluate or store"):
-        pause_hook_from_env()
+    with pytest.raises(ValueError, match="merge, evaluate or store"):
+        make_hook("shopping")
+    assert callable(make_hook("store:2"))
     monkeypatch.setenv("MERGESEARCH_HEARTBEAT", "5,2")
     with pytest.raises(StudyError, match="INTERVAL < GRACE"):
         heartbeat_settings()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import math
 import random
@@ -46,13 +47,14 @@ def _study(n_obj: int, meta: dict | None = None) -> optuna.Study:
     return s
 
 
-def _add(s: optuna.Study, values, baseline: str | None = None, params: dict | None = None, **attrs) -> int:
-    user = dict(attrs)
+def _add(s: optuna.Study, values, baseline: str | None = None, params: dict | None = None, **record) -> int:
+    """A searched trial (or a baseline, beside the searched trials) with its record, as the runner stores it."""
     if baseline:
-        user[R.BASELINE] = baseline
+        R.add_baseline(s, baseline, [], values, record, datetime.datetime(2025, 1, 1))
+        return R.baseline_trials(s)[-1].number
     params = params or {}
-    s.add_trial(create_trial(values=values, params=params,
-                             distributions={k: FloatDistribution(0.0, 1.0) for k in params}, user_attrs=user))
+    s.add_trial(create_trial(values=values, params=params, distributions={k: FloatDistribution(0.0, 1.0) for k in params},
+                             user_attrs={R.TRIAL_KEY: record}))
     return s.trials[-1].number
 
 
@@ -73,7 +75,7 @@ def test_pareto_membership_written_out():
     info = pareto_info(s)
     assert info.kind == "objectives" and info.axes == ["t0", "t1"]
     assert sorted(info.front) == sorted([a, b, c, e, x])
-    assert {p.number: p.label for p in info.points if p.label} == {x: "expert:a", 7: "base"}
+    assert {p.number: p.label for p in info.points if p.label} == {x: "expert:a", -2: "base"}
     assert len(info.points) == 8  # COMPLETE trials only
     assert info.best_number == a  # best searched mean (0.5) ties b/c/e... lowest number wins
     assert info.best_number in info.front
@@ -122,19 +124,19 @@ def test_history_best_so_far_and_states():
     for v in seq[1:]:
         _add(s, v)
     s.add_trial(create_trial(state=TrialState.PRUNED, intermediate_values={0: 0.05, 1: 0.07},
-                             user_attrs={"fail_reason": "pruned after slice 2/3"}))
-    s.add_trial(create_trial(state=TrialState.FAIL, user_attrs={"fail_reason": "NaN weights"}))
+                             user_attrs={R.TRIAL_KEY: {"fail_reason": "pruned after slice 2/3"}}))
+    s.add_trial(create_trial(state=TrialState.FAIL, user_attrs={R.TRIAL_KEY: {"fail_reason": "NaN weights"}}))
     s.add_trial(create_trial(state=TrialState.RUNNING))
     h = history_info(s)
     assert h.series == ["t0", "t1", "mean"]
-    assert h.numbers == [0, 1, 2, 3] and h.labels == ["base", None, None, None]
+    assert h.numbers == [-1, 0, 1, 2] and h.labels == ["base", None, None, None]  # baselines below 0
     # running maxima written out by hand
     np.testing.assert_allclose(h.best_so_far[:, 0], [0.1, 0.3, 0.3, 0.3])
     np.testing.assert_allclose(h.best_so_far[:, 1], [0.5, 0.5, 0.6, 0.6])
     np.testing.assert_allclose(h.best_so_far[:, 2], [0.3, 0.3, 0.4, 0.4])
-    assert h.pruned == [(4, 0.07, "pruned after slice 2/3")]
-    assert h.failed == [(5, "NaN weights")]
-    assert h.running == [6]
+    assert h.pruned == [(3, 0.07, "pruned after slice 2/3")]
+    assert h.failed == [(4, "NaN weights")]
+    assert h.running == [5]
 
 
 # --- heatmap ------------------------------------------------------------------------------------
@@ -173,11 +175,12 @@ def test_heatmap_modules_shared_params_and_uneven_chunks():
 
 def test_heatmap_of_a_baseline_or_unknown_trial_is_refused(stored):
     study = load_study(stored)
-    with pytest.raises(StudyError, match="no searched coefficients"):
-        heatmap_info(study, 0)
+    for baseline in ("base", "baseline:uniform"):
+        with pytest.raises(StudyError, match="no searched coefficients"):
+            heatmap_info(study, baseline)
     with pytest.raises(StudyError, match="no trial 999"):
         heatmap_info(study, 999)
-    with pytest.raises(StudyError, match="'best' or a trial number"):
+    with pytest.raises(StudyError, match="'best', a trial number or a baseline name"):
         heatmap_info(study, "worst")
     with pytest.raises(StudyError, match="no completed searched trial"):
         heatmap_info(_study(1))
@@ -222,10 +225,11 @@ def test_overfit_points(stored):
     study = load_study(stored)
     info = overfit_info(study)
     tests = R.test_scores(study)
-    assert sorted(p.number for p in info.points) == sorted(tests)
+    assert len(info.points) == len(tests) == len(BASELINES) + 3
     assert {p.label for p in info.points if p.is_baseline} == set(BASELINES)
-    p = info.points[-1]
-    assert p.test_mean == pytest.approx(tests[p.number]["test_mean"])
+    assert {f"baseline:{b}" for b in BASELINES} <= set(tests)
+    p = info.points[-1]  # searched trials come after the baselines
+    assert not p.is_baseline and p.test_mean == pytest.approx(tests[str(p.number)]["test_mean"])
     assert "written when the search finishes" in overfit_info(_study(1)).note
 
 
@@ -236,9 +240,10 @@ def test_timing_split(stored):
     assert len(info.numbers) == len(BASELINES) + 24 + 2  # complete, pruned and failed; not the running one
     i = info.numbers.index(10)
     t = by_number[10]
-    assert info.merge_s[i] == pytest.approx(t.user_attrs["merge_s"])
-    assert info.eval_s[i] == pytest.approx(t.user_attrs["eval_s"])
-    other = t.duration.total_seconds() - t.user_attrs["merge_s"] - t.user_attrs["eval_s"]
+    rec = R.record(t)
+    assert info.merge_s[i] == pytest.approx(rec["merge_s"])
+    assert info.eval_s[i] == pytest.approx(rec["eval_s"])
+    other = t.duration.total_seconds() - rec["merge_s"] - rec["eval_s"]
     assert info.other_s[i] == pytest.approx(other, abs=1e-5)
     assert info.labels[0] == "baseline:base" and math.isnan(info.other_s[0])
     assert "fail" in info.labels and "pruned" in info.labels
@@ -325,7 +330,7 @@ def test_report_cli(stored, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "Best found: trial" in printed and "6 figures" in printed and out.exists()
     assert "trial 10" in out.read_text()
-    assert main(["report", stored, "--out", str(out), "--trial", "0"]) == 2  # a baseline: nothing searched
+    assert main(["report", stored, "--out", str(out), "--trial", "uniform"]) == 2  # a baseline: nothing searched
     assert "no searched coefficients" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "missing.db"), "--out", str(out)]) == 2
     assert main(["report", stored, "--study-name", "nope", "--out", str(out)]) == 2

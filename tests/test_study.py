@@ -1,3 +1,4 @@
+import datetime
 import json
 
 import optuna
@@ -11,6 +12,8 @@ from mergesearch.config import load_config
 from mergesearch.errors import CandidateError, StudyError
 from mergesearch.study import export_trial, run_study, study_status
 from mergesearch.study import records as R
+from mergesearch.study.baselines import start_point
+from mergesearch.study.opening import open_study, warm_start
 from mergesearch.study.runner import StudyRunner
 
 from study_helpers import write_study
@@ -35,8 +38,9 @@ def test_run_baselines_trials_and_held_out(zoo_test, tmp_path):
     assert searched[0].user_attrs.get("start") == R.baseline_name(start)  # warm start first: the best merge
     assert R.meta(study)["start"] == {"from": R.baseline_name(start), "x0": searched[0].params}
     for t in searched:
-        assert set(t.user_attrs["scores"]) == set(experts)
-        assert t.user_attrs["merge_s"] > 0 and t.user_attrs["eval_s"] > 0 and t.user_attrs["device"] == "cpu"
+        rec = R.record(t)
+        assert set(rec["scores"]) == set(experts) and set(t.user_attrs) <= {R.TRIAL_KEY, "start"}
+        assert rec["merge_s"] > 0 and rec["eval_s"] > 0 and rec["device"] == "cpu"
         assert t.params and all(k.startswith("weight[") for k in t.params)
     # The start point in task arithmetic IS that baseline: every weight at its value, same score.
     weights = dict(zip(experts, start.user_attrs["weights"]))
@@ -45,8 +49,11 @@ def test_run_baselines_trials_and_held_out(zoo_test, tmp_path):
     uniform = next(t for t in R.baseline_trials(study) if R.baseline_name(t) == "uniform")
     tests = R.test_scores(study)
     best = R.best_trials(study, 1)[0]
-    assert best.number in tests and uniform.number in tests
-    assert set(tests[best.number]["test"]) == set(experts)
+    assert str(best.number) in tests and "baseline:uniform" in tests
+    assert set(tests[str(best.number)]["test"]) == set(experts)
+    assert R.pick_trial(study, "uniform").values == uniform.values
+    # the searched study holds searched trials only: the baselines are beside it
+    assert all(t.params for t in study.get_trials()) and len(study.get_trials()) == 4
     meta = R.meta(study)
     assert meta["space"]["n_params"] == len(searched[0].params) and meta["base_scores"]
 
@@ -88,7 +95,7 @@ def test_failing_candidate_becomes_failed_trial(zoo_test, tmp_path):
     runner.fault_hook = hook
     study = run_study(cfg, runner=runner, progress=False)
     failed = _search(study, states=(TrialState.FAIL,))
-    assert len(failed) == 1 and failed[0].user_attrs["fail_reason"] == "simulated evaluator crash"
+    assert len(failed) == 1 and R.record(failed[0])["fail_reason"] == "simulated evaluator crash"
     assert len(_search(study)) == 3
 
 
@@ -108,12 +115,12 @@ class _AlwaysPrune(optuna.pruners.BasePruner):
 def test_pruned_trials_are_recorded(zoo_test, tmp_path):
     cfg = load_config(write_study(zoo_test, tmp_path, n_trials=2, baselines=False, top_k_test=0))
     runner = StudyRunner(cfg)
-    study = runner.open_study()
+    study = open_study(runner)
     study.pruner = _AlwaysPrune()
     runner.optimize(study, 2, progress=False)
     pruned = _search(study, states=(TrialState.PRUNED,))
     assert len(pruned) == 2
-    assert pruned[0].intermediate_values and "pruned after slice 1/2" in pruned[0].user_attrs["fail_reason"]
+    assert pruned[0].intermediate_values and "pruned after slice 1/2" in R.record(pruned[0])["fail_reason"]
 
 
 def test_multi_objective_pareto(zoo_test, tmp_path):
@@ -128,7 +135,7 @@ def test_export_reloads_and_scores_what_the_study_recorded(zoo_test, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mergesearch.evaluate import Evaluator
-    from mergesearch.study.runner import _load_tasks
+    from mergesearch.study.workbench import load_tasks
 
     path = write_study(zoo_test, tmp_path, n_trials=3, top_k_test=0)
     cfg = load_config(path)
@@ -136,7 +143,7 @@ def test_export_reloads_and_scores_what_the_study_recorded(zoo_test, tmp_path):
     out = export_trial(path, "best", tmp_path / "merged")
     best = R.best_trials(study, 1)[0]
     model = AutoModelForCausalLM.from_pretrained(out)
-    res = Evaluator(model, AutoTokenizer.from_pretrained(out), _load_tasks(cfg, "calib")).evaluate()
+    res = Evaluator(model, AutoTokenizer.from_pretrained(out), load_tasks(cfg, "calib")).evaluate()
     assert res.mean == pytest.approx(best.values[0], abs=1e-9)
     prov = json.loads((out / "provenance.json").read_text())
     assert prov["trial"] == best.number and prov["recipe"]["method"] == "task_arithmetic"
@@ -200,52 +207,31 @@ def test_shipped_studies_validate_when_given_paths(path, zoo_test, tmp_path):
     assert summary["n_params"] > 0 and summary["method"] == raw["merge"]["method"]
 
 
-@pytest.mark.parametrize("sampler", ["cmaes", "tpe", "gp"])
-def test_samplers_learn_beside_parameterless_baselines(zoo_test, tmp_path, sampler):
-    """Baselines carry no parameters; the samplers must still sample the space jointly (relative
-    sampling), not fall back to independent sampling because the intersection space came out empty."""
-    from mergesearch.study.samplers import SearchTrialsOnly
-
-    cfg = load_config(write_study(zoo_test, tmp_path, n_trials=14, sampler=sampler, top_k_test=0, limit=8))
-    study = run_study(cfg, progress=False)
-    assert R.baseline_trials(study)
-    assert isinstance(study.sampler, SearchTrialsOnly)
-    trial = study.trials[-1]
-    space = study.sampler.infer_relative_search_space(study, trial)
-    assert set(space) == set(_search(study)[0].params) and len(space) > 1
-    # why the wrapper exists: a bare Optuna sampler sees the baselines and finds no joint space
-    assert not type(study.sampler.inner)().infer_relative_search_space(study, trial)
-    if sampler == "cmaes":
-        gens = [t.system_attrs.get("cma:generation") for t in _search(study)[1:]]
-        assert all(g is not None for g in gens) and max(gens) >= 1  # CMA-ES ran generations, not random draws
-
-
 def test_start_point_is_the_best_baseline_merge_and_uniform_otherwise(zoo_test, tmp_path):
     cfg = load_config(write_study(zoo_test, tmp_path, n_trials=1, top_k_test=0))
     runner = StudyRunner(cfg)
-    study = runner.open_study()
+    study = open_study(runner)
     experts = list(cfg.models.experts)
     # Scores of baselines written by hand: task_arithmetic@0.5 is the best merge, an expert scores higher
     # but is not a merge.
     for name, w, v in [("uniform", [1 / len(experts)] * len(experts), 0.2), ("task_arithmetic@0.5", [0.5] * len(experts), 0.4),
                        ("task_arithmetic@1", [1.0] * len(experts), 0.3), ("expert:" + experts[0], [1.0] + [0.0] * (len(experts) - 1), 0.9)]:
-        study.add_trial(optuna.trial.create_trial(state=TrialState.COMPLETE, values=[v], params={}, distributions={},
-                                                  user_attrs={R.BASELINE: name, "weights": w}))
-    name, x0 = runner.start_point(study)
+        R.add_baseline(study, name, w, [v], {}, datetime.datetime.now())
+    name, x0 = start_point(runner, study)
     assert name == "task_arithmetic@0.5" and set(x0) == {s.key for s in runner.space.slots}
     assert all(v == 0.5 for v in x0.values())
-    runner.warm_start(study)
+    warm_start(runner, study)
     waiting = study.get_trials(states=(TrialState.WAITING,))
     assert len(waiting) == 1 and waiting[0].user_attrs["start"] == "task_arithmetic@0.5"
-    runner.warm_start(study)  # decided once
+    warm_start(runner, study)  # decided once
     assert len(study.get_trials(states=(TrialState.WAITING,))) == 1
 
     # A weight range that excludes 0.5 skips to the next best merge that fits.
     narrow = load_config(write_study(zoo_test, tmp_path, name="narrow", n_trials=1, top_k_test=0, space={
         "granularity": "global", "parameters": {"weight": {"low": 0.6, "high": 1.0}, "lambda": {"fixed": 1.0}}}))
     r2 = StudyRunner(narrow)
-    assert r2.start_point(study)[0] == "task_arithmetic@1"
+    assert start_point(r2, study)[0] == "task_arithmetic@1"
     ties = load_config(write_study(zoo_test, tmp_path, name="ties", method="ties", n_trials=1, top_k_test=0,
                                    space={"granularity": "global"}))
     r3 = StudyRunner(ties)
-    assert r3.start_point(study) == ("uniform", r3.space.point())
+    assert start_point(r3, study) == ("uniform", r3.space.point())

@@ -45,7 +45,7 @@ def trial_label(trial: FrozenTrial) -> str:
 
 def task_scores(trial: FrozenTrial, objectives: list[str]) -> dict[str, float]:
     """Per-task calibration scores of a trial (its objective_scores, else its objective values)."""
-    scores = trial.user_attrs.get("objective_scores")
+    scores = R.objective_scores(trial)
     if scores:
         return {k: float(v) for k, v in scores.items()}
     return dict(zip(objectives, trial.values or []))
@@ -91,7 +91,8 @@ def _group_sort_key(row: str) -> tuple:
 
 
 def _complete(study: optuna.Study) -> list[FrozenTrial]:
-    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values]
+    """The baselines (numbered below 0) in the order they were scored, then the COMPLETE searched trials."""
+    return R.baseline_trials(study) + [t for t in R.search_trials(study) if t.values]
 
 
 def _points(d: float, scale100: bool) -> str:
@@ -140,16 +141,15 @@ def summary_info(study: optuna.Study) -> SummaryInfo:
     tests = R.test_scores(study)
     counts: dict[str, int] = {}
     for t in study.get_trials(deepcopy=False):
-        if R.is_search_trial(t):
-            counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
+        counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
     baselines = R.baseline_trials(study)
 
     def row(t: FrozenTrial, is_baseline: bool) -> Row:
-        test = tests.get(t.number, {}).get("test_mean")
+        test = tests.get(R.trial_key(t), {}).get("test_mean")
         return Row(trial_label(t) if is_baseline else f"best found (trial {t.number})", t.number, R.trial_mean(t),
                    task_scores(t, objectives), float(test) if test is not None else None, is_baseline)
 
-    rows = [row(t, True) for t in sorted(baselines, key=lambda t: t.number)]
+    rows = [row(t, True) for t in baselines]  # in the order they were scored
     best_t = R.best_trials(study, 1)
     best = row(best_t[0], False) if best_t else None
     if best:
@@ -204,6 +204,9 @@ def summary_info(study: optuna.Study) -> SummaryInfo:
                 s.append(f"Per task vs {best_baseline.label}: "
                          + ", ".join(f"{k} {_points(gains[k], scale100)}" for k in order) + ".")
     s.append(searched)
+    if R.max_drop(study) is not None:
+        n_bad = sum(not R.is_feasible(study, t) for t in R.search_trials(study))
+        s.append(f"Best = {R.best_rule(study)}; {n_bad} completed trial(s) break that constraint and are not picked.")
     return SummaryInfo(study.study_name, objectives, tasks, space.get("method"), space.get("granularity"),
                        space.get("n_params"), meta.get("sampler"), counts, len(baselines), best, best_baseline,
                        rows, s, scale100)
@@ -246,11 +249,11 @@ def pareto_info(study: optuna.Study) -> ParetoInfo:
     kind, axes = "objectives", objectives
     if len(objectives) == 1:
         tasks = list(R.meta(study).get("tasks") or [])
-        if len(tasks) > 1 and all(set(tasks) <= set(t.user_attrs.get("objective_scores") or {}) for t in trials):
+        if len(tasks) > 1 and all(set(tasks) <= set(R.objective_scores(t)) for t in trials):
             kind, axes = "tasks", tasks
         else:
             kind = "trials"
-    rows = [[float(t.user_attrs["objective_scores"][k]) for k in axes] if kind == "tasks" else list(t.values)
+    rows = [[float(R.objective_scores(t)[k]) for k in axes] if kind == "tasks" else list(t.values)
             for t in trials]
     vals = np.array(rows, dtype=float).reshape(len(trials), len(axes))
     front = non_dominated(vals) if len(trials) and kind != "trials" else np.zeros(len(trials), dtype=bool)
@@ -278,13 +281,13 @@ class HistoryInfo:
 def history_info(study: optuna.Study) -> HistoryInfo:
     objectives = objective_names(study)
     series = objectives + (["mean"] if len(objectives) > 1 else [])
-    trials = sorted(_complete(study), key=lambda t: t.number)
+    trials = _complete(study)
     rows = [list(t.values) + ([R.trial_mean(t)] if len(objectives) > 1 else []) for t in trials]
     values = np.array(rows, dtype=float).reshape(len(trials), len(series))
     best = np.maximum.accumulate(values, axis=0) if len(trials) else values.copy()
     pruned, failed, running = [], [], []
     for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)):
-        reason = str(t.user_attrs.get("fail_reason") or t.system_attrs.get("fail_reason") or "")
+        reason = str(R.record(t).get("fail_reason") or t.system_attrs.get("fail_reason") or "")
         if t.state == TrialState.PRUNED:
             last = t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None
             pruned.append((t.number, last, reason or "pruned"))
@@ -322,7 +325,7 @@ def heatmap_info(study: optuna.Study, which: str | int = "best") -> HeatmapInfo:
     trial = pick_trial(study, which)
     fitted = fitted_coefficients(study, trial)
     if not trial.params and not fitted:
-        raise StudyError(f"trial {trial.number} ({trial_label(trial)}) has no searched coefficients: "
+        raise StudyError(f"{trial_label(trial)} has no searched coefficients: "
                          "pick a searched trial or 'best'")
     experts_meta = list(R.meta(study).get("experts") or [])
     by_param: dict[str, list[tuple[dict, float, str]]] = {}
@@ -363,7 +366,7 @@ def heatmap_info(study: optuna.Study, which: str | int = "best") -> HeatmapInfo:
 
 def fitted_coefficients(study: optuna.Study, trial: FrozenTrial) -> dict[str, float]:
     """A fitted trial's coefficients by slot name (empty for trials without a fit)."""
-    record = trial.user_attrs.get(R.FIT_KEY)
+    record = R.record(trial).get(R.FIT_KEY)
     keys = (R.meta(study).get("fit") or {}).get(record["granularity"]) if record else None
     return dict(zip(keys, record["coef"])) if keys else {}
 
@@ -384,9 +387,9 @@ class FitInfo:
 def fit_info(study: optuna.Study, which: str | int = "best") -> FitInfo:
     """The fit of one trial: training and validation loss at every check, and the step kept."""
     trial = pick_trial(study, which)
-    record = trial.user_attrs.get(R.FIT_KEY)
+    record = R.record(trial).get(R.FIT_KEY)
     if not record:
-        raise StudyError(f"trial {trial.number} ({trial_label(trial)}) was not fitted: the study has no fit: "
+        raise StudyError(f"{trial_label(trial)} was not fitted: the study has no fit: "
                          "section, or this is a baseline")
     h = record["history"]
     label = f"trial {trial.number}" + (" (best)" if str(which) == "best" else "")
@@ -414,8 +417,8 @@ def importance_info(study: optuna.Study, *, min_trials: int = MIN_IMPORTANCE_TRI
                     evaluator: optuna.importance.BaseImportanceEvaluator | None = None) -> ImportanceInfo:
     """fANOVA importances of the searched coefficients for the mean objective, grouped by layer and expert.
 
-    Computed on an in-memory copy holding only the searched trials: baselines carry no parameters,
-    and Optuna's evaluators only use trials that hold every parameter.
+    Read from the stored study (never written): it holds only searched trials. Optuna's evaluators use
+    the trials that hold every parameter asked for.
     """
     evaluator = evaluator or optuna.importance.FanovaImportanceEvaluator(seed=seed)
     name = type(evaluator).__name__
@@ -434,12 +437,9 @@ def importance_info(study: optuna.Study, *, min_trials: int = MIN_IMPORTANCE_TRI
     if not varying:
         empty.note = "no searched coefficient varies between trials yet"
         return empty
-    copy = optuna.create_study(directions=["maximize"])  # in memory: the stored study is never written
-    for t in trials:
-        copy.add_trial(optuna.trial.create_trial(state=TrialState.COMPLETE, value=R.trial_mean(t), params=t.params,
-                                                 distributions=t.distributions))
     try:
-        imp = optuna.importance.get_param_importances(copy, evaluator=evaluator, params=varying)
+        imp = optuna.importance.get_param_importances(study, evaluator=evaluator, params=varying,
+                                                      target=R.trial_mean)
     except (RuntimeError, ValueError) as exc:  # e.g. every target value equal
         empty.note = f"importances could not be computed: {exc}"
         return empty
@@ -484,15 +484,14 @@ def overfit_info(study: optuna.Study) -> OverfitInfo:
     stored = R.test_scores(study)
     if not stored:
         return OverfitInfo([], "no held-out test scores yet: they are written when the search finishes")
-    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
     points = []
-    for number, rec in sorted(stored.items()):
-        cm, tm = rec.get("calib_mean"), rec.get("test_mean")
-        if cm is None or tm is None:
+    for t in _complete(study):
+        rec = stored.get(R.trial_key(t))
+        if rec is None or rec.get("calib_mean") is None or rec.get("test_mean") is None:
             continue
-        t = by_number.get(number)
-        name = rec.get("baseline") or (R.baseline_name(t) if t is not None else None)
-        points.append(OverfitPoint(number, name or f"trial {number}", name is not None, float(cm), float(tm),
+        name = R.baseline_name(t)
+        points.append(OverfitPoint(t.number, name or f"trial {t.number}", name is not None,
+                                   float(rec["calib_mean"]), float(rec["test_mean"]),
                                    dict(rec.get("calib") or {}), dict(rec.get("test") or {})))
     return OverfitInfo(points, None if points else "the stored test scores carry no calibration/test means")
 
@@ -511,12 +510,13 @@ class TimingInfo:
 
 def timing_info(study: optuna.Study) -> TimingInfo:
     numbers, labels, merge, ev, other = [], [], [], [], []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)):
-        m, e = t.user_attrs.get("merge_s"), t.user_attrs.get("eval_s")
+    finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
+    for t in R.baseline_trials(study) + finished:
+        m, e = R.record(t).get("merge_s"), R.record(t).get("eval_s")
         if m is None and e is None:
             continue
         m, e = float(m or 0.0), float(e or 0.0)
-        # Baselines are stored with add_trial: their wall time is not the trial's own.
+        # A baseline's stored times span its scoring only: the wall time outside it is not known.
         wall = t.duration.total_seconds() if (t.duration is not None and R.is_search_trial(t)) else float("nan")
         numbers.append(t.number)
         name = R.baseline_name(t)

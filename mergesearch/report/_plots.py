@@ -178,7 +178,7 @@ def plot_history(info: HistoryInfo) -> go.Figure:
                 x=nums[is_base], y=y[is_base], mode="markers", name="baseline", legendgroup="b", showlegend=first,
                 marker=dict(color=BASELINE, size=9, symbol="diamond"),
                 text=[lab for lab in info.labels if lab is not None],
-                hovertemplate="%{text} (trial %{x})<br>" + name + " %{y:.4f}<extra></extra>"), row=row, col=1)
+                hovertemplate="baseline %{text}<br>" + name + " %{y:.4f}<extra></extra>"), row=row, col=1)
         if len(nums):
             fig.add_trace(go.Scatter(
                 x=nums, y=info.best_so_far[:, i], mode="lines", name="best so far", legendgroup="best",
@@ -200,7 +200,7 @@ def plot_history(info: HistoryInfo) -> go.Figure:
                 text=[f[1] for f in info.failed],
                 hovertemplate="trial %{x} failed<br>%{text}<extra></extra>"), row=row, col=1)
         fig.update_yaxes(title_text=name if k == 1 else None, row=row, col=1)
-    fig.update_xaxes(title_text="trial", row=k, col=1)
+    fig.update_xaxes(title_text="trial (baselines at negative numbers, scored before the search)", row=k, col=1)
     return _layout(fig, 300 + 170 * (k - 1) if k > 1 else 420)
 
 

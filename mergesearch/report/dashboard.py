@@ -34,10 +34,11 @@ def make_dashboard_server(spec: str | os.PathLike, *, study_name: str | None = N
     a .db/.log file) and the URL of the study's page. Port 0 picks a free port. Call `serve_forever()`."""
     from optuna_dashboard import wsgi
 
-    from mergesearch.study import load_study
+    from mergesearch.study import resolve_storage
+    from mergesearch.study.storage import open_storage
 
-    study = load_study(spec, study_name)
-    storage = study._storage
+    url, name, _ = resolve_storage(spec, study_name)
+    storage = open_storage(url, heartbeat=False)
     if not _is_loopback(host):
         log.warning("the dashboard listens on %s: anyone who can reach this machine can read and annotate "
                     "the study (optuna-dashboard has no authentication)", host)
@@ -46,6 +47,6 @@ def make_dashboard_server(spec: str | os.PathLike, *, study_name: str | None = N
     except OSError as exc:
         raise StudyError(f"cannot listen on {host}:{port} ({exc.strerror}): pass another --port or --host") from None
     bound_port = server.server_address[1]
-    study_id = storage.get_study_id_from_name(study.study_name)
+    study_id = storage.get_study_id_from_name(name)
     shown = f"[{host}]" if ":" in host else host
     return server, f"http://{shown}:{bound_port}/dashboard/studies/{study_id}"

@@ -28,7 +28,7 @@ from mergesearch.study.storage import open_storage, require_existing, study_exis
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run_study", "load_study", "study_status", "export_trial", "validate_study", "resolve_study"]
+__all__ = ["run_study", "load_study", "study_status", "export_trial", "validate_study", "resolve_study", "resolve_storage"]
 
 
 def _quiet_optuna() -> None:
@@ -42,38 +42,35 @@ def run_study(cfg: Config, *, extra_trials: int | None = None, worker: bool = Fa
     A `worker` joins an existing study: no baselines and no held-out scoring, which the `run`
     process does. Several workers may share one storage (SQLite, PostgreSQL, MySQL, journal file).
     """
+    from mergesearch.study.baselines import run_baselines, score_test
+    from mergesearch.study.opening import open_study, warm_start
     from mergesearch.study.runner import StudyRunner
 
     _quiet_optuna()
     runner = runner or StudyRunner(cfg)
-    study = runner.open_study(create=not worker)
+    study = open_study(runner, create=not worker)
     if not worker and cfg.study.baselines:
-        runner.run_baselines(study, progress=(lambda name, v: log.info("baseline %-22s %s", name,
+        run_baselines(runner, study, progress=(lambda name, v: log.info("baseline %-22s %s", name,
                                                                         " ".join(f"{x:.4f}" for x in v)))
-                             if progress else None)
+                      if progress else None)
     if not worker:
-        runner.warm_start(study)
-    done = runner.counted(study)
+        warm_start(runner, study)
+    done = R.counted(study)
     target = (done + extra_trials) if extra_trials is not None else cfg.study.n_trials
     runner.optimize(study, target, timeout=cfg.study.timeout, progress=progress)
-    _fail_orphans(study)
+    # stale RUNNING trials of dead workers (past the heartbeat grace) go to the retry callback now;
+    # a storage without heartbeats (journal, in-memory) has none to fail
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
     if not worker:
-        runner.score_test(study, cfg.study.top_k_test)
+        score_test(runner, study, cfg.study.top_k_test)
     return study
 
 
-def _fail_orphans(study: optuna.Study) -> None:
-    """Give stale RUNNING trials of dead workers (past the heartbeat grace) to the retry callback now."""
-    storage = study._storage
-    if isinstance(getattr(storage, "_backend", storage), optuna.storages.RDBStorage):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)
-
-
-def resolve_study(spec: str | Path, study_name: str | None = None) -> tuple[optuna.Study, Config | None]:
-    """A study from a study YAML, a storage URL or a .db/.log file (then `study_name` or the only study)."""
-    _quiet_optuna()
+def resolve_storage(spec: str | Path, study_name: str | None = None) -> tuple[str, str, Config | None]:
+    """(storage URL, study name, config or None) of a study YAML, a storage URL or a .db/.log file
+    (then `study_name` or the only study in it). The storage must exist: reading never creates one."""
     text = str(spec)
     cfg = None
     if text.endswith((".yaml", ".yml")):
@@ -89,9 +86,9 @@ def resolve_study(spec: str | Path, study_name: str | None = None) -> tuple[optu
                 raise StudyError(f"{text} is neither a study YAML, a storage URL nor an existing .db/.log file")
             url = f"sqlite:///{Path(text).resolve()}"
         name = study_name
-    require_existing(url, "start the study with `mergesearch run STUDY.yaml`")  # reading never writes
-    storage = open_storage(url, heartbeat=False)
-    names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+    require_existing(url, "start the study with `mergesearch run STUDY.yaml`")
+    names = [s.study_name for s in optuna.get_all_study_summaries(open_storage(url, heartbeat=False),
+                                                                  include_best_trial=False)]
     if name is None:
         if len(names) != 1:
             raise StudyError(f"{url} holds {len(names)} studies ({', '.join(names) or 'none'}): pass --study-name")
@@ -99,7 +96,14 @@ def resolve_study(spec: str | Path, study_name: str | None = None) -> tuple[optu
     if name not in names:
         raise StudyError(f"no study {name!r} in {url} (it holds: {', '.join(names) or 'none'}); "
                          "start it with `mergesearch run STUDY.yaml`")
-    study = optuna.load_study(study_name=name, storage=storage)
+    return url, name, cfg
+
+
+def resolve_study(spec: str | Path, study_name: str | None = None) -> tuple[optuna.Study, Config | None]:
+    """A study from a study YAML, a storage URL or a .db/.log file (then `study_name` or the only study)."""
+    _quiet_optuna()
+    url, name, cfg = resolve_storage(spec, study_name)
+    study = optuna.load_study(study_name=name, storage=open_storage(url, heartbeat=False))
     if cfg is None:
         raw = R.meta(study).get("config")
         if raw:
@@ -115,8 +119,7 @@ def load_study(spec: str | Path, study_name: str | None = None) -> optuna.Study:
 def study_status(spec, study_name: str | None = None) -> dict:
     """Trials done, best so far, baselines, failures and an ETA."""
     study, cfg = resolve_study(spec, study_name)
-    trials = study.get_trials(deepcopy=False)
-    search = [t for t in trials if R.is_search_trial(t)]
+    search = study.get_trials(deepcopy=False)
     by_state = {s.name.lower(): sum(1 for t in search if t.state == s) for s in TrialState}
     counted = by_state["complete"] + by_state["pruned"]
     target = cfg.study.n_trials if cfg else None
@@ -125,6 +128,8 @@ def study_status(spec, study_name: str | None = None) -> dict:
     eta = (max(0, target - counted) * per_trial) if (target and per_trial) else None
     best = R.best_trials(study, 1)
     baselines = {R.baseline_name(t): R.trial_mean(t) for t in R.baseline_trials(study)}
+    complete = R.search_trials(study)
+    infeasible = sum(not R.is_feasible(study, t) for t in complete)
     return {
         "study": study.study_name,
         "objectives": R.meta(study).get("objectives"),
@@ -132,7 +137,9 @@ def study_status(spec, study_name: str | None = None) -> dict:
         "trials": by_state,
         "counted": counted,
         "best": ({"number": best[0].number, "mean": R.trial_mean(best[0]),
-                  "scores": best[0].user_attrs.get("objective_scores")} if best else None),
+                  "scores": R.objective_scores(best[0])} if best else None),
+        "best_rule": R.best_rule(study),
+        "infeasible": infeasible if R.max_drop(study) is not None else None,
         "baselines": baselines,
         "best_baseline": max(baselines.items(), key=lambda kv: kv[1]) if baselines else None,
         "seconds_per_trial": per_trial,
@@ -144,9 +151,13 @@ def study_status(spec, study_name: str | None = None) -> dict:
 def format_status(st: dict) -> str:
     lines = [f"study {st['study']}: {st['counted']}/{st['n_trials_target'] or '?'} trials counted "
              f"({', '.join(f'{v} {k}' for k, v in st['trials'].items() if v)})"]
+    if st["infeasible"] is not None:
+        lines.append(f"best = {st['best_rule']}; {st['infeasible']} completed trial(s) infeasible")
     if st["best"]:
         lines.append(f"best: trial {st['best']['number']}  mean {st['best']['mean']:.4f}  "
                      + "  ".join(f"{k} {v:.3f}" for k, v in (st['best']['scores'] or {}).items()))
+    elif st["infeasible"]:
+        lines.append("best: none yet (no completed trial meets the constraints)")
     if st["best_baseline"]:
         name, v = st["best_baseline"]
         lines.append(f"best baseline: {name}  mean {v:.4f}")
@@ -164,7 +175,7 @@ def export_trial(spec, which: str | int, out: str | Path, *, force: bool = False
     from mergesearch.checkpoints import save_model
     from mergesearch.errors import OperatorError
     from mergesearch.merge import plan_to_mergekit, plan_to_recipe, write_recipe
-    from mergesearch.study.runner import StudyRunner
+    from mergesearch.study.workbench import Workbench
 
     out = Path(out).expanduser()
     if out.exists() and not force:
@@ -175,7 +186,9 @@ def export_trial(spec, which: str | int, out: str | Path, *, force: bool = False
     trial = R.pick_trial(study, which)
     if device:
         cfg = cfg.model_copy(update={"merge": cfg.merge.model_copy(update={"device": device})})
-    runner = StudyRunner(cfg, load_evaluator=False)
+    if str(which) == "best":
+        log.info("exporting trial %d: best = %s", trial.number, R.best_rule(study))
+    runner = Workbench(cfg, load_evaluator=False)
     if runner.fingerprint != R.meta(study).get("space_fingerprint"):
         raise StudyError("the config's search space differs from the study's: export with the study's own YAML")
     baseline = R.baseline_name(trial)
@@ -191,16 +204,18 @@ def export_trial(spec, which: str | int, out: str | Path, *, force: bool = False
         mk, mk_reason = None, str(exc)
     else:
         mk_reason = None
-    fitted = trial.user_attrs.get(R.FIT_KEY) if not baseline else None
+    fitted = R.record(trial).get(R.FIT_KEY) if not baseline else None
     if fitted and mk is None:
         mk_reason = f"{mk_reason} (fitted coefficients: {len(fitted['coef'])} per expert and {fitted['granularity']} cell)"
     provenance = {
-        "tool": f"mergesearch export (study {study.study_name}, trial {trial.number})",
+        "tool": f"mergesearch export (study {study.study_name}, trial {baseline or trial.number})",
         "fit": ({k: fitted[k] for k in ("granularity", "objective", "best_step", "steps_run", "history")}
                 if fitted else None),
-        "study": study.study_name, "trial": trial.number, "baseline": baseline,
-        "calib_scores": trial.user_attrs.get("objective_scores"), "values": trial.values,
-        "test_scores": R.test_scores(study).get(trial.number),
+        "study": study.study_name, "trial": None if baseline else trial.number, "baseline": baseline,
+        "calib_scores": R.objective_scores(trial), "values": trial.values,
+        "test_scores": R.test_score(study, trial),
+        "picked_by": R.best_rule(study) if str(which) == "best" else f"--trial {which}",
+        "feasible": R.is_feasible(study, trial),
         "recipe": recipe, "base": runner.mat.base.fingerprint(),
         "experts": [e.fingerprint() for e in runner.mat.experts],
     }
@@ -226,15 +241,15 @@ def validate_study(path: str | Path) -> dict:
     Returns a summary with the number of searched parameters and an estimated time per trial.
     """
     from mergesearch.checkpoints import check_compatible, open_checkpoint
-    from mergesearch.study.runner import _load_tasks, build_space
+    from mergesearch.study.workbench import build_space, load_tasks
 
     cfg = load_config(path)
     base = open_checkpoint(cfg.models.base)
     experts = [open_checkpoint(p) for p in cfg.models.experts.values()]
     check_compatible(base, experts, merge_common_vocab=cfg.models.merge_common_vocab)
     space = build_space(cfg, base, experts)
-    tasks = _load_tasks(cfg, "calib")
-    _load_tasks(cfg, "test")
+    tasks = load_tasks(cfg, "calib")
+    load_tasks(cfg, "test")
     n_examples = sum(len(t) for t in tasks if t.kind != "lmeval")
     est = estimate_trial_seconds(base.num_parameters, len(experts), cfg.merge.dtype, n_examples)
     fit = None

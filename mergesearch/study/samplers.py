@@ -9,7 +9,6 @@ from collections.abc import Callable, Sequence
 import optuna
 
 from mergesearch.errors import ConfigError
-from mergesearch.study import records as R
 
 log = logging.getLogger(__name__)
 
@@ -44,64 +43,7 @@ def make_sampler(name: str, *, seed: int, n_params: int, n_objectives: int = 1,
     with warnings.catch_warnings():  # x0 and GPSampler carry Optuna deprecation/experimental warnings
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         warnings.simplefilter("ignore", FutureWarning)
-        inner = _build(chosen, seed, x0, constraints_func, n_startup_trials, consider_pruned)
-        return SearchTrialsOnly(inner), reason
-
-
-class _SearchView:
-    """A study as a sampler should see it: the baselines hidden.
-
-    Baselines are COMPLETE trials without parameters (they need not be points of the search space).
-    Optuna's relative samplers (CMA-ES, multivariate TPE, GP, NSGA-II) take the intersection of the
-    parameters of all completed trials as their search space; one parameter-less trial makes it
-    empty and they silently fall back to independent random sampling. Everything else (storage,
-    directions, system attributes) passes through to the real study.
-    """
-
-    def __init__(self, study: optuna.Study):
-        self._study = study
-
-    def __getattr__(self, name):
-        return getattr(self._study, name)
-
-    def get_trials(self, deepcopy: bool = True, states=None):
-        return [t for t in self._study.get_trials(deepcopy=deepcopy, states=states) if R.is_search_trial(t)]
-
-    def _get_trials(self, deepcopy: bool = True, states=None, use_cache: bool = False):
-        return [t for t in self._study._get_trials(deepcopy=deepcopy, states=states, use_cache=use_cache)
-                if R.is_search_trial(t)]
-
-    @property
-    def trials(self):
-        return self.get_trials()
-
-
-class SearchTrialsOnly(optuna.samplers.BaseSampler):
-    """Wraps an Optuna sampler so that it learns from the searched trials only (see `_SearchView`)."""
-
-    def __init__(self, inner: optuna.samplers.BaseSampler):
-        self.inner = inner
-
-    def __str__(self) -> str:
-        return type(self.inner).__name__
-
-    def infer_relative_search_space(self, study, trial):
-        return self.inner.infer_relative_search_space(_SearchView(study), trial)
-
-    def sample_relative(self, study, trial, search_space):
-        return self.inner.sample_relative(_SearchView(study), trial, search_space)
-
-    def sample_independent(self, study, trial, param_name, param_distribution):
-        return self.inner.sample_independent(_SearchView(study), trial, param_name, param_distribution)
-
-    def before_trial(self, study, trial) -> None:
-        self.inner.before_trial(_SearchView(study), trial)
-
-    def after_trial(self, study, trial, state, values) -> None:
-        self.inner.after_trial(_SearchView(study), trial, state, values)
-
-    def reseed_rng(self) -> None:
-        self.inner.reseed_rng()
+        return _build(chosen, seed, x0, constraints_func, n_startup_trials, consider_pruned), reason
 
 
 def _build(chosen: str, seed: int, x0, constraints_func, n_startup_trials: int,
@@ -133,8 +75,7 @@ def make_pruner(name: str, *, n_slices: int, n_objectives: int) -> optuna.pruner
     if name == "none" or n_objectives > 1 or n_slices < 2:
         return optuna.pruners.NopPruner()
     if name == "median":
-        # n_min_trials: the baselines are COMPLETE trials too and count towards n_startup_trials, so the
-        # median waits for 5 searched trials that reported at the step (baselines report nothing).
+        # n_min_trials: a median over fewer than 5 trials that reported at a step is noise.
         return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0, n_min_trials=5)
     if name == "halving":
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)

@@ -92,7 +92,7 @@ def _sqlite_begin(conn) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def _quietly(fn, *args, **kwargs):
+def quietly(fn, *args, **kwargs):
     """Call fn without Optuna's experimental-feature warnings (heartbeat and retry are stable in use)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -139,9 +139,9 @@ def open_storage(url: str, *, heartbeat: bool = True) -> BaseStorage:
                   else "failed_trial_callback")
         beat, grace = heartbeat_settings()
         kwargs.update(heartbeat_interval=beat, grace_period=grace)
-        kwargs[cb_arg] = _quietly(RetryFailedTrialCallback, max_retry=MAX_RETRY)
+        kwargs[cb_arg] = quietly(RetryFailedTrialCallback, max_retry=MAX_RETRY)
     try:
-        storage = _quietly(RDBStorage, driver_url, **kwargs)
+        storage = quietly(RDBStorage, driver_url, **kwargs)
     except Exception as exc:  # sqlalchemy / driver errors carry the useful text
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "DB access module" in first:
