@@ -193,7 +193,8 @@ class Workbench:
         result = None
         for step, result in enumerate(self.evaluator.iter_slices(n_slices)):
             if trial is not None and not self.per_task and step < n_slices - 1:
-                trial.report(self.objective_values(result)[0], step)
+                # step = slices scored so far: successive halving's first rung is at step min_resource = 1
+                trial.report(self.objective_values(result)[0], step + 1)
                 if trial.should_prune():
                     exc = optuna.TrialPruned()
                     exc.record = {"merge_s": t1 - t0, "eval_s": time.perf_counter() - t1, "device": self.device,
