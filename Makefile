@@ -25,11 +25,12 @@ test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
-# A benchmark exits 77 when this machine lacks its hardware (bench_gpu.py without CUDA): skipped, said so.
+# A benchmark exits 1 when it misses a target (its MISS lines say which) and 77 when this machine lacks its
+# hardware (bench_gpu.py without CUDA): skipped, said so. The first failing benchmark stops the run, named.
 bench: install
-	for f in benchmarks/bench_*.py; do $(BIN)/python $$f; rc=$$?; \
+	for f in benchmarks/bench_*.py; do echo "== $$f"; $(BIN)/python $$f; rc=$$?; \
 	  if [ $$rc -eq 77 ]; then echo "skipped $$f: needs hardware this machine lacks"; \
-	  elif [ $$rc -ne 0 ]; then exit 1; fi; done
+	  elif [ $$rc -ne 0 ]; then echo "make bench: $$f failed (exit $$rc)" >&2; exit 1; fi; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

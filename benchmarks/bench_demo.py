@@ -12,7 +12,8 @@ For each zoo seed, on the mean over skills of the held-out `test` splits:
 
 Targets: fit >= global + 8 and >= TA tuned + 10; distill >= TA tuned + 7; fit study >= fit - 1 (the
 search picks on a validation slice of ~60 questions per skill, so it may trade a point of test noise).
-Every pick is made on calib; only the reported numbers are read from test. Exit code 1 on a MISS.
+Every pick is made on calib; only the reported numbers are read from test. Each target prints an `ok` or
+`MISS` line per zoo seed; exit code 1 on a MISS.
 
     python benchmarks/bench_demo.py                        # zoo seeds 0,1,2 (built under zoo/ if needed)
     python benchmarks/bench_demo.py --zoo-seeds 0 --global-trials 60 --fit-trials 2
@@ -40,6 +41,14 @@ from mergesearch.config import config_from_dict, load_space  # noqa: E402
 from mergesearch.study import records as R  # noqa: E402
 from mergesearch.study import run_study  # noqa: E402
 from mergesearch.zoo import ensure_zoo, study_inputs  # noqa: E402
+
+from _checks import Checks  # noqa: E402
+
+# issue 13, in points of mean test accuracy, per zoo seed
+FIT_OVER_GLOBAL_TARGET = 8.0  # plain fit - global search, at least
+FIT_OVER_TA_TARGET = 10.0  # plain fit - tuned task arithmetic, at least
+DISTILL_OVER_TA_TARGET = 7.0  # distill fit - tuned task arithmetic, at least
+FIT_STUDY_BELOW_FIT_TARGET = 1.0  # plain fit - fit study's pick, at most
 
 
 def study_config(zoo: Path, yaml_name: str, storage: str, name: str, trials: int, seed: int, fit: dict | None = None):
@@ -118,23 +127,29 @@ def main(argv=None) -> int:
           f"{args.fit_trials} trials, study seed {args.study_seed}")
     print(f"{'zoo':>4} {'expert':>7} {'TA tuned':>9} {'global':>7} {'fit':>6} {'fit study':>10} {'distill':>8} "
           f"{'fit-global':>11} {'fit-TA':>7} {'distill-TA':>11}")
-    ok = True
     for r in rows:
         print(f"{r['zoo_seed']:>4} {r['best_expert']:7.1f} {r['ta_tuned']:9.1f} {r['global']:7.1f} {r['fit']:6.1f} "
               f"{r['fit_study']:10.1f} {r['distill']:8.1f} {r['fit'] - r['global']:+11.1f} "
               f"{r['fit'] - r['ta_tuned']:+7.1f} {r['distill'] - r['ta_tuned']:+11.1f}")
+    checks = Checks()
     for r in rows:
-        checks = {"fit >= global+8": r["fit"] - r["global"] >= 8, "fit >= TA+10": r["fit"] - r["ta_tuned"] >= 10,
-                  "distill >= TA+7": r["distill"] - r["ta_tuned"] >= 7,
-                  "fit study >= fit-1": r["fit_study"] >= r["fit"] - 1}
-        ok &= all(checks.values())
-        print(f"zoo seed {r['zoo_seed']}: " + ", ".join(f"{k} {'ok' if v else 'MISS'}" for k, v in checks.items())
-              + f"  ({r['n_coef']} coefficients, kept step {r['fit_steps']}; fit study picked trial "
+        z = f"zoo seed {r['zoo_seed']}"
+        print(f"{z}: {r['n_coef']} coefficients, kept step {r['fit_steps']}; fit study picked trial "
               f"{r['fit_study_trial']}, val {r['fit_study_val']:.1f} vs plain {r['fit_val']:.1f}; "
-              f"TA pick {r['ta_tuned_name']})")
+              f"TA pick {r['ta_tuned_name']}")
+        fit_global, fit_ta = r["fit"] - r["global"], r["fit"] - r["ta_tuned"]
+        distill_ta, fit_study = r["distill"] - r["ta_tuned"], r["fit_study"] - r["fit"]
+        checks.check(f"{z}: fit - global {fit_global:+.1f} (target >= +{FIT_OVER_GLOBAL_TARGET:g})",
+                     fit_global >= FIT_OVER_GLOBAL_TARGET)
+        checks.check(f"{z}: fit - TA tuned {fit_ta:+.1f} (target >= +{FIT_OVER_TA_TARGET:g})",
+                     fit_ta >= FIT_OVER_TA_TARGET)
+        checks.check(f"{z}: distill - TA tuned {distill_ta:+.1f} (target >= +{DISTILL_OVER_TA_TARGET:g})",
+                     distill_ta >= DISTILL_OVER_TA_TARGET)
+        checks.check(f"{z}: fit study - fit {fit_study:+.1f} (target >= -{FIT_STUDY_BELOW_FIT_TARGET:g})",
+                     fit_study >= -FIT_STUDY_BELOW_FIT_TARGET)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
-    return 0 if ok else 1
+    return checks.finish()
 
 
 if __name__ == "__main__":

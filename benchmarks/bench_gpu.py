@@ -15,7 +15,8 @@ Targets (first set without a GPU run to calibrate them; adjust them with the fir
 task_arithmetic >= 0.30 of device add bandwidth (fp32), streaming >= 0.50 of host-to-device copy
 bandwidth (task_arithmetic, fp32), evaluator >= 2x generate, whole script <= 300 s.
 
-Exit codes: 0 every target met, 1 a MISS, 77 no CUDA device here (nothing was measured).
+Each target prints an `ok` or `MISS` line. Exit codes: 0 every target met, 1 a MISS, 77 no CUDA device
+here (nothing was measured).
 
     .venv/bin/python benchmarks/bench_gpu.py
     .venv/bin/python benchmarks/bench_gpu.py --device cpu --size tiny --skip-tests   # smoke run of the script
@@ -43,9 +44,11 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _checks import Checks  # noqa: E402
+
 NO_DEVICE = 77
-BUDGET_S = 300.0
-TARGETS = {"ta_vs_add": 0.30, "stream_vs_h2d": 0.50, "eval_vs_generate": 2.0}
+BUDGET_S = 300.0  # the whole script, seconds, at most
+TARGETS = {"ta_vs_add": 0.30, "stream_vs_h2d": 0.50, "eval_vs_generate": 2.0}  # each: at least
 SIZES = {  # hidden, intermediate, layers, heads, vocab
     "tiny": (128, 256, 2, 4, 1000),
     "small": (768, 2048, 12, 12, 32000),
@@ -229,15 +232,16 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device: {name}; torch {torch.__version__}")
-    misses: list[str] = []
+    checks = Checks()
 
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
         folder = Path(tmp)
         if not args.skip_tests:
             counts, tail = run_gpu_tests(folder)
             print(f"\n1. gpu tests: {counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped")
-            if counts["failed"] or counts["skipped"] or not counts["passed"]:
-                misses.append("gpu tests")
+            if not checks.check(f"gpu tests: {counts['passed']} passed, {counts['failed']} failed, "
+                                f"{counts['skipped']} skipped (target: all passed, none skipped)",
+                                counts["passed"] and not counts["failed"] and not counts["skipped"]):
                 print(tail)
 
         base, experts, n_params = make_models(folder, args.size, device)
@@ -252,30 +256,24 @@ def main(argv=None) -> int:
                   f"{vs_ta:>6} {h2d} {r['prep_s']:7.1f}")
         ta = next(r for r in rows if r["dtype"] == "float32" and r["method"] == "task_arithmetic")
         st = next(r for r in rows if r["dtype"] == "float32" and r["method"] == "task_arithmetic (streaming)")
-        if ta["vs_add"] < TARGETS["ta_vs_add"]:
-            misses.append(f"task_arithmetic at {ta['vs_add']:.2f} of device add bandwidth (target "
-                          f">= {TARGETS['ta_vs_add']})")
-        if st["vs_h2d"] < TARGETS["stream_vs_h2d"]:
-            misses.append(f"streaming at {st['vs_h2d']:.2f} of host-to-device bandwidth (target "
-                          f">= {TARGETS['stream_vs_h2d']})")
+        checks.check(f"task_arithmetic float32 at {ta['vs_add']:.2f} of device add bandwidth (target "
+                     f">= {TARGETS['ta_vs_add']})", ta["vs_add"] >= TARGETS["ta_vs_add"])
+        checks.check(f"streaming float32 at {st['vs_h2d']:.2f} of host-to-device bandwidth (target "
+                     f">= {TARGETS['stream_vs_h2d']})", st["vs_h2d"] >= TARGETS["stream_vs_h2d"])
 
         ev = eval_row(folder, device, args.examples, args.batch_size, max(3, args.repeat // 2))
         print(f"\n3. evaluator: {ev['n']} exact-match prompts, batch {args.batch_size}: ours {ev['ours_s'] * 1e3:.0f} ms, "
               f"HF generate {ev['generate_s'] * 1e3:.0f} ms: {ev['speedup']:.1f}x; same decision on "
               f"{ev['same']}/{ev['n']} ({ev['hits']:.0f} hits)")
-        if ev["same"] != ev["n"]:
-            misses.append(f"evaluator and generate disagree on {ev['n'] - ev['same']} examples")
-        if ev["speedup"] < TARGETS["eval_vs_generate"]:
-            misses.append(f"evaluator {ev['speedup']:.1f}x generate (target >= {TARGETS['eval_vs_generate']}x)")
+        checks.check(f"evaluator and generate decide {ev['same']}/{ev['n']} examples alike (target: all)",
+                     ev["same"] == ev["n"])
+        checks.check(f"evaluator {ev['speedup']:.1f}x generate (target >= {TARGETS['eval_vs_generate']}x)",
+                     ev["speedup"] >= TARGETS["eval_vs_generate"])
 
     total = time.perf_counter() - t_start
-    print(f"\ntotal {total:.0f} s (budget {BUDGET_S:.0f} s)")
-    if total > BUDGET_S:
-        misses.append(f"took {total:.0f} s, over the {BUDGET_S:.0f} s budget")
-    for m in misses:
-        print(f"MISS: {m}")
-    print("HIT: every target met" if not misses else f"{len(misses)} MISS")
-    return 1 if misses else 0
+    print()
+    checks.check(f"whole script {total:.0f} s (budget {BUDGET_S:.0f} s)", total <= BUDGET_S)
+    return checks.finish()
 
 
 if __name__ == "__main__":

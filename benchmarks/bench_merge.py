@@ -7,7 +7,7 @@ fly and written to a temporary folder. For each dtype and method the table gives
   GB/s        bytes the merge must touch, (experts + 2) x model size, divided by that time
   add GB/s    same-run streaming bandwidth of torch.add(a, b, out=c) over the same bytes
   vs add      GB/s / add GB/s  (target: >= 0.60 for linear and task_arithmetic in fp32)
-  vs TA       ms/cand / task_arithmetic's ms/cand (target: <= 3 for ties and dare_ties)
+  vs TA       ms/cand / task_arithmetic's ms/cand (target: <= 3 for ties and dare_ties, in each dtype)
   prep s      one-off set-up (load sources, task vectors, sorted magnitudes, random fields),
               shared by the methods that need the same precomputation (listed after the first)
 
@@ -15,7 +15,7 @@ and, for fp32, the time of mergekit-yaml (CLI, subprocess) and of mergekit's in-
 run_merge for the same recipe, with our speed-up (targets: >= 20x and >= 5x).
 
 Timings are noisy on a shared machine: read the ratios, which compare numbers taken in the
-same run. Usage:
+same run. Each target the run measured prints an `ok` or `MISS` line; exit code 1 on a MISS. Usage:
 
     .venv/bin/python benchmarks/bench_merge.py            # 134M Llama: all methods fp32, 4 in bf16
     .venv/bin/python benchmarks/bench_merge.py --quick    # small model, 3 methods, no bf16
@@ -38,7 +38,16 @@ from pathlib import Path
 
 import torch
 
+from _checks import Checks
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ADD_SHARE_TARGET = 0.60  # GB/s / same-run torch.add GB/s, at least, in fp32 ...
+ADD_SHARE_METHODS = ("linear", "task_arithmetic")  # ... for these methods
+VS_TA_TARGET = 3.0  # ms/cand / task_arithmetic's ms/cand, at most, in each dtype ...
+VS_TA_METHODS = ("ties", "dare_ties")  # ... for these methods
+CLI_SPEEDUP_TARGET = 20.0  # mergekit-yaml s / our s per candidate, at least (fp32)
+RUN_MERGE_SPEEDUP_TARGET = 5.0  # mergekit's in-process run_merge s / our s, at least (fp32)
 
 ALL_METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
                "della", "della_linear", "slerp", "model_stock")
@@ -199,9 +208,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     methods = args.methods.split(",") if args.methods else list(QUICK_METHODS if args.quick else ALL_METHODS)
     dtypes = args.dtypes.split(",") if args.dtypes else (["float32"] if args.quick else ["float32", "bfloat16"])
-    mk_methods = [] if args.no_mergekit else [m for m in args.mergekit_methods.split(",") if m in methods]
+    # mergekit runs in fp32: it is compared with our fp32 time only
+    mk_methods = ([] if args.no_mergekit or "float32" not in dtypes
+                  else [m for m in args.mergekit_methods.split(",") if m in methods])
     bf16_methods = methods if (args.all or args.methods) else list(QUICK_METHODS)
 
+    checks = Checks()
     root = Path(tempfile.mkdtemp(prefix="bench_merge."))
     try:
         t0 = time.perf_counter()
@@ -226,6 +238,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 vs_ta = f"{sec / ta[0]:6.2f}" if ta else f"{'-':>6s}"
                 print(f"{method:18s} {sec * 1e3:9.1f} {gbs:7.1f} {add_bw:9.1f} {gbs / add_bw:7.2f} {vs_ta} "
                       f"{prep:7.1f}", flush=True)
+                if dtype == "float32" and method in ADD_SHARE_METHODS:
+                    checks.check(f"{method} {dtype}: {gbs / add_bw:.2f} of torch.add bandwidth "
+                                 f"(target >= {ADD_SHARE_TARGET:g})", gbs / add_bw >= ADD_SHARE_TARGET)
+                if ta and method in VS_TA_METHODS:
+                    checks.check(f"{method} {dtype}: {sec / ta[0]:.2f}x task_arithmetic's time per candidate "
+                                 f"(target <= {VS_TA_TARGET:g})", sec / ta[0] <= VS_TA_TARGET)
             del mats
             gc.collect()
         if mk_methods:
@@ -234,12 +252,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{'x run_merge':>11s}")
             for method in mk_methods:
                 cli, inproc = time_mergekit(method, base, experts, root)
-                sec = ours[("float32", method)][0] if ("float32", method) in ours else float("nan")
+                sec = ours[("float32", method)][0]
                 print(f"{method:18s} {cli:10.1f} {inproc:11.1f} {sec:8.3f} {cli / sec:7.0f} {inproc / sec:11.0f}",
                       flush=True)
+                checks.check(f"{method} float32: {cli / sec:.0f}x faster than mergekit-yaml "
+                             f"(target >= {CLI_SPEEDUP_TARGET:g}x)", cli / sec >= CLI_SPEEDUP_TARGET)
+                checks.check(f"{method} float32: {inproc / sec:.0f}x faster than mergekit's run_merge "
+                             f"(target >= {RUN_MERGE_SPEEDUP_TARGET:g}x)", inproc / sec >= RUN_MERGE_SPEEDUP_TARGET)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    return 0
+    return checks.finish()
 
 
 if __name__ == "__main__":

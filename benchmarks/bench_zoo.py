@@ -10,10 +10,13 @@ For each preset the table gives
   load        1-minute load average before / after (other engineers share the CPU: if load > 2,
               wall s overstates the build time on an idle machine; cpu s / threads bounds it from below)
 
-then, for every zoo built with a report, the targets of issue 4 (in accuracy points on the test splits):
+then, for every demo zoo, the targets of issue 4 (in accuracy points on the test splits):
 
   each expert beats the base on its skill by >= 15; best single model's mean >= 15 below the mean
   of the experts' own-skill scores; best simple merge >= best single model and >= 10 below that mean.
+
+The `test` preset is weak on purpose (mergesearch/zoo/presets.py): its report is printed, its merge
+targets are not checked. Each target checked prints an `ok` or `MISS` line; exit code 1 on a MISS.
 
 Usage:
     .venv/bin/python benchmarks/bench_zoo.py                    # test and demo presets (~6 min)
@@ -45,7 +48,15 @@ from mergesearch.zoo.skills import train_stream  # noqa: E402
 from mergesearch.zoo.tokenizer import build_char_tokenizer  # noqa: E402
 from mergesearch.zoo.train import CharCodec, make_model, mixed_pairs  # noqa: E402
 
-BUDGET_S = {"test": 60.0, "demo": 300.0}
+from _checks import Checks  # noqa: E402
+
+BUDGET_S = {"test": 60.0, "demo": 300.0}  # wall seconds of a build, at most, per preset
+# issue 4, in accuracy points on the test splits, for these presets' zoos
+MERGE_TARGET_PRESETS = ("demo",)
+EXPERT_GAIN_TARGET = 15.0  # each expert over the base on its own skill, at least
+SINGLE_GAP_TARGET = 15.0  # experts' own-skill mean - best single model's mean, at least
+MERGE_OVER_SINGLE_TARGET = 0.0  # best simple merge's mean - best single model's mean, at least
+MERGE_HEADROOM_TARGET = 10.0  # experts' own-skill mean - best simple merge's mean, at least
 
 
 def reference_seconds(preset: str, steps: int = 20) -> float:
@@ -75,14 +86,13 @@ def reference_seconds(preset: str, steps: int = 20) -> float:
         torch.set_num_threads(old)
 
 
-def targets(report: dict) -> list[tuple[str, float, float, bool]]:
-    """(target, measured points, required points, met) for issue 4's targets."""
+def targets(report: dict) -> list[tuple[str, float, float]]:
+    """(target, measured points, required points) for issue 4's targets: met when measured >= required."""
     s = report["summary"]
-    out = [(f"expert-{k} gain over base", 100 * g, 15.0, 100 * g >= 15.0) for k, g in s["expert_gain_over_base"].items()]
-    out.append(("own-skill mean - best single mean", 100 * s["single_gap"], 15.0, 100 * s["single_gap"] >= 15.0))
-    out.append(("best merge - best single mean", 100 * s["merge_minus_best_single"], 0.0,
-                s["merge_minus_best_single"] >= 0.0))
-    out.append(("own-skill mean - best merge mean", 100 * s["merge_headroom"], 10.0, 100 * s["merge_headroom"] >= 10.0))
+    out = [(f"expert-{k} gain over base", 100 * g, EXPERT_GAIN_TARGET) for k, g in s["expert_gain_over_base"].items()]
+    out.append(("own-skill mean - best single mean", 100 * s["single_gap"], SINGLE_GAP_TARGET))
+    out.append(("best merge - best single mean", 100 * s["merge_minus_best_single"], MERGE_OVER_SINGLE_TARGET))
+    out.append(("own-skill mean - best merge mean", 100 * s["merge_headroom"], MERGE_HEADROOM_TARGET))
     return out
 
 
@@ -115,22 +125,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
 
-    print(f"{'preset':8} {'seed':>4} {'wall s':>8} {'cpu s':>8} {'budget s':>9} {'ok':>3} {'ref s':>7} "
+    checks = Checks()
+    print(f"{'preset':8} {'seed':>4} {'wall s':>8} {'cpu s':>8} {'budget s':>9} {'ref s':>7} "
           f"{'wall/ref':>9} {'load':>11}")
     for r in results:
         budget = BUDGET_S.get(r["preset"], float("nan"))
         print(f"{r['preset']:8} {r['seed']:>4} {r['wall_s']:8.1f} {r['cpu_s']:8.1f} {budget:9.0f} "
-              f"{'yes' if r['wall_s'] <= budget else 'NO':>3} {r['ref_s']:7.2f} {r['wall_s'] / r['ref_s']:9.1f} "
-              f"{r['load'][0]:5.1f}/{r['load'][1]:<5.1f}")
+              f"{r['ref_s']:7.2f} {r['wall_s'] / r['ref_s']:9.1f} {r['load'][0]:5.1f}/{r['load'][1]:<5.1f}")
+        if r["preset"] in BUDGET_S:
+            checks.check(f"{r['preset']} seed {r['seed']}: built in {r['wall_s']:.1f} s (budget {budget:g} s)",
+                         r["wall_s"] <= budget)
     for r in results:
         print(f"\n{r['preset']} seed {r['seed']}: stage seconds {r['train_seconds']}")
         if r["report"]:
             print(format_report(r["report"]))
-            for name, got, need, ok in targets(r["report"]):
-                print(f"  {'ok ' if ok else 'MISS'} {name}: {got:+.1f} (need >= {need:g})")
+            if r["preset"] in MERGE_TARGET_PRESETS:
+                for name, got, need in targets(r["report"]):
+                    checks.check(f"{r['preset']} seed {r['seed']}: {name} {got:+.1f} points (target >= {need:g})",
+                                 got >= need)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    return 0
+    print()
+    return checks.finish()
 
 
 if __name__ == "__main__":
