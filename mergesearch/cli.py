@@ -218,7 +218,10 @@ def _cmd_status(args) -> int:
 def _add_export(sub) -> None:
     p = _parser("export", sub, "write a trial's merged model (HF folder), its recipe and a mergekit YAML")
     p.add_argument("study", help="study YAML, storage URL, or .db/.log file")
-    p.add_argument("--trial", default="best", help="'best' or a trial number")
+    p.add_argument("--trial", default="best",
+                   help="'best' (the best feasible trial: with constraints.max_drop_vs_base, no task more than that "
+                        "below the base model), a trial number, or a baseline by name (base, uniform, "
+                        "expert:NAME, task_arithmetic@0.7)")
     p.add_argument("--out", required=True, help="output folder (refused if it exists, unless --force)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--study-name", default=None, help="which study, when the storage holds several")
@@ -318,7 +321,8 @@ def _add_report(sub) -> None:
                 "trial, under a short summary of what was found. Read-only: run it again while the study runs.")
     p.add_argument("study", help="study YAML, storage URL, or .db/.log file")
     p.add_argument("--study-name", default=None, help="which study, when the storage holds several")
-    p.add_argument("--trial", default="best", help="trial of the coefficient heatmap: 'best' or a trial number")
+    p.add_argument("--trial", default="best",
+                   help="trial of the coefficient heatmap: 'best' (the best feasible trial) or a trial number")
     p.add_argument("--out", default="report.html", help="HTML file to write (replaced atomically)")
     p.set_defaults(func=_cmd_report)
 

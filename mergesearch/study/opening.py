@@ -64,7 +64,7 @@ def _check_resumable(old: optuna.Study, bench: Workbench, url: str) -> None:
         raise StudyError(f"study {name!r} was created with objectives {old_meta.get('objectives')}; "
                          "give the study a new name to change them")
     if any(not R.is_search_trial(t) for t in old.get_trials(deepcopy=False)):
-        raise StudyError(f"study {name!r} keeps its baselines among its trials (mergesearch < 0.4): its samplers "
+        raise StudyError(f"study {name!r} keeps its baselines among its trials (made by an earlier mergesearch): its samplers "
                          "would sample at random; give the study a new name to start it afresh")
 
 
