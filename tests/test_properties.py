@@ -19,7 +19,9 @@ from mergesearch import operators
 from mergesearch.checkpoints import open_checkpoint, task_vector_stats
 from mergesearch.config import ParamSpec, SpaceConfig
 from mergesearch.errors import CandidateError
-from mergesearch.merge import Materializer, Plan, load_recipe, materialize_recipe, plan_to_recipe, write_recipe
+from mergesearch.materializer import Materializer, materialize_recipe
+from mergesearch.plan import Plan
+from mergesearch.recipe import load_recipe, plan_to_recipe, write_recipe
 from mergesearch.space import SearchSpace, allocate_chunks, layer_importance
 
 from conftest import make_tiny_model
