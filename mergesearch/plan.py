@@ -18,6 +18,7 @@ from mergesearch import operators
 from mergesearch.checkpoints import TensorInfo
 from mergesearch.errors import ConfigError, OperatorError
 from mergesearch.operators import Operator, num_chunks
+from mergesearch.operators.task_arithmetic import della_out_of_range, della_range_message
 
 __all__ = ["Plan", "per_tensor_chunks"]
 
@@ -102,12 +103,12 @@ class Plan:
                     f"(expert {e}, chunk {c}) is outside its range [{p.low:g}, {p.high:g}]")
         if "epsilon" in self.params:
             d, eps = self.params["density"], self.params["epsilon"]
-            bad = used & (d < 1) & (d > 0) & ((d + eps >= 1) | (d - eps <= 0))
+            bad = used & della_out_of_range(d, eps)
             if bool(bad.any()):
                 i, e, c = (int(x) for x in bad.nonzero()[0])
-                raise OperatorError(
-                    f"{self.method}: density {float(d[i, e, c]):g} +/- epsilon {float(eps[i, e, c]):g} must stay "
-                    f"inside (0, 1) (tensor {self.tensor_names[i]}, expert {e}); lower epsilon")
+                msg = della_range_message(float(d[i, e, c]), float(eps[i, e, c]),
+                                          f" (tensor {self.tensor_names[i]}, expert {e})")
+                raise OperatorError(f"{self.method}: {msg}")
 
 
 def per_tensor_chunks(chunks: int | Sequence[int], n: int) -> list[int]:

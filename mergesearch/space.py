@@ -26,6 +26,7 @@ from mergesearch import operators
 from mergesearch.checkpoints import MODULE_GROUPS, TensorInfo
 from mergesearch.config import SpaceConfig
 from mergesearch.errors import ConfigError, OperatorError
+from mergesearch.operators.task_arithmetic import della_epsilon_cap
 
 
 @dataclass(frozen=True)
@@ -42,8 +43,6 @@ class Slot:
     high: float
     log: bool = False
 
-
-_EPS_MARGIN = 1e-3  # DELLA: how far inside (0, 1) density +/- epsilon is kept
 
 _KEY_RE = re.compile(r"^(?P<param>\w+)(\[(?P<expert>[^\]]+)\])?@(?P<group>[A-Za-z0-9]+)"
                      r"(\.(?P<module>[a-z0-9_]+))?(#(?P<chunk>\d+))?$")
@@ -246,13 +245,9 @@ class SearchSpace:
                                                     dtype=torch.float32)])
         out = {name: vec[ix] for name, ix in self.index.items()}
         if "epsilon" in out and "density" in out:
-            # DELLA needs density +/- epsilon inside (0, 1); density and epsilon are searched
-            # independently, so epsilon is capped where a density sits near 0 or 1 (density 1 keeps
-            # everything and ignores epsilon).
-            d = out["density"]
-            room = torch.minimum(d, 1.0 - d) - _EPS_MARGIN
-            capped = torch.minimum(out["epsilon"], room.clamp_min(0.0))
-            out["epsilon"] = torch.where((d > 0) & (d < 1), capped, out["epsilon"])
+            # density and epsilon are searched independently, so epsilon is capped where a density
+            # sits near 0 or 1 to keep every candidate inside DELLA's rule
+            out["epsilon"] = della_epsilon_cap(out["density"], out["epsilon"])
         return out
 
     def point(self, **overrides: float) -> dict[str, float]:
