@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -228,9 +227,6 @@ class SearchSpace:
         """(n_tensors, n_experts or 1, max_chunks) long: the slot each entry of `param` reads, -1 where fixed."""
         return self.index[param] - len(self._fixed_names)
 
-    def distributions(self) -> dict[str, optuna.distributions.FloatDistribution]:
-        return {s.key: optuna.distributions.FloatDistribution(s.low, s.high, log=s.log) for s in self.slots}
-
     def suggest(self, trial: optuna.trial.BaseTrial) -> dict[str, float]:
         """Ask the trial for every slot's value (in slot order, so samplers see a stable space)."""
         return {s.key: trial.suggest_float(s.key, s.low, s.high, log=s.log) for s in self.slots}
@@ -282,7 +278,3 @@ class SearchSpace:
 def layer_importance(delta_sq: torch.Tensor, num_layers: int) -> list[float]:
     """Per-layer weight of the task vectors (sum over experts of their norms), for chunk allocation."""
     return [float(v) for v in delta_sq[:, :num_layers].sqrt().sum(0)]
-
-
-def is_finite_point(values: Mapping[str, float]) -> bool:
-    return all(math.isfinite(v) for v in values.values())
