@@ -63,7 +63,8 @@ def _setup(base, experts, zoo, *, granularity: str, chunks: int, batch: int, dty
     from mergesearch.config import SpaceConfig
     from mergesearch.evaluate import load_task
     from mergesearch.fit import CoefficientFitter, FitOptions, split_calib
-    from mergesearch.merge import Materializer, Plan
+    from mergesearch.materializer import Materializer
+    from mergesearch.plan import Plan
     from mergesearch.space import SearchSpace
     from mergesearch.zoo import load_manifest
 

@@ -147,7 +147,7 @@ def h2d_bandwidth(numel: int, dtype: torch.dtype, device: torch.device, repeat: 
 
 
 def merge_rows(base: Path, experts: list[Path], n_params: int, device: torch.device, repeat: int) -> list[dict]:
-    from mergesearch.merge import Materializer
+    from mergesearch.materializer import Materializer
 
     rows = []
     for dtype in ("float32", "bfloat16"):

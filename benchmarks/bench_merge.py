@@ -137,7 +137,7 @@ class _Materializers:
 
     def get(self, method: str):
         from mergesearch import operators
-        from mergesearch.merge import Materializer
+        from mergesearch.materializer import Materializer
 
         op = operators.get(method)
         key = (op.prepare, method == "slerp")
@@ -154,7 +154,7 @@ class _Materializers:
 
 
 def time_ours(mats: _Materializers, method: str, repeat: int, budget_s: float = 8.0) -> tuple[float, float]:
-    from mergesearch.merge import recipe_from_dict
+    from mergesearch.recipe import recipe_from_dict
 
     m, prep = mats.get(method)
     recipe = recipe_from_dict(mergekit_recipe(method, mats.base, mats.experts, mats.dtype))

@@ -242,6 +242,14 @@ def open_checkpoint(path: str | os.PathLike | Checkpoint) -> Checkpoint:
     return path if isinstance(path, Checkpoint) else Checkpoint(path)
 
 
+def same_path(a: Path, b: Path) -> bool:
+    """Whether two paths name the same folder (a base listed among the experts is merged as a zero delta)."""
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return a == b
+
+
 def check_compatible(base: Checkpoint, experts: Sequence[Checkpoint], *, merge_common_vocab: bool = False) -> None:
     """Raise one CheckpointError listing every mismatch between the base and the experts."""
     problems: list[str] = []

@@ -148,7 +148,7 @@ def _add_merge(sub) -> None:
 
 
 def _cmd_merge(args) -> int:
-    from mergesearch.merge import merge_recipe
+    from mergesearch.materializer import merge_recipe
 
     out = merge_recipe(args.recipe, args.out, force=args.force, device=args.device, dtype=args.dtype)
     print(f"merged model written to {out}")

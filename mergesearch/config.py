@@ -19,10 +19,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mergesearch.errors import ConfigError, did_you_mean
 
-SAMPLERS = ("auto", "tpe", "cmaes", "gp", "nsga2", "random")
-PRUNERS = ("none", "median", "halving")
-METRICS = ("exact_match", "acc", "acc_norm", "logprob")
-
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")

@@ -34,7 +34,8 @@ from mergesearch import operators
 from mergesearch.errors import ConfigError, TaskError
 from mergesearch.evaluate import _scoring as S
 from mergesearch.evaluate.tasks import Task
-from mergesearch.merge import Materializer, Plan
+from mergesearch.materializer import Materializer
+from mergesearch.plan import Plan
 from mergesearch.space import SearchSpace
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from mergesearch import operators
 from mergesearch.checkpoints import MODULE_GROUPS, TensorInfo
 from mergesearch.config import SpaceConfig
 from mergesearch.errors import ConfigError, OperatorError
+from mergesearch.operators.task_arithmetic import della_epsilon_cap
 
 
 @dataclass(frozen=True)
@@ -42,8 +42,6 @@ class Slot:
     high: float
     log: bool = False
 
-
-_EPS_MARGIN = 1e-3  # DELLA: how far inside (0, 1) density +/- epsilon is kept
 
 _KEY_RE = re.compile(r"^(?P<param>\w+)(\[(?P<expert>[^\]]+)\])?@(?P<group>[A-Za-z0-9]+)"
                      r"(\.(?P<module>[a-z0-9_]+))?(#(?P<chunk>\d+))?$")
@@ -229,9 +227,6 @@ class SearchSpace:
         """(n_tensors, n_experts or 1, max_chunks) long: the slot each entry of `param` reads, -1 where fixed."""
         return self.index[param] - len(self._fixed_names)
 
-    def distributions(self) -> dict[str, optuna.distributions.FloatDistribution]:
-        return {s.key: optuna.distributions.FloatDistribution(s.low, s.high, log=s.log) for s in self.slots}
-
     def suggest(self, trial: optuna.trial.BaseTrial) -> dict[str, float]:
         """Ask the trial for every slot's value (in slot order, so samplers see a stable space)."""
         return {s.key: trial.suggest_float(s.key, s.low, s.high, log=s.log) for s in self.slots}
@@ -246,13 +241,9 @@ class SearchSpace:
                                                     dtype=torch.float32)])
         out = {name: vec[ix] for name, ix in self.index.items()}
         if "epsilon" in out and "density" in out:
-            # DELLA needs density +/- epsilon inside (0, 1); density and epsilon are searched
-            # independently, so epsilon is capped where a density sits near 0 or 1 (density 1 keeps
-            # everything and ignores epsilon).
-            d = out["density"]
-            room = torch.minimum(d, 1.0 - d) - _EPS_MARGIN
-            capped = torch.minimum(out["epsilon"], room.clamp_min(0.0))
-            out["epsilon"] = torch.where((d > 0) & (d < 1), capped, out["epsilon"])
+            # density and epsilon are searched independently, so epsilon is capped where a density
+            # sits near 0 or 1 to keep every candidate inside DELLA's rule
+            out["epsilon"] = della_epsilon_cap(out["density"], out["epsilon"])
         return out
 
     def point(self, **overrides: float) -> dict[str, float]:
@@ -287,7 +278,3 @@ class SearchSpace:
 def layer_importance(delta_sq: torch.Tensor, num_layers: int) -> list[float]:
     """Per-layer weight of the task vectors (sum over experts of their norms), for chunk allocation."""
     return [float(v) for v in delta_sq[:, :num_layers].sqrt().sum(0)]
-
-
-def is_finite_point(values: Mapping[str, float]) -> bool:
-    return all(math.isfinite(v) for v in values.values())

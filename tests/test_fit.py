@@ -21,7 +21,8 @@ from mergesearch.config import SpaceConfig, config_from_dict, load_config
 from mergesearch.errors import ConfigError
 from mergesearch.evaluate import load_task
 from mergesearch.fit import CoefficientFitter, FitOptions, split_calib
-from mergesearch.merge import Materializer, Plan
+from mergesearch.materializer import Materializer
+from mergesearch.plan import Plan
 from mergesearch.operators import Scratch
 from mergesearch.space import SearchSpace
 from mergesearch.study import export_trial, run_study

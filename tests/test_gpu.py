@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mergesearch.merge import Materializer
+from mergesearch.materializer import Materializer
 
 pytestmark = pytest.mark.gpu
 

@@ -12,16 +12,9 @@ from safetensors.torch import load_file, save_file
 
 from mergesearch.cli import main
 from mergesearch.errors import CandidateError, CheckpointError, ConfigError, MergeSearchError, OperatorError
-from mergesearch.merge import (
-    Materializer,
-    Plan,
-    load_recipe,
-    materialize_recipe,
-    plan_to_mergekit,
-    plan_to_recipe,
-    recipe_from_dict,
-    write_recipe,
-)
+from mergesearch.materializer import Materializer, materialize_recipe
+from mergesearch.plan import Plan
+from mergesearch.recipe import load_recipe, plan_to_mergekit, plan_to_recipe, recipe_from_dict, write_recipe
 
 
 def _weights(path):

@@ -205,3 +205,31 @@ def test_slerp_takes_exactly_one_expert():
     base, experts = _sources(n=2)
     with pytest.raises(OperatorError, match="exactly 1"):
         merge_tensor("slerp", base, experts)
+
+
+@pytest.mark.parametrize(("density", "epsilon", "bad"), [
+    (0.5, 0.1, False), (0.9, 0.2, True), (0.1, 0.1, True), (0.12, 0.119, False), (1.0, 0.3, False), (0.0, 0.3, False),
+])
+def test_della_rule_is_one_rule_for_kernel_plan_and_space(density, epsilon, bad):
+    """The kernel refuses, and Plan.validate rejects, exactly the pairs `della_out_of_range` flags;
+    the search space's cap always lands inside it."""
+    from mergesearch.checkpoints import TensorInfo
+    from mergesearch.errors import CandidateError
+    from mergesearch.operators.task_arithmetic import della_epsilon_cap, della_out_of_range
+    from mergesearch.plan import Plan
+
+    assert bool(della_out_of_range(density, epsilon)) is bad
+    assert bool(della_out_of_range(torch.tensor(density), torch.tensor(epsilon))) is bad
+    base, experts = _sources(n=1)
+    plan = Plan.full("della", [TensorInfo("w", tuple(base.shape), torch.float32, 0, "mlp_up")], 1, density=density,
+                     epsilon=epsilon)
+    if bad:
+        with pytest.raises(CandidateError, match=r"must stay inside \(0, 1\)"):
+            merge_tensor("della", base, experts, density=density, epsilon=epsilon)
+        with pytest.raises(OperatorError, match=r"must stay inside \(0, 1\) \(tensor w, expert 0\)"):
+            plan.validate()
+    else:
+        merge_tensor("della", base, experts, density=density, epsilon=epsilon)
+        plan.validate()
+    capped = della_epsilon_cap(torch.tensor(density), torch.tensor(epsilon))
+    assert not bool(della_out_of_range(torch.tensor(density), capped))

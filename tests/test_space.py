@@ -4,7 +4,7 @@ import torch
 from mergesearch.checkpoints import open_checkpoint
 from mergesearch.config import SpaceConfig
 from mergesearch.errors import ConfigError, OperatorError
-from mergesearch.merge import Plan
+from mergesearch.plan import Plan
 from mergesearch.space import SearchSpace, allocate_chunks, parse_key, slot_key
 
 from conftest import make_tiny_model

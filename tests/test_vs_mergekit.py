@@ -24,7 +24,7 @@ from mergekit.options import MergeOptions  # noqa: E402
 from mergekit.sparsify import bernoulli, della_magprune  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from mergesearch.merge import materialize_recipe  # noqa: E402
+from mergesearch.materializer import materialize_recipe  # noqa: E402
 from mergesearch.operators import merge_tensor  # noqa: E402
 
 

@@ -322,7 +322,6 @@ class GenBatch:
     items: list[GenItem]
     prefix: Prefix
     input_ids: torch.Tensor  # (B, L) whole sequences after the shared prefix, right-padded
-    attention_mask: torch.Tensor | None  # (B, P + L) with a prefix; None: plain causal pass
     position_ids: torch.Tensor | None  # (B, L)
     ll_pos: torch.Tensor  # (B, C) positions (after the prefix) whose logits predict the scored answer tokens
     ll_tok: torch.Tensor  # (B, C) those tokens
@@ -335,11 +334,8 @@ def build_gen_batch(items: list[GenItem], device, pad: int, one_pass: bool) -> G
     prefix = _make_prefix([it.whole for it in items], min(it.n_context for it in items) - 1, device)
     p = prefix.length
     ids = _pad([it.whole[p:] for it in items], pad, device)
-    mask = pos = None
+    pos = None
     if p:
-        lengths = torch.tensor([len(it.whole) - p for it in items])
-        mask = torch.cat([torch.ones((len(items), p), dtype=torch.long),
-                          (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()], dim=1).to(device)
         pos = (p + torch.arange(ids.shape[1], device=device)).expand(len(items), -1)
     ll_rows = [list(range(it.n_context - 1 - p, len(it.whole) - 1 - p)) for it in items]
     width = max(len(r) for r in ll_rows)
@@ -357,7 +353,7 @@ def build_gen_batch(items: list[GenItem], device, pad: int, one_pass: bool) -> G
         for i, it in enumerate(items):
             g_pos[i, : len(it.whole) - it.gen_start + 1] = torch.arange(it.gen_start - 1 - p, len(it.whole) - p)
         g_pos = g_pos.to(device)
-    return GenBatch(items, prefix, ids, mask, pos, ll_pos.to(device), ll_tok.to(device), ll_mask.to(device), g_pos)
+    return GenBatch(items, prefix, ids, pos, ll_pos.to(device), ll_tok.to(device), ll_mask.to(device), g_pos)
 
 
 @dataclass

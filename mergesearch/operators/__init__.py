@@ -16,7 +16,7 @@ and the search space. Semantics follow mergekit (merge_methods/, sparsify.py) so
 recipe means the same thing in both tools; see each family's module docstring.
 
 `merge_tensor` is the convenience entry point on plain tensors (no checkpoint, no model):
-the materialiser in `mergesearch.merge` runs the same kernels on cached sources.
+the materialiser in `mergesearch.materializer` runs the same kernels on cached sources.
 """
 
 from __future__ import annotations

@@ -61,6 +61,33 @@ EPSILON = Param("epsilon", 0.0, 0.5, 0.15,
                 per_expert=True, search=(0.01, 0.2))
 
 
+# --- DELLA's rule: density +/- epsilon inside (0, 1) ------------------------------------------------
+# Stated once here; the kernel (`_sparse_spec`), Plan.validate and the search space all apply it.
+
+DELLA_MARGIN = 1e-3  # how far inside (0, 1) a search space keeps density +/- epsilon
+
+
+def della_out_of_range(density, epsilon):
+    """Where DELLA's keep probabilities density +/- epsilon leave (0, 1); floats or tensors alike.
+
+    A density of 0 or 1 (keep none / keep all) ignores epsilon, so it never breaks the rule.
+    """
+    return (density > 0) & (density < 1) & ((density + epsilon >= 1) | (density - epsilon <= 0))
+
+
+def della_epsilon_cap(density: torch.Tensor, epsilon: torch.Tensor, margin: float = DELLA_MARGIN) -> torch.Tensor:
+    """`epsilon` lowered where needed so that density +/- epsilon stays `margin` inside (0, 1)."""
+    room = torch.minimum(density, 1.0 - density) - margin
+    capped = torch.minimum(epsilon, room.clamp_min(0.0))
+    return torch.where((density > 0) & (density < 1), capped, epsilon)
+
+
+def della_range_message(density: float, epsilon: float, where: str = "") -> str:
+    """The error text for a density/epsilon pair that breaks the rule (`where`: which tensor, if known)."""
+    return (f"density {density:g} +/- epsilon {epsilon:g} must stay inside (0, 1){where}; "
+            "lower epsilon or move density away from 0 and 1")
+
+
 # --- precomputation (once per chunk) ---------------------------------------------------------------
 
 
@@ -158,11 +185,8 @@ def _sparse_spec(kind: str, e: int, n: int, p, state):
         if density <= 0.0:
             return ("zero",)
         eps = p["epsilon"][e]
-        if density + eps >= 1.0 or density - eps <= 0.0:
-            raise CandidateError(
-                f"della: density {density:g} +/- epsilon {eps:g} must stay inside (0, 1); "
-                "lower epsilon or move density away from 0 and 1"
-            )
+        if della_out_of_range(density, eps):
+            raise CandidateError(f"della: {della_range_message(density, eps)}")
         return ("della", 2.0 * eps, density - eps)
     raise AssertionError(kind)
 

@@ -409,7 +409,6 @@ class ImportanceInfo:
     by_param: dict[str, float]  # slot key -> importance (sums to 1), largest first
     by_layer: dict[str, float]  # layer group -> summed importance, in depth order
     by_expert: dict[str, float]
-    by_kind: dict[str, float]  # weight / density / ...
     note: str | None = None  # why there is nothing to show
 
 
@@ -428,7 +427,7 @@ def importance_info(study: optuna.Study, *, min_trials: int = MIN_IMPORTANCE_TRI
     if trials:
         common = set.intersection(*(set(t.params) for t in trials))
         trials = [t for t in trials if set(t.params) == common]
-    empty = ImportanceInfo(len(trials), name, target, {}, {}, {}, {})
+    empty = ImportanceInfo(len(trials), name, target, {}, {}, {})
     if len(trials) < min_trials:
         empty.note = (f"{len(trials)} completed searched trials: importances need at least {min_trials}; "
                       "regenerate the report later")
@@ -445,7 +444,6 @@ def importance_info(study: optuna.Study, *, min_trials: int = MIN_IMPORTANCE_TRI
         return empty
     by_layer: dict[str, float] = {}
     by_expert: dict[str, float] = {}
-    by_kind: dict[str, float] = {}
     for key, v in imp.items():
         try:
             k = parse_key(key)
@@ -454,9 +452,8 @@ def importance_info(study: optuna.Study, *, min_trials: int = MIN_IMPORTANCE_TRI
         by_layer[k["group"]] = by_layer.get(k["group"], 0.0) + v
         e = k["expert"] or "(shared)"
         by_expert[e] = by_expert.get(e, 0.0) + v
-        by_kind[k["param"]] = by_kind.get(k["param"], 0.0) + v
     by_layer = {g: by_layer[g] for g in sorted(by_layer, key=_group_sort_key)}
-    return ImportanceInfo(len(trials), name, target, dict(imp), by_layer, by_expert, by_kind)
+    return ImportanceInfo(len(trials), name, target, dict(imp), by_layer, by_expert)
 
 
 # --- calibration vs test ------------------------------------------------------------------------

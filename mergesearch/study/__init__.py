@@ -174,7 +174,7 @@ def export_trial(spec, which: str | int, out: str | Path, *, force: bool = False
     """Write a trial's merged model (HF folder), its recipe in our format and, where expressible, mergekit's."""
     from mergesearch.checkpoints import save_model
     from mergesearch.errors import OperatorError
-    from mergesearch.merge import plan_to_mergekit, plan_to_recipe, write_recipe
+    from mergesearch.recipe import plan_to_mergekit, plan_to_recipe, write_recipe
     from mergesearch.study.workbench import Workbench
 
     out = Path(out).expanduser()

@@ -22,7 +22,7 @@ from mergesearch import operators
 from mergesearch.config import Config, FitConfig, SpaceConfig
 from mergesearch.errors import ConfigError
 from mergesearch.fit import CoefficientFitter, FitOptions, FitResult, split_calib
-from mergesearch.merge import Plan
+from mergesearch.plan import Plan
 from mergesearch.space import SearchSpace
 
 log = logging.getLogger(__name__)

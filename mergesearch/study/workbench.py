@@ -21,7 +21,8 @@ from mergesearch.checkpoints import check_compatible, open_checkpoint, task_vect
 from mergesearch.config import Config, SpaceConfig
 from mergesearch.errors import CandidateError, StudyError
 from mergesearch.fit import require_fittable
-from mergesearch.merge import Materializer, Plan
+from mergesearch.materializer import Materializer
+from mergesearch.plan import Plan
 from mergesearch.space import SearchSpace, allocate_chunks, layer_importance
 from mergesearch.study import records as R
 from mergesearch.study.fitting import FitStage, fit_fingerprint, fit_space_config, method_space_config

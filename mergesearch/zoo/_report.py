@@ -1,6 +1,6 @@
 """The zoo's closing table: test accuracy of the base, each expert and the simple merges.
 
-Merges come from the project's materialiser (mergesearch.merge) and scores from its evaluator
+Merges come from the project's materialiser (mergesearch.materializer) and scores from its evaluator
 (mergesearch.evaluate), so the table means exactly what a study's baselines mean.
 """
 
@@ -24,7 +24,7 @@ def zoo_report(zoo: Path, manifest: dict, *, progress: bool = True, device: str 
     from transformers import AutoTokenizer
 
     from mergesearch.evaluate import Evaluator, load_task
-    from mergesearch.merge import Materializer
+    from mergesearch.materializer import Materializer
 
     zoo = Path(zoo)
     skills = manifest["skills"]

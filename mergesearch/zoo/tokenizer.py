@@ -17,7 +17,6 @@ PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 SPECIALS = [PAD, BOS, EOS, UNK]
 # Printable ASCII and the newline: every zoo prompt, answer and BIG-bench arithmetic file fits.
 CHARS = ["\n"] + [chr(c) for c in range(32, 127)]
-TOKENIZERS = ("char", "bpe")
 
 
 def _wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:

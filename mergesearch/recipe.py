@@ -1,11 +1,9 @@
-"""The materialiser (the hot path of a search) and the recipe formats that feed it.
+"""Recipe formats <-> the canonical merge plan: our recipe and mergekit's YAML, read and written.
 
-A merge candidate is a `Plan`: the method name and, per declared parameter of the method, a
-float32 tensor of shape (n_tensors, n_experts or 1, C_max) giving the value for every tensor,
-expert and chunk (tensor i uses its first c_i chunks; the rest repeat its last chunk's value).
-A search space produces plans directly; users write recipes, which resolve to plans:
+Users write recipes; `Recipe.to_plan` resolves one to a `Plan` (mergesearch.plan) for given tensors,
+and `plan_to_recipe` / `plan_to_mergekit` write a plan back out (what `export` does).
 
-* our recipe (written by `export`, read and written here without loss):
+* our recipe (read and written here without loss):
 
       method: ties                       # any name in mergesearch.operators.names()
       base_model: ./base                 # paths relative to the recipe file (or the cwd)
@@ -37,16 +35,12 @@ A search space produces plans directly; users write recipes, which resolve to pl
   `{filter, value}` entries takes the first whose filter is a substring of the tensor name.
   `slices`/`modules` are not supported.
 
-`Materializer` loads the sources once (on the device, in the chosen dtype), keeps the task
-vectors and each method's precomputed state, allocates one transformers model and writes
-every candidate into its parameters in place: no new model, no disk I/O, one host sync per
-candidate (the final finiteness check).
+Files are written atomically (temp file + rename).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -60,116 +54,20 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
 from mergesearch import operators
-from mergesearch.checkpoints import (
-    MODULE_KINDS,
-    Checkpoint,
-    TensorInfo,
-    check_compatible,
-    open_checkpoint,
-    parse_dtype,
-    resolve_device,
-    save_model,
-)
-from mergesearch.errors import CandidateError, CheckpointError, ConfigError, OperatorError, did_you_mean
-from mergesearch.operators import Operator, Scratch, chunk_bounds, num_chunks
+from mergesearch.checkpoints import MODULE_KINDS, TensorInfo, parse_dtype, same_path
+from mergesearch.errors import ConfigError, OperatorError, did_you_mean
+from mergesearch.operators import Operator, num_chunks
+from mergesearch.plan import Plan
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "Plan", "Recipe", "Materializer", "load_recipe", "recipe_from_dict", "plan_to_recipe", "plan_to_mergekit",
-    "write_recipe", "materialize_recipe", "merge_recipe",
+    "Recipe", "load_recipe", "recipe_from_dict", "recipe_chunk_counts", "plan_to_recipe", "plan_to_mergekit",
+    "write_recipe",
 ]
 
 
-# --- Plan ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class Plan:
-    """One merge candidate in canonical form (see the module docstring)."""
-
-    method: str
-    tensor_names: tuple[str, ...]
-    chunks: tuple[int, ...]  # c_i: chunks of tensor i
-    n_experts: int
-    params: dict[str, torch.Tensor]  # name -> (n_tensors, n_experts or 1, C_max) float32
-
-    @property
-    def max_chunks(self) -> int:
-        return max(self.chunks, default=1)
-
-    @property
-    def operator(self) -> Operator:
-        return operators.get(self.method)
-
-    @classmethod
-    def full(cls, method: str, tensors: Sequence[TensorInfo], n_experts: int, *, chunks: int | Sequence[int] = 1,
-             **values: float | Sequence[float]) -> Plan:
-        """A plan with one value everywhere per parameter (scalar, or per-expert list); defaults elsewhere."""
-        op = operators.get(method)
-        for name in values:
-            op.param(name)
-        cs = tuple(num_chunks(t.shape, c) for t, c in zip(tensors, _per_tensor(chunks, len(tensors))))
-        cmax = max(cs, default=1)
-        params = {}
-        for p in op.params:
-            width = n_experts if p.per_expert else 1
-            v = values.get(p.name, p.default)
-            row = torch.tensor([float(x) for x in v] if isinstance(v, (list, tuple)) else [float(v)] * width,
-                               dtype=torch.float32)
-            if row.numel() != width:
-                raise OperatorError(f"{method}: {p.name} needs {width} value(s), got {row.numel()}")
-            params[p.name] = row.view(1, width, 1).expand(len(cs), width, cmax).contiguous()
-        return cls(method, tuple(t.name for t in tensors), cs, n_experts, params)
-
-    def canonical(self) -> Plan:
-        """A copy whose unused chunk slots repeat each tensor's last used chunk (for comparisons)."""
-        out = {}
-        for name, v in self.params.items():
-            v = v.clone()
-            for i, c in enumerate(self.chunks):
-                if c < v.shape[2]:
-                    v[i, :, c:] = v[i, :, c - 1:c]
-            out[name] = v
-        return Plan(self.method, self.tensor_names, self.chunks, self.n_experts, out)
-
-    def same_as(self, other: Plan) -> bool:
-        a, b = self.canonical(), other.canonical()
-        return (a.method == b.method and a.tensor_names == b.tensor_names and a.chunks == b.chunks
-                and a.n_experts == b.n_experts and a.params.keys() == b.params.keys()
-                and all(torch.equal(a.params[k], b.params[k]) for k in a.params))
-
-    def validate(self) -> None:
-        """OperatorError naming the first value outside its declared range (or a shape problem)."""
-        op = self.operator
-        op.check_experts(self.n_experts)
-        n, cmax = len(self.tensor_names), self.max_chunks
-        if len(self.chunks) != n:
-            raise OperatorError(f"plan has {n} tensors but {len(self.chunks)} chunk counts")
-        used = torch.arange(cmax).view(1, 1, cmax) < torch.tensor(self.chunks).view(n, 1, 1)
-        missing = [p.name for p in op.params if p.name not in self.params]
-        extra = [k for k in self.params if k not in op.param_names]
-        if missing or extra:
-            raise OperatorError(f"plan for {self.method!r}: missing parameters {missing}, unknown {extra}")
-        for p in op.params:
-            v = self.params[p.name]
-            width = self.n_experts if p.per_expert else 1
-            if tuple(v.shape) != (n, width, cmax):
-                raise OperatorError(f"plan parameter {p.name} has shape {tuple(v.shape)}, expected {(n, width, cmax)}")
-            bad = used & ((v < p.low) | (v > p.high) | torch.isnan(v))
-            if bool(bad.any()):
-                i, e, c = (int(x) for x in bad.nonzero()[0])
-                raise OperatorError(
-                    f"{self.method}: parameter {p.name}={float(v[i, e, c]):g} for tensor {self.tensor_names[i]} "
-                    f"(expert {e}, chunk {c}) is outside its range [{p.low:g}, {p.high:g}]")
-        if "epsilon" in self.params:
-            d, eps = self.params["density"], self.params["epsilon"]
-            bad = used & (d < 1) & (d > 0) & ((d + eps >= 1) | (d - eps <= 0))
-            if bool(bad.any()):
-                i, e, c = (int(x) for x in bad.nonzero()[0])
-                raise OperatorError(
-                    f"{self.method}: density {float(d[i, e, c]):g} +/- epsilon {float(eps[i, e, c]):g} must stay "
-                    f"inside (0, 1) (tensor {self.tensor_names[i]}, expert {e}); lower epsilon")
+# --- chunks ----------------------------------------------------------------------------------------
 
 
 def recipe_chunk_counts(chunks: int | Sequence[int], tensors: Sequence[TensorInfo], num_layers: int) -> list[int]:
@@ -184,15 +82,6 @@ def recipe_chunk_counts(chunks: int | Sequence[int], tensors: Sequence[TensorInf
 
 def _chunk_width(chunks: int | Sequence[int]) -> int:
     return chunks if isinstance(chunks, int) else max(chunks, default=1)
-
-
-def _per_tensor(chunks: int | Sequence[int], n: int) -> list[int]:
-    """Requested chunk count per tensor: one int for all, or one per tensor (chunks: auto)."""
-    if isinstance(chunks, int):
-        return [chunks] * n
-    if len(chunks) != n:
-        raise ConfigError(f"{len(chunks)} chunk counts given for {n} tensors")
-    return [int(c) for c in chunks]
 
 
 # --- value grammar (our recipe) --------------------------------------------------------------------
@@ -440,13 +329,6 @@ def _resolve_path(p: str, root: Path | None) -> Path:
     return path.resolve() if path.exists() else path
 
 
-def _same(a: Path, b: Path) -> bool:
-    try:
-        return a.resolve() == b.resolve()
-    except OSError:
-        return a == b
-
-
 def recipe_from_dict(data: Mapping, *, root: str | os.PathLike | None = None, where: str = "recipe") -> Recipe:
     """Parse either recipe format (ours: `method:`, mergekit: `merge_method:`) without touching the models."""
     if not isinstance(data, Mapping):
@@ -480,14 +362,14 @@ def recipe_from_dict(data: Mapping, *, root: str | os.PathLike | None = None, wh
             raise ConfigError(f"{where}: `models:` is empty; list the models to merge")
         base = _resolve_path(mk.base_model, root_p) if mk.base_model else None
         if op.name == "linear":
-            if base is not None and not any(_same(_resolve_path(m.model, root_p), base) for m in entries):
+            if base is not None and not any(same_path(_resolve_path(m.model, root_p), base) for m in entries):
                 entries.append(_ModelEntry(model=mk.base_model))  # as mergekit: base joins the inputs
             if base is None:
                 base = _resolve_path(entries[0].model, root_p)
         else:
             if base is None:
                 raise ConfigError(f"{where}: merge_method {op.name!r} needs `base_model:`")
-            entries = [m for m in entries if not _same(_resolve_path(m.model, root_p), base)]
+            entries = [m for m in entries if not same_path(_resolve_path(m.model, root_p), base)]
         return Recipe(method=op.name, base_model=base, models=[_resolve_path(m.model, root_p) for m in entries],
                       parameters=dict(mk.parameters or {}), model_parameters=[dict(m.parameters) for m in entries],
                       dtype=mk.dtype or "float32", chunks=1, seed=0, format="mergekit", source=dict(data))
@@ -682,258 +564,3 @@ def write_recipe(path: str | os.PathLike, recipe: Mapping) -> Path:
     return p
 
 
-# --- the materialiser ------------------------------------------------------------------------------
-
-
-class Materializer:
-    """Writes merge candidates into one preallocated transformers model, in place.
-
-    Sources (base weights and task vectors) are loaded once, on `device` in `dtype` (with
-    `streaming`, kept in CPU memory and copied per tensor to the device); the method's state
-    (sorted magnitudes, random fields, angles) is computed once per tensor chunk. Then
-    `materialize(plan)` costs about the memory traffic of reading the sources once and
-    writing the model once.
-    """
-
-    def __init__(self, base: str | os.PathLike | Checkpoint, experts: Sequence[str | os.PathLike | Checkpoint],
-                 method: str, *, dtype: str | torch.dtype = "float32", device: str | torch.device = "auto",
-                 chunks: int | Sequence[int] = 1, streaming: bool = False, seed: int = 0,
-                 merge_common_vocab: bool = False,
-                 check_finite: bool = True):
-        self.op = operators.get(method)
-        self.op.check_experts(len(experts))
-        if min([chunks] if isinstance(chunks, int) else list(chunks) or [1]) < 1:
-            raise ConfigError(f"chunks must be >= 1, got {chunks}")
-        self.base = open_checkpoint(base)
-        self.experts = [open_checkpoint(e) for e in experts]
-        distinct = [e for e in self.experts if not _same(e.path, self.base.path)]
-        check_compatible(self.base, distinct, merge_common_vocab=merge_common_vocab)
-        self.dtype = parse_dtype(dtype)
-        self.device = resolve_device(device)
-        self.chunks = chunks
-        self.seed = seed
-        # Streaming keeps the sources in host memory, apart from the model, and copies each tensor's to the
-        # device when it is merged. On the CPU the copy is free, but the same path runs, so it is tested.
-        self.streaming = streaming
-        self.check_finite = check_finite
-        self.num_layers = self.base.num_layers
-        self.expert_names = [e.path.name for e in self.experts]
-        self.tensors: list[TensorInfo] = [t for t in self.base.tensors.values() if t.dtype.is_floating_point]
-        # chunks: one count for every tensor, or one per tensor in `tensors` order (chunks: auto)
-        self._bounds = [chunk_bounds(t.shape[0], c) if t.shape else [(0, 1)]
-                        for t, c in zip(self.tensors, _per_tensor(chunks, len(self.tensors)))]
-        self.scratch = Scratch()
-        with torch.no_grad():
-            self._load_sources()
-            self.model = self._build_model()
-
-    # -- set-up (once) --
-
-    def _load_sources(self) -> None:
-        store = torch.device("cpu") if self.streaming else self.device
-        names = [t.name for t in self.tensors]
-        base_src = self.base.load(names, device=store)  # source precision: deltas are taken before casting
-        self._deltas: list[list[torch.Tensor]] = [[] for _ in self.tensors]
-        for ex in self.experts:
-            if _same(ex.path, self.base.path):
-                for i, n in enumerate(names):
-                    self._deltas[i].append(torch.zeros_like(base_src[n], dtype=self.dtype))
-                continue
-            src = ex.load(names, device=store)
-            for i, n in enumerate(names):
-                b, x = base_src[n], src.pop(n)
-                if x.shape != b.shape:  # merge_common_vocab: keep the rows the base has
-                    x = x[: b.shape[0]]
-                # In the wider of the source and merge dtypes: bf16 checkpoints merged in float32 get
-                # exact differences (as mergekit, which casts first), float32 ones merged in bf16 are
-                # rounded once, after the subtraction.
-                wide = torch.promote_types(b.dtype, self.dtype)
-                self._deltas[i].append((x.to(wide) - b.to(wide)).to(self.dtype))
-            del src
-        self._base = [base_src.pop(n).to(self.dtype) for n in names]
-        if self.streaming and self.device.type == "cuda":  # page-locked: asynchronous host-to-device copies
-            self._base = [t.pin_memory() for t in self._base]
-            self._deltas = [[d.pin_memory() for d in ds] for ds in self._deltas]
-        # Precomputed state per tensor per chunk, in plan order (the random fields draw in this order).
-        gen = torch.Generator().manual_seed(self.seed)
-        self._state: list[list[dict]] = []
-        for i, t in enumerate(self.tensors):
-            per_chunk = []
-            for lo, hi in self._bounds[i]:
-                b, ds = self._slice(self._base[i], lo, hi), [self._slice(d, lo, hi) for d in self._deltas[i]]
-                per_chunk.append(self.op.prepare(b, ds, gen) if self.op.prepare else {})
-            self._state.append(per_chunk)
-
-    @staticmethod
-    def _slice(x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        return x[lo:hi] if x.dim() else x
-
-    def _build_model(self):
-        from transformers import AutoConfig, AutoModelForCausalLM
-        from transformers.initialization import no_init_weights
-
-        try:
-            # Explicitly False: left unset, transformers asks on stdin whether to run a folder's own code.
-            cfg = AutoConfig.from_pretrained(self.base.path, trust_remote_code=False)
-        except ValueError as exc:
-            msg = str(exc)
-            if "custom code" in msg or "trust_remote_code" in msg:
-                raise CheckpointError(f"{self.base.path} needs its own modelling code (auto_map in config.json); "
-                                      "mergesearch never runs code from a checkpoint: use an architecture that "
-                                      "transformers ships") from None
-            raise CheckpointError(f"{self.base.path}/config.json: transformers cannot build this model "
-                                  f"({msg.strip().splitlines()[0] if msg.strip() else type(exc).__name__})") from None
-        with no_init_weights():  # every weight is overwritten by each candidate
-            model = AutoModelForCausalLM.from_config(cfg, dtype=self.dtype)
-        model.tie_weights()  # no_init_weights also skips tying (GPT-2's lm_head = wte)
-        model.to(self.device).eval().requires_grad_(False)
-        named = dict(model.named_parameters(remove_duplicate=False))
-        named.update(dict(model.named_buffers()))
-        self._targets: list[torch.Tensor | None] = []
-        written: set[int] = set()
-        for t in self.tensors:
-            target = named.get(t.name)
-            if target is None:
-                raise CheckpointError(f"{self.base.path}: tensor {t.name} has no counterpart in "
-                                      f"{type(model).__name__}; is config.json the one these weights were saved with?")
-            if tuple(target.shape) != t.shape:
-                raise CheckpointError(f"{t.name}: model expects {tuple(target.shape)}, checkpoint has {t.shape}")
-            ptr = target.data_ptr()
-            self._targets.append(None if ptr in written else target.data)  # tied weights are written once
-            written.add(ptr)
-        missing = [n for n, p in model.named_parameters() if p.data_ptr() not in written]
-        if missing:
-            raise CheckpointError(f"{self.base.path}: model parameter {missing[0]} is not in the checkpoint "
-                                  f"({len(missing)} missing); the merge would leave it uninitialised")
-        # Non-float tensors of the checkpoint (rare) are copied from the base once.
-        extra = [t.name for t in self.base.tensors.values() if not t.dtype.is_floating_point and t.name in named]
-        for n, v in self.base.load(extra, device=self.device).items():
-            named[n].data.copy_(v)
-        return model
-
-    # -- per candidate --
-
-    def plan(self, **values) -> Plan:
-        """A Plan for this materialiser with one value per parameter (scalar or per-expert list)."""
-        return Plan.full(self.op.name, self.tensors, len(self.experts), chunks=self.chunks, **values)
-
-    def _check_plan(self, plan: Plan) -> None:
-        # A method that precomputes nothing (task arithmetic, linear, ...) runs on any materialiser, so a
-        # study can score its baselines without a second copy of the sources.
-        # Methods sharing a `prepare` (ties/breadcrumbs*, dare_*, della*) share the precomputed state too.
-        if plan.method != self.op.name and plan.operator.prepare not in (None, self.op.prepare):
-            raise OperatorError(f"plan is for {plan.method!r} but this materialiser was prepared for "
-                                f"{self.op.name!r}; build a Materializer per method")
-        if plan.tensor_names != tuple(t.name for t in self.tensors):
-            raise OperatorError("plan's tensor names do not match this materialiser's (build it from `.tensors`)")
-        if plan.n_experts != len(self.experts):
-            raise OperatorError(f"plan has {plan.n_experts} experts, materialiser {len(self.experts)}")
-        want = tuple(len(b) for b in self._bounds)
-        if plan.chunks != want:
-            raise OperatorError(f"plan's chunk counts differ from the materialiser's (chunks={self.chunks})")
-        plan.validate()
-
-    def materialize(self, plan: Plan):
-        """Write `plan` into `self.model` in place and return the model; CandidateError on NaN/inf."""
-        self._check_plan(plan)
-        op = plan.operator
-        own_state = op.prepare is self.op.prepare  # a state-free method's kernel gets empty states
-        # One conversion per candidate: the kernels take Python floats (alpha=), no per-tensor sync.
-        vals = {p.name: plan.params[p.name].tolist() for p in op.params}
-        per_expert = {p.name: p.per_expert for p in op.params}
-        sums = []
-        with torch.no_grad():
-            for i, t in enumerate(self.tensors):
-                target = self._targets[i]
-                if target is None:
-                    continue
-                base, deltas = self._base[i], self._deltas[i]
-                states = self._state[i] if own_state else [{}] * len(self._bounds[i])
-                if self.streaming:
-                    base = base.to(self.device, non_blocking=True)
-                    deltas = [d.to(self.device, non_blocking=True) for d in deltas]
-                    states = [_to_device(s, self.device) for s in states]
-                for c, (lo, hi) in enumerate(self._bounds[i]):
-                    p = {name: (tuple(row[c] for row in v[i]) if per_expert[name] else v[i][0][c])
-                         for name, v in vals.items()}
-                    try:
-                        op.kernel(self._slice(target, lo, hi), self._slice(base, lo, hi),
-                                  [self._slice(d, lo, hi) for d in deltas], p, states[c], self.scratch)
-                    except CandidateError as exc:
-                        raise CandidateError(f"{t.name}: {exc}") from None
-                if self.check_finite:
-                    sums.append(target.sum(dtype=torch.float32))
-            if sums and not bool(torch.isfinite(torch.stack(sums)).all()):  # the one host sync
-                bad = next(t.name for t, s in zip([t for t, g in zip(self.tensors, self._targets) if g is not None],
-                                                  sums) if not math.isfinite(float(s)))
-                raise CandidateError(f"merged weights are not finite (NaN/inf) in {bad}")
-        return self.model
-
-    def sources(self, i: int) -> tuple[torch.Tensor, list[torch.Tensor], list[tuple[int, int]], list[dict]]:
-        """Tensor i's cached base, task vectors, chunk row bounds and per-chunk precomputed state
-        (on the device; with `streaming`, in host memory). Read-only: the fit builds on them."""
-        return self._base[i], self._deltas[i], self._bounds[i], self._state[i]
-
-    def is_written(self, i: int) -> bool:
-        """False for the second name of a tied weight (written once, through the first)."""
-        return self._targets[i] is not None
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The current candidate's tensors by checkpoint name (views of the model's parameters)."""
-        named = dict(self.model.named_parameters(remove_duplicate=False))
-        named.update(dict(self.model.named_buffers()))
-        return {t.name: named[t.name].data for t in self.tensors}
-
-
-def _to_device(state: Any, device: torch.device) -> Any:
-    if isinstance(state, torch.Tensor):
-        return state.to(device, non_blocking=True)
-    if isinstance(state, dict):
-        return {k: _to_device(v, device) for k, v in state.items()}
-    if isinstance(state, list):
-        return [_to_device(v, device) for v in state]
-    return state
-
-
-# --- convenience ------------------------------------------------------------------------------------
-
-
-def materialize_recipe(recipe: Recipe | str | os.PathLike | Mapping, *, device: str = "auto",
-                       dtype: str | None = None, streaming: bool = False) -> Materializer:
-    """Load a recipe, build a Materializer for it and materialise it; the merged model is `.model`."""
-    r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    missing = [str(p) for p in [r.base_model, *r.models] if not Path(p).is_dir()]
-    if missing:
-        raise CheckpointError(f"model folder not found: {missing[0]} (paths in a recipe are relative to its file)")
-    chunks = r.chunks
-    if not isinstance(chunks, int):  # per layer -> per tensor, in the materialiser's tensor order
-        base = open_checkpoint(r.base_model)
-        chunks = recipe_chunk_counts(chunks, [t for t in base.tensors.values() if t.dtype.is_floating_point],
-                                     base.num_layers)
-    m = Materializer(r.base_model, r.models, r.method, dtype=dtype or r.dtype, device=device, chunks=chunks,
-                     streaming=streaming, seed=r.seed)
-    m.recipe = r
-    m.materialize(r.to_plan(m.tensors, m.num_layers))
-    return m
-
-
-def merge_recipe(recipe_path: str | os.PathLike, out: str | os.PathLike, *, force: bool = False,
-                 device: str = "auto", dtype: str | None = None) -> Path:
-    """Merge a recipe file (either format) and save the result with its provenance; the `merge` command."""
-    r = load_recipe(recipe_path)
-    out_p = Path(out).expanduser()
-    if out_p.exists() and not force:
-        raise CheckpointError(f"{out_p} already exists: choose another --out or pass --force to replace it")
-    m = materialize_recipe(r, device=device, dtype=dtype)
-    provenance = {
-        "tool": "mergesearch merge",
-        "recipe_file": str(Path(recipe_path).resolve()),
-        "recipe": r.source,
-        "recipe_format": r.format,
-        "method": r.method,
-        "dtype": str(m.dtype).replace("torch.", ""),
-        "seed": r.seed,
-        "base": m.base.fingerprint(),
-        "experts": [e.fingerprint() for e in m.experts],
-    }
-    return save_model(m.model, out_p, base=m.base, provenance=provenance, force=force)

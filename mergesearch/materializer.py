@@ -1,0 +1,290 @@
+"""The hot path of a search: merge candidates written into one preallocated model, in place.
+
+`Materializer` loads the sources once (on the device, in the chosen dtype), keeps the task
+vectors and each method's precomputed state, allocates one transformers model and writes
+every candidate `Plan` (mergesearch.plan) into its parameters in place: no new model, no disk
+I/O, one host sync per candidate (the final finiteness check). `materialize_recipe` and
+`merge_recipe` (the `merge` command) do the same for a recipe file (mergesearch.recipe).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergesearch import operators
+from mergesearch.checkpoints import (
+    Checkpoint,
+    TensorInfo,
+    check_compatible,
+    open_checkpoint,
+    parse_dtype,
+    resolve_device,
+    same_path,
+    save_model,
+)
+from mergesearch.errors import CandidateError, CheckpointError, ConfigError, OperatorError
+from mergesearch.operators import Scratch, chunk_bounds
+from mergesearch.plan import Plan, per_tensor_chunks
+from mergesearch.recipe import Recipe, load_recipe, recipe_chunk_counts
+
+__all__ = ["Materializer", "materialize_recipe", "merge_recipe"]
+
+
+class Materializer:
+    """Writes merge candidates into one preallocated transformers model, in place.
+
+    Sources (base weights and task vectors) are loaded once, on `device` in `dtype` (with
+    `streaming`, kept in CPU memory and copied per tensor to the device); the method's state
+    (sorted magnitudes, random fields, angles) is computed once per tensor chunk. Then
+    `materialize(plan)` costs about the memory traffic of reading the sources once and
+    writing the model once.
+    """
+
+    def __init__(self, base: str | os.PathLike | Checkpoint, experts: Sequence[str | os.PathLike | Checkpoint],
+                 method: str, *, dtype: str | torch.dtype = "float32", device: str | torch.device = "auto",
+                 chunks: int | Sequence[int] = 1, streaming: bool = False, seed: int = 0,
+                 merge_common_vocab: bool = False,
+                 check_finite: bool = True):
+        self.op = operators.get(method)
+        self.op.check_experts(len(experts))
+        if min([chunks] if isinstance(chunks, int) else list(chunks) or [1]) < 1:
+            raise ConfigError(f"chunks must be >= 1, got {chunks}")
+        self.base = open_checkpoint(base)
+        self.experts = [open_checkpoint(e) for e in experts]
+        distinct = [e for e in self.experts if not same_path(e.path, self.base.path)]
+        check_compatible(self.base, distinct, merge_common_vocab=merge_common_vocab)
+        self.dtype = parse_dtype(dtype)
+        self.device = resolve_device(device)
+        self.chunks = chunks
+        self.seed = seed
+        # Streaming keeps the sources in host memory, apart from the model, and copies each tensor's to the
+        # device when it is merged. On the CPU the copy is free, but the same path runs, so it is tested.
+        self.streaming = streaming
+        self.check_finite = check_finite
+        self.num_layers = self.base.num_layers
+        self.expert_names = [e.path.name for e in self.experts]
+        self.tensors: list[TensorInfo] = [t for t in self.base.tensors.values() if t.dtype.is_floating_point]
+        # chunks: one count for every tensor, or one per tensor in `tensors` order (chunks: auto)
+        self._bounds = [chunk_bounds(t.shape[0], c) if t.shape else [(0, 1)]
+                        for t, c in zip(self.tensors, per_tensor_chunks(chunks, len(self.tensors)))]
+        self.scratch = Scratch()
+        with torch.no_grad():
+            self._load_sources()
+            self.model = self._build_model()
+
+    # -- set-up (once) --
+
+    def _load_sources(self) -> None:
+        store = torch.device("cpu") if self.streaming else self.device
+        names = [t.name for t in self.tensors]
+        base_src = self.base.load(names, device=store)  # source precision: deltas are taken before casting
+        self._deltas: list[list[torch.Tensor]] = [[] for _ in self.tensors]
+        for ex in self.experts:
+            if same_path(ex.path, self.base.path):
+                for i, n in enumerate(names):
+                    self._deltas[i].append(torch.zeros_like(base_src[n], dtype=self.dtype))
+                continue
+            src = ex.load(names, device=store)
+            for i, n in enumerate(names):
+                b, x = base_src[n], src.pop(n)
+                if x.shape != b.shape:  # merge_common_vocab: keep the rows the base has
+                    x = x[: b.shape[0]]
+                # In the wider of the source and merge dtypes: bf16 checkpoints merged in float32 get
+                # exact differences (as mergekit, which casts first), float32 ones merged in bf16 are
+                # rounded once, after the subtraction.
+                wide = torch.promote_types(b.dtype, self.dtype)
+                self._deltas[i].append((x.to(wide) - b.to(wide)).to(self.dtype))
+            del src
+        self._base = [base_src.pop(n).to(self.dtype) for n in names]
+        if self.streaming and self.device.type == "cuda":  # page-locked: asynchronous host-to-device copies
+            self._base = [t.pin_memory() for t in self._base]
+            self._deltas = [[d.pin_memory() for d in ds] for ds in self._deltas]
+        # Precomputed state per tensor per chunk, in plan order (the random fields draw in this order).
+        gen = torch.Generator().manual_seed(self.seed)
+        self._state: list[list[dict]] = []
+        for i, t in enumerate(self.tensors):
+            per_chunk = []
+            for lo, hi in self._bounds[i]:
+                b, ds = self._slice(self._base[i], lo, hi), [self._slice(d, lo, hi) for d in self._deltas[i]]
+                per_chunk.append(self.op.prepare(b, ds, gen) if self.op.prepare else {})
+            self._state.append(per_chunk)
+
+    @staticmethod
+    def _slice(x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        return x[lo:hi] if x.dim() else x
+
+    def _build_model(self):
+        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers.initialization import no_init_weights
+
+        try:
+            # Explicitly False: left unset, transformers asks on stdin whether to run a folder's own code.
+            cfg = AutoConfig.from_pretrained(self.base.path, trust_remote_code=False)
+        except ValueError as exc:
+            msg = str(exc)
+            if "custom code" in msg or "trust_remote_code" in msg:
+                raise CheckpointError(f"{self.base.path} needs its own modelling code (auto_map in config.json); "
+                                      "mergesearch never runs code from a checkpoint: use an architecture that "
+                                      "transformers ships") from None
+            raise CheckpointError(f"{self.base.path}/config.json: transformers cannot build this model "
+                                  f"({msg.strip().splitlines()[0] if msg.strip() else type(exc).__name__})") from None
+        with no_init_weights():  # every weight is overwritten by each candidate
+            model = AutoModelForCausalLM.from_config(cfg, dtype=self.dtype)
+        model.tie_weights()  # no_init_weights also skips tying (GPT-2's lm_head = wte)
+        model.to(self.device).eval().requires_grad_(False)
+        named = dict(model.named_parameters(remove_duplicate=False))
+        named.update(dict(model.named_buffers()))
+        self._targets: list[torch.Tensor | None] = []
+        written: set[int] = set()
+        for t in self.tensors:
+            target = named.get(t.name)
+            if target is None:
+                raise CheckpointError(f"{self.base.path}: tensor {t.name} has no counterpart in "
+                                      f"{type(model).__name__}; is config.json the one these weights were saved with?")
+            if tuple(target.shape) != t.shape:
+                raise CheckpointError(f"{t.name}: model expects {tuple(target.shape)}, checkpoint has {t.shape}")
+            ptr = target.data_ptr()
+            self._targets.append(None if ptr in written else target.data)  # tied weights are written once
+            written.add(ptr)
+        missing = [n for n, p in model.named_parameters() if p.data_ptr() not in written]
+        if missing:
+            raise CheckpointError(f"{self.base.path}: model parameter {missing[0]} is not in the checkpoint "
+                                  f"({len(missing)} missing); the merge would leave it uninitialised")
+        # Non-float tensors of the checkpoint (rare) are copied from the base once.
+        extra = [t.name for t in self.base.tensors.values() if not t.dtype.is_floating_point and t.name in named]
+        for n, v in self.base.load(extra, device=self.device).items():
+            named[n].data.copy_(v)
+        return model
+
+    # -- per candidate --
+
+    def plan(self, **values) -> Plan:
+        """A Plan for this materialiser with one value per parameter (scalar or per-expert list)."""
+        return Plan.full(self.op.name, self.tensors, len(self.experts), chunks=self.chunks, **values)
+
+    def _check_plan(self, plan: Plan) -> None:
+        # A method that precomputes nothing (task arithmetic, linear, ...) runs on any materialiser, so a
+        # study can score its baselines without a second copy of the sources.
+        # Methods sharing a `prepare` (ties/breadcrumbs*, dare_*, della*) share the precomputed state too.
+        if plan.method != self.op.name and plan.operator.prepare not in (None, self.op.prepare):
+            raise OperatorError(f"plan is for {plan.method!r} but this materialiser was prepared for "
+                                f"{self.op.name!r}; build a Materializer per method")
+        if plan.tensor_names != tuple(t.name for t in self.tensors):
+            raise OperatorError("plan's tensor names do not match this materialiser's (build it from `.tensors`)")
+        if plan.n_experts != len(self.experts):
+            raise OperatorError(f"plan has {plan.n_experts} experts, materialiser {len(self.experts)}")
+        want = tuple(len(b) for b in self._bounds)
+        if plan.chunks != want:
+            raise OperatorError(f"plan's chunk counts differ from the materialiser's (chunks={self.chunks})")
+        plan.validate()
+
+    def materialize(self, plan: Plan):
+        """Write `plan` into `self.model` in place and return the model; CandidateError on NaN/inf."""
+        self._check_plan(plan)
+        op = plan.operator
+        own_state = op.prepare is self.op.prepare  # a state-free method's kernel gets empty states
+        # One conversion per candidate: the kernels take Python floats (alpha=), no per-tensor sync.
+        vals = {p.name: plan.params[p.name].tolist() for p in op.params}
+        per_expert = {p.name: p.per_expert for p in op.params}
+        sums = []
+        with torch.no_grad():
+            for i, t in enumerate(self.tensors):
+                target = self._targets[i]
+                if target is None:
+                    continue
+                base, deltas = self._base[i], self._deltas[i]
+                states = self._state[i] if own_state else [{}] * len(self._bounds[i])
+                if self.streaming:
+                    base = base.to(self.device, non_blocking=True)
+                    deltas = [d.to(self.device, non_blocking=True) for d in deltas]
+                    states = [_to_device(s, self.device) for s in states]
+                for c, (lo, hi) in enumerate(self._bounds[i]):
+                    p = {name: (tuple(row[c] for row in v[i]) if per_expert[name] else v[i][0][c])
+                         for name, v in vals.items()}
+                    try:
+                        op.kernel(self._slice(target, lo, hi), self._slice(base, lo, hi),
+                                  [self._slice(d, lo, hi) for d in deltas], p, states[c], self.scratch)
+                    except CandidateError as exc:
+                        raise CandidateError(f"{t.name}: {exc}") from None
+                if self.check_finite:
+                    sums.append(target.sum(dtype=torch.float32))
+            if sums and not bool(torch.isfinite(torch.stack(sums)).all()):  # the one host sync
+                bad = next(t.name for t, s in zip([t for t, g in zip(self.tensors, self._targets) if g is not None],
+                                                  sums) if not math.isfinite(float(s)))
+                raise CandidateError(f"merged weights are not finite (NaN/inf) in {bad}")
+        return self.model
+
+    def sources(self, i: int) -> tuple[torch.Tensor, list[torch.Tensor], list[tuple[int, int]], list[dict]]:
+        """Tensor i's cached base, task vectors, chunk row bounds and per-chunk precomputed state
+        (on the device; with `streaming`, in host memory). Read-only: the fit builds on them."""
+        return self._base[i], self._deltas[i], self._bounds[i], self._state[i]
+
+    def is_written(self, i: int) -> bool:
+        """False for the second name of a tied weight (written once, through the first)."""
+        return self._targets[i] is not None
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The current candidate's tensors by checkpoint name (views of the model's parameters)."""
+        named = dict(self.model.named_parameters(remove_duplicate=False))
+        named.update(dict(self.model.named_buffers()))
+        return {t.name: named[t.name].data for t in self.tensors}
+
+
+def _to_device(state: Any, device: torch.device) -> Any:
+    if isinstance(state, torch.Tensor):
+        return state.to(device, non_blocking=True)
+    if isinstance(state, dict):
+        return {k: _to_device(v, device) for k, v in state.items()}
+    if isinstance(state, list):
+        return [_to_device(v, device) for v in state]
+    return state
+
+
+# --- convenience ------------------------------------------------------------------------------------
+
+
+def materialize_recipe(recipe: Recipe | str | os.PathLike | Mapping, *, device: str = "auto",
+                       dtype: str | None = None, streaming: bool = False) -> Materializer:
+    """Load a recipe, build a Materializer for it and materialise it; the merged model is `.model`."""
+    r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    missing = [str(p) for p in [r.base_model, *r.models] if not Path(p).is_dir()]
+    if missing:
+        raise CheckpointError(f"model folder not found: {missing[0]} (paths in a recipe are relative to its file)")
+    chunks = r.chunks
+    if not isinstance(chunks, int):  # per layer -> per tensor, in the materialiser's tensor order
+        base = open_checkpoint(r.base_model)
+        chunks = recipe_chunk_counts(chunks, [t for t in base.tensors.values() if t.dtype.is_floating_point],
+                                     base.num_layers)
+    m = Materializer(r.base_model, r.models, r.method, dtype=dtype or r.dtype, device=device, chunks=chunks,
+                     streaming=streaming, seed=r.seed)
+    m.recipe = r
+    m.materialize(r.to_plan(m.tensors, m.num_layers))
+    return m
+
+
+def merge_recipe(recipe_path: str | os.PathLike, out: str | os.PathLike, *, force: bool = False,
+                 device: str = "auto", dtype: str | None = None) -> Path:
+    """Merge a recipe file (either format) and save the result with its provenance; the `merge` command."""
+    r = load_recipe(recipe_path)
+    out_p = Path(out).expanduser()
+    if out_p.exists() and not force:
+        raise CheckpointError(f"{out_p} already exists: choose another --out or pass --force to replace it")
+    m = materialize_recipe(r, device=device, dtype=dtype)
+    provenance = {
+        "tool": "mergesearch merge",
+        "recipe_file": str(Path(recipe_path).resolve()),
+        "recipe": r.source,
+        "recipe_format": r.format,
+        "method": r.method,
+        "dtype": str(m.dtype).replace("torch.", ""),
+        "seed": r.seed,
+        "base": m.base.fingerprint(),
+        "experts": [e.fingerprint() for e in m.experts],
+    }
+    return save_model(m.model, out_p, base=m.base, provenance=provenance, force=force)

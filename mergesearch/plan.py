@@ -1,0 +1,120 @@
+"""The canonical merge plan: one merge candidate as per-tensor, per-expert, per-chunk values.
+
+A `Plan` holds the method name and, per declared parameter of the method, a float32 tensor of
+shape (n_tensors, n_experts or 1, C_max) giving the value for every tensor, expert and chunk
+(tensor i uses its first c_i chunks; the rest repeat its last chunk's value). A search space
+produces plans directly; recipes (mergesearch.recipe) resolve to plans; the materialiser
+(mergesearch.materializer) writes a plan into a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from mergesearch import operators
+from mergesearch.checkpoints import TensorInfo
+from mergesearch.errors import ConfigError, OperatorError
+from mergesearch.operators import Operator, num_chunks
+from mergesearch.operators.task_arithmetic import della_out_of_range, della_range_message
+
+__all__ = ["Plan", "per_tensor_chunks"]
+
+
+@dataclass
+class Plan:
+    """One merge candidate in canonical form (see the module docstring)."""
+
+    method: str
+    tensor_names: tuple[str, ...]
+    chunks: tuple[int, ...]  # c_i: chunks of tensor i
+    n_experts: int
+    params: dict[str, torch.Tensor]  # name -> (n_tensors, n_experts or 1, C_max) float32
+
+    @property
+    def max_chunks(self) -> int:
+        return max(self.chunks, default=1)
+
+    @property
+    def operator(self) -> Operator:
+        return operators.get(self.method)
+
+    @classmethod
+    def full(cls, method: str, tensors: Sequence[TensorInfo], n_experts: int, *, chunks: int | Sequence[int] = 1,
+             **values: float | Sequence[float]) -> Plan:
+        """A plan with one value everywhere per parameter (scalar, or per-expert list); defaults elsewhere."""
+        op = operators.get(method)
+        for name in values:
+            op.param(name)
+        cs = tuple(num_chunks(t.shape, c) for t, c in zip(tensors, per_tensor_chunks(chunks, len(tensors))))
+        cmax = max(cs, default=1)
+        params = {}
+        for p in op.params:
+            width = n_experts if p.per_expert else 1
+            v = values.get(p.name, p.default)
+            row = torch.tensor([float(x) for x in v] if isinstance(v, (list, tuple)) else [float(v)] * width,
+                               dtype=torch.float32)
+            if row.numel() != width:
+                raise OperatorError(f"{method}: {p.name} needs {width} value(s), got {row.numel()}")
+            params[p.name] = row.view(1, width, 1).expand(len(cs), width, cmax).contiguous()
+        return cls(method, tuple(t.name for t in tensors), cs, n_experts, params)
+
+    def canonical(self) -> Plan:
+        """A copy whose unused chunk slots repeat each tensor's last used chunk (for comparisons)."""
+        out = {}
+        for name, v in self.params.items():
+            v = v.clone()
+            for i, c in enumerate(self.chunks):
+                if c < v.shape[2]:
+                    v[i, :, c:] = v[i, :, c - 1:c]
+            out[name] = v
+        return Plan(self.method, self.tensor_names, self.chunks, self.n_experts, out)
+
+    def same_as(self, other: Plan) -> bool:
+        a, b = self.canonical(), other.canonical()
+        return (a.method == b.method and a.tensor_names == b.tensor_names and a.chunks == b.chunks
+                and a.n_experts == b.n_experts and a.params.keys() == b.params.keys()
+                and all(torch.equal(a.params[k], b.params[k]) for k in a.params))
+
+    def validate(self) -> None:
+        """OperatorError naming the first value outside its declared range (or a shape problem)."""
+        op = self.operator
+        op.check_experts(self.n_experts)
+        n, cmax = len(self.tensor_names), self.max_chunks
+        if len(self.chunks) != n:
+            raise OperatorError(f"plan has {n} tensors but {len(self.chunks)} chunk counts")
+        used = torch.arange(cmax).view(1, 1, cmax) < torch.tensor(self.chunks).view(n, 1, 1)
+        missing = [p.name for p in op.params if p.name not in self.params]
+        extra = [k for k in self.params if k not in op.param_names]
+        if missing or extra:
+            raise OperatorError(f"plan for {self.method!r}: missing parameters {missing}, unknown {extra}")
+        for p in op.params:
+            v = self.params[p.name]
+            width = self.n_experts if p.per_expert else 1
+            if tuple(v.shape) != (n, width, cmax):
+                raise OperatorError(f"plan parameter {p.name} has shape {tuple(v.shape)}, expected {(n, width, cmax)}")
+            bad = used & ((v < p.low) | (v > p.high) | torch.isnan(v))
+            if bool(bad.any()):
+                i, e, c = (int(x) for x in bad.nonzero()[0])
+                raise OperatorError(
+                    f"{self.method}: parameter {p.name}={float(v[i, e, c]):g} for tensor {self.tensor_names[i]} "
+                    f"(expert {e}, chunk {c}) is outside its range [{p.low:g}, {p.high:g}]")
+        if "epsilon" in self.params:
+            d, eps = self.params["density"], self.params["epsilon"]
+            bad = used & della_out_of_range(d, eps)
+            if bool(bad.any()):
+                i, e, c = (int(x) for x in bad.nonzero()[0])
+                msg = della_range_message(float(d[i, e, c]), float(eps[i, e, c]),
+                                          f" (tensor {self.tensor_names[i]}, expert {e})")
+                raise OperatorError(f"{self.method}: {msg}")
+
+
+def per_tensor_chunks(chunks: int | Sequence[int], n: int) -> list[int]:
+    """Requested chunk count per tensor: one int for all, or one per tensor (chunks: auto)."""
+    if isinstance(chunks, int):
+        return [chunks] * n
+    if len(chunks) != n:
+        raise ConfigError(f"{len(chunks)} chunk counts given for {n} tensors")
+    return [int(c) for c in chunks]
