@@ -239,7 +239,7 @@ def test_export_refuses_an_existing_target_and_changes_nothing(zoo_test, tmp_pat
     monkeypatch.chdir(tmp_path)
     _refused(["export", str(path), "--out", str(target)], "already exists", capsys, tmp_path)
     _refused(["export", str(path), "--trial", "7", "--out", str(tmp_path / "new")], "no trial 7", capsys, tmp_path)
-    _refused(["export", str(path), "--trial", "first", "--out", str(tmp_path / "new")], "'best' or a trial number",
+    _refused(["export", str(path), "--trial", "first", "--out", str(tmp_path / "new")], "'best', a trial number or a baseline name",
              capsys, tmp_path)
     assert (target / "keep.txt").read_text() == "mine\n" and sorted(p.name for p in target.iterdir()) == ["keep.txt"]
     # With --force the target is replaced, atomically (no temporary sibling left behind).

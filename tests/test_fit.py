@@ -263,7 +263,7 @@ def test_fitted_study_exports_the_merge_it_scored(zoo_test, tmp_path):
     info = fit_info(study, best.number)
     assert info.steps[0] == 0 and info.best_step in info.steps and len(info.val_loss) == len(info.steps)
     # resuming rebuilds the same merge from the stored coefficients
-    assert R.test_scores(study)[best.number]["test_mean"] is not None
+    assert R.test_score(study, best)["test_mean"] is not None
     runner.mat.materialize(runner.plan_for_trial(best))
     for (k, a), b in zip(model.state_dict().items(), runner.mat.model.state_dict().values()):
         assert torch.equal(a, b), k
