@@ -235,3 +235,58 @@ def test_start_point_is_the_best_baseline_merge_and_uniform_otherwise(zoo_test, 
                                    space={"granularity": "global"}))
     r3 = StudyRunner(ties)
     assert start_point(r3, study) == ("uniform", r3.space.point())
+
+
+def _constrained_study(drop: float) -> optuna.Study:
+    """An in-memory study as the runner stores one with constraints.max_drop_vs_base: drop."""
+    study = optuna.create_study(direction="maximize")
+    study.set_user_attr(R.META_KEY, {"tasks": ["a", "b"], "objectives": ["mean"], "base_scores": {"a": 0.5, "b": 0.5},
+                                     "config": {"constraints": {"max_drop_vs_base": drop}}})
+    for a, b in [(0.94, 0.30), (0.72, 0.48), (0.35, 0.41)]:  # means 0.62 (b drops 0.20), 0.60 (b 0.02), 0.38 (a 0.15)
+        study.add_trial(optuna.trial.create_trial(value=(a + b) / 2,
+                                                  user_attrs={R.TRIAL_KEY: {"objective_scores": {"a": a, "b": b}}}))
+    return study
+
+
+def test_best_is_the_best_feasible_trial():
+    """With max_drop_vs_base, an infeasible 0.62 never beats a feasible 0.60: for status, report and export."""
+    from mergesearch.report import summary_info
+
+    study = _constrained_study(0.1)
+    assert [R.is_feasible(study, t) for t in study.trials] == [False, True, False]
+    assert R.pick_trial(study, "best").number == 1
+    assert [t.number for t in R.best_trials(study, 3)] == [1]
+    assert [t.number for t in R.best_trials(study, 3, feasible_only=False)] == [0, 1, 2]
+    assert "among feasible trials" in R.best_rule(study) and "0.1 below the base model" in R.best_rule(study)
+    text = " ".join(summary_info(study).sentences)
+    assert "Best found: trial 1" in text and "2 completed trial(s) break that constraint" in text
+    strict = _constrained_study(0.0)  # nothing feasible: 'best' refuses and names the best infeasible trial
+    with pytest.raises(StudyError, match="no completed trial meets the constraints.*pass --trial 0"):
+        R.pick_trial(strict, "best")
+    loose = _constrained_study(1.0)
+    assert R.pick_trial(loose, "best").number == 0
+    free = _constrained_study(0.1)
+    free.set_user_attr(R.META_KEY, {**R.meta(free), "config": {}})
+    assert R.pick_trial(free, "best").number == 0 and R.best_rule(free) == "highest mean objective"
+
+
+def test_constraints_use_the_base_scores_of_a_new_study(zoo_test, tmp_path, capsys):
+    """The sampler's constraint values read the base model's scores once the baselines have run (a new
+    study has none when its sampler is made); status and export say how 'best' was chosen."""
+    path = write_study(zoo_test, tmp_path, n_trials=3, sampler="tpe", top_k_test=0, limit=8)
+    raw = yaml.safe_load(path.read_text())
+    raw["constraints"] = {"max_drop_vs_base": 0.05}
+    path.write_text(yaml.safe_dump(raw))
+    study = run_study(load_config(path), progress=False)
+    base = R.meta(study)["base_scores"]
+    assert base
+    for t in R.search_trials(study):
+        want = R.constraint_values(R.objective_scores(t), base, R.meta(study)["tasks"], 0.05)
+        assert t.system_attrs["constraints"] == pytest.approx(want)
+    st = study_status(path)
+    assert "among feasible trials" in st["best_rule"] and st["infeasible"] is not None
+    feasible = [t for t in R.search_trials(study) if R.is_feasible(study, t)]
+    if feasible:
+        out = export_trial(path, "best", tmp_path / "best")
+        prov = json.loads((out / "provenance.json").read_text())
+        assert prov["feasible"] and "among feasible trials" in prov["picked_by"]

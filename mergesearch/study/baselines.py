@@ -42,6 +42,7 @@ def run_baselines(bench: Workbench, study: optuna.Study, progress=None) -> None:
         started = dt.datetime.now()
         values, rec = bench.score_plan(bench.baseline_plan(weights))
         if name == "base":
+            bench.base_scores = rec["objective_scores"]  # the sampler's constraints read them from now on
             m = R.meta(study)
             m["base_scores"] = rec["objective_scores"]
             study.set_user_attr(R.META_KEY, m)
