@@ -290,3 +290,14 @@ def test_constraints_use_the_base_scores_of_a_new_study(zoo_test, tmp_path, caps
         out = export_trial(path, "best", tmp_path / "best")
         prov = json.loads((out / "provenance.json").read_text())
         assert prov["feasible"] and "among feasible trials" in prov["picked_by"]
+
+
+def test_a_study_of_the_old_layout_is_refused_on_resume(zoo_test, tmp_path):
+    """Baselines stored as parameter-less trials (the earlier layout) would empty the samplers' joint
+    space again: such a study is not resumed."""
+    cfg = load_config(write_study(zoo_test, tmp_path, n_trials=1, top_k_test=0))
+    runner = StudyRunner(cfg, load_evaluator=False)
+    study = open_study(runner)
+    study.add_trial(optuna.trial.create_trial(value=0.5, user_attrs={R.BASELINE: "uniform"}))
+    with pytest.raises(StudyError, match="keeps its baselines among its trials"):
+        open_study(runner)
