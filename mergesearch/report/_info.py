@@ -205,7 +205,7 @@ def summary_info(study: optuna.Study) -> SummaryInfo:
                          + ", ".join(f"{k} {_points(gains[k], scale100)}" for k in order) + ".")
     s.append(searched)
     if R.max_drop(study) is not None:
-        n_bad = sum(not R.is_feasible(study, t) for t in R.search_trials(study))
+        n_bad = sum(not ok for ok in map(R.feasibility(study), R.search_trials(study)))
         s.append(f"Best = {R.best_rule(study)}; {n_bad} completed trial(s) break that constraint and are not picked.")
     return SummaryInfo(study.study_name, objectives, tasks, space.get("method"), space.get("granularity"),
                        space.get("n_params"), meta.get("sampler"), counts, len(baselines), best, best_baseline,

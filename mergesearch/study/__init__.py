@@ -128,8 +128,8 @@ def study_status(spec, study_name: str | None = None) -> dict:
     eta = (max(0, target - counted) * per_trial) if (target and per_trial) else None
     best = R.best_trials(study, 1)
     baselines = {R.baseline_name(t): R.trial_mean(t) for t in R.baseline_trials(study)}
-    complete = R.search_trials(study)
-    infeasible = sum(not R.is_feasible(study, t) for t in complete)
+    feasible = R.feasibility(study)
+    infeasible = sum(not feasible(t) for t in search if t.state == TrialState.COMPLETE)
     return {
         "study": study.study_name,
         "objectives": R.meta(study).get("objectives"),

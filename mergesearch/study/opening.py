@@ -53,14 +53,14 @@ def study_meta(bench: Workbench) -> dict:
 
 
 def _check_resumable(old: optuna.Study, bench: Workbench, url: str) -> None:
-    name, old_meta, new = old.study_name, R.meta(old), study_meta(bench)
-    if old_meta.get("space_fingerprint") != new["space_fingerprint"]:
+    name, old_meta = old.study_name, R.meta(old)
+    if old_meta.get("space_fingerprint") != bench.fingerprint:
         what = "fit: section or search space" if bench.fit_stage is not None else "search space"
         space = old_meta.get("space", {})
         raise StudyError(f"study {name!r} in {url} was created with another {what} ({space.get('n_params')} "
                          f"parameters, method {space.get('method')}); changing it would mix incomparable trials: "
                          "give the study a new name")
-    if old_meta.get("objectives") != new["objectives"]:
+    if old_meta.get("objectives") != bench.objective_names:
         raise StudyError(f"study {name!r} was created with objectives {old_meta.get('objectives')}; "
                          "give the study a new name to change them")
     if any(not R.is_search_trial(t) for t in old.get_trials(deepcopy=False)):
@@ -94,23 +94,23 @@ def open_study(bench: Workbench, *, create: bool = True) -> optuna.Study:
         raise StudyError(f"no study {name!r} in {url}: start it with `mergesearch run`")
     pruner = make_pruner(bench.cfg.study.pruner, n_slices=bench.cfg.study.n_slices,
                          n_objectives=len(bench.objective_names))
-    directions = ["maximize"] * len(bench.objective_names)
     if exists:
         study = optuna.load_study(study_name=name, storage=storage, pruner=pruner)
         _check_resumable(study, bench, url)
+        meta = R.meta(study)
     else:
-        study = optuna.create_study(study_name=name, storage=storage, pruner=pruner, directions=directions)
+        study = optuna.create_study(study_name=name, storage=storage, pruner=pruner,
+                                    directions=["maximize"] * len(bench.objective_names))
         quietly(study.set_metric_names, bench.objective_names)
-        study.set_user_attr(R.META_KEY, study_meta(bench))
-    meta = R.meta(study)
+        meta = {}
     bench.base_scores = meta.get("base_scores") or {}
     bench.sampler_seed = sampler_seed(bench.cfg.study.seed, len(study.get_trials(deepcopy=False)),
                                       joining=not create)
     # A resumed study starts from the point it chose when it was new (see `warm_start`).
     reason = attach_sampler(bench, study, (meta.get("start") or {}).get("x0") or bench.start_point_guess())
     if not exists:
-        meta.update(sampler=str(type(study.sampler).__name__), sampler_reason=reason)
-        study.set_user_attr(R.META_KEY, meta)
+        study.set_user_attr(R.META_KEY, {**study_meta(bench), "sampler": type(study.sampler).__name__,
+                                         "sampler_reason": reason})
     log.info("sampler: %s (%s)", type(study.sampler).__name__, reason)
     return study
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+from collections.abc import Callable
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -136,12 +137,18 @@ def constraint_values(scores: dict[str, float], base_scores: dict[str, float], t
     return [base_scores.get(t, 0.0) - scores.get(t, 0.0) - drop for t in tasks]
 
 
+def feasibility(study: optuna.Study) -> Callable[[FrozenTrial], bool]:
+    """Whether a trial meets the study's constraints (always, when it has none or no base score yet).
+    The study's meta is read once (a storage read), then applied to any number of trials."""
+    m = meta(study)
+    drop, base, tasks = max_drop(study), m.get("base_scores"), m.get("tasks", [])
+    if drop is None or not base:
+        return lambda trial: True
+    return lambda trial: all(v <= 0 for v in constraint_values(objective_scores(trial), base, tasks, drop))
+
+
 def is_feasible(study: optuna.Study, trial: FrozenTrial) -> bool:
-    """Whether a trial meets the study's constraints (always, when it has none or no base score yet)."""
-    drop, m = max_drop(study), meta(study)
-    if drop is None or not m.get("base_scores"):
-        return True
-    return all(v <= 0 for v in constraint_values(objective_scores(trial), m["base_scores"], m.get("tasks", []), drop))
+    return feasibility(study)(trial)
 
 
 def best_trials(study: optuna.Study, k: int = 1, include_baselines: bool = False,
@@ -151,7 +158,7 @@ def best_trials(study: optuna.Study, k: int = 1, include_baselines: bool = False
     pool = search_trials(study) + (baseline_trials(study) if include_baselines else [])
     pool = [t for t in pool if not math.isnan(trial_mean(t))]
     if feasible_only:
-        pool = [t for t in pool if is_feasible(study, t)]
+        pool = list(filter(feasibility(study), pool))
     return sorted(pool, key=lambda t: (-trial_mean(t), t.number))[:k]
 
 
