@@ -288,6 +288,13 @@ def test_slices_running_result_and_final_equal(tmp_path, nl_model):
             assert last.scores[t][m] == pytest.approx(v, abs=1e-6)
     assert full.mean == pytest.approx((full.primary(gen.name) + full.primary(mc.name)) / 2)
     assert json.dumps(full.to_dict())  # serialisable
+    # The caller never runs in inference mode: not between slices, nor after abandoning the generator
+    # (a pruned trial does), or a later backward (the fit, a zoo build) fails for want of a graph.
+    slices = ev.iter_slices(4)
+    next(slices)
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+    del slices
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
 
 
 def test_weights_overwritten_in_place_are_reread(tmp_path, nl_model):

@@ -273,8 +273,10 @@ class Evaluator:
         lm_scores: dict[str, dict[str, float]] = {}
         seconds = {t.name: 0.0 for t in self.tasks}
         start = time.perf_counter()
-        with torch.inference_mode():
-            for k in range(n_slices):
+        for k in range(n_slices):
+            # Inference mode is per-thread state: held across the `yield`, it would leak into the caller
+            # between slices, and stay on when a pruned trial abandons this generator.
+            with torch.inference_mode():
                 for task in self.tasks:
                     t0 = time.perf_counter()
                     if task.kind == "lmeval":
@@ -285,7 +287,7 @@ class Evaluator:
                     else:
                         records[task.name] += self._run_choice(self._prepared[task.name], plan[task.name][k])
                     seconds[task.name] += time.perf_counter() - t0
-                yield self._result(records, lm_scores, seconds, time.perf_counter() - start, k == n_slices - 1)
+            yield self._result(records, lm_scores, seconds, time.perf_counter() - start, k == n_slices - 1)
 
     def evaluate(self) -> EvalResult:
         """Score every task once with the model's current weights."""
