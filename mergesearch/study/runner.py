@@ -66,11 +66,11 @@ class StudyRunner(Workbench):
         bar = tqdm(total=target, initial=done, desc=f"study {study.study_name}", unit="trial", disable=not progress,
                    dynamic_ncols=True)
         # Per-trial bookkeeping stays flat as the study grows: a best-so-far updated from each finished
-        # trial, never a scan of every trial, and the stored count read only when the target may have
-        # been reached. Trial numbers are the storage's, shared by every worker, so `number + 1` trials
-        # exist at most; counted ones (COMPLETE, PRUNED) are fewer.
+        # trial, never a scan of every trial, and one count of the stored trials (the storage's cache
+        # answers it incrementally; it includes other workers' trials, which may finish in any order,
+        # so the shared target is checked after every trial).
         best = max((R.trial_mean(t) for t in R.best_trials(study, 1, feasible_only=False)), default=-math.inf)
-        state = {"failed_in_a_row": 0, "best": best, "counted": done}
+        state = {"failed_in_a_row": 0, "best": best}
 
         def callback(st: optuna.Study, ft: optuna.trial.FrozenTrial) -> None:
             state["failed_in_a_row"] = state["failed_in_a_row"] + 1 if ft.state == TrialState.FAIL else 0
@@ -80,10 +80,7 @@ class StudyRunner(Workbench):
                                  "resume with the same command")
             if ft.state == TrialState.COMPLETE:
                 state["best"] = max(state["best"], R.trial_mean(ft))
-            if ft.state in R.COUNTED:
-                state["counted"] += 1  # a lower bound: this process's own, on top of those at the start
-            may_be_done = target is not None and ft.number + 1 >= target
-            n = state["counted"] = R.counted(st) if may_be_done else state["counted"]
+            n = R.counted(st)
             if progress:
                 bar.n = n
                 bar.set_postfix(best=f"{state['best']:.4f}", last=ft.state.name.lower(), refresh=False)
