@@ -118,8 +118,8 @@ def supervised_seqs(task: Task, tokenizer) -> _Seqs:
     ids, start = [], []
     for ex in task.examples:
         if task.kind == "generate":
-            p = S._encode(tokenizer, ex.prompt)
-            tgt = S._encode(tokenizer, ex.answers[0]) + (S._encode(tokenizer, task.stop) if task.stop else [])
+            p = S.encode(tokenizer, ex.prompt)
+            tgt = S.encode(tokenizer, ex.answers[0]) + (S.encode(tokenizer, task.stop) if task.stop else [])
             ids.append(p + tgt)
             start.append(len(p))
         elif task.kind == "choice":
@@ -152,7 +152,7 @@ def _pad_batch(rows: Sequence[list[int]], starts: Sequence[int], pad: int, devic
 def distill_seqs(task: Task, tokenizer, model, *, pad: int, stop_ids: set[int], batch_size: int) -> _Seqs:
     """The current model's (an expert's) greedy answers to the task's prompts and its top-k logits along them."""
     device = next(model.parameters()).device
-    prompts = [S._encode(tokenizer, ex.prompt) for ex in task.examples]
+    prompts = [S.encode(tokenizer, ex.prompt) for ex in task.examples]
     ids, start, teacher = [], [], []
     with torch.inference_mode():
         for lo in range(0, len(prompts), batch_size):
@@ -228,7 +228,7 @@ class CoefficientFitter:
                 onehot = [1.0 if j == self.teachers[t.name] else 0.0 for j in range(n)]
                 self.mat.materialize(Plan.full("task_arithmetic", self.mat.tensors, n, chunks=self.mat.chunks,
                                                weight=onehot, **{"lambda": 1.0}))
-                stop = S._encode(self.tokenizer, t.stop) if t.stop else []
+                stop = S.encode(self.tokenizer, t.stop) if t.stop else []
                 stop_ids = ({stop[0]} if len(stop) == 1 else set()) | ({eos} if eos is not None else set())
                 out[part].append(distill_seqs(t, self.tokenizer, self.mat.model, pad=self.pad, stop_ids=stop_ids,
                                               batch_size=64))

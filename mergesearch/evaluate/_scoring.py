@@ -108,7 +108,8 @@ def cache_of(out):
     return out["cache"] if "cache" in keys else out["past_key_values"] if "past_key_values" in keys else None
 
 
-def _encode(tokenizer, text: str) -> list[int]:
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of `text` without special tokens (what lm-eval's HFLM.tok_encode gives for a context)."""
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
@@ -118,8 +119,8 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     if n_spaces:
         continuation = context[-n_spaces:] + continuation
         context = context[:-n_spaces]
-    whole = _encode(tokenizer, context + continuation)
-    return whole, len(_encode(tokenizer, context))
+    whole = encode(tokenizer, context + continuation)
+    return whole, len(encode(tokenizer, context))
 
 
 def postprocess(text: str, task: Task) -> str:
@@ -213,11 +214,11 @@ def _where(task: Task, ex: Example) -> str:
 def prepare_generate(task: Task, tokenizer, max_len: int | None) -> list[GenItem]:
     items = []
     for ex in task.examples:
-        prompt_ids = _encode(tokenizer, ex.prompt)
+        prompt_ids = encode(tokenizer, ex.prompt)
         if not ex.prompt.rstrip():
             raise TaskError(f"{_where(task, ex)}: the prompt is only whitespace")
         # scored and decided on the tokens greedy decoding would have to emit after the prompt's tokens
-        answer_ids = _encode(tokenizer, ex.answers[0])
+        answer_ids = encode(tokenizer, ex.answers[0])
         # the one-pass decision follows greedy decoding wherever it goes, so any answer will do; one whose
         # tokens do not spell it (unknown characters) or that holds the stop only wastes the pass
         whole, n_context, gen_start = prompt_ids + answer_ids, len(prompt_ids), len(prompt_ids)
@@ -237,7 +238,7 @@ def follow_greedy(item: GenItem, tokens: list[int], text: str, tokenizer, max_le
     answer = next((a for a in item.example.answers if a.startswith(text)), None)
     if answer is None or "\ufffd" in text:
         return None
-    whole = item.prompt_ids + tokens + _encode(tokenizer, answer[len(text):])
+    whole = item.prompt_ids + tokens + encode(tokenizer, answer[len(text):])
     if max_len is not None and len(whole) + 1 > max_len:
         return None
     return GenItem(item.example, item.prompt_ids, whole, item.n_context, len(item.prompt_ids))
