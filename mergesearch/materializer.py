@@ -50,7 +50,7 @@ class Materializer:
                  method: str, *, dtype: str | torch.dtype = "float32", device: str | torch.device = "auto",
                  chunks: int | Sequence[int] = 1, streaming: bool = False, seed: int = 0,
                  merge_common_vocab: bool = False,
-                 check_finite: bool = True):
+                 check_finite: bool = True, block: int | None = None):
         self.op = operators.get(method)
         self.op.check_experts(len(experts))
         if min([chunks] if isinstance(chunks, int) else list(chunks) or [1]) < 1:
@@ -73,7 +73,9 @@ class Materializer:
         # chunks: one count for every tensor, or one per tensor in `tensors` order (chunks: auto)
         self._bounds = [chunk_bounds(t.shape[0], c) if t.shape else [(0, 1)]
                         for t, c in zip(self.tensors, per_tensor_chunks(chunks, len(self.tensors)))]
-        self.scratch = Scratch()
+        # Kernels walk chunks in blocks the device decides (operators.block_entries); tests pass the
+        # GPU's block to run its arithmetic on a CPU.
+        self.scratch = Scratch(block if block is not None else operators.block_entries(self.device))
         with torch.no_grad():
             self._load_sources()
             self.model = self._build_model()
@@ -106,13 +108,22 @@ class Materializer:
             self._base = [t.pin_memory() for t in self._base]
             self._deltas = [[d.pin_memory() for d in ds] for ds in self._deltas]
         # Precomputed state per tensor per chunk, in plan order (the random fields draw in this order).
+        # Always computed on the merge device, also when streaming (then kept in host memory beside the
+        # sources): norms and angles are reductions whose rounding depends on the device, so state made
+        # on the host would give streamed weights that differ from resident ones.
         gen = torch.Generator().manual_seed(self.seed)
         self._state: list[list[dict]] = []
         for i, t in enumerate(self.tensors):
             per_chunk = []
             for lo, hi in self._bounds[i]:
-                b, ds = self._slice(self._base[i], lo, hi), [self._slice(d, lo, hi) for d in self._deltas[i]]
-                per_chunk.append(self.op.prepare(b, ds, gen) if self.op.prepare else {})
+                if self.op.prepare is None:
+                    per_chunk.append({})
+                    continue
+                b = self._slice(self._base[i], lo, hi).to(self.device)
+                ds = [self._slice(d, lo, hi).to(self.device) for d in self._deltas[i]]
+                state = self.op.prepare(b, ds, gen)
+                per_chunk.append(_to_device(state, store, pin=self.device.type == "cuda") if self.streaming
+                                 else state)
             self._state.append(per_chunk)
 
     @staticmethod
@@ -236,13 +247,15 @@ class Materializer:
         return {t.name: named[t.name].data for t in self.tensors}
 
 
-def _to_device(state: Any, device: torch.device) -> Any:
+def _to_device(state: Any, device: torch.device, pin: bool = False) -> Any:
+    """Every tensor of a precomputed state moved to `device` (`pin`: into page-locked host memory)."""
     if isinstance(state, torch.Tensor):
-        return state.to(device, non_blocking=True)
+        moved = state.to(device, non_blocking=True)
+        return moved.pin_memory() if pin else moved
     if isinstance(state, dict):
-        return {k: _to_device(v, device) for k, v in state.items()}
+        return {k: _to_device(v, device, pin) for k, v in state.items()}
     if isinstance(state, list):
-        return [_to_device(v, device) for v in state]
+        return [_to_device(v, device, pin) for v in state]
     return state
 
 
@@ -263,7 +276,6 @@ def materialize_recipe(recipe: Recipe | str | os.PathLike | Mapping, *, device: 
                                      base.num_layers)
     m = Materializer(r.base_model, r.models, r.method, dtype=dtype or r.dtype, device=device, chunks=chunks,
                      streaming=streaming, seed=r.seed)
-    m.recipe = r
     m.materialize(r.to_plan(m.tensors, m.num_layers))
     return m
 

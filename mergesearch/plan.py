@@ -18,7 +18,6 @@ from mergesearch import operators
 from mergesearch.checkpoints import TensorInfo
 from mergesearch.errors import ConfigError, OperatorError
 from mergesearch.operators import Operator, num_chunks
-from mergesearch.operators.task_arithmetic import della_out_of_range, della_range_message
 
 __all__ = ["Plan", "per_tensor_chunks"]
 
@@ -101,13 +100,14 @@ class Plan:
                 raise OperatorError(
                     f"{self.method}: parameter {p.name}={float(v[i, e, c]):g} for tensor {self.tensor_names[i]} "
                     f"(expert {e}, chunk {c}) is outside its range [{p.low:g}, {p.high:g}]")
-        if "epsilon" in self.params:
-            d, eps = self.params["density"], self.params["epsilon"]
-            bad = used & della_out_of_range(d, eps)
+        for rule in op.rules:
+            values = [self.params[name] for name in rule.params]
+            bad = used & rule.broken(*values)
             if bool(bad.any()):
                 i, e, c = (int(x) for x in bad.nonzero()[0])
-                msg = della_range_message(float(d[i, e, c]), float(eps[i, e, c]),
-                                          f" (tensor {self.tensor_names[i]}, expert {e})")
+                # per-expert and method-level values broadcast alike: a method-level one has width 1
+                at = [float(v[i, min(e, v.shape[1] - 1), c]) for v in values]
+                msg = rule.message(*at, f" (tensor {self.tensor_names[i]}, expert {e})")
                 raise OperatorError(f"{self.method}: {msg}")
 
 

@@ -25,7 +25,6 @@ from mergesearch import operators
 from mergesearch.checkpoints import MODULE_GROUPS, TensorInfo
 from mergesearch.config import SpaceConfig
 from mergesearch.errors import ConfigError, OperatorError
-from mergesearch.operators.task_arithmetic import della_epsilon_cap
 
 
 @dataclass(frozen=True)
@@ -240,10 +239,10 @@ class SearchSpace:
         vec = torch.cat([self._consts, torch.tensor([float(values[s.key]) for s in self.slots],
                                                     dtype=torch.float32)])
         out = {name: vec[ix] for name, ix in self.index.items()}
-        if "epsilon" in out and "density" in out:
-            # density and epsilon are searched independently, so epsilon is capped where a density
-            # sits near 0 or 1 to keep every candidate inside DELLA's rule
-            out["epsilon"] = della_epsilon_cap(out["density"], out["epsilon"])
+        for rule in (r for r in self.op.rules if all(name in out for name in r.params)):
+            # the parameters are searched independently, so the last one is moved inside the method's
+            # rule where needed (DELLA: epsilon capped where a density sits near 0 or 1)
+            out[rule.params[-1]] = rule.repair(*[out[name] for name in rule.params])
         return out
 
     def point(self, **overrides: float) -> dict[str, float]:

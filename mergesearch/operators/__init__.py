@@ -75,6 +75,23 @@ def rescale_param(default: bool) -> Param:
                  "after sparsifying, rescale each task vector back to its original L1 norm", kind="bool")
 
 
+@dataclass(frozen=True)
+class ParamRule:
+    """A rule tying several of a method's parameters that their ranges alone cannot state
+    (DELLA: density +/- epsilon inside (0, 1)), declared with the method in the registry.
+
+    `broken(*values)` is True (a bool tensor, for tensors) where the values of `params`, in that order,
+    break the rule; `message(*floats, where)` says so and how to fix it; `repair(*tensors)` returns
+    the last parameter moved inside the rule, for search spaces that propose the parameters
+    independently.
+    """
+
+    params: tuple[str, ...]
+    broken: Callable[..., Any]
+    message: Callable[..., str]
+    repair: Callable[..., torch.Tensor]
+
+
 Kernel = Callable[..., None]
 Prepare = Callable[[torch.Tensor, Sequence[torch.Tensor], torch.Generator], dict]
 
@@ -97,6 +114,8 @@ class Operator:
     # base + sum_e weight_e * part_e at this candidate: what a gradient fit of the weights moves along
     # (mergesearch.fit). None: the method's weights cannot be fitted.
     linear_parts: Callable[..., list[torch.Tensor]] | None = None
+    # Rules between parameters (Plan.validate and the search space apply them; the kernel refuses too).
+    rules: tuple[ParamRule, ...] = ()
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -128,7 +147,8 @@ _REGISTRY: dict[str, Operator] = {}
 def register(name: str, *, params: Sequence[Param], doc: str, min_experts: int = 1,
              max_experts: int | None = None, prepare: Prepare | None = None, reference: str = "",
              ignored_mergekit_keys: Sequence[str] = (),
-             linear_parts: Callable[..., list[torch.Tensor]] | None = None) -> Callable[[Kernel], Kernel]:
+             linear_parts: Callable[..., list[torch.Tensor]] | None = None,
+             rules: Sequence[ParamRule] = ()) -> Callable[[Kernel], Kernel]:
     """Decorator: register `kernel` as merge method `name` (the one place a method is added)."""
 
     def deco(kernel: Kernel) -> Kernel:
@@ -137,7 +157,7 @@ def register(name: str, *, params: Sequence[Param], doc: str, min_experts: int =
         _REGISTRY[name] = Operator(name=name, kernel=kernel, params=tuple(params), doc=doc,
                                    min_experts=min_experts, max_experts=max_experts, prepare=prepare,
                                    reference=reference, ignored_mergekit_keys=frozenset(ignored_mergekit_keys),
-                                   linear_parts=linear_parts)
+                                   linear_parts=linear_parts, rules=tuple(rules))
         return kernel
 
     return deco
@@ -197,15 +217,36 @@ def is_on(x: float) -> bool:
     return x >= 0.5
 
 
+# --- the block policy: the device decides it, here and nowhere else ----------------------------------
+
+# Entries per block of a multi-step kernel (masks, sign consensus), by device type. Each step is a
+# separate torch op. On a CPU a block stays in the L2 cache (a dozen float32 buffers of 128K entries),
+# where an elementwise op runs ~3-4x faster than streaming from memory. On a GPU each op is a kernel
+# launch of a few microseconds: 128K-entry blocks made TIES 100-250x slower than task arithmetic on an
+# H200, so a chunk is processed whole up to 32M entries (which bounds the scratch buffers: a dozen
+# blocks, ~1.5 GB in float32, whatever the model's largest tensor).
+BLOCK_ENTRIES = {"cpu": 1 << 17, "cuda": 1 << 25}
+_BLOCK_DEFAULT = 1 << 25  # other accelerators (mps, xpu): launch-bound like CUDA
+
+
+def block_entries(device: str | torch.device) -> int:
+    """Entries per kernel block on `device` (see BLOCK_ENTRIES)."""
+    return BLOCK_ENTRIES.get(torch.device(device).type, _BLOCK_DEFAULT)
+
+
 class Scratch:
-    """Reusable flat buffers keyed by slot name, grown on demand, so kernels allocate nothing.
+    """Reusable flat buffers keyed by slot name, grown on demand, so kernels allocate nothing; and the
+    block size kernels walk a chunk in (`block_entries` of the device they run on).
 
     `get(slot, like)` returns a tensor shaped like `like` (same device, dtype unless given)
     viewing the slot's storage; buffers only grow, so after the first candidate the hot path
     does no allocation.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, block: int = BLOCK_ENTRIES["cpu"]) -> None:
+        if block < 1:
+            raise ValueError(f"block must be >= 1 entries, got {block}")
+        self.block = block
         self._bufs: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
 
     def get(self, slot: str, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -217,9 +258,6 @@ class Scratch:
             buf = torch.empty(max(n, 1), dtype=dtype, device=like.device)
             self._bufs[key] = buf
         return buf[:n].view(like.shape)
-
-    def clear(self) -> None:
-        self._bufs.clear()
 
 
 # --- the pure-tensor entry point -----------------------------------------------------------------
@@ -259,13 +297,15 @@ def resolve_chunk_params(op: Operator, values: dict[str, list[float]]) -> dict[s
 
 
 def merge_tensor(method: str, base: torch.Tensor, experts: Sequence[torch.Tensor], *, chunks: int = 1,
-                 seed: int = 0, **params: Any) -> torch.Tensor:
+                 seed: int = 0, block: int | None = None, **params: Any) -> torch.Tensor:
     """Merge one tensor with `method`: a new tensor, same shape/dtype/device as `base`.
 
     `experts` are full expert tensors (task vectors are taken against `base`). Parameters not
     given take their declared default; values may be scalars, per-expert lists, or per-chunk
     lists (per-expert: [expert][chunk]). Example:
         merge_tensor("ties", b, [e1, e2], weight=[0.5, 0.5], density=0.3)
+    `block`: entries per kernel block, default the device's policy (`block_entries`); tests pass
+    another device's to run its arithmetic here.
     """
     op = get(method)
     op.check_experts(len(experts))
@@ -284,7 +324,7 @@ def merge_tensor(method: str, base: torch.Tensor, experts: Sequence[torch.Tensor
                 if not (p.low <= v <= p.high) or math.isnan(v):
                     raise OperatorError(f"{method}: parameter {p.name}={v} is outside [{p.low}, {p.high}]")
     gen = torch.Generator().manual_seed(seed)
-    scratch = Scratch()
+    scratch = Scratch(block if block is not None else block_entries(base.device))
     for c, (lo, hi) in enumerate(bounds):
         if base.dim():
             b, ds, o = base[lo:hi], [d[lo:hi] for d in deltas], out[lo:hi]

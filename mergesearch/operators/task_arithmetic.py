@@ -43,6 +43,7 @@ from mergesearch.operators import (
     LAMBDA,
     WEIGHT,
     Param,
+    ParamRule,
     Scratch,
     exact,
     is_on,
@@ -62,7 +63,8 @@ EPSILON = Param("epsilon", 0.0, 0.5, 0.15,
 
 
 # --- DELLA's rule: density +/- epsilon inside (0, 1) ------------------------------------------------
-# Stated once here; the kernel (`_sparse_spec`), Plan.validate and the search space all apply it.
+# Stated once here and declared with the methods (`ParamRule`): the kernel (`_keep`), Plan.validate and the
+# search space all apply it.
 
 DELLA_MARGIN = 1e-3  # how far inside (0, 1) a search space keeps density +/- epsilon
 
@@ -86,6 +88,9 @@ def della_range_message(density: float, epsilon: float, where: str = "") -> str:
     """The error text for a density/epsilon pair that breaks the rule (`where`: which tensor, if known)."""
     return (f"density {density:g} +/- epsilon {epsilon:g} must stay inside (0, 1){where}; "
             "lower epsilon or move density away from 0 and 1")
+
+
+DELLA_RULE = ParamRule(("density", "epsilon"), della_out_of_range, della_range_message, della_epsilon_cap)
 
 
 # --- precomputation (once per chunk) ---------------------------------------------------------------
@@ -144,73 +149,248 @@ def _prepare_della(base, deltas, gen) -> dict:
     return {"u": [_uniform_field(d.numel(), gen, d.device) for d in deltas], "rn": rn, "l1": _l1(deltas)}
 
 
-# --- the kernel ----------------------------------------------------------------------------------
-
-# Entries per block: each step below is a separate torch op, so a chunk is processed in blocks
-# that stay in the CPU's L2 cache (a dozen float32 buffers of 128K entries), where an elementwise
-# op runs ~3-4x faster than streaming from memory. Masks are float 0/1 because bool tensors in
-# mul/where are several times slower than float ones on CPU.
-BLOCK = 1 << 17
+# --- the family's rules at one chunk and candidate (written once: the kernel and the linear parts read them) --
 
 
-def _sparse_spec(kind: str, e: int, n: int, p, state):
-    """How expert e is sparsified in this chunk: ("dense",), ("zero",) or a mask recipe."""
+class _Keep:
+    """How one expert's task vector is sparsified in a chunk: which entries survive (a 0/1 mask)."""
+
+    dense = False  # every entry kept: no mask
+    empty = False  # no entry kept: the expert contributes nothing
+
+    def mask(self, e: int, lo: int, hi: int, state: dict, scratch: Scratch, m: torch.Tensor) -> None:
+        """Write expert e's 0/1 keep mask for flat entries [lo, hi) of the chunk into m."""
+        raise NotImplementedError
+
+
+class _All(_Keep):
+    dense = True
+
+
+class _Nothing(_Keep):
+    empty = True
+
+
+class _Top(_Keep):
+    """The `k` largest magnitudes: rank < k."""
+
+    def __init__(self, k: int):
+        self.k = k
+
+    def mask(self, e, lo, hi, state, scratch, m) -> None:
+        torch.lt(state["rank"][e][lo:hi], self.k, out=m)
+
+
+class _Band(_Keep):
+    """Magnitude ranks in [lo_rank, hi_rank): breadcrumbs without its largest outliers."""
+
+    def __init__(self, lo_rank: int, hi_rank: int):
+        self.lo_rank, self.hi_rank = lo_rank, hi_rank
+
+    def mask(self, e, lo, hi, state, scratch, m) -> None:
+        r = state["rank"][e][lo:hi]
+        torch.lt(r, self.hi_rank, out=m)
+        m2 = scratch.get("mask2", m)
+        torch.ge(r, self.lo_rank, out=m2)
+        m.mul_(m2)
+
+
+class _Random(_Keep):
+    """Each entry with probability `p`: its uniform number below p."""
+
+    def __init__(self, p: float):
+        self.p = p
+
+    def mask(self, e, lo, hi, state, scratch, m) -> None:
+        torch.lt(state["u"][e][lo:hi], self.p, out=m)
+
+
+class _Della(_Keep):
+    """DELLA's MAGPRUNE: keep probability offset + slope * (row rank / (ncols - 1))."""
+
+    def __init__(self, slope: float, offset: float):
+        self.slope, self.offset = slope, offset
+
+    def mask(self, e, lo, hi, state, scratch, m) -> None:
+        q = scratch.get("q", m, torch.float32)
+        torch.mul(state["rn"][e][lo:hi], self.slope, out=q)
+        q.add_(self.offset)
+        torch.lt(state["u"][e][lo:hi], q, out=m)
+
+
+def _keep(kind: str, e: int, n: int, p: dict) -> _Keep:
+    """How expert e of an n-entry chunk is sparsified at parameters p."""
     if kind == "none":
-        return ("dense",)
+        return _All()
     density = p["density"][e]
     if density >= 1.0:
-        return ("dense",)
-    if n == 0:
-        return ("zero",)
+        return _All()
+    if n == 0 or density <= 0.0:
+        return _Nothing()
     if kind == "magnitude":
-        if density <= 0.0:
-            return ("zero",)
-        k = max(1, int(exact(density) * n))
-        return ("top", k)  # keep rank < k
+        return _Top(max(1, int(exact(density) * n)))
     if kind == "outliers":
         target = int(exact(density) * n)
         if target <= 0:
-            return ("zero",)
+            return _Nothing()
         n_top = int(exact(p["gamma"][e]) * n)
         n_bot = max(0, n - target - n_top)
         # Ascending position n - 1 - rank in [n_bot, n_bot + target)  <=>  rank in [n - n_bot - target, n - n_bot);
         # the lower end is 0 when no outlier is dropped (gamma 0, or density 1).
         lo, hi = n - n_bot - target, n - n_bot
-        return ("top", hi) if lo == 0 else ("band", lo, hi)
+        return _Top(hi) if lo == 0 else _Band(lo, hi)
     if kind == "random":
-        if density <= 0.0:
-            return ("zero",)
-        return ("lt_u", density)
+        return _Random(density)
     if kind == "della":
-        if density <= 0.0:
-            return ("zero",)
         eps = p["epsilon"][e]
         if della_out_of_range(density, eps):
             raise CandidateError(f"della: {della_range_message(density, eps)}")
-        return ("della", 2.0 * eps, density - eps)
-    raise AssertionError(kind)
+        return _Della(2.0 * eps, density - eps)
+    raise ValueError(f"unknown sparsification {kind!r}")
 
 
-def _mask(spec, e: int, d, lo: int, hi: int, state, scratch, m) -> None:
-    """Write expert e's 0/1 keep mask for entries [lo, hi) into the float buffer m (shape like d)."""
-    mode = spec[0]
-    if mode == "top":
-        torch.lt(state["rank"][e][lo:hi], spec[1], out=m)
-    elif mode == "band":
-        r = state["rank"][e][lo:hi]
-        torch.lt(r, spec[2], out=m)
-        m2 = scratch.get("mask2", d)
-        torch.ge(r, spec[1], out=m2)
-        m.mul_(m2)
-    elif mode == "lt_u":
-        torch.lt(state["u"][e][lo:hi], spec[1], out=m)
-    elif mode == "della":
-        q = scratch.get("q", d, torch.float32)
-        torch.mul(state["rn"][e][lo:hi], spec[1], out=q)
-        q.add_(spec[2])
-        torch.lt(state["u"][e][lo:hi], q, out=m)
+class _Rules:
+    """The family's rules for one chunk at one candidate: sparsification, coefficients, divisor, rescale.
+
+    Without consensus the merge is base + sum_e coef_e * factor_e * keep_e(d_e), coef_e = lambda w_e / W
+    (W = sum of the weights with `normalize`, else 1). With consensus each weighted term
+    wd_e = w_e * factor_e * keep_e(d_e) votes for the sign, and base + lambda * (sum of the agreeing
+    wd_e) / (sum of their weights) is written. factor_e is the L1 rescale (1 without `rescale`).
+    """
+
+    def __init__(self, kind: str, consensus: bool, n: int, p: dict):
+        self.consensus = consensus
+        self.weight = p["weight"]
+        self.lam = p["lambda"]
+        self.normalize = is_on(p["normalize"])
+        self.rescale = is_on(p.get("rescale", 0.0))
+        # A zero weight contributes nothing, not even to a consensus divisor (mergekit: mask * 0).
+        self.keep = [_Nothing() if w == 0.0 else _keep(kind, e, n, p) for e, w in enumerate(self.weight)]
+        self.live = [e for e, k in enumerate(self.keep) if not k.empty]
+        if consensus:
+            self.coef = {e: self.weight[e] for e in self.live}
+        else:
+            total = sum(self.weight)  # over every expert, as mergekit's weights.sum()
+            div = total if (self.normalize and abs(total) >= 1e-8) else 1.0
+            self.coef = {e: self.lam * self.weight[e] / div for e in self.live}
+
+    @property
+    def plain(self) -> bool:
+        """Task arithmetic at this chunk: no mask, no consensus."""
+        return not self.consensus and all(self.keep[e].dense for e in self.live)
+
+    def rescale_factors(self, ds, state, scratch: Scratch, block: int) -> dict[int, torch.Tensor]:
+        """Per sparsified expert, the 0-d factor that brings its kept entries back to the chunk's L1 norm
+        (mergekit's RescaleNorm.l1: 1 where either norm is below 1e-7). Computed on the device: no sync."""
+        sparse = [e for e in self.live if not self.keep[e].dense] if self.rescale else []
+        if not sparse:
+            return {}
+        n = ds[0].numel()
+        acc = {e: torch.zeros((), dtype=torch.float32, device=ds[e].device) for e in sparse}
+        for lo in range(0, n, block):
+            hi = min(n, lo + block)
+            for e in sparse:
+                d = ds[e][lo:hi]
+                m = scratch.get("m", d)
+                self.keep[e].mask(e, lo, hi, state, scratch, m)
+                a = scratch.get("abs", d)
+                torch.abs(d, out=a)
+                if a.dtype == torch.float32:
+                    acc[e] += torch.dot(a, m)
+                else:  # bf16/fp16 dot runs ~20x slower than mul + float32 sum on CPU
+                    acc[e] += a.mul_(m).sum(dtype=torch.float32)
+        out = {}
+        for e in sparse:
+            before, after = state["l1"][e], acc[e]
+            small = (before < _RESCALE_EPS) | (after < _RESCALE_EPS)
+            out[e] = torch.where(small, torch.ones_like(after), before / after.clamp_min(_RESCALE_EPS))
+        return out
+
+    def terms(self, ds, lo: int, hi: int, state, scratch: Scratch, factors: dict, unit: bool = False):
+        """This block's contribution of each live expert, as (tensor, python coefficient) pairs.
+
+        Consensus: the weighted terms wd_e (coefficient 1.0). Otherwise the kept (rescaled) d_e and
+        coef_e. `unit`: at unit weight, keep_e(d_e) * factor_e (the linear parts): fresh tensors, or the
+        read-only sources themselves where nothing is dropped.
+        """
+        out = []
+        for i, e in enumerate(self.live):
+            d = ds[e][lo:hi]
+            c = 1.0 if unit else self.coef[e]
+            if self.keep[e].dense:
+                if self.consensus and not unit:
+                    wd = scratch.get(f"W{i}", d)
+                    torch.mul(d, c, out=wd)
+                    out.append((wd, 1.0))
+                else:  # the source itself (read-only): no copy
+                    out.append((d, c))
+                continue
+            wd = torch.empty_like(d) if unit else scratch.get(f"W{i}", d)
+            m = scratch.get("m", d)
+            self.keep[e].mask(e, lo, hi, state, scratch, m)
+            torch.mul(d, m, out=wd)
+            if e in factors:
+                wd.mul_((factors[e] * c).to(wd.dtype))
+                out.append((wd, 1.0))
+            elif self.consensus and not unit:
+                wd.mul_(c)
+                out.append((wd, 1.0))
+            else:
+                out.append((wd, c))
+        return out
+
+
+def _elect_sign(weighted: list[torch.Tensor], sg: torch.Tensor) -> torch.Tensor:
+    """sg = +1 where the sum of the weighted terms is >= 0, else -1 (the elected sign, written into sg)."""
+    if len(weighted) == 1:
+        torch.ge(weighted[0], 0, out=sg)
     else:
-        raise AssertionError(mode)
+        torch.add(weighted[0], weighted[1], out=sg)
+        for t in weighted[2:]:
+            sg.add_(t)
+        torch.ge(sg, 0, out=sg)
+    return sg.mul_(2.0).sub_(1.0)
+
+
+def _zero_to_one(divisor: torch.Tensor, scratch_like: torch.Tensor) -> None:
+    # mergekit: divisor[divisor == 0] = 1 (no agreeing expert: the sum is 0 anyway)
+    torch.eq(divisor, 0, out=scratch_like)
+    divisor.add_(scratch_like)
+
+
+def _merge_block(rules: _Rules, ob, bb, ds, lo, hi, state, scratch: Scratch, factors: dict) -> None:
+    """Write base + the family's merge of entries [lo, hi) into ob."""
+    terms = rules.terms(ds, lo, hi, state, scratch, factors)
+    if not rules.consensus:
+        t0, c0 = terms[0]
+        torch.add(bb, t0, alpha=c0, out=ob)
+        for t, c in terms[1:]:
+            ob.add_(t, alpha=c)
+        return
+    weighted = [t for t, _ in terms]
+    sg = _elect_sign(weighted, scratch.get("sg", bb))
+    # Kept entries agree with sg: mixed = sg * sum_e relu(sg * wd_e), divisor = sum_e w_e [sg * wd_e > 0].
+    mixed = scratch.get("mixed", bb)
+    kept = scratch.get("kept", bb)
+    divisor = scratch.get("divisor", bb)
+    for i, t in enumerate(weighted):
+        t.mul_(sg).clamp_(min=0)
+        if i == 0:
+            mixed.copy_(t)
+        else:
+            mixed.add_(t)
+        if rules.normalize:
+            torch.gt(t, 0, out=kept)
+            if i == 0:
+                torch.mul(kept, rules.weight[rules.live[i]], out=divisor)
+            else:
+                divisor.add_(kept, alpha=rules.weight[rules.live[i]])
+    mixed.mul_(sg)
+    if rules.normalize:
+        _zero_to_one(divisor, kept)
+        torch.addcdiv(bb, mixed, divisor, value=rules.lam, out=ob)
+    else:
+        torch.add(bb, mixed, alpha=rules.lam, out=ob)
 
 
 def _make_kernel(kind: str, consensus: bool):
@@ -218,115 +398,18 @@ def _make_kernel(kind: str, consensus: bool):
         o, b = out.reshape(-1), base.reshape(-1)
         ds = [d.reshape(-1) for d in deltas]
         n = b.numel()
-        w = p["weight"]
-        lam = p["lambda"]
-        normalize = is_on(p["normalize"])
-        rescale = is_on(p.get("rescale", 0.0))
-        # A zero weight contributes nothing, not even to a consensus divisor (mergekit: mask * 0).
-        specs = [("zero",) if w[e] == 0.0 else _sparse_spec(kind, e, n, p, state) for e in range(len(ds))]
-        live = [e for e in range(len(ds)) if specs[e][0] != "zero"]
-        if not live:
+        rules = _Rules(kind, consensus, n, p)
+        if not rules.live:
             o.copy_(b)
             return
-        if consensus:
-            coef = {e: w[e] for e in live}
-        else:
-            total = sum(w)  # over every expert, as mergekit's weights.sum()
-            div = total if (normalize and abs(total) >= 1e-8) else 1.0
-            coef = {e: lam * w[e] / div for e in live}
-        if not consensus and all(specs[e][0] == "dense" for e in live):
-            # Plain task arithmetic: whole-chunk streaming adds (no block overhead).
-            torch.add(b, ds[live[0]], alpha=coef[live[0]], out=o)
-            for e in live[1:]:
-                o.add_(ds[e], alpha=coef[e])
+        if rules.plain:  # task arithmetic: whole-chunk streaming adds on every device
+            _merge_block(rules, o, b, ds, 0, n, state, scratch, {})
             return
-        # Rescaling needs each sparsified chunk's L1 norm first: one extra pass (dot of |d| and mask).
-        scale: dict[int, torch.Tensor] = {}
-        if rescale:
-            sparse = [e for e in live if specs[e][0] != "dense"]
-            acc = {e: torch.zeros((), dtype=torch.float32, device=b.device) for e in sparse}
-            for lo in range(0, n, BLOCK):
-                hi = min(n, lo + BLOCK)
-                for e in sparse:
-                    d = ds[e][lo:hi]
-                    m = scratch.get("m", d)
-                    _mask(specs[e], e, d, lo, hi, state, scratch, m)
-                    a = scratch.get("abs", d)
-                    torch.abs(d, out=a)
-                    if a.dtype == torch.float32:
-                        acc[e] += torch.dot(a, m)
-                    else:  # bf16/fp16 dot runs ~20x slower than mul + float32 sum on CPU
-                        acc[e] += a.mul_(m).sum(dtype=torch.float32)
-            for e in sparse:
-                before, after = state["l1"][e], acc[e]
-                small = (before < _RESCALE_EPS) | (after < _RESCALE_EPS)
-                factor = torch.where(small, torch.ones_like(after), before / after.clamp_min(_RESCALE_EPS))
-                scale[e] = (factor * coef[e]).to(b.dtype)
-        for lo in range(0, n, BLOCK):
-            hi = min(n, lo + BLOCK)
-            bb, ob = b[lo:hi], o[lo:hi]
-            terms = []  # (tensor, python coefficient): this block's wd_e = coefficient * tensor
-            for i, e in enumerate(live):
-                d = ds[e][lo:hi]
-                if specs[e][0] == "dense":
-                    if consensus:
-                        wd = scratch.get(f"W{i}", d)
-                        torch.mul(d, coef[e], out=wd)
-                        terms.append((wd, 1.0))
-                    else:
-                        terms.append((d, coef[e]))
-                    continue
-                wd = scratch.get(f"W{i}", d)
-                m = scratch.get("m", d)
-                _mask(specs[e], e, d, lo, hi, state, scratch, m)
-                torch.mul(d, m, out=wd)
-                if e in scale:
-                    wd.mul_(scale[e])
-                    terms.append((wd, 1.0))
-                elif consensus:
-                    wd.mul_(coef[e])
-                    terms.append((wd, 1.0))
-                else:
-                    terms.append((wd, coef[e]))
-            if not consensus:
-                t0, c0 = terms[0]
-                torch.add(bb, t0, alpha=c0, out=ob)
-                for t, c in terms[1:]:
-                    ob.add_(t, alpha=c)
-                continue
-            # Sign consensus: sg = +1 where sum_e wd_e >= 0 else -1; kept entries agree with sg,
-            # so mixed = sg * sum_e relu(sg * wd_e) and divisor = sum_e w_e [sg * wd_e > 0].
-            sg = scratch.get("sg", bb)
-            if len(terms) == 1:
-                torch.ge(terms[0][0], 0, out=sg)
-            else:
-                torch.add(terms[0][0], terms[1][0], out=sg)
-                for t, _ in terms[2:]:
-                    sg.add_(t)
-                torch.ge(sg, 0, out=sg)
-            sg.mul_(2.0).sub_(1.0)
-            mixed = scratch.get("mixed", bb)
-            kept = scratch.get("kept", bb)
-            divisor = scratch.get("divisor", bb)
-            for i, (t, _) in enumerate(terms):
-                t.mul_(sg).clamp_(min=0)
-                if i == 0:
-                    mixed.copy_(t)
-                else:
-                    mixed.add_(t)
-                if normalize:
-                    we = w[live[i]]
-                    torch.gt(t, 0, out=kept)
-                    if i == 0:
-                        torch.mul(kept, we, out=divisor)
-                    else:
-                        divisor.add_(kept, alpha=we)
-            mixed.mul_(sg)
-            if normalize:
-                torch.eq(divisor, 0, out=kept)
-                divisor.add_(kept)  # 0 -> 1, as mergekit
-                mixed.div_(divisor)
-            torch.add(bb, mixed, alpha=lam, out=ob)
+        block = scratch.block or max(n, 1)
+        factors = rules.rescale_factors(ds, state, scratch, block)
+        for lo in range(0, n, block):
+            hi = min(n, lo + block)
+            _merge_block(rules, o[lo:hi], b[lo:hi], ds, lo, hi, state, scratch, factors)
 
     return kernel
 
@@ -334,57 +417,43 @@ def _make_kernel(kind: str, consensus: bool):
 def _make_linear_parts(kind: str, consensus: bool):
     """Per-expert parts of a candidate: merged = base + sum_e w_e * part_e (see Operator.linear_parts).
 
-    Masks and L1 rescaling do not depend on the weights, so without sign consensus the merge is
-    linear in the weights and the parts are exact everywhere. With consensus the elected sign and the
-    divisor do depend on them: the parts freeze both at this candidate (exact here, a linearisation
-    around it), and an expert counts where its own kept entries agree with the elected sign
-    (the same as the kernel for non-negative weights).
+    The same rules as the kernel (`_Rules`), over the whole chunk. Masks and L1 rescaling do not
+    depend on the weights, so without sign consensus the merge is linear in the weights and the parts
+    are exact everywhere. With consensus the elected sign and the divisor do: the parts freeze both
+    at this candidate (exact here, a linearisation around it); an expert counts where its weighted
+    term agrees with the elected sign, as in the kernel (an expert at weight 0: where its kept
+    entries do, the direction a positive weight would take).
     """
 
     def parts(base, deltas, p, state) -> list[torch.Tensor]:
         ds = [d.reshape(-1) for d in deltas]
         n = ds[0].numel() if ds else 0
-        w, lam = p["weight"], p["lambda"]
-        normalize, rescale = is_on(p["normalize"]), is_on(p.get("rescale", 0.0))
+        # All experts, the zero-weight ones too: a part says where a weight would move the merge.
+        unit_p = dict(p, weight=tuple(1.0 if w == 0.0 else w for w in p["weight"]))
+        rules = _Rules(kind, consensus, n, unit_p)
         scratch = Scratch()
-        kept = []  # per expert: its sparsified (and rescaled) task vector, at unit weight
-        for e, d in enumerate(ds):
-            spec = _sparse_spec(kind, e, n, p, state)
-            if spec[0] == "zero":
-                kept.append(torch.zeros_like(d))
-                continue
-            if spec[0] == "dense":
-                kept.append(d)
-                continue
-            m = torch.empty_like(d)
-            _mask(spec, e, d, 0, n, state, scratch, m)
-            x = d * m
-            if rescale:
-                before = state["l1"][e]
-                after = torch.linalg.vector_norm(x, 1, dtype=_acc_dtype(x))
-                small = (before < _RESCALE_EPS) | (after < _RESCALE_EPS)
-                x.mul_(torch.where(small, torch.ones_like(after), before / after.clamp_min(_RESCALE_EPS)).to(x.dtype))
-            kept.append(x)
+        factors = rules.rescale_factors(ds, state, scratch, max(n, 1))
+        kept = {e: t for e, (t, _) in zip(rules.live, rules.terms(ds, 0, n, state, scratch, factors, unit=True))}
+        zero = torch.zeros_like(ds[0]) if ds else None
+        w = p["weight"]
         if not consensus:
             total = sum(w)
-            factor = lam / (total if (normalize and abs(total) >= 1e-8) else 1.0)
-            out = kept if factor == 1.0 else [x * factor for x in kept]
+            factor = rules.lam / (total if (rules.normalize and abs(total) >= 1e-8) else 1.0)
+            out = [(kept[e] if factor == 1.0 else kept[e] * factor) if e in kept else zero for e in range(len(ds))]
         else:
-            mixed = torch.zeros_like(ds[0])
-            for e, x in enumerate(kept):
-                if w[e] != 0.0:
-                    mixed.add_(x, alpha=w[e])
-            sg = torch.where(mixed >= 0, 1.0, -1.0).to(mixed.dtype)
-            agree = [((x * sg) > 0).to(x.dtype) for x in kept]
-            if normalize:
-                divisor = torch.zeros_like(mixed)
-                for e, a in enumerate(agree):
+            direction = [1.0 if we >= 0 else -1.0 for we in w]
+            weighted = [kept[e] * w[e] for e in rules.live if w[e] != 0.0]
+            sg = _elect_sign(weighted, torch.empty_like(ds[0])) if weighted else torch.ones_like(ds[0])
+            agree = {e: ((kept[e] * sg * direction[e]) > 0).to(kept[e].dtype) for e in kept}
+            scale = torch.full_like(ds[0], rules.lam)
+            if rules.normalize:
+                divisor = torch.zeros_like(ds[0])
+                for e, a in agree.items():
                     if w[e] != 0.0:
                         divisor.add_(a, alpha=w[e])
-                divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
-                out = [x * a * lam / divisor for x, a in zip(kept, agree)]
-            else:
-                out = [x * a * lam for x, a in zip(kept, agree)]
+                _zero_to_one(divisor, torch.empty_like(divisor))
+                scale.div_(divisor)
+            out = [kept[e] * agree[e] * scale if e in kept else zero for e in range(len(ds))]
         return [x.reshape(d.shape) for x, d in zip(out, deltas)]
 
     return parts
@@ -405,7 +474,8 @@ def _register(name: str, kind: str, consensus: bool, normalize: bool, rescale: b
                "random": _prepare_random, "della": _prepare_della}[kind]
     ignored = {"int8_mask"} | ({"rescale"} if kind == "none" else set())
     register(name, params=params, doc=doc, prepare=prepare, reference=ref, ignored_mergekit_keys=ignored,
-             linear_parts=_make_linear_parts(kind, consensus))(_make_kernel(kind, consensus))
+             linear_parts=_make_linear_parts(kind, consensus), rules=(DELLA_RULE,) if kind == "della" else (),
+             )(_make_kernel(kind, consensus))
 
 
 _register("task_arithmetic", "none", False, False, False,
