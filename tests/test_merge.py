@@ -81,9 +81,20 @@ def test_bf16_and_streaming(tiny_family):
         assert (t.float() - ref.state_dict()[name]).abs().mean() < 2e-3, name
 
 
-STREAMED = [("task_arithmetic", {"weight": [0.3, 0.9]}), ("ties", {"weight": [0.5, 0.5], "density": 0.4}),
-            ("dare_ties", {"weight": [0.6, 0.4], "density": 0.5}), ("della", {"density": 0.5, "epsilon": 0.1}),
-            ("breadcrumbs", {"density": 0.7, "gamma": 0.05}), ("slerp", {"t": 0.3}), ("model_stock", {})]
+# One candidate per registered method (tests/test_gpu.py reads this list too: every method on every path).
+STREAMED = [("linear", {"weight": [0.2, 0.8]}), ("task_arithmetic", {"weight": [0.3, 0.9]}),
+            ("ties", {"weight": [0.5, 0.5], "density": 0.4}), ("dare_linear", {"weight": [0.6, 0.7], "density": 0.3}),
+            ("dare_ties", {"weight": [0.6, 0.4], "density": 0.5}),
+            ("breadcrumbs", {"density": 0.7, "gamma": 0.05}), ("breadcrumbs_ties", {"density": 0.6, "gamma": 0.05}),
+            ("della", {"density": 0.5, "epsilon": 0.1}),
+            ("della_linear", {"weight": [0.9, -0.3], "density": 0.4, "epsilon": 0.2}),
+            ("slerp", {"t": 0.3}), ("model_stock", {"filter_wise": 1.0})]
+
+
+def test_every_method_is_covered_by_the_path_tests():
+    from mergesearch import operators
+
+    assert {m for m, _ in STREAMED} == set(operators.names())
 
 
 @pytest.mark.parametrize("method, values", STREAMED, ids=[m for m, _ in STREAMED])
@@ -104,8 +115,40 @@ def test_streaming_matches_resident_sources_on_cpu(method, values, tiny_family):
         assert all(torch.equal(first[k], v) for k, v in m.state_dict().items())
         got[streaming] = first
         targets = {v.data_ptr() for v in m.state_dict().values()}
-        assert not any(b.data_ptr() in targets for b in m._base)  # sources apart from the model
+        sources = [m.sources(i)[0] for i in range(len(m.tensors))]
+        assert not any(b.data_ptr() in targets for b in sources)  # sources apart from the model
     assert all(torch.equal(got[False][k], got[True][k]) for k in got[False])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("method, values", STREAMED, ids=[m for m, _ in STREAMED])
+def test_the_gpu_block_policy_gives_the_cpu_weights(method, values, dtype, tiny_family):
+    """The CUDA branch's arithmetic (chunks processed whole: operators.block_entries("cuda")) run here on
+    the CPU, against blocks far smaller than the tensors (many blocks per chunk), streaming and not.
+
+    float32: within 1e-6. bfloat16: within one bf16 step of the weight (2**-7 relative): the two policies
+    differ only in the order of the float32 sum behind the L1 rescale, and a last-bit change of that
+    factor, once rounded to bf16, can move a merged weight across one rounding boundary."""
+    from mergesearch import operators
+
+    n = 1 if method == "slerp" else 2
+    base, experts = tiny_family("llama", n)
+    got = {}
+    for block, streaming in ((257, False), (operators.block_entries("cuda"), False),
+                             (operators.block_entries("cuda"), True)):
+        m = Materializer(base, experts, method, device="cpu", chunks=2, seed=3, streaming=streaming, dtype=dtype,
+                         block=block)
+        assert m.scratch.block == block
+        m.materialize(m.plan(**values))
+        got[block, streaming] = {k: v.float().clone() for k, v in m.state_dict().items()}
+    small, whole, streamed = got.values()
+    for k in small:
+        assert torch.equal(whole[k], streamed[k]), k  # streaming is exact
+        if dtype == "float32":
+            torch.testing.assert_close(whole[k], small[k], rtol=0, atol=1e-6, msg=k)
+        else:
+            torch.testing.assert_close(whole[k], small[k], rtol=2 ** -7, atol=1e-6, msg=k)
+    assert operators.block_entries("cpu") == Materializer(base, experts, method, device="cpu").scratch.block
 
 
 def test_dare_same_seed_same_weights(tiny_family):

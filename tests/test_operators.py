@@ -69,6 +69,30 @@ def test_shape_dtype_and_finiteness(name, dtype):
         assert torch.isfinite(out.float()).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", NAMES)
+def test_every_block_policy_gives_the_same_merge(name, dtype):
+    """A chunk of 280K entries merged in the CPU's blocks (128K: three blocks), whole (the CUDA policy)
+    and in odd small blocks: float32 within 1e-6; bf16 within one bf16 step (2**-7 relative), the only
+    difference being the order of the float32 sum behind the L1 rescale (test_merge.py says why)."""
+    op = operators.get(name)
+    base, experts = _sources((700, 400), _n_experts(op), dtype=dtype)
+    kw = {"density": 0.4} if "density" in op.param_names else {}
+    if "epsilon" in op.param_names:
+        kw["epsilon"] = 0.1
+    outs = [merge_tensor(name, base, experts, seed=2, block=b, **kw).float()
+            for b in (operators.block_entries("cpu"), operators.block_entries("cuda"), 4099)]
+    rtol = 0 if dtype == torch.float32 else 2 ** -7
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], rtol=rtol, atol=1e-6)
+
+
+def test_block_policy_is_the_devices():
+    assert operators.block_entries("cpu") == operators.BLOCK_ENTRIES["cpu"] < operators.block_entries("cuda")
+    assert operators.block_entries(torch.device("cuda", 1)) == operators.BLOCK_ENTRIES["cuda"]
+    assert operators.block_entries("cuda") >= 1 << 24  # tens of millions of entries: a chunk whole
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_experts_equal_to_base_give_the_base(name):
     op = operators.get(name)
