@@ -118,9 +118,16 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return device
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise CheckpointError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CheckpointError(f"device {device!r} requested but no CUDA device is available: use device: auto or cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise CheckpointError(f"device {device!r} requested but this machine has {n} CUDA device(s): "
+                              f"use cuda:0{f' to cuda:{n - 1}' if n > 1 else ''}")
     return dev
 
 
@@ -202,7 +209,10 @@ class Checkpoint:
 
     def load(self, names: Iterable[str] | None = None, *, dtype: torch.dtype | str | None = None,
              device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-        """Read tensors (all, or `names`) as a dict, cast to `dtype` and moved to `device`."""
+        """Read tensors (all, or `names`) as a dict, cast to `dtype`, on `device`.
+
+        safetensors reads straight into the device's memory (no host copy of a GPU's tensors), and the
+        cast happens there: a bf16 checkpoint is never widened on the host."""
         wanted = list(self.tensors) if names is None else list(names)
         unknown = [n for n in wanted if n not in self.tensors]
         if unknown:
@@ -212,13 +222,16 @@ class Checkpoint:
         by_file: dict[Path, list[str]] = {}
         for n in wanted:
             by_file.setdefault(self._file_of[n], []).append(n)
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
         for f, ns in by_file.items():
-            with safe_open(f, framework="pt") as sf:
+            with safe_open(f, framework="pt", device=str(dev)) as sf:
                 for n in ns:
                     t = sf.get_tensor(n)
                     if dt is not None and t.is_floating_point():
                         t = t.to(dt)
-                    out[n] = t.to(device)
+                    out[n] = t
         return {n: out[n] for n in wanted}
 
     def fingerprint(self) -> dict:
