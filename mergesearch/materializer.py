@@ -32,6 +32,7 @@ from mergesearch.errors import CandidateError, CheckpointError, ConfigError, Ope
 from mergesearch.operators import Scratch, chunk_bounds
 from mergesearch.plan import Plan, per_tensor_chunks
 from mergesearch.recipe import Recipe, load_recipe, recipe_chunk_counts
+from mergesearch.timings import PhaseTimer
 
 __all__ = ["Materializer", "materialize_recipe", "merge_recipe"]
 
@@ -76,14 +77,22 @@ class Materializer:
         # Kernels walk chunks in blocks the device decides (operators.block_entries); tests pass the
         # GPU's block to run its arithmetic on a CPU.
         self.scratch = Scratch(block if block is not None else operators.block_entries(self.device))
+        self.timer = PhaseTimer()  # where opening went: read_sources, prepare, model (mergesearch.timings)
         with torch.no_grad():
             self._load_sources()
-            self.model = self._build_model()
+            with self.timer.phase("model_s"):
+                self.model = self._build_model()
 
     # -- set-up (once) --
 
     def _load_sources(self) -> None:
-        store = torch.device("cpu") if self.streaming else self.device
+        with self.timer.phase("read_sources_s"):
+            self._read_sources()
+        with self.timer.phase("prepare_s"):
+            self._prepare()
+
+    def _read_sources(self) -> None:
+        store = self._store
         names = [t.name for t in self.tensors]
         base_src = self.base.load(names, device=store)  # source precision: deltas are taken before casting
         self._deltas: list[list[torch.Tensor]] = [[] for _ in self.tensors]
@@ -107,6 +116,13 @@ class Materializer:
         if self.streaming and self.device.type == "cuda":  # page-locked: asynchronous host-to-device copies
             self._base = [t.pin_memory() for t in self._base]
             self._deltas = [[d.pin_memory() for d in ds] for ds in self._deltas]
+
+    @property
+    def _store(self) -> torch.device:
+        """Where the sources live: the device, or with streaming the host."""
+        return torch.device("cpu") if self.streaming else self.device
+
+    def _prepare(self) -> None:
         # Precomputed state per tensor per chunk, in plan order (the random fields draw in this order).
         # Always computed on the merge device, also when streaming (then kept in host memory beside the
         # sources): norms and angles are reductions whose rounding depends on the device, so state made
@@ -122,7 +138,7 @@ class Materializer:
                 b = self._slice(self._base[i], lo, hi).to(self.device)
                 ds = [self._slice(d, lo, hi).to(self.device) for d in self._deltas[i]]
                 state = self.op.prepare(b, ds, gen)
-                per_chunk.append(_to_device(state, store, pin=self.device.type == "cuda") if self.streaming
+                per_chunk.append(_to_device(state, self._store, pin=self.device.type == "cuda") if self.streaming
                                  else state)
             self._state.append(per_chunk)
 

@@ -25,6 +25,7 @@ from mergesearch.config import Config, config_from_dict, load_config
 from mergesearch.errors import StudyError
 from mergesearch.study import records as R
 from mergesearch.study.storage import open_storage, require_existing, study_exists
+from mergesearch.timings import format_timings, study_timings
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,9 @@ def study_status(spec, study_name: str | None = None) -> dict:
     baselines = {R.baseline_name(t): R.trial_mean(t) for t in R.baseline_trials(study)}
     feasible = R.feasibility(study)
     infeasible = sum(not feasible(t) for t in search if t.state == TrialState.COMPLETE)
+    done = [t for t in search if t.state == TrialState.COMPLETE]
+    timing = study_timings(R.meta(study), [R.record(t) for t in R.baseline_trials(study)], [R.record(t) for t in done],
+                           [t.duration.total_seconds() if t.duration else None for t in done])
     return {
         "study": study.study_name,
         "objectives": R.meta(study).get("objectives"),
@@ -145,6 +149,7 @@ def study_status(spec, study_name: str | None = None) -> dict:
         "seconds_per_trial": per_trial,
         "eta_seconds": eta,
         "test_scores": R.test_scores(study),
+        "timings": timing,
     }
 
 
@@ -166,6 +171,7 @@ def format_status(st: dict) -> str:
     if st["seconds_per_trial"]:
         eta = st["eta_seconds"]
         lines.append(f"{st['seconds_per_trial']:.2f} s per trial" + (f", ETA {eta / 60:.1f} min" if eta else ""))
+    lines += format_timings(st.get("timings") or {})
     return "\n".join(lines)
 
 

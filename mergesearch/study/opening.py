@@ -49,6 +49,7 @@ def study_meta(bench: Workbench) -> dict:
         "objectives": bench.objective_names,
         "directions": ["maximize"] * len(bench.objective_names),
         "device": bench.device,
+        "timings": dict(bench.timer.seconds),  # opening phases of the process that created the study
     }
 
 

@@ -26,6 +26,7 @@ from mergesearch.plan import Plan
 from mergesearch.space import SearchSpace, allocate_chunks, layer_importance
 from mergesearch.study import records as R
 from mergesearch.study.fitting import FitStage, fit_fingerprint, fit_space_config, method_space_config
+from mergesearch.timings import PhaseTimer
 
 BASELINE_METHOD = "task_arithmetic"  # baselines mean the same whatever method the study searches
 
@@ -86,11 +87,14 @@ class Workbench:
         from transformers import AutoTokenizer
 
         self.cfg = cfg
-        base = open_checkpoint(cfg.models.base)
-        experts = [open_checkpoint(p) for p in expert_dirs(cfg)]
-        check_compatible(base, experts, merge_common_vocab=cfg.models.merge_common_vocab)
+        self.timer = PhaseTimer()  # where opening went, stored in the study's meta (mergesearch.timings)
+        with self.timer.phase("checkpoints_s"):
+            base = open_checkpoint(cfg.models.base)
+            experts = [open_checkpoint(p) for p in expert_dirs(cfg)]
+            check_compatible(base, experts, merge_common_vocab=cfg.models.merge_common_vocab)
         self.expert_names = list(cfg.models.experts)
-        self.space = build_space(cfg, base, experts)
+        with self.timer.phase("space_s"):
+            self.space = build_space(cfg, base, experts)
         self.fingerprint = study_fingerprint(cfg, self.space)
         # With a fit, the materialiser's chunks are the fitted coefficients' (the method space has one chunk).
         self.chunk_space = (build_space(cfg, base, experts, fit_space_config(cfg.fit, cfg.merge.method))
@@ -98,11 +102,14 @@ class Workbench:
         self.want_chunks, self.chunk_counts = self.chunk_space.want_chunks, tuple(self.chunk_space.chunk_counts)
         # Tasks are read (and checked) before the weights are loaded: bad input fails fast.
         need_calib = load_evaluator or cfg.fit is not None
-        self.calib_tasks = load_tasks(cfg, "calib") if need_calib else []
+        with self.timer.phase("tasks_s"):
+            self.calib_tasks = load_tasks(cfg, "calib") if need_calib else []
         self.mat = Materializer(base, experts, cfg.merge.method, dtype=cfg.merge.dtype, device=cfg.merge.device,
                                 chunks=self.want_chunks, streaming=cfg.merge.streaming, seed=cfg.merge.seed,
                                 merge_common_vocab=cfg.models.merge_common_vocab)
-        self.tokenizer = AutoTokenizer.from_pretrained(base.path, trust_remote_code=False)
+        self.timer.update(self.mat.timer.seconds)
+        with self.timer.phase("tokenizer_s"):
+            self.tokenizer = AutoTokenizer.from_pretrained(base.path, trust_remote_code=False)
         self.fit_stage = None
         if cfg.fit is not None:
             # every granularity shares the chunk allocation (and the default one is the space just built)
@@ -115,8 +122,9 @@ class Workbench:
         if load_evaluator:
             from mergesearch.evaluate import Evaluator
 
-            self.evaluator = Evaluator(self.mat.model, self.tokenizer, self.calib_tasks,
-                                       batch_size=cfg.objectives.batch_size)
+            with self.timer.phase("evaluator_s"):
+                self.evaluator = Evaluator(self.mat.model, self.tokenizer, self.calib_tasks,
+                                           batch_size=cfg.objectives.batch_size)
         self.task_names = [t.name for t in cfg.objectives.tasks]
         self.per_task = cfg.objectives.mode == "per_task"
         self.objective_names = self.task_names if self.per_task else ["mean"]

@@ -1,0 +1,45 @@
+"""Where a study's time goes: opening phases in the meta, per-baseline and per-trial breakdowns in `status`."""
+
+from __future__ import annotations
+
+import pytest
+from study_helpers import write_study
+
+from mergesearch.cli import main
+from mergesearch.config import load_config
+from mergesearch.study import records, run_study, study_status
+from mergesearch.timings import PhaseTimer, format_timings, trial_times
+
+
+def test_phase_timer_adds_up_and_keeps_order():
+    t = PhaseTimer()
+    for name in ("b_s", "a_s", "b_s"):
+        with t.phase(name):
+            pass
+    assert list(t.seconds) == ["b_s", "a_s"] and all(v >= 0 for v in t.seconds.values())
+    with pytest.raises(KeyError):
+        with t.phase("c_s"):
+            raise KeyError("x")
+    assert "c_s" in t.seconds  # a phase that raised still counts
+
+
+def test_trial_times_are_medians_and_the_rest_is_duration_minus_merge_and_eval():
+    recs = [{"merge_s": 0.1, "eval_s": 1.0}, {"merge_s": 0.3, "eval_s": 2.0}, {"merge_s": 0.2, "eval_s": 3.0}]
+    t = trial_times(recs, [1.5, 2.5, 3.5])
+    assert t["merge_s"] == pytest.approx(0.2) and t["eval_s"] == pytest.approx(2.0)
+    assert t["other_s"] == pytest.approx(0.3) and t["total_s"] == pytest.approx(7.5) and t["n"] == 3
+
+
+def test_status_shows_where_the_time_went(zoo_test, tmp_path, capsys):
+    path = write_study(zoo_test, tmp_path, n_trials=2, top_k_test=0)
+    study = run_study(load_config(path), progress=False)
+    opening = records.meta(study)["timings"]
+    assert {"checkpoints_s", "read_sources_s", "prepare_s", "model_s", "tokenizer_s", "evaluator_s"} <= set(opening)
+    st = study_status(path)["timings"]
+    assert st["opening"] == opening and st["baselines"]["n"] == len(records.baseline_trials(study))
+    assert st["trials"]["n"] == 2 and st["trials"]["merge_s"] > 0 and st["trials"]["eval_s"] > 0
+    lines = format_timings(st)
+    assert lines[0].startswith("opening: checkpoints") and "per trial (median): merge" in lines[-1]
+    assert main(["status", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "opening: " in out and "baselines: " in out and "per trial (median): merge" in out
