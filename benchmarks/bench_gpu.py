@@ -103,10 +103,17 @@ def timed(fn, device: torch.device, repeat: int) -> float:
 # --- 1. the gpu tests ----------------------------------------------------------------------------
 
 
+def gpu_test_files() -> list[str]:
+    """The test files holding `gpu` tests: only those are collected, so that a GPU machine needs none of
+    the other files' test-only dependencies (mergekit, lm-eval, a browser)."""
+    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py")
+                  if "pytest.mark.gpu" in p.read_text())
+
+
 def run_gpu_tests(folder: Path) -> tuple[dict[str, int], str]:
     xml = folder / "gpu-tests.xml"
     res = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider",
-                          f"--junitxml={xml}", "tests"], cwd=ROOT, capture_output=True, text=True)
+                          f"--junitxml={xml}", *gpu_test_files()], cwd=ROOT, capture_output=True, text=True)
     counts = {"passed": 0, "failed": 0, "skipped": 0}
     if xml.exists():
         for case in ET.parse(xml).getroot().iter("testcase"):
