@@ -117,7 +117,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if isinstance(device, torch.device):
         return device
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except RuntimeError:
@@ -128,6 +128,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         n = torch.cuda.device_count()
         raise CheckpointError(f"device {device!r} requested but this machine has {n} CUDA device(s): "
                               f"use cuda:0{f' to cuda:{n - 1}' if n > 1 else ''}")
+    if dev.type == "cuda" and dev.index is None:  # the GPU it runs on, by index: trials record it
+        dev = torch.device("cuda", torch.cuda.current_device())
     return dev
 
 

@@ -166,6 +166,8 @@ def _add_run(sub) -> None:
     p.add_argument("--n-trials", type=int, default=None, help="run this many trials more than the study has")
     p.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--device", default=None,
+                   help="override the study's merge.device, e.g. cuda:1 (one worker per GPU on the same storage)")
     _add_threads(p)
     p.set_defaults(func=_cmd_run, worker=False)
 
@@ -176,6 +178,8 @@ def _add_worker(sub) -> None:
     p.add_argument("--n-trials", type=int, default=None, help="stop after this many trials more")
     p.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--device", default=None,
+                   help="override the study's merge.device, e.g. cuda:1 (one worker per GPU on the same storage)")
     _add_threads(p)
     p.set_defaults(func=_cmd_run, worker=True)
 
@@ -187,6 +191,11 @@ def _cmd_run(args) -> int:
 
     apply_threads(args.threads)
     overrides = {"study.timeout": args.timeout} if args.timeout else {}
+    if args.device:
+        from mergesearch.checkpoints import resolve_device
+
+        resolve_device(args.device)  # a device this machine lacks is refused before any work
+        overrides["merge.device"] = args.device
     cfg = load_config(args.config, overrides)
     study = run_study(cfg, extra_trials=args.n_trials, worker=args.worker, progress=not args.no_progress)
     print(format_status(study_status(args.config, study.study_name)))
