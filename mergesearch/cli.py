@@ -281,6 +281,12 @@ def _cmd_validate(args) -> int:
     print(f"calibration examples: {v['calib_examples']}")
     print(f"estimated time per trial: {est['total_s']:.2f} s (merge {est['merge_s']:.2f} s, "
           f"evaluation {est['eval_s']:.2f} s; {est['note']})")
+    from mergesearch.memory import format_estimate
+
+    mem = v["memory"]
+    for plan in ("resident", "streaming"):
+        print(*format_estimate(mem[plan]), sep="\n")
+    print(f"free on {mem['resident']['device']} now: {mem['free'] / 2 ** 30:.1f} GiB; {mem['why']}")
     print(f"storage: {v['storage']} ({'study exists: run resumes it' if v['storage_exists'] else 'new study'})")
     return 0
 

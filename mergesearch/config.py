@@ -55,7 +55,9 @@ class MergeConfig(_Frozen):
     method: str = Field("task_arithmetic", description="a registered merge method, e.g. ties, dare_ties, slerp")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda or cuda:N")
-    streaming: bool = Field(False, description="keep sources in CPU memory and copy per tensor to the device")
+    streaming: bool | Literal["auto"] = Field(
+        False, description="keep sources in CPU memory and copy per tensor to the device; auto: only when the "
+                           "sources do not fit the device's free memory (mergesearch.memory)")
     seed: int = Field(0, description="seed of the DARE/DELLA random masks")
 
     @field_validator("device")

@@ -49,3 +49,87 @@ def test_the_device_override_reaches_the_trials(zoo_test, tmp_path, capsys):
     assert main(["run", str(path), "--device", "cpu", "--no-progress"]) == 0
     study = load_study(path)
     assert [records.record(t)["device"] for t in records.search_trials(study)] == ["cpu"]
+
+
+# --- the memory a study needs (mergesearch.memory) ---------------------------------------------------
+
+
+def _llama_tensors(hidden, inter, layers, heads, kv, vocab):
+    """A Llama's tensors, shapes only: built on the meta device (no weights, no download)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mergesearch.checkpoints import TensorInfo
+
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv, tie_word_embeddings=False)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    return [TensorInfo(n, tuple(p.shape), torch.bfloat16, None, "other") for n, p in model.named_parameters()]
+
+
+def test_a_7b_model_with_3_experts_fits_80gb_resident_and_a_larger_set_streams():
+    from mergesearch import memory
+
+    tensors = _llama_tensors(4096, 11008, 32, 32, 32, 32000)  # Llama-2-7B's shapes
+    assert 6.7e9 < sum(t.numel for t in tensors) < 6.8e9
+    gpu80 = 80 * memory.GiB
+    three = memory.estimate(tensors, 3, "task_arithmetic", "bfloat16", device="cuda")
+    assert memory.fits(three, gpu80) and three.total > 60 * memory.GiB  # (1 + 3 + 1) x 13.5 GB and a batch
+    assert memory.choose_streaming("auto", three, gpu80)[0] is False
+    five = memory.estimate(tensors, 5, "task_arithmetic", "bfloat16", device="cuda")
+    streams, why = memory.choose_streaming("auto", five, gpu80)
+    assert streams and "streaming on (auto)" in why and "cuda has 80.0 GiB free" in why
+    streamed = memory.estimate(tensors, 5, "task_arithmetic", "bfloat16", device="cuda", streaming=True)
+    assert memory.fits(streamed, gpu80) and streamed.host_sources == five.sources
+    # TIES keeps a magnitude rank (int32) per entry and expert: 3 experts no longer fit resident
+    assert not memory.fits(memory.estimate(tensors, 3, "ties", "bfloat16", device="cuda"), gpu80)
+    assert memory.choose_streaming(True, three, gpu80)[0] is True  # an explicit setting is kept
+    assert memory.choose_streaming("auto", five, 0)[0] is True
+
+
+def test_the_sources_estimate_is_what_the_materialiser_holds(tiny_family):
+    from mergesearch import memory
+    from mergesearch.materializer import Materializer
+
+    base, experts = tiny_family("llama", 2)
+    for method in ("task_arithmetic", "ties", "dare_ties", "della"):
+        m = Materializer(base, experts, method, device="cpu", dtype="bfloat16", chunks=2)
+        held = 0
+        for i in range(len(m.tensors)):
+            b, ds, _, states = m.sources(i)
+            held += b.nbytes + sum(d.nbytes for d in ds)
+            held += sum(v.nbytes for s in states for xs in s.values() if isinstance(xs, list)
+                        for v in xs if isinstance(v, torch.Tensor) and v.dim())
+        est = memory.estimate(m.tensors, 2, method, "bfloat16", device="cpu")
+        assert est.sources == held, method
+        assert est.model == sum(p.nbytes for p in m.model.parameters())
+
+
+def test_validate_prints_the_memory_a_study_needs(zoo_test, tmp_path, capsys):
+    from study_helpers import write_study
+
+    from mergesearch.cli import main
+
+    path = write_study(zoo_test, tmp_path)
+    assert main(["validate", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "device memory on cpu (sources resident): " in out and "device memory on cpu (streaming): " in out
+    assert "host memory for the streamed sources" in out and "free on cpu now: " in out
+
+
+def test_streaming_auto_is_decided_by_the_workbench_and_said(zoo_test, tmp_path, caplog):
+    import logging
+
+    from study_helpers import zoo_study_dict
+
+    from mergesearch.config import config_from_dict
+    from mergesearch.study.workbench import Workbench
+
+    raw = zoo_study_dict(zoo_test, tmp_path)
+    raw["merge"]["streaming"] = "auto"
+    with caplog.at_level(logging.INFO, logger="mergesearch.study.workbench"):
+        bench = Workbench(config_from_dict(raw), load_evaluator=False)
+    assert bench.mat.streaming is False and "streaming off (auto)" in caplog.text
+    raw["merge"]["streaming"] = "sometimes"
+    with pytest.raises(Exception, match="streaming"):
+        config_from_dict(raw)

@@ -268,7 +268,10 @@ def validate_study(path: str | Path) -> dict:
         fit = {"objective": cfg.fit.objective, "granularity": cfg.fit.granularity, "coefficients": coef.n_params,
                "steps": cfg.fit.steps, "knobs": knobs, "n_knobs": n_knobs}
     n_params = space.n_params + (fit["n_knobs"] if fit else 0)
-    return {"config": str(path), "method": cfg.merge.method, "n_params": n_params, "fit": fit,
+    from mergesearch.memory import study_estimates
+
+    mem = study_estimates(cfg, [t for t in base.tensors.values() if t.dtype.is_floating_point], len(experts))
+    return {"config": str(path), "method": cfg.merge.method, "n_params": n_params, "fit": fit, "memory": mem,
             "space": space.describe(),
             "experts": list(cfg.models.experts), "parameters": base.num_parameters, "calib_examples": n_examples,
             "storage": cfg.storage_url, "estimated_seconds_per_trial": est,

@@ -9,6 +9,7 @@ held-out scoring (baselines.py) and export all work on one.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ from pathlib import Path
 import optuna
 import torch
 
+from mergesearch import memory
 from mergesearch.checkpoints import check_compatible, open_checkpoint, task_vector_stats
 from mergesearch.config import Config, SpaceConfig
 from mergesearch.errors import CandidateError, StudyError
@@ -27,6 +29,8 @@ from mergesearch.space import SearchSpace, allocate_chunks, layer_importance
 from mergesearch.study import records as R
 from mergesearch.study.fitting import FitStage, fit_fingerprint, fit_space_config, method_space_config
 from mergesearch.timings import PhaseTimer
+
+log = logging.getLogger(__name__)
 
 BASELINE_METHOD = "task_arithmetic"  # baselines mean the same whatever method the study searches
 
@@ -104,8 +108,14 @@ class Workbench:
         need_calib = load_evaluator or cfg.fit is not None
         with self.timer.phase("tasks_s"):
             self.calib_tasks = load_tasks(cfg, "calib") if need_calib else []
+        streaming = cfg.merge.streaming
+        if streaming == "auto":  # decided against the free memory, and said (mergesearch.memory)
+            tensors = [t for t in base.tensors.values() if t.dtype.is_floating_point]
+            plans = memory.study_estimates(cfg, tensors, len(experts))
+            streaming = plans["streams"]
+            log.info(plans["why"])
         self.mat = Materializer(base, experts, cfg.merge.method, dtype=cfg.merge.dtype, device=cfg.merge.device,
-                                chunks=self.want_chunks, streaming=cfg.merge.streaming, seed=cfg.merge.seed,
+                                chunks=self.want_chunks, streaming=streaming, seed=cfg.merge.seed,
                                 merge_common_vocab=cfg.models.merge_common_vocab)
         self.timer.update(self.mat.timer.seconds)
         with self.timer.phase("tokenizer_s"):

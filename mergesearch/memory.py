@@ -1,0 +1,149 @@
+"""The device memory a study needs, estimated from tensor shapes alone (no weights loaded).
+
+What the materialiser, evaluator and fit hold on the merge device, in bytes:
+
+  sources    base + one task vector per expert in the merge dtype, plus the method's precomputed
+             state per entry and expert (magnitude ranks int32; DARE uniforms float32; DELLA
+             uniforms and row ranks float32); with streaming they stay in host memory and only the
+             largest tensor's are on the device at a time
+  model      the one preallocated model the candidates are written into
+  scratch    the kernels' reusable buffers: a dozen blocks of min(largest chunk, the device's block)
+  evaluator  one batch: logits (batch x tokens x vocab, float32) and the hidden states of a layer
+  fit        with a fit: one gradient at a time, activations kept for the backward pass, and the
+             linear parts of methods whose parts are not the task vectors themselves
+
+`choose_streaming` turns `merge.streaming: auto` into a decision against the free memory, saying why.
+The numbers are estimates (allocator rounding, CUDA context, library workspaces come on top: `HEADROOM`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from mergesearch import operators
+from mergesearch.checkpoints import TensorInfo, parse_dtype
+
+log = logging.getLogger(__name__)
+
+HEADROOM = 0.10  # share of the free memory left for the CUDA context, allocator rounding, cuBLAS workspaces
+SCRATCH_BUFFERS = 12  # blocks the task-arithmetic family's kernel may hold at once (operators/task_arithmetic.py)
+GiB = 1 << 30
+
+
+def _state_bytes_per_entry(method: str) -> int:
+    """Bytes of precomputed state per entry and expert (see each family's `prepare`)."""
+    prepare = operators.get(method).prepare
+    name = getattr(prepare, "__name__", "")
+    return {"_prepare_magnitude": 4, "_prepare_random": 4, "_prepare_della": 8}.get(name, 0)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes a study needs on its merge device (see the module docstring for each part)."""
+
+    device: str
+    streaming: bool
+    sources: int  # on the device (streaming: the largest tensor's only)
+    host_sources: int  # in host memory (streaming), else 0
+    model: int
+    scratch: int
+    evaluator: int
+    fit: int
+
+    @property
+    def total(self) -> int:
+        return self.sources + self.model + self.scratch + self.evaluator + self.fit
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "total": self.total}
+
+
+def estimate(tensors: Sequence[TensorInfo], n_experts: int, method: str, dtype: str | torch.dtype, *,
+             device: str | torch.device = "cuda", streaming: bool = False, batch_size: int = 64,
+             tokens: int = 256, vocab: int | None = None, hidden: int | None = None,
+             fit: bool = False) -> MemoryEstimate:
+    """The memory a study on these tensors needs on `device` (shapes only: a meta-device model will do)."""
+    size = torch.finfo(parse_dtype(dtype)).bits // 8
+    floats = [t for t in tensors if t.dtype.is_floating_point]
+    n = sum(t.numel for t in floats)
+    largest = max((t.numel for t in floats), default=0)
+    per_entry = size * (1 + n_experts) + _state_bytes_per_entry(method) * n_experts
+    resident = n * per_entry
+    block = operators.block_entries(device)
+    scratch = SCRATCH_BUFFERS * min(largest, block) * 4
+    if vocab is None or hidden is None:  # from the embedding: (vocab, hidden)
+        emb = max(floats, key=lambda t: t.numel if len(t.shape) == 2 else 0, default=None)
+        vocab, hidden = (emb.shape[0], emb.shape[1]) if emb is not None and len(emb.shape) == 2 else (1, 1)
+    evaluator = batch_size * tokens * (vocab * 4 + 8 * hidden * size)
+    fit_bytes = 0
+    if fit:
+        layers = max(1, sum(1 for t in floats if t.name.endswith(("input_layernorm.weight", "ln_1.weight"))))
+        parts = 0 if method in ("task_arithmetic", "linear") else n * n_experts * size
+        fit_bytes = largest * size + batch_size * tokens * hidden * layers * 16 * size + parts
+    return MemoryEstimate(device=str(device), streaming=streaming,
+                          sources=largest * per_entry if streaming else resident,
+                          host_sources=resident if streaming else 0, model=n * size, scratch=scratch,
+                          evaluator=evaluator, fit=fit_bytes)
+
+
+def free_bytes(device: str | torch.device) -> int:
+    """Free memory on `device` now: the GPU's (cudaMemGetInfo), or the host's available RAM."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return int(torch.cuda.mem_get_info(dev)[0])
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def fits(est: MemoryEstimate, free: int) -> bool:
+    return est.total <= (1.0 - HEADROOM) * free
+
+
+def choose_streaming(setting: bool | str, resident: MemoryEstimate, free: int) -> tuple[bool, str]:
+    """`merge.streaming` resolved: True/False as given; `auto` streams when the resident plan does not fit."""
+    if setting != "auto":
+        return bool(setting), f"streaming {'on' if setting else 'off'} (merge.streaming: {str(setting).lower()})"
+    if torch.device(resident.device).type == "cpu":
+        return False, "streaming off (auto): on the CPU the sources are in host memory either way"
+    if fits(resident, free):
+        return False, (f"streaming off (auto): resident sources need {resident.total / GiB:.1f} GiB of "
+                       f"{free / GiB:.1f} GiB free on {resident.device}")
+    return True, (f"streaming on (auto): resident sources would need {resident.total / GiB:.1f} GiB, "
+                  f"{resident.device} has {free / GiB:.1f} GiB free: sources stay in host memory and are "
+                  "copied per tensor")
+
+
+def study_estimates(cfg, tensors: Sequence[TensorInfo], n_experts: int) -> dict:
+    """Both plans of a study (sources resident, streaming) on its device, the free memory now and the
+    choice `merge.streaming` makes there: what `validate` reports."""
+    from mergesearch.checkpoints import resolve_device
+
+    dev = resolve_device(cfg.merge.device)
+    kw = {"device": dev, "batch_size": cfg.objectives.batch_size, "fit": cfg.fit is not None}
+    resident = estimate(tensors, n_experts, cfg.merge.method, cfg.merge.dtype, streaming=False, **kw)
+    streamed = estimate(tensors, n_experts, cfg.merge.method, cfg.merge.dtype, streaming=True, **kw)
+    free = free_bytes(dev)
+    streaming, why = choose_streaming(cfg.merge.streaming, resident, free)
+    return {"resident": resident.as_dict(), "streaming": streamed.as_dict(), "free": free,
+            "streams": streaming, "why": why}
+
+
+def format_estimate(est: dict, free: int | None = None) -> list[str]:
+    """Lines for `validate`: the parts of the estimate, in GiB."""
+    parts = ", ".join(f"{k} {est[k] / GiB:.2f}" for k in ("sources", "model", "scratch", "evaluator", "fit")
+                      if est[k])
+    line = (f"device memory on {est['device']} ({'streaming' if est['streaming'] else 'sources resident'}): "
+            f"{est['total'] / GiB:.2f} GiB ({parts} GiB)")
+    if est["host_sources"]:
+        line += f"; host memory for the streamed sources {est['host_sources'] / GiB:.2f} GiB"
+    lines = [line]
+    if free is not None:
+        lines.append(f"free on {est['device']} now: {free / GiB:.1f} GiB")
+    return lines
