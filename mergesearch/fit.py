@@ -33,6 +33,7 @@ import torch
 from mergesearch import operators
 from mergesearch.errors import ConfigError, TaskError
 from mergesearch.evaluate import _scoring as S
+from mergesearch.evaluate.engine import GenerationEngine, GenRequest
 from mergesearch.evaluate.tasks import Task
 from mergesearch.materializer import Materializer
 from mergesearch.plan import Plan
@@ -153,11 +154,12 @@ def distill_seqs(task: Task, tokenizer, model, *, pad: int, stop_ids: set[int], 
     """The current model's (an expert's) greedy answers to the task's prompts and its top-k logits along them."""
     device = next(model.parameters()).device
     prompts = [S.encode(tokenizer, ex.prompt) for ex in task.examples]
+    engine = GenerationEngine(model, batch_size=batch_size, pad_id=pad, max_len=S.n_ctx(model))
     ids, start, teacher = [], [], []
     with torch.inference_mode():
         for lo in range(0, len(prompts), batch_size):
             chunk = prompts[lo: lo + batch_size]
-            gen = S.generate_batch(model, chunk, pad, task.max_new_tokens, stop_ids, device, S.n_ctx(model))
+            gen = engine.generate([GenRequest(tuple(p), task.max_new_tokens, frozenset(stop_ids)) for p in chunk])
             rows = [p + (g or [pad]) for p, g in zip(chunk, gen)]
             starts = [len(p) for p in chunk]
             x, m, r, pos, _ = _pad_batch(rows, starts, pad, device)

@@ -290,7 +290,7 @@ def _pad(rows: list[list[int]], pad: int, device, left: bool = False) -> torch.T
 MIN_PREFIX = 4
 
 
-def _lcp(rows: list[list[int]], cap: int) -> int:
+def lcp(rows: list[list[int]], cap: int) -> int:
     """Length of the longest common prefix of `rows`, at most `cap`."""
     n = min(cap, *(len(r) for r in rows))
     first = rows[0]
@@ -311,7 +311,7 @@ class Prefix:
 
 
 def _make_prefix(rows: list[list[int]], cap: int, device) -> Prefix:
-    n = _lcp(rows, cap) if len(rows) > 1 else 0
+    n = lcp(rows, cap) if len(rows) > 1 else 0
     return Prefix(torch.tensor([rows[0][:n]], device=device) if n >= MIN_PREFIX else None)
 
 
@@ -522,36 +522,3 @@ def score_gen_batch(model, batch: GenBatch, max_new_tokens: int, stop_ids: set[i
             continue
         proven.append((toks, complete))
     return ll, proven
-
-
-def generate_batch(model, prompts: list[list[int]], pad: int, max_new_tokens: int, stop_ids: set[int],
-                   device, max_len: int | None) -> list[list[int]]:
-    """Greedy KV-cache generation from left-padded prompts; stops once every row has emitted a stop/EOS."""
-    ids = _pad(prompts, pad, device, left=True)  # (B, P)
-    mask = (torch.arange(ids.shape[1], device=device)[None, :]
-            >= (ids.shape[1] - torch.tensor([len(p) for p in prompts], device=device))[:, None]).long()
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    if max_len is not None:
-        max_new_tokens = max(1, min(max_new_tokens, max_len - max(len(p) for p in prompts)))
-    stop = torch.tensor(sorted(stop_ids), device=device, dtype=torch.long)
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    out_tokens = []
-    cache = None
-    step_ids, step_pos = ids, pos
-    for _ in range(max_new_tokens):
-        out = forward(model, cache, input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True)
-        cache = cache_of(out)
-        nxt = out.logits[:, -1].argmax(-1)  # (B,)
-        out_tokens.append(nxt)
-        done |= torch.isin(nxt, stop)
-        if bool(done.all()):
-            break
-        step_ids = nxt[:, None]
-        step_pos = step_pos[:, -1:] + 1
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-    gen = torch.stack(out_tokens, dim=1).tolist()  # (B, steps)
-    result = []
-    for row in gen:
-        cut = next((j for j, t in enumerate(row) if t in stop_ids), None)
-        result.append(row if cut is None else row[: cut + 1])
-    return result
