@@ -55,7 +55,7 @@ class MergesearchLM(TemplateLM):
         self.max_length = max_length or scoring.n_ctx(model) or 2048
         self.add_bos_token = add_bos_token
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.device = next(model.parameters()).device
+        self._device = next(model.parameters()).device  # LM's own field behind its `device` property
         self.engine = engine or GenerationEngine(model, batch_size=self.batch_size, pad_id=self.pad_id,
                                                  decode=self._decode, max_len=self.max_length)
         # HF generate stops at the generation config's EOS; HFLM also stops at the tokenizer's (as a string)
@@ -119,7 +119,7 @@ class MergesearchLM(TemplateLM):
                 for r, k in enumerate(chunk):
                     ids[r, : len(items[k][0])] = torch.tensor(items[k][0])
                 # right padding: the causal mask alone is exact for every real position
-                logits = self.model(input_ids=ids.to(self.device)).logits  # (B, L, V)
+                logits = self.model(input_ids=ids.to(self._device)).logits  # (B, L, V)
                 for r, k in enumerate(chunk):
                     inp, cont = items[k]
                     end = len(inp)
