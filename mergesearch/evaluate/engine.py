@@ -161,6 +161,13 @@ class GenerationEngine:
         self._pieces: dict[int, str] = {}
         self.graph_failed: str | None = None
 
+    @property
+    def graph_state(self) -> str:
+        """'captured', 'failed: <why>' (decoding eagerly with fixed shapes) or 'off'."""
+        if self._graph is not None:
+            return "captured"
+        return f"failed: {self.graph_failed}" if self.graph_failed else "off"
+
     # --- one forward ------------------------------------------------------------------------------
 
     def _forward(self, cache: SlotCache, ids, pos, mask, keep_last: bool):
