@@ -294,6 +294,13 @@ class GenerationEngine:
             return []
         if self.decode is None and any(r.until for r in requests):
             raise ValueError("stop strings need the engine's decode function")
+        if any(not r.prompt for r in requests):
+            raise ValueError("an empty prompt: greedy decoding needs at least one token to start from")
+        # always in inference mode: the kept cache (and a captured graph) must never meet autograd state
+        with torch.inference_mode():
+            return self._generate(requests)
+
+    def _generate(self, requests: Sequence[GenRequest]) -> list[list[int]]:
         order = sorted(range(len(requests)), key=lambda i: (-len(requests[i].prompt), requests[i].prompt))
         prompts = [requests[i].prompt for i in order]
         shared = 0
