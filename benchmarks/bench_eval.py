@@ -67,12 +67,12 @@ def newline_id(tok) -> int:
     return tok("\n", add_special_tokens=False).input_ids[0]
 
 
-def build_model(seed: int = 0, tokenizer: str = "char"):
+def build_model(seed: int = 0, tokenizer: str = "char", newline_scale: float = 2.0, context: int = 512):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     tok = build_tokenizer(tokenizer)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=context,
                       bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.1)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg).eval()
@@ -82,7 +82,7 @@ def build_model(seed: int = 0, tokenizer: str = "char"):
     never = [0, 1, 2, 3] + [i for t, i in tok.get_vocab().items() if i > 3 and not set(tok.decode([i])) <= CHARS]
     with torch.no_grad():
         model.lm_head.weight[never] = 0.0
-        model.lm_head.weight[nl] *= 2.0  # stop after a few characters, as a trained model does
+        model.lm_head.weight[nl] *= newline_scale  # 2.0: stop after a few characters, as a trained model does
     return model, tok
 
 
@@ -122,7 +122,7 @@ def mc_task_file(out: Path, n: int, files: list[str], seed: int = 0) -> Path:
 class LmEvalRun:
     """lm-eval's HFLM at batch 32 on an exported local task; set-up done once, outside the timings."""
 
-    def __init__(self, model, tok, task, folder: Path, batch_size: int):
+    def __init__(self, model, tok, task, folder: Path, batch_size: int, max_length: int = 512):
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager, get_task_dict
 
@@ -130,7 +130,7 @@ class LmEvalRun:
 
         yaml_path = export_lmeval_task(task, folder / task.name)
         self.name = yaml_path.stem
-        self.lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, device="cpu", max_length=512)
+        self.lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, device="cpu", max_length=max_length)
         self.tasks = get_task_dict([self.name], TaskManager(include_path=str(yaml_path.parent)))
 
     def __call__(self):
@@ -175,6 +175,158 @@ def plain_choice(model, tok, task, batch_size: int):
     return {eid: max(range(len(v)), key=v.__getitem__) for eid, v in lls.items()}
 
 
+# --- chains: generation the one-pass shortcut cannot decide ----------------------------------------
+
+CHAIN_DATA = BIGBENCH / "chain"
+CHAIN_SPEEDUP_LMEVAL = 3.0  # ours vs lm-eval's HFLM, chain task and gsm8k-style lm-eval task
+CHAIN_SPEEDUP_GENERATE = 2.0  # ours vs HF `generate`, batched greedy at the same batch size
+CHAIN_NEWLINE_SCALE = 1.3  # greedy outputs end at a newline after 2 to 96 characters, most after 10-40
+CHAIN_MAX_NEW = 96
+# The chain skill's regex is "The answer is (\S+)\." (tests/data/chain); a random model never writes
+# that, so the benchmark extracts a word it does write, to keep exact match non-trivial.
+CHAIN_EXTRACT = r"([a-z]{3,})"
+CHAIN_CONTEXT = 1024  # the gsm8k-style prompts (a fixed few-shot block) are ~500 characters
+
+
+def chain_task_file(model, tok, out: Path, n: int) -> Path:
+    """The chain fixture's prompts; even rows answered with the model's own output (hits), odd rows with
+    the fixture's gold chain (misses)."""
+    nl = newline_id(tok)
+    rows = [json.loads(line) for line in (CHAIN_DATA / "reverse_upper.test.jsonl").read_text().splitlines()][:n]
+    for start in range(0, len(rows), 50):
+        chunk = rows[start: start + 50]
+        enc = tok([r["prompt"] for r in chunk], return_tensors="pt", padding=True)
+        with torch.inference_mode():
+            g = model.generate(**enc, max_new_tokens=CHAIN_MAX_NEW, do_sample=False, pad_token_id=0,
+                               eos_token_id=[2, nl])
+        for i, (r, text) in enumerate(zip(chunk, tok.batch_decode(g[:, enc.input_ids.shape[1]:],
+                                                                  skip_special_tokens=True))):
+            if (start + i) % 2 == 0:
+                r["answer"] = "own: " + text.split("\n")[0]
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+def plain_chain(model, tok, task, batch_size: int) -> dict[str, str]:
+    """HF `generate`, batched greedy at our batch size, stopping at the newline or EOS; output cut there."""
+    nl = newline_id(tok)
+    outs = {}
+    exs = list(task.examples)
+    for start in range(0, len(exs), batch_size):
+        chunk = exs[start: start + batch_size]
+        enc = tok([e.prompt for e in chunk], return_tensors="pt", padding=True)
+        with torch.inference_mode():
+            g = model.generate(**enc, max_new_tokens=task.max_new_tokens, do_sample=False, pad_token_id=0,
+                               eos_token_id=[2, nl])
+        for e, t in zip(chunk, tok.batch_decode(g[:, enc.input_ids.shape[1]:], skip_special_tokens=True)):
+            outs[e.id] = task.cut(t)
+    return outs
+
+
+def yaml_prompts(yaml_path: Path, docs: list[dict]) -> list[str]:
+    """The gsm8k-style task's prompts as lm-eval writes them: the fixed few-shot block, then the question."""
+    import yaml
+
+    cfg = yaml.safe_load(yaml_path.read_text())
+    return [cfg["description"] + f"Q: {d['question']}\nA:" for d in docs]
+
+
+def plain_yaml(model, tok, prompts: list[str], until: list[str], max_new: int, batch_size: int) -> list[str]:
+    """HF `generate` with its own stop strings (`stop_strings`), batched greedy; cut at the first stop."""
+    outs = []
+    tok.padding_side = "left"
+    for start in range(0, len(prompts), batch_size):
+        enc = tok(prompts[start: start + batch_size], return_tensors="pt", padding=True)
+        with torch.inference_mode():
+            g = model.generate(**enc, max_new_tokens=max_new, do_sample=False, pad_token_id=0, eos_token_id=2,
+                               stop_strings=until, tokenizer=tok)
+        for text in tok.batch_decode(g[:, enc.input_ids.shape[1]:], skip_special_tokens=True):
+            for stop in until:
+                text = text.split(stop)[0]
+            outs.append(text)
+    return outs
+
+
+def run_chains(args, checks: Checks) -> dict:
+    """The chain fixture (JSONL, until + extract) and the gsm8k-style lm-eval YAML: ours vs lm-eval's HFLM vs
+    HF generate, interleaved; per-example identity checked; the two speed targets checked per task."""
+    from mergesearch.evaluate import Evaluator, load_task
+
+    model, tok = build_model(newline_scale=CHAIN_NEWLINE_SCALE, context=CHAIN_CONTEXT)
+    folder = Path(tempfile.mkdtemp(prefix="bench-chain-"))
+    bs = args.batch_size
+    chain = load_task(chain_task_file(model, tok, folder / "chain.jsonl", args.chain_examples), name="chain",
+                      until=["\n"], max_new_tokens=CHAIN_MAX_NEW, extract=CHAIN_EXTRACT)
+    yaml_path = CHAIN_DATA / "arith_chain.yaml"
+    gsm = load_task(yaml_path, limit=args.chain_examples, seed=0, name="gsm8k_style")
+    import yaml
+
+    cfg = yaml.safe_load(yaml_path.read_text())
+    until, max_gen = cfg["generation_kwargs"]["until"], cfg["generation_kwargs"]["max_gen_toks"]
+    docs = [json.loads(line) for line in (CHAIN_DATA / "arith_chain.test.jsonl").read_text().splitlines()]
+    ours_gsm = Evaluator(model, tok, [gsm], batch_size=bs)
+    hf_gsm = Evaluator(model, tok, [gsm], batch_size=bs, lmeval_hf=True)
+    # the documents lm-eval scores (a seeded subset), in doc_id order
+    doc_ids = sorted(int(r["id"]) for r in hf_gsm.evaluate().records[gsm.name])
+    gsm_prompts = yaml_prompts(yaml_path, [docs[i] for i in doc_ids])
+    runs = {
+        "chain": {"lm-eval": LmEvalRun(model, tok, chain, folder, bs, CHAIN_CONTEXT),
+                  "ours": Evaluator(model, tok, [chain], batch_size=bs).evaluate,
+                  "plain": lambda: plain_chain(model, tok, chain, bs)},
+        "gsm8k_style": {"lm-eval": hf_gsm.evaluate, "ours": ours_gsm.evaluate,
+                        "plain": lambda: plain_yaml(model, tok, gsm_prompts, until, max_gen, bs)},
+    }
+    times = {(t, e): [] for t in runs for e in runs[t]}
+    last = {}
+    for _ in range(args.chain_repeats):
+        for t, engines in runs.items():
+            for e, fn in engines.items():
+                s = time.perf_counter()
+                last[(t, e)] = fn()
+                times[(t, e)].append(time.perf_counter() - s)
+
+    # per-example identity
+    lm = last[("chain", "lm-eval")]
+    recs = last[("chain", "ours")].records["chain"]
+    plain = last[("chain", "plain")]
+    same = sum(r["output"] == lm[r["id"]]["resps"][0][0] and r["exact_match"] == float(lm[r["id"]]["exact_match"])
+               for r in recs)
+    same_plain = sum(plain[r["id"]] == lm[r["id"]]["resps"][0][0] for r in recs)
+    identity = {"chain": (same, same_plain, len(recs))}
+    chain_score = last[("chain", "ours")].primary("chain")
+    ours_recs = {r["id"]: r for r in last[("gsm8k_style", "ours")].records[gsm.name]}
+    hf_recs = {r["id"]: r for r in last[("gsm8k_style", "lm-eval")].records[gsm.name]}
+    same_g = sum(ours_recs[d]["resps"] == hf_recs[d]["resps"] and ours_recs[d]["filtered_resps"] ==
+                 hf_recs[d]["filtered_resps"] for d in hf_recs)
+    plain_by_doc = dict(zip((str(i) for i in doc_ids), last[("gsm8k_style", "plain")]))
+    same_gp = sum(plain_by_doc[d] == hf_recs[d]["resps"][0][0] for d in hf_recs)
+    identity["gsm8k_style"] = (same_g, same_gp, len(hf_recs))
+    gen_chars = {"chain": statistics.mean(len(r["output"]) for r in recs),
+                 "gsm8k_style": statistics.mean(len(r["resps"][0][0]) for r in hf_recs.values())}
+
+    print(f"\nchains: char Llama {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M, {args.threads} thread(s), "
+          f"batch {bs} for every engine, {args.chain_repeats} interleaved repeats")
+    print(f"{'task':<12} {'engine':<8} {'median s':>9} {'vs lm-eval':>10} {'vs generate':>11}")
+    rows = []
+    for t in runs:
+        med = {e: statistics.median(times[(t, e)]) for e in runs[t]}
+        for e in runs[t]:
+            rows.append({"task": t, "engine": e, "median_s": med[e], "speedup_vs_lmeval": med["lm-eval"] / med[e],
+                         "speedup_vs_generate": med["plain"] / med[e]})
+            print(f"{t:<12} {e:<8} {med[e]:>9.2f} {med['lm-eval'] / med[e]:>9.2f}x {med['plain'] / med[e]:>10.2f}x")
+        s, sp, n = identity[t]
+        print(f"  {t}: identical to lm-eval {s}/{n} (generated string and answer); HF generate {sp}/{n}; mean "
+              f"output {gen_chars[t]:.1f} characters")
+        checks.check(f"{t}: {s}/{n} examples identical to lm-eval's HFLM (target: all)", s == n)
+        checks.check(f"{t}: {med['lm-eval'] / med['ours']:.2f}x lm-eval HFLM (target >= {CHAIN_SPEEDUP_LMEVAL:g}x)",
+                     med["lm-eval"] / med["ours"] >= CHAIN_SPEEDUP_LMEVAL)
+        checks.check(f"{t}: {med['plain'] / med['ours']:.2f}x HF generate at batch {bs} (target >= "
+                     f"{CHAIN_SPEEDUP_GENERATE:g}x)", med["plain"] / med["ours"] >= CHAIN_SPEEDUP_GENERATE)
+    print(f"  chain exact match {chain_score:.4f}; every chain decided by generation: "
+          f"{all(r['decided_by'] == 'generation' for r in recs)}")
+    return {"rows": rows, "identity": {t: list(v) for t, v in identity.items()}}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--examples", type=int, default=200)
@@ -185,9 +337,20 @@ def main(argv=None) -> int:
     ap.add_argument("--tokenizer", choices=["char", "bpe"], default="char",
                     help="char: the zoo's; bpe: a byte-level BPE trained on the benchmark's text")
     ap.add_argument("--json", default=None, help="write the measurements here")
+    ap.add_argument("--suite", choices=["all", "short", "chains"], default="all",
+                    help="short: exact match decided in one pass and multiple choice; chains: generated chains "
+                         "(the chain fixture and the gsm8k-style lm-eval task)")
+    ap.add_argument("--chain-examples", type=int, default=120, help="examples per chain task (fixtures: 300/240)")
+    ap.add_argument("--chain-repeats", type=int, default=2)
     args = ap.parse_args(argv)
     logging.disable(logging.WARNING)
     torch.set_num_threads(args.threads)
+    checks = Checks()
+    chains = run_chains(args, checks) if args.suite in ("all", "chains") else None
+    if args.suite == "chains":
+        if args.json:
+            Path(args.json).write_text(json.dumps({"chains": chains}, indent=1))
+        return checks.finish()
     from mergesearch.evaluate import Evaluator, load_task
 
     model, tok = build_model(tokenizer=args.tokenizer)
@@ -219,7 +382,6 @@ def main(argv=None) -> int:
                 last[(t.name, eng)] = fn()
                 times[(t.name, eng)].append(time.perf_counter() - s)
 
-    checks = Checks()
     rows, identity = [], {}
     for t in tasks:
         lm_samples = last[(t.name, "lm-eval")]
@@ -278,7 +440,7 @@ def main(argv=None) -> int:
                  speedup >= GEN_SPEEDUP_TARGET)
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "identity": identity, "tokenizer": args.tokenizer,
-                                               "one_pass": one_pass, "decided_by": by}, indent=1))
+                                               "one_pass": one_pass, "decided_by": by, "chains": chains}, indent=1))
     return checks.finish()
 
 

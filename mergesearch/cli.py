@@ -72,6 +72,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="examples per forward pass")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--json", default=None, metavar="OUT", help="also write scores and per-example records here")
+    p.add_argument("--lmeval-hf", action="store_true",
+                   help="answer lm-eval tasks with lm-eval's own HFLM (a check; slower) instead of mergesearch's engine")
     p.set_defaults(func=_cmd_eval)
 
 
@@ -80,7 +82,7 @@ def _cmd_eval(args) -> int:
 
     result = evaluate_model_dir(args.model, args.task, limit=args.limit, seed=args.seed,
                                 num_fewshot=args.num_fewshot, data_files=args.data_files,
-                                batch_size=args.batch_size, device=args.device)
+                                batch_size=args.batch_size, device=args.device, lmeval_hf=args.lmeval_hf)
     print(format_table(result))
     if args.json:
         write_json(result, args.json)

@@ -33,6 +33,7 @@ import torch
 from mergesearch import operators
 from mergesearch.errors import ConfigError, TaskError
 from mergesearch.evaluate import _scoring as S
+from mergesearch.evaluate.engine import GenerationEngine, GenRequest
 from mergesearch.evaluate.tasks import Task
 from mergesearch.materializer import Materializer
 from mergesearch.plan import Plan
@@ -119,7 +120,7 @@ def supervised_seqs(task: Task, tokenizer) -> _Seqs:
     for ex in task.examples:
         if task.kind == "generate":
             p = S.encode(tokenizer, ex.prompt)
-            tgt = S.encode(tokenizer, ex.answers[0]) + (S.encode(tokenizer, task.stop) if task.stop else [])
+            tgt = S.encode(tokenizer, ex.answers[0]) + (S.encode(tokenizer, task.until[0]) if task.until else [])
             ids.append(p + tgt)
             start.append(len(p))
         elif task.kind == "choice":
@@ -153,11 +154,12 @@ def distill_seqs(task: Task, tokenizer, model, *, pad: int, stop_ids: set[int], 
     """The current model's (an expert's) greedy answers to the task's prompts and its top-k logits along them."""
     device = next(model.parameters()).device
     prompts = [S.encode(tokenizer, ex.prompt) for ex in task.examples]
+    engine = GenerationEngine(model, batch_size=batch_size, pad_id=pad, max_len=S.n_ctx(model))
     ids, start, teacher = [], [], []
     with torch.inference_mode():
         for lo in range(0, len(prompts), batch_size):
             chunk = prompts[lo: lo + batch_size]
-            gen = S.generate_batch(model, chunk, pad, task.max_new_tokens, stop_ids, device, S.n_ctx(model))
+            gen = engine.generate([GenRequest(tuple(p), task.max_new_tokens, frozenset(stop_ids)) for p in chunk])
             rows = [p + (g or [pad]) for p, g in zip(chunk, gen)]
             starts = [len(p) for p in chunk]
             x, m, r, pos, _ = _pad_batch(rows, starts, pad, device)
@@ -228,7 +230,7 @@ class CoefficientFitter:
                 onehot = [1.0 if j == self.teachers[t.name] else 0.0 for j in range(n)]
                 self.mat.materialize(Plan.full("task_arithmetic", self.mat.tensors, n, chunks=self.mat.chunks,
                                                weight=onehot, **{"lambda": 1.0}))
-                stop = S.encode(self.tokenizer, t.stop) if t.stop else []
+                stop = S.encode(self.tokenizer, t.until[0]) if t.until else []
                 stop_ids = ({stop[0]} if len(stop) == 1 else set()) | ({eos} if eos is not None else set())
                 out[part].append(distill_seqs(t, self.tokenizer, self.mat.model, pad=self.pad, stop_ids=stop_ids,
                                               batch_size=64))

@@ -10,8 +10,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mergesearch.config import ObjectivesConfig
 from mergesearch.errors import TaskError
-from mergesearch.evaluate import _scoring as S
+from mergesearch.evaluate import _scoring as scoring
+from mergesearch.evaluate.engine import GenerationEngine, GenRequest
 from mergesearch.evaluate.tasks import Task
 from mergesearch.threads import rebalance
 
@@ -20,6 +22,8 @@ log = logging.getLogger(__name__)
 # Teacher-forced passes an exact-match example may take before it is left to generation: the first
 # over the answer's own tokens, the others along greedy's own spelling of it (BPE).
 MAX_PASSES = 5
+# Examples per forward pass: the study file's default (objectives.batch_size), declared there only.
+DEFAULT_BATCH_SIZE = ObjectivesConfig.model_fields["batch_size"].default
 
 
 @dataclass
@@ -74,8 +78,9 @@ class Evaluator:
     reading whatever weights the model holds at that moment.
     """
 
-    def __init__(self, model, tokenizer, tasks: Sequence[Task], *, batch_size: int = 64, device=None,
-                 shortcut: bool = True, progress: bool = False):
+    def __init__(self, model, tokenizer, tasks: Sequence[Task], *, batch_size: int = DEFAULT_BATCH_SIZE, device=None,
+                 shortcut: bool = True, progress: bool = False, lmeval_hf: bool = False,
+                 cuda_graphs: bool | None = None):
         if not tasks:
             raise TaskError("no calibration tasks given: pass at least one task")
         names = [t.name for t in tasks]
@@ -93,27 +98,39 @@ class Evaluator:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.eos_id = tokenizer.eos_token_id
         self.skipped = {i for i in tokenizer.all_special_ids if i != self.eos_id}
-        self.max_len = S.n_ctx(model)
+        self.max_len = scoring.n_ctx(model)
         # whether the text of greedy decoding's first tokens is a prefix of its whole output's text
-        self.prefix_stable = S.tokenizer_is_unique(tokenizer) or S.decode_is_prefix_stable(tokenizer)
+        self.prefix_stable = scoring.tokenizer_is_unique(tokenizer) or scoring.decode_is_prefix_stable(tokenizer)
         self._plans: dict[int, dict] = {}
         self._prepared: dict[str, _Prepared] = {}
         lm_tasks = [t for t in tasks if t.kind == "lmeval"]
         for t in tasks:
             if t.kind == "generate":
-                items = S.prepare_generate(t, tokenizer, self.max_len)
+                items = scoring.prepare_generate(t, tokenizer, self.max_len)
                 self._prepared[t.name] = _Prepared(t, items, shortcut)
             elif t.kind == "choice":
-                self._prepared[t.name] = _Prepared(t, S.prepare_choice(t, tokenizer, self.max_len))
+                self._prepared[t.name] = _Prepared(t, scoring.prepare_choice(t, tokenizer, self.max_len))
+        # one engine for every generation of every task (on CUDA it keeps its captured decode step)
+        self.engine = GenerationEngine(model, batch_size=batch_size, pad_id=self.pad_id, decode=self._decode,
+                                       max_len=self.max_len, cuda_graphs=cuda_graphs)
         self._lmeval = None
         if lm_tasks:
             from mergesearch.evaluate.lmeval import LmEvalRunner
 
-            self._lmeval = LmEvalRunner(model, tokenizer, lm_tasks, batch_size=batch_size, device=self.device)
+            self._lmeval = LmEvalRunner(model, tokenizer, lm_tasks, batch_size=batch_size, device=self.device,
+                                        engine=None if lmeval_hf else self.engine)
 
-    def _stop_id(self, task: Task) -> int | None:
-        ids = self.tokenizer(task.stop, add_special_tokens=False).input_ids if task.stop else []
-        return ids[0] if len(ids) == 1 else None
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def _stop_ids(self, task: Task) -> set[int]:
+        """EOS and the stop strings that are one token each (generation may end on them)."""
+        ids = {self.eos_id} if self.eos_id is not None else set()
+        for stop in task.until:
+            toks = self.tokenizer(stop, add_special_tokens=False).input_ids
+            if len(toks) == 1:
+                ids.add(toks[0])
+        return ids
 
     def declared_metric(self, task: Task) -> str:
         return self._lmeval.declared_metric(task) if task.kind == "lmeval" else task.metric
@@ -159,9 +176,9 @@ class Evaluator:
                 its = [prep.items[uniq[u]] for u in chunk]
                 if prep.task.kind == "generate":
                     use = prep.shortcut and its[0].gen_start is not None
-                    b = S.build_gen_batch(its, self.device, self.pad_id, use)
+                    b = scoring.build_gen_batch(its, self.device, self.pad_id, use)
                 else:
-                    b = S.build_choice_batch(its, self.device, self.pad_id)
+                    b = scoring.build_choice_batch(its, self.device, self.pad_id)
                 batches.append((chunk, b))
         return {"idx": idx, "batches": batches, "unique_of": unique_of, "uniq": uniq}
 
@@ -179,11 +196,11 @@ class Evaluator:
     def _run_generate(self, prep: _Prepared, sl: dict) -> list[dict]:
         task = prep.task
         uniq = sl["uniq"]
-        stop_ids = {i for i in (self.eos_id, self._stop_id(task)) if i is not None}
+        stop_ids = self._stop_ids(task)
         ll = [0.0] * len(uniq)
         proven: dict[int, tuple[list[int], bool] | None] = {}
         for chunk, batch in sl["batches"]:
-            lls, known = S.score_gen_batch(self.model, batch, task.max_new_tokens, stop_ids, self.skipped,
+            lls, known = scoring.score_gen_batch(self.model, batch, task.max_new_tokens, stop_ids, self.skipped,
                                            self.max_len)
             for u, a, k in zip(chunk, lls, known):
                 ll[u], proven[u] = a, k
@@ -196,11 +213,11 @@ class Evaluator:
                     continue
                 text = self.tokenizer.decode(known[0], skip_special_tokens=True)
                 it = prep.items[uniq[u]]
-                match, output = S.decide(text, known[1], self.prefix_stable, task, it.example.answers)
+                match, output = scoring.decide(text, known[1], self.prefix_stable, task, it.example.answers)
                 if match is not None:
                     decided[u] = (match, output, text, n_pass)
                 elif not known[1] and self.prefix_stable and n_pass < MAX_PASSES:
-                    nxt = S.follow_greedy(it, known[0], text, self.tokenizer, self.max_len)
+                    nxt = scoring.follow_greedy(it, known[0], text, self.tokenizer, self.max_len)
                     if nxt is not None:
                         retry[u] = nxt
             if not retry:
@@ -209,45 +226,43 @@ class Evaluator:
             order = sorted(retry, key=lambda u: len(retry[u].whole))
             for start in range(0, len(order), self.batch_size):
                 chunk = order[start: start + self.batch_size]
-                batch = S.build_gen_batch([retry[u] for u in chunk], self.device, self.pad_id, True)
-                _, known = S.score_gen_batch(self.model, batch, task.max_new_tokens, stop_ids, self.skipped,
+                batch = scoring.build_gen_batch([retry[u] for u in chunk], self.device, self.pad_id, True)
+                _, known = scoring.score_gen_batch(self.model, batch, task.max_new_tokens, stop_ids, self.skipped,
                                              self.max_len)
                 proven.update(zip(chunk, known))
         outputs: list[str | None] = [None] * len(uniq)
         todo = [u for u in range(len(uniq)) if decided[u] is None]
         if todo:
-            todo.sort(key=lambda u: len(prep.items[uniq[u]].prompt_ids), reverse=True)
-            for start in range(0, len(todo), self.batch_size):
-                chunk = todo[start: start + self.batch_size]
-                gen = S.generate_batch(self.model, [prep.items[uniq[u]].prompt_ids for u in chunk], self.pad_id,
-                                       task.max_new_tokens, stop_ids, self.device, self.max_len)
-                for u, toks in zip(chunk, gen):
-                    text = self.tokenizer.decode(toks, skip_special_tokens=True)
-                    outputs[u] = text.split(task.stop)[0] if task.stop else text
+            stops = frozenset(stop_ids)
+            gen = self.engine.generate([GenRequest(tuple(prep.items[uniq[u]].prompt_ids), task.max_new_tokens, stops,
+                                                   task.until) for u in todo])
+            for u, toks in zip(todo, gen):
+                outputs[u] = task.cut(self._decode(toks))
         records = []
         for pos, i in enumerate(sl["idx"]):
             u = sl["unique_of"][pos]
             it = prep.items[i]
             rec = {"id": it.example.id, "line": it.example.line, "logprob": ll[u]}
             if outputs[u] is not None:
-                extracted = S.postprocess(outputs[u], task)
-                rec.update(exact_match=float(extracted in it.example.answers), output=outputs[u],
-                           extracted=extracted, decided_by="generation")
+                rec.update(exact_match=float(scoring.is_match(outputs[u], task, it.example.answers)), output=outputs[u],
+                           extracted=scoring.postprocess(outputs[u], task), decided_by="generation")
             else:
                 match, output, text, n_pass = decided[u]
                 # the greedy output starts with output_prefix (up to its first stop, where it has one)
-                prefix = text.split(task.stop)[0] + task.stop if task.stop and task.stop in text else text
+                cut = task.cut(text)
+                stop = next((st for st in task.until if st and text.startswith(st, len(cut))), "")
+                prefix = text[: len(cut) + len(stop)]
                 rec.update(exact_match=float(match), output=output, output_prefix=prefix,
                            decided_by="one-pass" if n_pass == 1 else "teacher-forced", passes=n_pass)
                 if output is not None:
-                    rec["extracted"] = S.postprocess(output, task)
+                    rec["extracted"] = scoring.postprocess(output, task)
             records.append(rec)
         return records
 
     def _run_choice(self, prep: _Prepared, sl: dict) -> list[dict]:
         lls: list[list[float]] = [[] for _ in sl["uniq"]]
         for chunk, batch in sl["batches"]:
-            for u, row in zip(chunk, S.score_choice_batch(self.model, batch)):
+            for u, row in zip(chunk, scoring.score_choice_batch(self.model, batch)):
                 lls[u] = row
         records = []
         for pos, i in enumerate(sl["idx"]):

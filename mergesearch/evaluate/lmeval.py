@@ -1,5 +1,7 @@
-"""lm-eval tasks scored by lm-eval itself, through `HFLM(pretrained=<the in-memory model>)`.
+"""lm-eval tasks scored by lm-eval itself: its prompts, few-shot sampling, filters and metrics.
 
+The model answering lm-eval's requests is `MergesearchLM` (lmeval_lm.py: our generation engine on the
+in-memory model) by default, or lm-eval's own `HFLM(pretrained=<the in-memory model>)` as a check.
 The model object is shared with the fast path, so every call sees the weights the materialiser has
 just written. lm-eval's import and TaskManager indexing happen once per Evaluator, not per candidate.
 """
@@ -106,9 +108,10 @@ def _metric_name(key: str) -> str:
 
 
 class LmEvalRunner:
-    """Holds one HFLM around the shared model and the loaded lm-eval task objects."""
+    """Holds one lm-eval model around the shared model and the loaded lm-eval task objects."""
 
-    def __init__(self, model, tokenizer, tasks: list[Task], *, batch_size: int, device):
+    def __init__(self, model, tokenizer, tasks: list[Task], *, batch_size: int, device, engine=None):
+        """engine: the evaluator's GenerationEngine, answered through MergesearchLM; None: lm-eval's HFLM."""
         offline_env()
         try:
             from lm_eval.models.huggingface import HFLM
@@ -124,8 +127,14 @@ class LmEvalRunner:
             if t.lmeval.task_name not in known:
                 raise TaskError(f"{t.source}: lm-eval has no task {t.lmeval.task_name!r}"
                                 f"{did_you_mean(t.lmeval.task_name, known)}")
-        self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device),
-                       max_length=n_ctx(model))
+        if engine is None:
+            self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device),
+                           max_length=n_ctx(model))
+        else:
+            from mergesearch.evaluate.lmeval_lm import MergesearchLM
+
+            self.lm = MergesearchLM(model=model, tokenizer=tokenizer, engine=engine, batch_size=batch_size,
+                                    max_length=n_ctx(model))
         self.tasks = {}
         for t in tasks:
             try:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 from mergesearch.errors import CheckpointError, TaskError
-from mergesearch.evaluate.evaluator import EvalResult, Evaluator
+from mergesearch.evaluate.evaluator import DEFAULT_BATCH_SIZE, EvalResult, Evaluator
 from mergesearch.evaluate.tasks import load_task
+from mergesearch.fileio import atomic_write
 
 
 def load_model(model_dir: str | os.PathLike, device: str = "auto"):
@@ -29,8 +29,9 @@ def load_model(model_dir: str | os.PathLike, device: str = "auto"):
 
 
 def evaluate_model_dir(model_dir: str | os.PathLike, task_specs: Sequence[str], *, limit: int | None = None,
-                       seed: int = 0, num_fewshot: int = 0, data_files: str | None = None, batch_size: int = 64,
-                       device: str = "auto") -> EvalResult:
+                       seed: int = 0, num_fewshot: int = 0, data_files: str | None = None,
+                       batch_size: int = DEFAULT_BATCH_SIZE, device: str = "auto",
+                       lmeval_hf: bool = False) -> EvalResult:
     """Load a model folder and score it on every task once."""
     if not task_specs:
         raise TaskError("no task given: pass --task PATH_OR_NAME (a .jsonl, a BIG-bench .json, an lm-eval .yaml "
@@ -39,7 +40,7 @@ def evaluate_model_dir(model_dir: str | os.PathLike, task_specs: Sequence[str], 
                        data_files=data_files if str(spec).endswith((".yaml", ".yml")) else None)
              for spec in task_specs]
     model, tokenizer = load_model(model_dir, device)
-    return Evaluator(model, tokenizer, tasks, batch_size=batch_size).evaluate()
+    return Evaluator(model, tokenizer, tasks, batch_size=batch_size, lmeval_hf=lmeval_hf).evaluate()
 
 
 def format_table(result: EvalResult) -> str:
@@ -52,7 +53,4 @@ def format_table(result: EvalResult) -> str:
 
 
 def write_json(result: EvalResult, path: str | os.PathLike) -> None:
-    out = Path(path)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(result.to_dict(), indent=1, default=float), encoding="utf-8")
-    os.replace(tmp, out)
+    atomic_write(path, json.dumps(result.to_dict(), indent=1, default=float))
