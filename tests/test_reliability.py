@@ -9,6 +9,7 @@ declare the killed trial dead within seconds.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import pwd
 import random
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import optuna
@@ -32,8 +34,9 @@ from mergesearch.errors import CandidateError, StudyError
 from mergesearch.study import records as R
 from mergesearch.study import run_study
 from mergesearch.study.opening import open_study
+from mergesearch.study.owners import dead_reason, fail_dead_trials, owner_record, process_alive
 from mergesearch.study.runner import MAX_FAILURES_IN_A_ROW, StudyRunner
-from mergesearch.study.storage import open_storage
+from mergesearch.study.storage import GRACE_S, open_storage
 
 from required import require
 from study_helpers import write_study
@@ -187,6 +190,139 @@ def test_kill9_at_every_stage_then_resume(zoo_test, tmp_path):
         assert values[0] == pytest.approx(t.values[0], abs=1e-9), t.number
     print(f"\nkill -9 survived: {kills} (stages merge, evaluate, store, random); trials {len(trials)} "
           f"({len(complete)} complete, {len(failed)} failed and retried); lost 0")
+
+
+# --- dead trials: the owner's host and process ----------------------------------------------------
+
+
+def _stopped_pid() -> int:
+    """The process id of a process that has exited (and been reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _running_trial(tmp: Path, owner: dict | None) -> tuple[optuna.Study, int]:
+    """A study with one RUNNING trial (x in [0, 1]) whose owner record is `owner` (None: no record)."""
+    study = optuna.create_study(study_name="d", storage=open_storage(f"sqlite:///{tmp / 'd.db'}", heartbeat=False))
+    trial = study.ask({"x": optuna.distributions.FloatDistribution(0.0, 1.0)})
+    if owner is not None:
+        trial.set_user_attr(R.OWNER_KEY, owner)
+    return study, trial.number
+
+
+def test_a_trial_of_a_gone_process_of_this_host_is_failed_at_once_and_queued_again(tmp_path):
+    study, number = _running_trial(tmp_path, {**owner_record(0), "pid": _stopped_pid()})
+    assert fail_dead_trials(study) == [number]
+    trials = study.get_trials(deepcopy=False)
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert trials[1].params == trials[0].params and trials[1].system_attrs["failed_trial"] == number
+    assert fail_dead_trials(study) == []  # failed once, queued once
+
+
+@pytest.mark.parametrize("owner, why", [
+    (lambda: owner_record(0), "this very process"),
+    (lambda: {**owner_record(0), "host": "another-host", "pid": _stopped_pid()}, "another host's: the heartbeat's"),
+    (lambda: {**owner_record(0), "machine": "another-boot/pid:[1]", "pid": _stopped_pid()},
+     "another pid namespace or boot"),
+    (lambda: {**owner_record(7), "pid": _stopped_pid()}, "copied from the trial it retries, and young"),
+    (lambda: None, "no record yet, and young"),
+])
+def test_a_trial_whose_process_may_live_is_left_running(tmp_path, owner, why):
+    study, number = _running_trial(tmp_path, owner())
+    assert fail_dead_trials(study) == [], why
+    assert [t.state for t in study.get_trials(deepcopy=False)] == [TrialState.RUNNING], why
+
+
+def test_a_reused_pid_a_zombie_and_an_old_unowned_trial_count_as_gone(tmp_path):
+    me = owner_record(0)
+    assert process_alive(me["pid"], me["started"])
+    assert not process_alive(me["pid"], me["started"] + 1)  # same pid, another start: the pid was reused
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])  # exits; not reaped until wait()
+    try:
+        deadline = time.monotonic() + 30
+        while process_alive(zombie.pid, None) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not process_alive(zombie.pid, None)
+    finally:
+        zombie.wait()
+    study, number = _running_trial(tmp_path, None)
+    trial = study.get_trials(deepcopy=False)[0]
+    later = trial.datetime_start + dt.timedelta(seconds=GRACE_S + 1)
+    assert dead_reason(trial, trial.datetime_start, GRACE_S) is None
+    assert "no owner recorded" in dead_reason(trial, later, GRACE_S)
+
+
+def _foreign_owner_script(url: str) -> str:
+    return (
+        "import sys, time, optuna\n"
+        "from mergesearch.study import records\n"
+        "from mergesearch.study.owners import owner_record\n"
+        "from mergesearch.study.storage import open_storage\n"
+        f"study = optuna.create_study(study_name='f', storage=open_storage({url!r}))\n"
+        "def objective(trial):\n"
+        "    trial.suggest_float('x', 0, 1)\n"
+        "    trial.set_user_attr(records.OWNER_KEY, {**owner_record(trial.number), 'host': 'another-host'})\n"
+        "    sys.stderr.write('running\\n'); sys.stderr.flush()\n"
+        "    time.sleep(3600)\n"
+        "study.optimize(objective, n_trials=1)\n"
+    )
+
+
+@pytest.mark.slow
+def test_a_killed_trial_of_another_host_is_left_to_the_heartbeat(tmp_path, monkeypatch):
+    monkeypatch.setenv("MERGESEARCH_HEARTBEAT", HEARTBEAT)
+    url = f"sqlite:///{tmp_path / 'f.db'}"
+    log = tmp_path / "f.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-c", _foreign_owner_script(url)], stderr=fh,
+                                env=_env(MERGESEARCH_HEARTBEAT=HEARTBEAT))
+    _wait_for_text(proc, log, "running", timeout=120)
+    _kill9(proc)
+    killed_at = time.monotonic()
+    study = optuna.load_study(study_name="f", storage=open_storage(url))
+    assert fail_dead_trials(study) == []
+    assert [t.state for t in study.get_trials(deepcopy=False)] == [TrialState.RUNNING]
+    time.sleep(max(0.0, killed_at + GRACE + 1.5 - time.monotonic()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    assert [t.state for t in study.get_trials(deepcopy=False)] == [TrialState.FAIL, TrialState.WAITING]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attempt", range(2))
+def test_three_kill9s_and_a_resume_leave_no_trial_running(zoo_test, tmp_path, attempt):
+    """The issue's case: each run killed a moment after it starts a trial, then resumed at once, with a
+    heartbeat grace (10 min) no run outlives: only the owner's process id can tell that a trial is dead."""
+    n_trials = 6
+    path = write_study(zoo_test, tmp_path, n_trials=n_trials, baselines=False, top_k_test=0, limit=8)
+    env = _env(MERGESEARCH_HEARTBEAT="1,600")
+    stages = [("merge", 2), ("evaluate", 1 + attempt), ("store", 1)]
+    for i, (stage, nth) in enumerate(stages):
+        log = tmp_path / f"run{i}.log"
+        proc = _spawn(["run", str(path), "--no-progress"], log, env, pause=f"{stage}:{nth}")
+        try:
+            _wait_for_text(proc, log, f"mergesearch: paused at {stage}")
+            _kill9(proc)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    log = tmp_path / "final.log"
+    proc = _spawn(["run", str(path), "--no-progress"], log, env)
+    assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+
+    trials = R.search_trials(_load(f"sqlite:///{tmp_path / 't.db'}", "t"), states=tuple(TrialState))
+    states = [t.state for t in trials]
+    assert TrialState.RUNNING not in states and TrialState.WAITING not in states, states
+    assert states.count(TrialState.COMPLETE) == n_trials
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(failed) == len(stages)  # each killed trial failed once, by the run after its kill
+    for f in failed:
+        retries = [t for t in trials if f.number in t.system_attrs.get("retry_history", [])]
+        assert retries and all(_key(r) == _key(f) for r in retries), f.number
+    assert "its process" in "".join(log.read_text() for log in tmp_path.glob("*.log"))
 
 
 # --- concurrent workers -------------------------------------------------------------------------

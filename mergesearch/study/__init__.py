@@ -44,6 +44,7 @@ def run_study(cfg: Config, *, extra_trials: int | None = None, worker: bool = Fa
     """
     from mergesearch.study.baselines import run_baselines, score_test
     from mergesearch.study.opening import open_study, warm_start
+    from mergesearch.study.owners import fail_dead_trials
     from mergesearch.study.runner import StudyRunner
 
     _quiet_optuna()
@@ -58,8 +59,9 @@ def run_study(cfg: Config, *, extra_trials: int | None = None, worker: bool = Fa
     done = R.counted(study)
     target = (done + extra_trials) if extra_trials is not None else cfg.study.n_trials
     runner.optimize(study, target, timeout=cfg.study.timeout, progress=progress)
-    # stale RUNNING trials of dead workers (past the heartbeat grace) go to the retry callback now;
-    # a storage without heartbeats (journal, in-memory) has none to fail
+    # trials of dead processes go to the retry callback now: this host's at once (study.owners), other
+    # hosts' once past the heartbeat grace (a storage without heartbeats, journal or in-memory, has none)
+    fail_dead_trials(study)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)

@@ -17,6 +17,7 @@ from mergesearch import __version__
 from mergesearch.errors import StudyError
 from mergesearch.study import records as R
 from mergesearch.study.baselines import start_point
+from mergesearch.study.owners import fail_dead_trials
 from mergesearch.study.samplers import make_pruner, make_sampler
 from mergesearch.study.storage import open_storage, quietly, require_existing, study_exists
 from mergesearch.study.workbench import Workbench
@@ -111,6 +112,10 @@ def open_study(bench: Workbench, *, create: bool = True) -> optuna.Study:
     if not exists:
         study.set_user_attr(R.META_KEY, {**study_meta(bench), "sampler": type(study.sampler).__name__,
                                          "sampler_reason": reason})
+    else:
+        # trials left RUNNING by a process of this host that is gone (kill -9) fail now and are queued
+        # again, not after the heartbeat's grace period, which a short resumed run may never reach
+        fail_dead_trials(study)
     log.info("sampler: %s (%s)", type(study.sampler).__name__, reason)
     return study
 

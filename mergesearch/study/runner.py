@@ -17,6 +17,7 @@ from optuna.trial import TrialState
 
 from mergesearch.errors import CandidateError, StudyError
 from mergesearch.study import records as R
+from mergesearch.study.owners import owner_record
 from mergesearch.study.workbench import Workbench, failure_reason
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,8 @@ class StudyRunner(Workbench):
     """Runs trials of one study in this process (see study.opening for creating or resuming it)."""
 
     def objective(self, trial: optuna.Trial) -> list[float] | float:
+        # first, so that a run finding this trial RUNNING after this process died fails it at once
+        trial.set_user_attr(R.OWNER_KEY, owner_record(trial.number))
         values_in = self.space.suggest(trial)
         if self.fit_stage is not None:
             values_in.update(self.fit_stage.suggest(trial))

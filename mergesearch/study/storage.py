@@ -109,6 +109,12 @@ def _with_driver(url: str) -> str:
     return url
 
 
+def retry_callback() -> RetryFailedTrialCallback:
+    """What happens to a trial whose worker died: its parameters are queued again (WAITING), at most
+    MAX_RETRY times. The heartbeat and study.owners both use it, so a retry means the same either way."""
+    return quietly(RetryFailedTrialCallback, max_retry=MAX_RETRY)
+
+
 def open_storage(url: str, *, heartbeat: bool = True) -> BaseStorage:
     """An Optuna storage for `url`: sqlite:///PATH, postgresql://..., mysql://..., or journal:///PATH.
 
@@ -139,7 +145,7 @@ def open_storage(url: str, *, heartbeat: bool = True) -> BaseStorage:
                   else "failed_trial_callback")
         beat, grace = heartbeat_settings()
         kwargs.update(heartbeat_interval=beat, grace_period=grace)
-        kwargs[cb_arg] = quietly(RetryFailedTrialCallback, max_retry=MAX_RETRY)
+        kwargs[cb_arg] = retry_callback()
     try:
         storage = quietly(RDBStorage, driver_url, **kwargs)
     except Exception as exc:  # sqlalchemy / driver errors carry the useful text
