@@ -91,6 +91,24 @@ def test_pareto_front_matches_optuna(n_obj):
     assert sorted(pareto_info(s).front) == sorted(t.number for t in s.best_trials)
 
 
+def test_parallel_coordinates_name_the_baselines_and_have_no_trial_axis():
+    from mergesearch.report import plot_pareto
+
+    s = _study(4)
+    _add(s, [0.1, 0.2, 0.3, 0.4], baseline="base")
+    _add(s, [0.5, 0.1, 0.1, 0.1], baseline="expert:a")
+    front = _add(s, [0.6, 0.6, 0.6, 0.6])
+    _add(s, [0.2, 0.2, 0.2, 0.2])  # dominated
+    info = pareto_info(s)
+    dims = plot_pareto(info).data[0].dimensions
+    assert [d.label for d in dims] == ["merge", "t0", "t1", "t2", "t3"]
+    merge = dims[0]
+    ticks = dict(zip(merge.tickvals, merge.ticktext))
+    shown = {p.label or p.number: ticks[v] for p, v in zip(info.points, merge["values"])}
+    assert shown == {"base": "base", "expert:a": "expert:a", front: "searched: Pareto front",
+                     front + 1: "searched: dominated"}
+
+
 def test_single_objective_shows_tasks_or_trials():
     s = _study(1, {"objectives": ["mean"], "tasks": ["x", "y"]})
     n1 = _add(s, [0.5], objective_scores={"x": 0.9, "y": 0.1})
@@ -129,14 +147,39 @@ def test_history_best_so_far_and_states():
     s.add_trial(create_trial(state=TrialState.RUNNING))
     h = history_info(s)
     assert h.series == ["t0", "t1", "mean"]
-    assert h.numbers == [-1, 0, 1, 2] and h.labels == ["base", None, None, None]  # baselines below 0
-    # running maxima written out by hand
-    np.testing.assert_allclose(h.best_so_far[:, 0], [0.1, 0.3, 0.3, 0.3])
-    np.testing.assert_allclose(h.best_so_far[:, 1], [0.5, 0.5, 0.6, 0.6])
-    np.testing.assert_allclose(h.best_so_far[:, 2], [0.3, 0.3, 0.4, 0.4])
+    assert h.numbers == [0, 1, 2] and h.baselines == ["base"]  # baselines apart from the searched trials
+    np.testing.assert_allclose(h.baseline_values, [[0.1, 0.5, 0.3]])
+    # running maxima over the searched trials, written out by hand
+    np.testing.assert_allclose(h.best_so_far[:, 0], [0.3, 0.3, 0.3])
+    np.testing.assert_allclose(h.best_so_far[:, 1], [0.2, 0.6, 0.6])
+    np.testing.assert_allclose(h.best_so_far[:, 2], [0.25, 0.4, 0.4])
+    np.testing.assert_allclose(h.best_baseline, [0.1, 0.5, 0.3])
     assert h.pruned == [(3, 0.07, "pruned after slice 2/3")]
     assert h.failed == [(4, "NaN weights")]
     assert h.running == [5]
+
+
+def test_history_best_so_far_never_falls_and_baselines_keep_their_scoring_order():
+    """The demo's report: baselines scored from best to worst drew a best-so-far line falling from 0.396 to
+    0.146 (accumulated in scoring order, drawn in ascending trial number -10 ... -1)."""
+    from mergesearch.report import plot_history
+
+    s = _study(1)
+    scored = {"task_arithmetic@0.7": 0.396, "uniform": 0.3, "expert:a": 0.2, "base": 0.146}
+    for name, v in scored.items():
+        _add(s, [v], baseline=name)
+    for v in (0.2, 0.41, 0.39, 0.45):
+        _add(s, [v])
+    h = history_info(s)
+    assert h.baselines == list(scored) and h.baseline_values[:, 0].tolist() == list(scored.values())
+    assert h.best_baseline[0] == 0.396
+    fig = plot_history(h)
+    line = next(tr for tr in fig.data if tr.name.startswith("best so far"))
+    order = np.argsort(line.x)
+    assert np.all(np.diff(np.asarray(line.y)[order]) >= 0) and list(line.y) == [0.2, 0.41, 0.41, 0.45]
+    base = next(tr for tr in fig.data if tr.name.startswith("baseline"))
+    assert [base.text[i] for i in np.argsort(base.x)] == list(scored)  # left to right as they were scored
+    assert max(base.x) < min(line.x)
 
 
 # --- heatmap ------------------------------------------------------------------------------------

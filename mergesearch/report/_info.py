@@ -268,23 +268,38 @@ def pareto_info(study: optuna.Study) -> ParetoInfo:
 
 @dataclass
 class HistoryInfo:
+    """The search over time, with the baselines apart: they are scored before it, not by it."""
+
     series: list[str]  # the objectives, plus "mean" when there are several
-    numbers: list[int]  # COMPLETE trials in trial order
-    labels: list[str | None]  # baseline names
+    numbers: list[int]  # COMPLETE searched trials in trial order
     values: np.ndarray  # (n_complete, n_series)
-    best_so_far: np.ndarray  # (n_complete, n_series) running maximum in trial order
+    best_so_far: np.ndarray  # (n_complete, n_series) running maximum over the searched trials: never falls
+    baselines: list[str]  # baseline names, in the order they were scored
+    baseline_values: np.ndarray  # (n_baselines, n_series)
     pruned: list[tuple[int, float | None, str]]  # (number, last reported value, reason)
     failed: list[tuple[int, str]]  # (number, reason)
     running: list[int]
+
+    @property
+    def best_baseline(self) -> np.ndarray:
+        """(n_series,) the best baseline value per series (NaN without baselines): the bar the search must pass."""
+        if not len(self.baselines):
+            return np.full(len(self.series), np.nan)
+        return np.nanmax(self.baseline_values, axis=0)
 
 
 def history_info(study: optuna.Study) -> HistoryInfo:
     objectives = objective_names(study)
     series = objectives + (["mean"] if len(objectives) > 1 else [])
-    trials = _complete(study)
-    rows = [list(t.values) + ([R.trial_mean(t)] if len(objectives) > 1 else []) for t in trials]
-    values = np.array(rows, dtype=float).reshape(len(trials), len(series))
-    best = np.maximum.accumulate(values, axis=0) if len(trials) else values.copy()
+
+    def rows(trials: list[FrozenTrial]) -> np.ndarray:
+        out = [list(t.values) + ([R.trial_mean(t)] if len(objectives) > 1 else []) for t in trials]
+        return np.array(out, dtype=float).reshape(len(trials), len(series))
+
+    searched = sorted((t for t in R.search_trials(study) if t.values), key=lambda t: t.number)
+    baselines = R.baseline_trials(study)  # in the order they were scored
+    values = rows(searched)
+    best = np.maximum.accumulate(values, axis=0) if len(searched) else values.copy()
     pruned, failed, running = [], [], []
     for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)):
         reason = str(R.record(t).get("fail_reason") or t.system_attrs.get("fail_reason") or "")
@@ -295,8 +310,8 @@ def history_info(study: optuna.Study) -> HistoryInfo:
             failed.append((t.number, reason or "failed"))
         else:
             running.append(t.number)
-    return HistoryInfo(series, [t.number for t in trials], [R.baseline_name(t) for t in trials], values, best,
-                       pruned, failed, running)
+    return HistoryInfo(series, [t.number for t in searched], values, best,
+                       [R.baseline_name(t) for t in baselines], rows(baselines), pruned, failed, running)
 
 
 # --- coefficient heatmap ------------------------------------------------------------------------
