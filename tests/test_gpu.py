@@ -43,8 +43,9 @@ def test_streaming_from_host_memory_to_cuda(method, values, tiny_family):
     as sources resident on the device, candidate after candidate."""
     base, experts = tiny_family("llama", 2)
     m = Materializer(base, experts, method, device="cuda", chunks=2, seed=5, streaming=True)
-    assert m.streaming and all(b.device.type == "cpu" and b.is_pinned() for b in m._base)
-    assert all(d.is_pinned() for ds in m._deltas for d in ds)
+    sources = [m.sources(i) for i in range(len(m.tensors))]
+    assert m.streaming and all(b.device.type == "cpu" and b.is_pinned() for b, _, _, _ in sources)
+    assert all(d.is_pinned() for _, ds, _, _ in sources for d in ds)
     resident = _merged(base, experts, method, values, device="cuda")
     for _ in range(2):  # the second time after another candidate
         m.materialize(m.plan(**values))

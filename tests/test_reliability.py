@@ -484,9 +484,9 @@ def test_four_workers_on_postgresql(zoo_test, tmp_path, pg_url):
 def test_failing_candidates_become_failed_trials_and_the_study_goes_on(zoo_test, tmp_path):
     cfg = load_config(write_study(zoo_test, tmp_path, n_trials=3, baselines=False, top_k_test=0, limit=4))
     runner = StudyRunner(cfg)
-    deltas = runner.mat._deltas
     i_t = next(i for i, t in enumerate(runner.mat.tensors) if t.layer == 0)
-    clean = deltas[i_t][0].clone()
+    delta = runner.mat.sources(i_t)[1][0]  # the first expert's task vector of a layer-0 tensor, in place
+    clean = delta.clone()
     real_iter = runner.evaluator.iter_slices
     calls = {"merge": 0, "evaluate": 0}
 
@@ -498,12 +498,12 @@ def test_failing_candidates_become_failed_trials_and_the_study_goes_on(zoo_test,
     def hook(stage):
         calls[stage] = calls.get(stage, 0) + 1
         if stage == "merge":
-            deltas[i_t][0].copy_(clean)
+            delta.copy_(clean)
             runner.evaluator.iter_slices = real_iter
             if calls["merge"] == 2:
-                deltas[i_t][0].view(-1)[0] = float("nan")  # a poisoned task vector: NaN weights
+                delta.view(-1)[0] = float("nan")  # a poisoned task vector: NaN weights
             elif calls["merge"] == 3:
-                deltas[i_t][0].view(-1)[:5] = float("inf")
+                delta.view(-1)[:5] = float("inf")
             elif calls["merge"] == 7:
                 runner.evaluator.iter_slices = broken_iter
         elif stage == "evaluate":
@@ -530,7 +530,7 @@ def test_failing_candidates_become_failed_trials_and_the_study_goes_on(zoo_test,
     complete = [t for t in searched if t.state == TrialState.COMPLETE]
     assert len(complete) == 3 and not [t for t in searched if t.state == TrialState.RUNNING]
     # The sources were not damaged by the poisoned candidates: a later candidate scores as it should.
-    deltas[i_t][0].copy_(clean)
+    delta.copy_(clean)
     runner.evaluator.iter_slices = real_iter
     runner.fault_hook = None
     last = complete[-1]

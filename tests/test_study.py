@@ -102,7 +102,7 @@ def test_failing_candidate_becomes_failed_trial(zoo_test, tmp_path):
 def test_nan_weights_fail_the_candidate(zoo_test, tmp_path):
     cfg = load_config(write_study(zoo_test, tmp_path, n_trials=1, baselines=False, top_k_test=0))
     runner = StudyRunner(cfg)
-    runner.mat._deltas[3][0].fill_(float("nan"))  # a poisoned task vector of the first expert
+    runner.mat.sources(3)[1][0].fill_(float("nan"))  # a poisoned task vector of the first expert
     with pytest.raises(CandidateError, match="not finite"):
         runner.score_plan(runner.plan_for(runner.space.point()))
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 
-import optuna
 import pytest
 from optuna.trial import TrialState
 
@@ -22,6 +21,7 @@ from mergesearch.study import records as R
 from mergesearch.study.baselines import run_baselines
 from mergesearch.study.opening import open_study, warm_start
 from mergesearch.study.runner import StudyRunner
+from mergesearch.study.workbench import PrunedWithRecord
 
 from study_helpers import write_study
 
@@ -50,9 +50,7 @@ def _fake_score_plan(bench: StudyRunner):
             if trial is not None:
                 trial.report(x - 0.01 * (1 - step), step + 1)
                 if trial.should_prune():
-                    exc = optuna.TrialPruned()
-                    exc.record = {"fail_reason": f"pruned after slice {step + 1}"}
-                    raise exc
+                    raise PrunedWithRecord({"fail_reason": f"pruned after slice {step + 1}"})
         rec = {"objective_scores": {t: x for t in bench.task_names}, "merge_s": 0.0, "eval_s": 0.0}
         return [x] * len(bench.objective_names), rec
     return score_plan

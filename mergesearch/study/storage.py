@@ -92,6 +92,11 @@ def _sqlite_begin(conn) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def quiet_optuna() -> None:
+    """Optuna's per-trial INFO lines off: mergesearch logs and draws its own progress."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
 def quietly(fn, *args, **kwargs):
     """Call fn without Optuna's experimental-feature warnings (heartbeat and retry are stable in use)."""
     with warnings.catch_warnings():
