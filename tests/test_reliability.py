@@ -31,7 +31,7 @@ from optuna.trial import TrialState
 
 from mergesearch.config import load_config
 from mergesearch.errors import CandidateError, StudyError
-from mergesearch.study import records as R
+from mergesearch.study import records
 from mergesearch.study import run_study
 from mergesearch.study.opening import open_study
 from mergesearch.study.owners import dead_reason, fail_dead_trials, owner_record, process_alive
@@ -151,7 +151,7 @@ def test_kill9_at_every_stage_then_resume(zoo_test, tmp_path):
     assert not any(w in err for w in LOCK_WORDS), err[-3000:]
 
     study = _load(f"sqlite:///{db}", "t")
-    trials = R.search_trials(study, states=tuple(TrialState))
+    trials = records.search_trials(study, states=tuple(TrialState))
     by_state = {s: [t for t in trials if t.state == s] for s in TrialState}
     complete, failed = by_state[TrialState.COMPLETE], by_state[TrialState.FAIL]
     assert len(complete) == n_trials and not by_state[TrialState.PRUNED]  # exactly n_trials counted
@@ -168,8 +168,8 @@ def test_kill9_at_every_stage_then_resume(zoo_test, tmp_path):
         assert retries, f"failed trial {f.number} was not retried"
         assert all(_key(r) == _key(f) for r in retries)
     # The kill in the storage write landed after the scores were computed, the others before.
-    assert any("objective_scores" in R.record(f) for f in failed)
-    assert any("merge_s" not in R.record(f) for f in failed)
+    assert any("objective_scores" in records.record(f) for f in failed)
+    assert any("merge_s" not in records.record(f) for f in failed)
     # Each retry chain ends in a completed trial.
     chains = {}
     for t in trials:
@@ -207,7 +207,7 @@ def _running_trial(tmp: Path, owner: dict | None) -> tuple[optuna.Study, int]:
     study = optuna.create_study(study_name="d", storage=open_storage(f"sqlite:///{tmp / 'd.db'}", heartbeat=False))
     trial = study.ask({"x": optuna.distributions.FloatDistribution(0.0, 1.0)})
     if owner is not None:
-        trial.set_user_attr(R.OWNER_KEY, owner)
+        trial.set_user_attr(records.OWNER_KEY, owner)
     return study, trial.number
 
 
@@ -312,7 +312,7 @@ def test_three_kill9s_and_a_resume_leave_no_trial_running(zoo_test, tmp_path):
     proc = _spawn(["run", str(path), "--no-progress"], log, env)
     assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
 
-    trials = R.search_trials(_load(f"sqlite:///{tmp_path / 't.db'}", "t"), states=tuple(TrialState))
+    trials = records.search_trials(_load(f"sqlite:///{tmp_path / 't.db'}", "t"), states=tuple(TrialState))
     states = [t.state for t in trials]
     assert TrialState.RUNNING not in states and TrialState.WAITING not in states, states
     assert states.count(TrialState.COMPLETE) == n_trials
@@ -375,7 +375,7 @@ def _run_workers(zoo, tmp: Path, url: str, *, n_workers: int = 4, n_trials: int 
     keys = [_key(t) for t in trials if t.state == TrialState.COMPLETE]
     assert len(set(keys)) == len(keys), "two workers proposed the same candidate (same sampler seed)"
     for t in trials:
-        assert R.objective_scores(t) and t.values is not None
+        assert records.objective_scores(t) and t.values is not None
 
     got = {"workers": n_workers, "trials": len(trials), "counted": counted,
            "workers_s": round(time.monotonic() - t0, 1)}
@@ -517,9 +517,9 @@ def test_failing_candidates_become_failed_trials_and_the_study_goes_on(zoo_test,
 
     runner.fault_hook = hook
     study = run_study(cfg, runner=runner, progress=False)
-    searched = R.search_trials(study, states=tuple(TrialState))
+    searched = records.search_trials(study, states=tuple(TrialState))
     failed = [t for t in searched if t.state == TrialState.FAIL]
-    reasons = [R.record(t).get("fail_reason", "") for t in failed]
+    reasons = [records.record(t).get("fail_reason", "") for t in failed]
     assert len(failed) == 6, reasons
     assert "not finite" in reasons[0] and "not finite" in reasons[1]
     assert reasons[2].startswith("out of memory") and "simulated host" in reasons[2]
@@ -549,7 +549,7 @@ def test_a_broken_setup_stops_the_study_instead_of_failing_every_trial(zoo_test,
     with pytest.raises(StudyError, match=f"last {MAX_FAILURES_IN_A_ROW} candidates all failed"):
         run_study(cfg, runner=runner, progress=False)
     study = _load(cfg.storage_url, "t")
-    states = [t.state for t in R.search_trials(study, states=tuple(TrialState))]
+    states = [t.state for t in records.search_trials(study, states=tuple(TrialState))]
     assert states == [TrialState.FAIL] * MAX_FAILURES_IN_A_ROW
 
 

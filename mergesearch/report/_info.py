@@ -146,8 +146,9 @@ def summary_info(study: optuna.Study) -> SummaryInfo:
 
     def row(t: FrozenTrial, is_baseline: bool) -> Row:
         test = tests.get(records.trial_key(t), {}).get("test_mean")
-        return Row(trial_label(t) if is_baseline else f"best found (trial {t.number})", t.number, records.trial_mean(t),
-                   task_scores(t, objectives), float(test) if test is not None else None, is_baseline)
+        return Row(trial_label(t) if is_baseline else f"best found (trial {t.number})", t.number,
+                   records.trial_mean(t), task_scores(t, objectives), float(test) if test is not None else None,
+                   is_baseline)
 
     rows = [row(t, True) for t in baselines]  # in the order they were scored
     best_t = records.best_trials(study, 1)
@@ -159,8 +160,53 @@ def summary_info(study: optuna.Study) -> SummaryInfo:
     every = [v for r in rows for v in r.scores.values()] + [r.mean for r in rows]
     scale100 = bool(every) and all(0.0 <= v <= 1.0 for v in every if math.isfinite(v))
 
-    s: list[str] = []
-    n_search = sum(counts.values())
+    n_obj = len(objectives)
+    score_word = "mean calibration score" + (f" over {n_obj} objectives" if n_obj > 1 else "")
+    s = _verdict(best, best_baseline, score_word, bool(tests), scale100)
+    s.append(_search_sentence(meta, counts, len(baselines)))
+    if records.max_drop(study) is not None:
+        n_bad = sum(not ok for ok in map(records.feasibility(study), records.search_trials(study)))
+        s.append(f"Best = {records.best_rule(study)}; {n_bad} completed trial(s) break that constraint and are "
+                 "not picked.")
+    return SummaryInfo(study.study_name, objectives, tasks, space.get("method"), space.get("granularity"),
+                       space.get("n_params"), meta.get("sampler"), counts, len(baselines), best, best_baseline,
+                       rows, s, scale100)
+
+
+def _verdict(best: Row | None, best_baseline: Row | None, score_word: str, any_tests: bool,
+             scale100: bool) -> list[str]:
+    """The summary's first sentences: the best found against the best baseline, on calib, test and per task."""
+    if best is None:
+        return ["No searched trial has completed yet."]
+    if best_baseline is None:
+        return [f"Best found: trial {best.number}, {score_word} {best.mean:.4f}. No baseline is stored."]
+    d = best.mean - best_baseline.mean
+    verdict = "above" if d > 0 else "below" if d < 0 else "level with"
+    s = [f"Best found: trial {best.number}, {score_word} {best.mean:.4f}, "
+         f"{_points(abs(d), scale100).lstrip('+')} {verdict} the best baseline, {best_baseline.label} "
+         f"({best_baseline.mean:.4f})" + ("." if d > 0 else ": the search has not beaten it yet.")]
+    if best.test_mean is not None and best_baseline.test_mean is not None:
+        dt = best.test_mean - best_baseline.test_mean
+        s.append(f"On the held-out test split: best found {best.test_mean:.4f} vs {best_baseline.label} "
+                 f"{best_baseline.test_mean:.4f} ({_points(dt, scale100)})"
+                 + (": the calibration gain does not carry over." if dt <= 0 < d else "."))
+    elif any_tests:
+        s.append("Held-out test scores are stored for other trials only.")
+    else:
+        s.append("Held-out test scores are written when the search finishes.")
+    if best.scores and best_baseline.scores:
+        gains = {k: best.scores[k] - best_baseline.scores.get(k, float("nan")) for k in best.scores}
+        gains = {k: v for k, v in gains.items() if math.isfinite(v)}
+        if len(gains) > 1:
+            order = sorted(gains, key=gains.get, reverse=True)
+            s.append(f"Per task vs {best_baseline.label}: "
+                     + ", ".join(f"{k} {_points(gains[k], scale100)}" for k in order) + ".")
+    return s
+
+
+def _search_sentence(meta: dict, counts: dict[str, int], n_baselines: int) -> str:
+    """How much was searched, over what, with which sampler."""
+    space = meta.get("space") or {}
     states = ", ".join(f"{n} {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
     what = ""
     fit = (meta.get("config") or {}).get("fit")
@@ -173,44 +219,8 @@ def summary_info(study: optuna.Study) -> SummaryInfo:
                 + (f", {space.get('layer_groups')} layer groups" if space.get("layer_groups") else "")
                 + (", per module" if space.get("per_module") else "")
                 + (f", chunks {space.get('chunks')}" if space.get("chunks") not in (None, 1) else "") + ")")
-    searched = (f"Search so far: {n_search} trials ({states or 'none yet'}) and {len(baselines)} baselines{what}"
-                + (f", sampler {meta['sampler']}" if meta.get("sampler") else "") + ".")
-    n_obj = len(objectives)
-    score_word = "mean calibration score" + (f" over {n_obj} objectives" if n_obj > 1 else "")
-    if best is None:
-        s.append("No searched trial has completed yet.")
-    elif best_baseline is None:
-        s.append(f"Best found: trial {best.number}, {score_word} {best.mean:.4f}. No baseline is stored.")
-    else:
-        d = best.mean - best_baseline.mean
-        verdict = "above" if d > 0 else "below" if d < 0 else "level with"
-        s.append(f"Best found: trial {best.number}, {score_word} {best.mean:.4f}, "
-                 f"{_points(abs(d), scale100).lstrip('+')} {verdict} the best baseline, {best_baseline.label} "
-                 f"({best_baseline.mean:.4f})" + ("." if d > 0 else ": the search has not beaten it yet."))
-        if best.test_mean is not None and best_baseline.test_mean is not None:
-            dt = best.test_mean - best_baseline.test_mean
-            s.append(f"On the held-out test split: best found {best.test_mean:.4f} vs {best_baseline.label} "
-                     f"{best_baseline.test_mean:.4f} ({_points(dt, scale100)})"
-                     + (": the calibration gain does not carry over." if dt <= 0 < d else "."))
-        elif tests:
-            s.append("Held-out test scores are stored for other trials only.")
-        else:
-            s.append("Held-out test scores are written when the search finishes.")
-        if best.scores and best_baseline.scores:
-            gains = {k: best.scores[k] - best_baseline.scores.get(k, float("nan")) for k in best.scores}
-            gains = {k: v for k, v in gains.items() if math.isfinite(v)}
-            if len(gains) > 1:
-                order = sorted(gains, key=gains.get, reverse=True)
-                s.append(f"Per task vs {best_baseline.label}: "
-                         + ", ".join(f"{k} {_points(gains[k], scale100)}" for k in order) + ".")
-    s.append(searched)
-    if records.max_drop(study) is not None:
-        n_bad = sum(not ok for ok in map(records.feasibility(study), records.search_trials(study)))
-        s.append(f"Best = {records.best_rule(study)}; {n_bad} completed trial(s) break that constraint and are "
-                 "not picked.")
-    return SummaryInfo(study.study_name, objectives, tasks, space.get("method"), space.get("granularity"),
-                       space.get("n_params"), meta.get("sampler"), counts, len(baselines), best, best_baseline,
-                       rows, s, scale100)
+    return (f"Search so far: {sum(counts.values())} trials ({states or 'none yet'}) and {n_baselines} baselines"
+            f"{what}" + (f", sampler {meta['sampler']}" if meta.get("sampler") else "") + ".")
 
 
 # --- Pareto front -------------------------------------------------------------------------------
