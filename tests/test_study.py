@@ -1,5 +1,6 @@
 import datetime
 import json
+import os
 
 import optuna
 import pytest
@@ -39,7 +40,10 @@ def test_run_baselines_trials_and_held_out(zoo_test, tmp_path):
     assert records.meta(study)["start"] == {"from": records.baseline_name(start), "x0": searched[0].params}
     for t in searched:
         rec = records.record(t)
-        assert set(rec["scores"]) == set(experts) and set(t.user_attrs) <= {records.TRIAL_KEY, "start"}
+        assert set(rec["scores"]) == set(experts)
+        assert set(t.user_attrs) <= {records.TRIAL_KEY, records.OWNER_KEY, "start"}
+        owner = records.owner(t)  # the process that ran it: this one
+        assert owner["trial"] == t.number and owner["pid"] == os.getpid()
         assert rec["merge_s"] > 0 and rec["eval_s"] > 0 and rec["device"] == "cpu"
         assert t.params and all(k.startswith("weight[") for k in t.params)
     # The start point in task arithmetic IS that baseline: every weight at its value, same score.
