@@ -37,5 +37,5 @@ def test_eval_batch_size_default_is_the_configs():
     from mergesearch.config import DEFAULT_BATCH_SIZE, FitConfig, ObjectivesConfig
 
     args = build_parser().parse_args(["eval", "m", "--task", "t.jsonl"])
-    assert args.batch_size == DEFAULT_BATCH_SIZE == ObjectivesConfig(tasks=[{"name": "t", "calib": "t.jsonl"}]).batch_size
-    assert FitConfig().batch_size == DEFAULT_BATCH_SIZE
+    objectives = ObjectivesConfig(tasks=[{"name": "t", "calib": "t.jsonl"}])
+    assert args.batch_size == DEFAULT_BATCH_SIZE == objectives.batch_size == FitConfig().batch_size
