@@ -36,6 +36,8 @@ class _MethodsHelpFormatter(_HelpFormatter):
             from mergesearch import operators
 
             text = text.replace(METHODS, textwrap.fill(", ".join(operators.names()) + ".", width=88))
+        # argparse has no public hook for description text: overriding _format_text is how its own
+        # RawDescriptionHelpFormatter changes it (tests/test_cli.py checks the methods are listed)
         return super()._format_text(text)
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mergesearch.errors import TaskError
-from mergesearch.evaluate import _scoring as S
+from mergesearch.evaluate import _scoring
 from mergesearch.evaluate.tasks import Task
 from mergesearch.threads import rebalance
 
@@ -93,18 +93,18 @@ class Evaluator:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.eos_id = tokenizer.eos_token_id
         self.skipped = {i for i in tokenizer.all_special_ids if i != self.eos_id}
-        self.max_len = S.n_ctx(model)
+        self.max_len = _scoring.n_ctx(model)
         # whether the text of greedy decoding's first tokens is a prefix of its whole output's text
-        self.prefix_stable = S.tokenizer_is_unique(tokenizer) or S.decode_is_prefix_stable(tokenizer)
+        self.prefix_stable = _scoring.tokenizer_is_unique(tokenizer) or _scoring.decode_is_prefix_stable(tokenizer)
         self._plans: dict[int, dict] = {}
         self._prepared: dict[str, _Prepared] = {}
         lm_tasks = [t for t in tasks if t.kind == "lmeval"]
         for t in tasks:
             if t.kind == "generate":
-                items = S.prepare_generate(t, tokenizer, self.max_len)
+                items = _scoring.prepare_generate(t, tokenizer, self.max_len)
                 self._prepared[t.name] = _Prepared(t, items, shortcut)
             elif t.kind == "choice":
-                self._prepared[t.name] = _Prepared(t, S.prepare_choice(t, tokenizer, self.max_len))
+                self._prepared[t.name] = _Prepared(t, _scoring.prepare_choice(t, tokenizer, self.max_len))
         self._lmeval = None
         if lm_tasks:
             from mergesearch.evaluate.lmeval import LmEvalRunner
@@ -159,9 +159,9 @@ class Evaluator:
                 its = [prep.items[uniq[u]] for u in chunk]
                 if prep.task.kind == "generate":
                     use = prep.shortcut and its[0].gen_start is not None
-                    b = S.build_gen_batch(its, self.device, self.pad_id, use)
+                    b = _scoring.build_gen_batch(its, self.device, self.pad_id, use)
                 else:
-                    b = S.build_choice_batch(its, self.device, self.pad_id)
+                    b = _scoring.build_choice_batch(its, self.device, self.pad_id)
                 batches.append((chunk, b))
         return {"idx": idx, "batches": batches, "unique_of": unique_of, "uniq": uniq}
 
@@ -183,7 +183,7 @@ class Evaluator:
         ll = [0.0] * len(uniq)
         proven: dict[int, tuple[list[int], bool] | None] = {}
         for chunk, batch in sl["batches"]:
-            lls, known = S.score_gen_batch(self.model, batch, task.max_new_tokens, stop_ids, self.skipped,
+            lls, known = _scoring.score_gen_batch(self.model, batch, task.max_new_tokens, stop_ids, self.skipped,
                                            self.max_len)
             for u, a, k in zip(chunk, lls, known):
                 ll[u], proven[u] = a, k
@@ -196,11 +196,11 @@ class Evaluator:
                     continue
                 text = self.tokenizer.decode(known[0], skip_special_tokens=True)
                 it = prep.items[uniq[u]]
-                match, output = S.decide(text, known[1], self.prefix_stable, task, it.example.answers)
+                match, output = _scoring.decide(text, known[1], self.prefix_stable, task, it.example.answers)
                 if match is not None:
                     decided[u] = (match, output, text, n_pass)
                 elif not known[1] and self.prefix_stable and n_pass < MAX_PASSES:
-                    nxt = S.follow_greedy(it, known[0], text, self.tokenizer, self.max_len)
+                    nxt = _scoring.follow_greedy(it, known[0], text, self.tokenizer, self.max_len)
                     if nxt is not None:
                         retry[u] = nxt
             if not retry:
@@ -209,8 +209,8 @@ class Evaluator:
             order = sorted(retry, key=lambda u: len(retry[u].whole))
             for start in range(0, len(order), self.batch_size):
                 chunk = order[start: start + self.batch_size]
-                batch = S.build_gen_batch([retry[u] for u in chunk], self.device, self.pad_id, True)
-                _, known = S.score_gen_batch(self.model, batch, task.max_new_tokens, stop_ids, self.skipped,
+                batch = _scoring.build_gen_batch([retry[u] for u in chunk], self.device, self.pad_id, True)
+                _, known = _scoring.score_gen_batch(self.model, batch, task.max_new_tokens, stop_ids, self.skipped,
                                              self.max_len)
                 proven.update(zip(chunk, known))
         outputs: list[str | None] = [None] * len(uniq)
@@ -219,7 +219,7 @@ class Evaluator:
             todo.sort(key=lambda u: len(prep.items[uniq[u]].prompt_ids), reverse=True)
             for start in range(0, len(todo), self.batch_size):
                 chunk = todo[start: start + self.batch_size]
-                gen = S.generate_batch(self.model, [prep.items[uniq[u]].prompt_ids for u in chunk], self.pad_id,
+                gen = _scoring.generate_batch(self.model, [prep.items[uniq[u]].prompt_ids for u in chunk], self.pad_id,
                                        task.max_new_tokens, stop_ids, self.device, self.max_len)
                 for u, toks in zip(chunk, gen):
                     text = self.tokenizer.decode(toks, skip_special_tokens=True)
@@ -230,7 +230,7 @@ class Evaluator:
             it = prep.items[i]
             rec = {"id": it.example.id, "line": it.example.line, "logprob": ll[u]}
             if outputs[u] is not None:
-                extracted = S.postprocess(outputs[u], task)
+                extracted = _scoring.postprocess(outputs[u], task)
                 rec.update(exact_match=float(extracted in it.example.answers), output=outputs[u],
                            extracted=extracted, decided_by="generation")
             else:
@@ -240,14 +240,14 @@ class Evaluator:
                 rec.update(exact_match=float(match), output=output, output_prefix=prefix,
                            decided_by="one-pass" if n_pass == 1 else "teacher-forced", passes=n_pass)
                 if output is not None:
-                    rec["extracted"] = S.postprocess(output, task)
+                    rec["extracted"] = _scoring.postprocess(output, task)
             records.append(rec)
         return records
 
     def _run_choice(self, prep: _Prepared, sl: dict) -> list[dict]:
         lls: list[list[float]] = [[] for _ in sl["uniq"]]
         for chunk, batch in sl["batches"]:
-            for u, row in zip(chunk, S.score_choice_batch(self.model, batch)):
+            for u, row in zip(chunk, _scoring.score_choice_batch(self.model, batch)):
                 lls[u] = row
         records = []
         for pos, i in enumerate(sl["idx"]):
