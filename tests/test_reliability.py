@@ -32,7 +32,7 @@ from optuna.trial import TrialState
 from mergesearch.config import load_config
 from mergesearch.errors import CandidateError, StudyError
 from mergesearch.study import records
-from mergesearch.study import run_study
+from mergesearch.study import format_status, run_study, study_status
 from mergesearch.study.opening import open_study
 from mergesearch.study.owners import dead_reason, fail_dead_trials, owner_record, process_alive
 from mergesearch.study.runner import MAX_FAILURES_IN_A_ROW, StudyRunner
@@ -213,11 +213,16 @@ def _running_trial(tmp: Path, owner: dict | None) -> tuple[optuna.Study, int]:
 
 def test_a_trial_of_a_gone_process_of_this_host_is_failed_at_once_and_queued_again(tmp_path):
     study, number = _running_trial(tmp_path, {**owner_record(0), "pid": _stopped_pid()})
+    url = f"sqlite:///{tmp_path / 'd.db'}"
+    st = study_status(url)  # read-only: says so, fails nothing
+    assert st["running_gone"] == [number] and st["trials"]["running"] == 1
+    assert "process on this host is gone" in format_status(st)
     assert fail_dead_trials(study) == [number]
     trials = study.get_trials(deepcopy=False)
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
     assert trials[1].params == trials[0].params and trials[1].system_attrs["failed_trial"] == number
     assert fail_dead_trials(study) == []  # failed once, queued once
+    assert study_status(url)["running_gone"] == []
 
 
 @pytest.mark.parametrize("owner, why", [

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import statistics
 
 from optuna.trial import TrialState
 
 from mergesearch.study import records
+from mergesearch.study.owners import dead_reason
 from mergesearch.study.reading import resolve_study
+from mergesearch.study.storage import heartbeat_settings
 
 
 def study_status(spec, study_name: str | None = None) -> dict:
@@ -24,12 +27,16 @@ def study_status(spec, study_name: str | None = None) -> dict:
     baselines = {records.baseline_name(t): records.trial_mean(t) for t in records.baseline_trials(study)}
     feasible = records.feasibility(study)
     infeasible = sum(not feasible(t) for t in search if t.state == TrialState.COMPLETE)
+    now, grace = dt.datetime.now(), heartbeat_settings()[1]
+    # read-only: a run or worker opening the study fails these and queues them again
+    gone = [t.number for t in search if t.state == TrialState.RUNNING and dead_reason(t, now, grace) is not None]
     return {
         "study": study.study_name,
         "objectives": records.meta(study).get("objectives"),
         "n_trials_target": target,
         "trials": by_state,
         "counted": counted,
+        "running_gone": gone,
         "best": ({"number": best[0].number, "mean": records.trial_mean(best[0]),
                   "scores": records.objective_scores(best[0])} if best else None),
         "best_rule": records.best_rule(study),
@@ -45,6 +52,9 @@ def study_status(spec, study_name: str | None = None) -> dict:
 def format_status(st: dict) -> str:
     lines = [f"study {st['study']}: {st['counted']}/{st['n_trials_target'] or '?'} trials counted "
              f"({', '.join(f'{v} {k}' for k, v in st['trials'].items() if v)})"]
+    if st["running_gone"]:
+        lines.append(f"running trial(s) {', '.join(map(str, st['running_gone']))}: their process on this host is "
+                     "gone; `mergesearch run` (or a worker) fails them and runs their parameters again")
     if st["infeasible"] is not None:
         lines.append(f"best = {st['best_rule']}; {st['infeasible']} completed trial(s) infeasible")
     if st["best"]:
