@@ -103,7 +103,7 @@ def time_steps(base, experts, zoo, *, steps: int, batch: int, label: str) -> dic
             p.requires_grad_(True)
         _sync(dev)
         t0 = time.perf_counter()
-        loss = fitter._loss(b, weights, opts, train=True)
+        loss = fitter.loss(b, weights, opts, train=True)
         loss.backward()
         _sync(dev)
         t1 = time.perf_counter()
@@ -162,7 +162,7 @@ def child_memory(mode: str, base: str, experts: list[str], zoo: str, batch: int)
         for _ in range(3):
             for p in mat.model.parameters():
                 p.grad = None
-            loss = fitter._loss(sampler.next(), weights, opts, train=True)  # the graph holds the activations
+            loss = fitter.loss(sampler.next(), weights, opts, train=True)  # the graph holds the activations
             if mode == "grads":
                 loss.backward()
             del loss

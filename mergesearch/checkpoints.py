@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 
 from mergesearch.errors import CheckpointError
+from mergesearch.fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -326,7 +327,7 @@ def save_model(model_or_state_dict, out_dir: str | os.PathLike, *, base: Checkpo
             src = base.path / name
             if src.is_file():
                 shutil.copy2(src, tmp / name)
-        (tmp / "provenance.json").write_text(json.dumps(dict(provenance), indent=2, default=str) + "\n")
+        atomic_write(tmp / "provenance.json", json.dumps(dict(provenance), indent=2, default=str) + "\n")
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             if old.exists():

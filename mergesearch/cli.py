@@ -1,6 +1,8 @@
 """Command-line interface: argument parsing only; each sub-command calls one library function.
 
-Library modules are imported inside the command functions so that `--help` stays fast.
+Library modules are imported inside the command functions so that `--help` stays fast (config, which
+declares the defaults the help shows, imports no torch; the merge methods are read from the operator
+registry only when `merge --help` is printed).
 To add a sub-command: write `_add_<name>(sub)` that registers its parser with
 `set_defaults(func=_cmd_<name>)`, and list it in `_COMMANDS`.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import textwrap
 from collections.abc import Sequence
 
 from mergesearch import __version__
@@ -22,8 +25,25 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
     """Shows defaults and keeps the hand-made line breaks of descriptions."""
 
 
-def _parser(name: str, sub, help: str, description: str | None = None) -> argparse.ArgumentParser:
-    return sub.add_parser(name, help=help, description=description or help, formatter_class=_HelpFormatter)
+METHODS = "{methods}"  # in a description: replaced by the registered merge methods when the help is printed
+
+
+class _MethodsHelpFormatter(_HelpFormatter):
+    """Lists the merge methods from the operator registry, imported only when this help is shown (torch)."""
+
+    def _format_text(self, text: str) -> str:
+        if METHODS in text:
+            from mergesearch import operators
+
+            text = text.replace(METHODS, textwrap.fill(", ".join(operators.names()) + ".", width=88))
+        # argparse has no public hook for description text: overriding _format_text is how its own
+        # RawDescriptionHelpFormatter changes it (tests/test_cli.py checks the methods are listed)
+        return super()._format_text(text)
+
+
+def _parser(name: str, sub, help: str, description: str | None = None,
+            formatter_class: type[argparse.HelpFormatter] = _HelpFormatter) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=description or help, formatter_class=formatter_class)
 
 
 def _add_threads(p: argparse.ArgumentParser) -> None:
@@ -59,6 +79,8 @@ def _cmd_inspect(args) -> int:
 
 
 def _add_eval(sub) -> None:
+    from mergesearch.config import DEFAULT_BATCH_SIZE
+
     p = _parser("eval", sub, "score a model folder on calibration tasks (JSONL, BIG-bench JSON, lm-eval)")
     p.add_argument("model", help="model folder (Hugging Face layout, safetensors): an expert or an exported merge")
     p.add_argument("--task", action="append", required=True, metavar="PATH_OR_NAME",
@@ -69,7 +91,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the subsample order and few-shot draws")
     p.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples per prompt")
     p.add_argument("--data-files", default=None, help="test data file for an lm-eval task .yaml template")
-    p.add_argument("--batch-size", type=int, default=64, help="examples per forward pass")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="examples per forward pass")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--json", default=None, metavar="OUT", help="also write scores and per-example records here")
     p.add_argument("--lmeval-hf", action="store_true",
@@ -137,9 +159,9 @@ def _add_merge(sub) -> None:
             "provenance.json with the recipe and source hashes).\n\n"
             "The recipe is either mergesearch's format (`method:`, per-layer/per-chunk parameters,\n"
             "see README 'Merging') or mergekit's (`merge_method:`, `models:` with `parameters:`).\n"
-            "Methods: linear, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs,\n"
-            "breadcrumbs_ties, della, della_linear, slerp, model_stock."
+            f"Methods:\n{METHODS}"
         ),
+        formatter_class=_MethodsHelpFormatter,
     )
     p.add_argument("recipe", help="recipe YAML file")
     p.add_argument("--out", required=True, help="output model folder")

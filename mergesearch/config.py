@@ -20,6 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from mergesearch.errors import ConfigError, did_you_mean
 
 
+DEFAULT_BATCH_SIZE = 64  # examples per forward pass when scoring, and per step of a fit; the CLI reads it too
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -176,7 +179,7 @@ class ObjectivesConfig(_Frozen):
     mode: Literal["mean", "per_task"] = Field("mean", description="one mean objective, or one per task (Pareto)")
     smooth: float = Field(0.0, ge=0.0, le=1.0, description="weight of the gold log-prob signal blended into the"
                           " score to separate candidates with equal accuracy (0 = accuracy only)")
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1, description="examples per forward pass")
 
     @field_validator("tasks")
     @classmethod
@@ -237,7 +240,7 @@ class FitConfig(_Frozen):
     clamp: tuple[float, float] = Field((0.0, 1.5), description="coefficients are kept in [low, high]")
     lr: float = Field(0.02, gt=0, description="Adam learning rate (cosine decay to 0)")
     steps: int = Field(300, ge=1, description="optimiser steps (at most: early stopping may end sooner)")
-    batch_size: int = Field(64, ge=1, description="examples per step, balanced over the tasks")
+    batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1, description="examples per step, balanced over the tasks")
     pull: float = Field(0.0, ge=0, description="L2 pull of the coefficients toward `start`")
     temperature: float = Field(1.0, gt=0, description="distill: softmax temperature of teacher and student")
     teachers: dict[str, str] = Field(default_factory=dict,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from mergesearch.config import load_config
 from mergesearch.errors import ConfigError
-from mergesearch.study import records as R
+from mergesearch.study import records
 
 log = logging.getLogger(__name__)
 
@@ -42,32 +42,32 @@ def comparison(study, global_study=None) -> dict:
     rows = []
 
     def add(label: str, trial, source=study) -> None:
-        t = R.test_score(source, trial) or {}
-        rows.append({"label": label, "trial": trial.number, "calib": R.objective_scores(trial),
+        t = records.test_score(source, trial) or {}
+        rows.append({"label": label, "trial": trial.number, "calib": records.objective_scores(trial),
                      "test": t.get("test", {})})
 
-    baselines = {R.baseline_name(t): t for t in R.baseline_trials(study)}
+    baselines = {records.baseline_name(t): t for t in records.baseline_trials(study)}
     for name in ["base"] + sorted(n for n in baselines if n.startswith("expert:")) + ["uniform"]:
         if name in baselines:
             add(name, baselines[name])
-    merges = R.merge_baselines(study)
+    merges = records.merge_baselines(study)
     if merges:
-        best = max(merges, key=R.trial_mean)
-        add(f"best baseline merge ({R.baseline_name(best)})", best)
+        best = max(merges, key=records.trial_mean)
+        add(f"best baseline merge ({records.baseline_name(best)})", best)
     if global_study is not None:
-        found = R.best_trials(global_study, 1)
+        found = records.best_trials(global_study, 1)
         if found:
-            n = R.meta(global_study).get("space", {}).get("n_params")
+            n = records.meta(global_study).get("space", {}).get("n_params")
             add(f"global search ({n} weights, trial {found[0].number})", found[0], global_study)
-            if R.meta(study).get("fit"):
+            if records.meta(study).get("fit"):
                 rows[-1]["calib"] = {}  # scored on the whole calib split, not on the fit's validation slice
-    found = R.best_trials(study, 1)
+    found = records.best_trials(study, 1)
     if found:
-        fit = R.record(found[0]).get(R.FIT_KEY)
+        fit = records.record(found[0]).get(records.FIT_KEY)
         what = f"fitted, {len(fit['coef'])} coefficients" if fit else "best found"
         add(f"{what} (trial {found[0].number})", found[0])
-    calib = "the calib validation slice" if R.meta(study).get("fit") else "the calib splits"
-    return {"rows": rows, "tasks": R.meta(study).get("tasks", []), "calib_label": calib}
+    calib = "the calib validation slice" if records.meta(study).get("fit") else "the calib splits"
+    return {"rows": rows, "tasks": records.meta(study).get("tasks", []), "calib_label": calib}
 
 
 def format_comparison(table: dict) -> str:

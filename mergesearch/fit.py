@@ -26,13 +26,14 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
 from mergesearch import operators
+from mergesearch.config import DEFAULT_BATCH_SIZE, FitConfig, StudyConfig
 from mergesearch.errors import ConfigError, TaskError
-from mergesearch.evaluate import _scoring as S
+from mergesearch.evaluate._scoring import encode, encode_pair, n_ctx
 from mergesearch.evaluate.engine import GenerationEngine, GenRequest
 from mergesearch.evaluate.tasks import Task
 from mergesearch.materializer import Materializer
@@ -44,22 +45,31 @@ log = logging.getLogger(__name__)
 TOPK = 64  # distill: teacher distributions kept as their top-k logits (exact when the vocabulary is smaller)
 
 
+_CONFIG = FitConfig()  # the defaults are declared there, once (config.py); FitOptions reads them
+
+
 @dataclass(frozen=True)
 class FitOptions:
-    """The knobs of one fit (a study trial resolves them from fit: and its searched values)."""
+    """The knobs of one fit: the fit: section's values (`from_config`), with a trial's searched ones in place."""
 
-    objective: str = "supervised"
-    lr: float = 0.02
-    steps: int = 300
-    start: float = 0.7
-    clamp: tuple[float, float] = (0.0, 1.5)
-    pull: float = 0.0
-    temperature: float = 1.0
-    batch_size: int = 64
-    eval_every: int = 25
-    patience: int = 4
+    objective: str = _CONFIG.objective
+    lr: float = _CONFIG.lr
+    steps: int = _CONFIG.steps
+    start: float = _CONFIG.start
+    clamp: tuple[float, float] = _CONFIG.clamp
+    pull: float = _CONFIG.pull
+    temperature: float = _CONFIG.temperature
+    batch_size: int = _CONFIG.batch_size
+    eval_every: int = _CONFIG.eval_every
+    patience: int = _CONFIG.patience
     task_weights: Mapping[str, float] = field(default_factory=dict)
-    seed: int = 0
+    seed: int = StudyConfig.model_fields["seed"].default
+
+    @classmethod
+    def from_config(cls, fit: FitConfig, **knobs) -> FitOptions:
+        """The options `fit` gives, with `knobs` (a trial's searched values, the seed, task weights) replacing them."""
+        return cls(**{**{f.name: getattr(fit, f.name) for f in fields(cls) if f.name in FitConfig.model_fields},
+                      **knobs})
 
 
 @dataclass
@@ -119,12 +129,12 @@ def supervised_seqs(task: Task, tokenizer) -> _Seqs:
     ids, start = [], []
     for ex in task.examples:
         if task.kind == "generate":
-            p = S.encode(tokenizer, ex.prompt)
-            tgt = S.encode(tokenizer, ex.answers[0]) + (S.encode(tokenizer, task.until[0]) if task.until else [])
+            p = encode(tokenizer, ex.prompt)
+            tgt = encode(tokenizer, ex.answers[0]) + (encode(tokenizer, task.until[0]) if task.until else [])
             ids.append(p + tgt)
             start.append(len(p))
         elif task.kind == "choice":
-            whole, n_ctx = S.encode_pair(tokenizer, ex.prompt, ex.choices[ex.label])
+            whole, n_ctx = encode_pair(tokenizer, ex.prompt, ex.choices[ex.label])
             ids.append(whole)
             start.append(max(1, n_ctx))
         else:
@@ -153,8 +163,8 @@ def _pad_batch(rows: Sequence[list[int]], starts: Sequence[int], pad: int, devic
 def distill_seqs(task: Task, tokenizer, model, *, pad: int, stop_ids: set[int], batch_size: int) -> _Seqs:
     """The current model's (an expert's) greedy answers to the task's prompts and its top-k logits along them."""
     device = next(model.parameters()).device
-    prompts = [S.encode(tokenizer, ex.prompt) for ex in task.examples]
-    engine = GenerationEngine(model, batch_size=batch_size, pad_id=pad, max_len=S.n_ctx(model))
+    prompts = [encode(tokenizer, ex.prompt) for ex in task.examples]
+    engine = GenerationEngine(model, batch_size=batch_size, pad_id=pad, max_len=n_ctx(model))
     ids, start, teacher = [], [], []
     with torch.inference_mode():
         for lo in range(0, len(prompts), batch_size):
@@ -185,7 +195,8 @@ class CoefficientFitter:
     """
 
     def __init__(self, mat: Materializer, tokenizer, train_tasks: Sequence[Task], val_tasks: Sequence[Task], *,
-                 teachers: Mapping[str, int] | None = None, progress: bool = False):
+                 teachers: Mapping[str, int] | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
+                 progress: bool = False):
         if not train_tasks:
             raise TaskError("the fit needs at least one calibration task")
         self.mat = mat
@@ -193,6 +204,7 @@ class CoefficientFitter:
         self.train_tasks = list(train_tasks)
         self.val_tasks = list(val_tasks)
         self.teachers = dict(teachers or {})
+        self.batch_size = batch_size  # distill: prompts per batch of the teachers' greedy answers
         self.progress = progress
         self.device = mat.device
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -200,8 +212,8 @@ class CoefficientFitter:
         params = dict(mat.model.named_parameters(remove_duplicate=False))
         state = mat.state_dict()
         # (tensor index, target view, parameter or None): tied duplicates are skipped, buffers get no gradient
-        self._written = [(i, state[t.name], params.get(t.name)) for i, t in enumerate(mat.tensors)
-                         if mat.is_written(i)]
+        self.targets = [(i, state[t.name], params.get(t.name)) for i, t in enumerate(mat.tensors)
+                        if mat.is_written(i)]
 
     # -- data --
 
@@ -230,10 +242,10 @@ class CoefficientFitter:
                 onehot = [1.0 if j == self.teachers[t.name] else 0.0 for j in range(n)]
                 self.mat.materialize(Plan.full("task_arithmetic", self.mat.tensors, n, chunks=self.mat.chunks,
                                                weight=onehot, **{"lambda": 1.0}))
-                stop = S.encode(self.tokenizer, t.until[0]) if t.until else []
+                stop = encode(self.tokenizer, t.until[0]) if t.until else []
                 stop_ids = ({stop[0]} if len(stop) == 1 else set()) | ({eos} if eos is not None else set())
                 out[part].append(distill_seqs(t, self.tokenizer, self.mat.model, pad=self.pad, stop_ids=stop_ids,
-                                              batch_size=64))
+                                              batch_size=self.batch_size))
         return out
 
     # -- the merge as a function of the coefficients --
@@ -248,7 +260,7 @@ class CoefficientFitter:
         own_state = op.prepare is self.mat.op.prepare
         out = []
         with torch.no_grad():
-            for i, _, _ in self._written:
+            for i, _, _ in self.targets:
                 base, deltas, bounds, states = self.mat.sources(i)
                 base = base.to(self.device)
                 deltas = [d.to(self.device) for d in deltas]
@@ -262,10 +274,10 @@ class CoefficientFitter:
                 out.append(chunks)
         return out
 
-    def _write(self, table: list, parts: list[list[list[torch.Tensor]]]) -> None:
+    def write(self, table: list, parts: list[list[list[torch.Tensor]]]) -> None:
         """Model weights for a coefficient table ((n_tensors, experts, chunks) as nested lists)."""
         with torch.no_grad():
-            for (i, target, _), per_chunk in zip(self._written, parts):
+            for (i, target, _), per_chunk in zip(self.targets, parts):
                 base, _, bounds, _ = self.mat.sources(i)
                 base = base.to(self.device)
                 for c, ((lo, hi), ps) in enumerate(zip(bounds, per_chunk)):
@@ -347,7 +359,7 @@ class CoefficientFitter:
 
     # -- losses --
 
-    def _loss(self, batch: list[tuple[_Seqs, list[int]]], weights: Mapping[str, float], opts: FitOptions,
+    def loss(self, batch: list[tuple[_Seqs, list[int]]], weights: Mapping[str, float], opts: FitOptions,
               *, train: bool) -> torch.Tensor:
         """Weighted mean over tasks of each task's mean per-example loss on `batch` ((seqs, indices) per task)."""
         rows, starts, owner, teach = [], [], [], []
@@ -396,7 +408,7 @@ class CoefficientFitter:
                 acc, n = 0.0, 0
                 for lo in range(0, len(s.ids), opts.batch_size):
                     idx = list(range(lo, min(len(s.ids), lo + opts.batch_size)))
-                    acc += float(self._loss([(s, idx)], weights, opts, train=False)) * len(idx)
+                    acc += float(self.loss([(s, idx)], weights, opts, train=False)) * len(idx)
                     n += len(idx)
                 total += w * acc / max(n, 1)
                 wsum += w
@@ -410,7 +422,7 @@ class _Session:
         self.f = fitter
         mat = fitter.mat
         self.parts = fitter.linear_parts(plan)
-        self.written = [i for i, _, _ in fitter._written]
+        self.written = [i for i, _, _ in fitter.targets]
         slots = coef_space.slot_numbers("weight")  # (n_tensors, experts, max chunks)
         self.n_slots = coef_space.n_params
         self.n_exp, cmax = slots.shape[1], slots.shape[2]
@@ -425,7 +437,7 @@ class _Session:
         self.hooks: list = []
 
     def __enter__(self) -> _Session:
-        for w, ((i, _, param), ps) in enumerate(zip(self.f._written, self.parts)):
+        for w, ((i, _, param), ps) in enumerate(zip(self.f.targets, self.parts)):
             if param is None:
                 continue
             param.requires_grad_(True)
@@ -435,7 +447,7 @@ class _Session:
     def __exit__(self, *exc) -> None:
         for h in self.hooks:
             h.remove()
-        for _, _, p in self.f._written:
+        for _, _, p in self.f.targets:
             if p is not None:
                 p.requires_grad_(False)
                 p.grad = None
@@ -464,12 +476,12 @@ class _Session:
     def write(self, theta: torch.Tensor) -> None:
         """Write the model's weights for coefficients `theta` (one host transfer of the coefficient table)."""
         self.table[self.written] = theta.detach().double().cpu()[self.ix]
-        self.f._write(self.table.tolist(), self.parts)
+        self.f.write(self.table.tolist(), self.parts)
 
     def grad(self, batch, weights: Mapping[str, float], opts: FitOptions) -> tuple[float, torch.Tensor]:
         """(loss, float32 gradient per slot) of one batch at the weights last written."""
         self.grad_table.zero_()
-        loss = self.f._loss(batch, weights, opts, train=True)
+        loss = self.f.loss(batch, weights, opts, train=True)
         loss.backward()
         g = torch.zeros(self.n_slots, dtype=self.grad_table.dtype)
         g.index_add_(0, self.flat_ix, self.grad_table.cpu()[self.valid])

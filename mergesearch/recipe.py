@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +55,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 from mergesearch import operators
 from mergesearch.checkpoints import MODULE_KINDS, TensorInfo, parse_dtype, same_path
 from mergesearch.errors import ConfigError, OperatorError, did_you_mean
+from mergesearch.fileio import atomic_write
 from mergesearch.operators import Operator, num_chunks
 from mergesearch.plan import Plan
 
@@ -553,14 +553,6 @@ def write_recipe(path: str | os.PathLike, recipe: Mapping) -> Path:
     """Write a recipe dict as YAML atomically (temp file + rename)."""
     p = Path(path).expanduser()
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            yaml.safe_dump(dict(recipe), fh, sort_keys=False, default_flow_style=None, width=120)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return p
+    return atomic_write(p, yaml.safe_dump(dict(recipe), sort_keys=False, default_flow_style=None, width=120))
 
 

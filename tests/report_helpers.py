@@ -12,7 +12,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from mergesearch.space import slot_key
-from mergesearch.study import records as R
+from mergesearch.study import records
 from mergesearch.study.storage import open_storage, quietly
 
 EXPERTS = ["arith", "reverse"]
@@ -72,7 +72,7 @@ def make_study(folder: Path, n_objectives: int = 2, n_search: int = 30, *, seed:
     study = optuna.create_study(storage=storage, study_name=name, directions=["maximize"] * m)
     quietly(study.set_metric_names, objectives)  # as the runner names them
     keys = slot_keys()
-    study.set_user_attr(R.META_KEY, {
+    study.set_user_attr(records.META_KEY, {
         "version": "test", "experts": EXPERTS, "num_layers": LAYERS, "tasks": tasks, "objectives": objectives,
         "directions": ["maximize"] * m, "sampler": "TPESampler", "device": "cpu",
         "space": {"method": "ties", "granularity": "per_layer", "layer_groups": None, "per_module": False,
@@ -88,7 +88,7 @@ def make_study(folder: Path, n_objectives: int = 2, n_search: int = 30, *, seed:
         scores = _task_scores(params, tasks)
         if bname == "base":
             scores = {t: 0.1 for t in tasks}
-        R.add_baseline(study, bname, weights, _values(scores, m),
+        records.add_baseline(study, bname, weights, _values(scores, m),
                        {"objective_scores": scores, "scores": {t: {"acc": v} for t, v in scores.items()},
                         "merge_s": 0.05, "eval_s": 0.4, "device": "cpu"}, t0 + dt.timedelta(seconds=i))
     for i in range(n_search):
@@ -104,27 +104,27 @@ def make_study(folder: Path, n_objectives: int = 2, n_search: int = 30, *, seed:
         merge_s, eval_s = 0.04 + 0.01 * rng.random(), 0.3 + 0.1 * rng.random()
         study.add_trial(_when(create_trial(
             values=_values(scores, m), params=params, distributions={k: _dist(k) for k in keys},
-            user_attrs={R.TRIAL_KEY: {"objective_scores": scores, "merge_s": merge_s, "eval_s": eval_s,
+            user_attrs={records.TRIAL_KEY: {"objective_scores": scores, "merge_s": merge_s, "eval_s": eval_s,
                                       "device": "cpu", "scores": {t: {"acc": v} for t, v in scores.items()}}},
             intermediate_values={0: _values(scores, m)[0]}),
             t0 + dt.timedelta(seconds=10 + i), merge_s + eval_s + 0.02))
     params = {k: 0.05 for k in keys if k.startswith("weight")} | {k: 0.5 for k in keys if k.startswith("density")}
     study.add_trial(_when(create_trial(
         state=TrialState.PRUNED, params=params, distributions={k: _dist(k) for k in keys},
-        intermediate_values={0: 0.05}, user_attrs={R.TRIAL_KEY: {"merge_s": 0.05, "eval_s": 0.1,
+        intermediate_values={0: 0.05}, user_attrs={records.TRIAL_KEY: {"merge_s": 0.05, "eval_s": 0.1,
                                                                  "fail_reason": "pruned after slice 1/3"}}),
         t0 + dt.timedelta(seconds=100), 0.2))
     study.add_trial(_when(create_trial(
         state=TrialState.FAIL, params=params, distributions={k: _dist(k) for k in keys},
-        user_attrs={R.TRIAL_KEY: {"fail_reason": "evaluation gave a non-finite score [nan]", "merge_s": 0.05}}),
+        user_attrs={records.TRIAL_KEY: {"fail_reason": "evaluation gave a non-finite score [nan]", "merge_s": 0.05}}),
         t0 + dt.timedelta(seconds=101), 0.1))
     study.add_trial(create_trial(state=TrialState.RUNNING))
     if with_test:
         stored = {}
-        for t in R.best_trials(study, 3) + R.baseline_trials(study):
-            calib = R.objective_scores(t)
+        for t in records.best_trials(study, 3) + records.baseline_trials(study):
+            calib = records.objective_scores(t)
             test = {k: round(v - 0.03 - 0.01 * (t.number % 3), 6) for k, v in calib.items()}
-            stored[R.trial_key(t)] = {"calib": calib, "test": test, "calib_mean": sum(calib.values()) / len(calib),
-                                     "test_mean": sum(test.values()) / len(test), "baseline": R.baseline_name(t)}
-        study.set_user_attr(R.TEST_KEY, stored)
+            stored[records.trial_key(t)] = {"calib": calib, "test": test, "calib_mean": sum(calib.values()) / len(calib),
+                                     "test_mean": sum(test.values()) / len(test), "baseline": records.baseline_name(t)}
+        study.set_user_attr(records.TEST_KEY, stored)
     return url

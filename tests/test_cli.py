@@ -21,3 +21,21 @@ def test_version(capsys):
 def test_no_command_prints_help(capsys):
     assert main([]) == 0
     assert "usage" in capsys.readouterr().out
+
+
+def test_merge_help_lists_the_registered_methods(capsys):
+    from mergesearch import operators
+
+    with pytest.raises(SystemExit):
+        main(["merge", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert all(name in out for name in operators.names())
+
+
+def test_eval_batch_size_default_is_the_configs():
+    from mergesearch.cli import build_parser
+    from mergesearch.config import DEFAULT_BATCH_SIZE, FitConfig, ObjectivesConfig
+
+    args = build_parser().parse_args(["eval", "m", "--task", "t.jsonl"])
+    objectives = ObjectivesConfig(tasks=[{"name": "t", "calib": "t.jsonl"}])
+    assert args.batch_size == DEFAULT_BATCH_SIZE == objectives.batch_size == FitConfig().batch_size

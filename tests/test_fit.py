@@ -369,3 +369,17 @@ def test_per_task_loss_weights_give_a_pareto_study_of_fitted_merges(zoo_test, tm
     assert len(searched) == 3 and all(len(t.values) == 4 for t in searched)
     weights = [tuple(v for k, v in sorted(t.params.items()) if k.startswith("task_weight[")) for t in searched]
     assert weights[0] == (1.0,) * 4 and len(set(weights)) == 3  # the plain fit first, then searched weightings
+
+
+def test_fit_options_take_their_defaults_from_the_fit_section():
+    from dataclasses import fields
+
+    from mergesearch.config import FitConfig
+
+    default = FitConfig()
+    shared = [f.name for f in fields(FitOptions) if f.name in FitConfig.model_fields]
+    assert len(shared) == 10 and all(getattr(FitOptions(), k) == getattr(default, k) for k in shared)
+    cfg = FitConfig(lr=0.5, steps=7, batch_size=3, patience=2, clamp=(0.1, 0.9), start=0.5)
+    opts = FitOptions.from_config(cfg, steps=9, seed=4)
+    assert (opts.lr, opts.steps, opts.batch_size, opts.patience, opts.clamp, opts.start, opts.seed) == \
+        (0.5, 9, 3, 2, (0.1, 0.9), 0.5, 4)

@@ -9,6 +9,7 @@ declare the killed trial dead within seconds.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import pwd
 import random
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import optuna
@@ -29,11 +31,12 @@ from optuna.trial import TrialState
 
 from mergesearch.config import load_config
 from mergesearch.errors import CandidateError, StudyError
-from mergesearch.study import records as R
-from mergesearch.study import run_study
+from mergesearch.study import records
+from mergesearch.study import format_status, run_study, study_status
 from mergesearch.study.opening import open_study
+from mergesearch.study.owners import dead_reason, fail_dead_trials, owner_record, process_alive
 from mergesearch.study.runner import MAX_FAILURES_IN_A_ROW, StudyRunner
-from mergesearch.study.storage import open_storage
+from mergesearch.study.storage import GRACE_S, open_storage
 
 from required import require
 from study_helpers import write_study
@@ -148,7 +151,7 @@ def test_kill9_at_every_stage_then_resume(zoo_test, tmp_path):
     assert not any(w in err for w in LOCK_WORDS), err[-3000:]
 
     study = _load(f"sqlite:///{db}", "t")
-    trials = R.search_trials(study, states=tuple(TrialState))
+    trials = records.search_trials(study, states=tuple(TrialState))
     by_state = {s: [t for t in trials if t.state == s] for s in TrialState}
     complete, failed = by_state[TrialState.COMPLETE], by_state[TrialState.FAIL]
     assert len(complete) == n_trials and not by_state[TrialState.PRUNED]  # exactly n_trials counted
@@ -165,8 +168,8 @@ def test_kill9_at_every_stage_then_resume(zoo_test, tmp_path):
         assert retries, f"failed trial {f.number} was not retried"
         assert all(_key(r) == _key(f) for r in retries)
     # The kill in the storage write landed after the scores were computed, the others before.
-    assert any("objective_scores" in R.record(f) for f in failed)
-    assert any("merge_s" not in R.record(f) for f in failed)
+    assert any("objective_scores" in records.record(f) for f in failed)
+    assert any("merge_s" not in records.record(f) for f in failed)
     # Each retry chain ends in a completed trial.
     chains = {}
     for t in trials:
@@ -187,6 +190,143 @@ def test_kill9_at_every_stage_then_resume(zoo_test, tmp_path):
         assert values[0] == pytest.approx(t.values[0], abs=1e-9), t.number
     print(f"\nkill -9 survived: {kills} (stages merge, evaluate, store, random); trials {len(trials)} "
           f"({len(complete)} complete, {len(failed)} failed and retried); lost 0")
+
+
+# --- dead trials: the owner's host and process ----------------------------------------------------
+
+
+def _stopped_pid() -> int:
+    """The process id of a process that has exited (and been reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _running_trial(tmp: Path, owner: dict | None) -> tuple[optuna.Study, int]:
+    """A study with one RUNNING trial (x in [0, 1]) whose owner record is `owner` (None: no record)."""
+    study = optuna.create_study(study_name="d", storage=open_storage(f"sqlite:///{tmp / 'd.db'}", heartbeat=False))
+    trial = study.ask({"x": optuna.distributions.FloatDistribution(0.0, 1.0)})
+    if owner is not None:
+        trial.set_user_attr(records.OWNER_KEY, owner)
+    return study, trial.number
+
+
+def test_a_trial_of_a_gone_process_of_this_host_is_failed_at_once_and_queued_again(tmp_path):
+    study, number = _running_trial(tmp_path, {**owner_record(0), "pid": _stopped_pid()})
+    url = f"sqlite:///{tmp_path / 'd.db'}"
+    st = study_status(url)  # read-only: says so, fails nothing
+    assert st["running_gone"] == [number] and st["trials"]["running"] == 1
+    assert "process on this host is gone" in format_status(st)
+    assert fail_dead_trials(study) == [number]
+    trials = study.get_trials(deepcopy=False)
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert trials[1].params == trials[0].params and trials[1].system_attrs["failed_trial"] == number
+    assert fail_dead_trials(study) == []  # failed once, queued once
+    assert study_status(url)["running_gone"] == []
+
+
+@pytest.mark.parametrize("owner, why", [
+    (lambda: owner_record(0), "this very process"),
+    (lambda: {**owner_record(0), "host": "another-host", "pid": _stopped_pid()}, "another host's: the heartbeat's"),
+    (lambda: {**owner_record(0), "machine": "another-boot/pid:[1]", "pid": _stopped_pid()},
+     "another pid namespace or boot"),
+    (lambda: {**owner_record(7), "pid": _stopped_pid()}, "copied from the trial it retries, and young"),
+    (lambda: None, "no record yet, and young"),
+])
+def test_a_trial_whose_process_may_live_is_left_running(tmp_path, owner, why):
+    study, number = _running_trial(tmp_path, owner())
+    assert fail_dead_trials(study) == [], why
+    assert [t.state for t in study.get_trials(deepcopy=False)] == [TrialState.RUNNING], why
+
+
+def test_a_reused_pid_a_zombie_and_an_old_unowned_trial_count_as_gone(tmp_path):
+    me = owner_record(0)
+    assert process_alive(me["pid"], me["started"])
+    assert not process_alive(me["pid"], me["started"] + 1)  # same pid, another start: the pid was reused
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])  # exits; not reaped until wait()
+    try:
+        deadline = time.monotonic() + 30
+        while process_alive(zombie.pid, None) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not process_alive(zombie.pid, None)
+    finally:
+        zombie.wait()
+    study, number = _running_trial(tmp_path, None)
+    trial = study.get_trials(deepcopy=False)[0]
+    later = trial.datetime_start + dt.timedelta(seconds=GRACE_S + 1)
+    assert dead_reason(trial, trial.datetime_start, GRACE_S) is None
+    assert "no owner recorded" in dead_reason(trial, later, GRACE_S)
+
+
+def _foreign_owner_script(url: str) -> str:
+    return (
+        "import sys, time, optuna\n"
+        "from mergesearch.study import records\n"
+        "from mergesearch.study.owners import owner_record\n"
+        "from mergesearch.study.storage import open_storage\n"
+        f"study = optuna.create_study(study_name='f', storage=open_storage({url!r}))\n"
+        "def objective(trial):\n"
+        "    trial.suggest_float('x', 0, 1)\n"
+        "    trial.set_user_attr(records.OWNER_KEY, {**owner_record(trial.number), 'host': 'another-host'})\n"
+        "    sys.stderr.write('running\\n'); sys.stderr.flush()\n"
+        "    time.sleep(3600)\n"
+        "study.optimize(objective, n_trials=1)\n"
+    )
+
+
+@pytest.mark.slow
+def test_a_killed_trial_of_another_host_is_left_to_the_heartbeat(tmp_path, monkeypatch):
+    monkeypatch.setenv("MERGESEARCH_HEARTBEAT", HEARTBEAT)
+    url = f"sqlite:///{tmp_path / 'f.db'}"
+    log = tmp_path / "f.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-c", _foreign_owner_script(url)], stderr=fh,
+                                env=_env(MERGESEARCH_HEARTBEAT=HEARTBEAT))
+    _wait_for_text(proc, log, "running", timeout=120)
+    _kill9(proc)
+    killed_at = time.monotonic()
+    study = optuna.load_study(study_name="f", storage=open_storage(url))
+    assert fail_dead_trials(study) == []
+    assert [t.state for t in study.get_trials(deepcopy=False)] == [TrialState.RUNNING]
+    time.sleep(max(0.0, killed_at + GRACE + 1.5 - time.monotonic()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    assert [t.state for t in study.get_trials(deepcopy=False)] == [TrialState.FAIL, TrialState.WAITING]
+
+
+@pytest.mark.slow
+def test_three_kill9s_and_a_resume_leave_no_trial_running(zoo_test, tmp_path):
+    """The issue's case: each run killed a moment after it starts a trial, then resumed at once, with a
+    heartbeat grace (10 min) no run outlives: only the owner's process id can tell that a trial is dead."""
+    n_trials = 6
+    path = write_study(zoo_test, tmp_path, n_trials=n_trials, baselines=False, top_k_test=0, limit=8)
+    env = _env(MERGESEARCH_HEARTBEAT="1,600")
+    stages = [("merge", 2), ("evaluate", 1), ("store", 1)]
+    for i, (stage, nth) in enumerate(stages):
+        log = tmp_path / f"run{i}.log"
+        proc = _spawn(["run", str(path), "--no-progress"], log, env, pause=f"{stage}:{nth}")
+        try:
+            _wait_for_text(proc, log, f"mergesearch: paused at {stage}")
+            _kill9(proc)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    log = tmp_path / "final.log"
+    proc = _spawn(["run", str(path), "--no-progress"], log, env)
+    assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+
+    trials = records.search_trials(_load(f"sqlite:///{tmp_path / 't.db'}", "t"), states=tuple(TrialState))
+    states = [t.state for t in trials]
+    assert TrialState.RUNNING not in states and TrialState.WAITING not in states, states
+    assert states.count(TrialState.COMPLETE) == n_trials
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(failed) == len(stages)  # each killed trial failed once, by the run after its kill
+    for f in failed:
+        retries = [t for t in trials if f.number in t.system_attrs.get("retry_history", [])]
+        assert retries and all(_key(r) == _key(f) for r in retries), f.number
+    assert "its process" in "".join(log.read_text() for log in tmp_path.glob("*.log"))
 
 
 # --- concurrent workers -------------------------------------------------------------------------
@@ -240,7 +380,7 @@ def _run_workers(zoo, tmp: Path, url: str, *, n_workers: int = 4, n_trials: int 
     keys = [_key(t) for t in trials if t.state == TrialState.COMPLETE]
     assert len(set(keys)) == len(keys), "two workers proposed the same candidate (same sampler seed)"
     for t in trials:
-        assert R.objective_scores(t) and t.values is not None
+        assert records.objective_scores(t) and t.values is not None
 
     got = {"workers": n_workers, "trials": len(trials), "counted": counted,
            "workers_s": round(time.monotonic() - t0, 1)}
@@ -349,9 +489,9 @@ def test_four_workers_on_postgresql(zoo_test, tmp_path, pg_url):
 def test_failing_candidates_become_failed_trials_and_the_study_goes_on(zoo_test, tmp_path):
     cfg = load_config(write_study(zoo_test, tmp_path, n_trials=3, baselines=False, top_k_test=0, limit=4))
     runner = StudyRunner(cfg)
-    deltas = runner.mat._deltas
     i_t = next(i for i, t in enumerate(runner.mat.tensors) if t.layer == 0)
-    clean = deltas[i_t][0].clone()
+    delta = runner.mat.sources(i_t)[1][0]  # the first expert's task vector of a layer-0 tensor, in place
+    clean = delta.clone()
     real_iter = runner.evaluator.iter_slices
     calls = {"merge": 0, "evaluate": 0}
 
@@ -363,12 +503,12 @@ def test_failing_candidates_become_failed_trials_and_the_study_goes_on(zoo_test,
     def hook(stage):
         calls[stage] = calls.get(stage, 0) + 1
         if stage == "merge":
-            deltas[i_t][0].copy_(clean)
+            delta.copy_(clean)
             runner.evaluator.iter_slices = real_iter
             if calls["merge"] == 2:
-                deltas[i_t][0].view(-1)[0] = float("nan")  # a poisoned task vector: NaN weights
+                delta.view(-1)[0] = float("nan")  # a poisoned task vector: NaN weights
             elif calls["merge"] == 3:
-                deltas[i_t][0].view(-1)[:5] = float("inf")
+                delta.view(-1)[:5] = float("inf")
             elif calls["merge"] == 7:
                 runner.evaluator.iter_slices = broken_iter
         elif stage == "evaluate":
@@ -382,9 +522,9 @@ def test_failing_candidates_become_failed_trials_and_the_study_goes_on(zoo_test,
 
     runner.fault_hook = hook
     study = run_study(cfg, runner=runner, progress=False)
-    searched = R.search_trials(study, states=tuple(TrialState))
+    searched = records.search_trials(study, states=tuple(TrialState))
     failed = [t for t in searched if t.state == TrialState.FAIL]
-    reasons = [R.record(t).get("fail_reason", "") for t in failed]
+    reasons = [records.record(t).get("fail_reason", "") for t in failed]
     assert len(failed) == 6, reasons
     assert "not finite" in reasons[0] and "not finite" in reasons[1]
     assert reasons[2].startswith("out of memory") and "simulated host" in reasons[2]
@@ -395,7 +535,7 @@ def test_failing_candidates_become_failed_trials_and_the_study_goes_on(zoo_test,
     complete = [t for t in searched if t.state == TrialState.COMPLETE]
     assert len(complete) == 3 and not [t for t in searched if t.state == TrialState.RUNNING]
     # The sources were not damaged by the poisoned candidates: a later candidate scores as it should.
-    deltas[i_t][0].copy_(clean)
+    delta.copy_(clean)
     runner.evaluator.iter_slices = real_iter
     runner.fault_hook = None
     last = complete[-1]
@@ -414,7 +554,7 @@ def test_a_broken_setup_stops_the_study_instead_of_failing_every_trial(zoo_test,
     with pytest.raises(StudyError, match=f"last {MAX_FAILURES_IN_A_ROW} candidates all failed"):
         run_study(cfg, runner=runner, progress=False)
     study = _load(cfg.storage_url, "t")
-    states = [t.state for t in R.search_trials(study, states=tuple(TrialState))]
+    states = [t.state for t in records.search_trials(study, states=tuple(TrialState))]
     assert states == [TrialState.FAIL] * MAX_FAILURES_IN_A_ROW
 
 

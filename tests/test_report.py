@@ -28,7 +28,7 @@ from mergesearch.report import (
     write_report,
 )
 from mergesearch.study import load_study
-from mergesearch.study import records as R
+from mergesearch.study import records
 from report_helpers import BASELINES, CHUNKS, EXPERTS, GROUPS, make_study
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -42,7 +42,7 @@ def stored(tmp_path_factory) -> str:
 
 def _study(n_obj: int, meta: dict | None = None) -> optuna.Study:
     s = optuna.create_study(directions=["maximize"] * n_obj)
-    s.set_user_attr(R.META_KEY, {"objectives": [f"t{i}" for i in range(n_obj)], "experts": ["a", "b"],
+    s.set_user_attr(records.META_KEY, {"objectives": [f"t{i}" for i in range(n_obj)], "experts": ["a", "b"],
                                  **(meta or {})})
     return s
 
@@ -50,11 +50,11 @@ def _study(n_obj: int, meta: dict | None = None) -> optuna.Study:
 def _add(s: optuna.Study, values, baseline: str | None = None, params: dict | None = None, **record) -> int:
     """A searched trial (or a baseline, beside the searched trials) with its record, as the runner stores it."""
     if baseline:
-        R.add_baseline(s, baseline, [], values, record, datetime.datetime(2025, 1, 1))
-        return R.baseline_trials(s)[-1].number
+        records.add_baseline(s, baseline, [], values, record, datetime.datetime(2025, 1, 1))
+        return records.baseline_trials(s)[-1].number
     params = params or {}
     s.add_trial(create_trial(values=values, params=params, distributions={k: FloatDistribution(0.0, 1.0) for k in params},
-                             user_attrs={R.TRIAL_KEY: record}))
+                             user_attrs={records.TRIAL_KEY: record}))
     return s.trials[-1].number
 
 
@@ -91,6 +91,24 @@ def test_pareto_front_matches_optuna(n_obj):
     assert sorted(pareto_info(s).front) == sorted(t.number for t in s.best_trials)
 
 
+def test_parallel_coordinates_name_the_baselines_and_have_no_trial_axis():
+    from mergesearch.report import plot_pareto
+
+    s = _study(4)
+    _add(s, [0.1, 0.2, 0.3, 0.4], baseline="base")
+    _add(s, [0.5, 0.1, 0.1, 0.1], baseline="expert:a")
+    front = _add(s, [0.6, 0.6, 0.6, 0.6])
+    _add(s, [0.2, 0.2, 0.2, 0.2])  # dominated
+    info = pareto_info(s)
+    dims = plot_pareto(info).data[0].dimensions
+    assert [d.label for d in dims] == ["merge", "t0", "t1", "t2", "t3"]
+    merge = dims[0]
+    ticks = dict(zip(merge.tickvals, merge.ticktext))
+    shown = {p.label or p.number: ticks[v] for p, v in zip(info.points, merge["values"])}
+    assert shown == {"base": "base", "expert:a": "expert:a", front: "searched: Pareto front",
+                     front + 1: "searched: dominated"}
+
+
 def test_single_objective_shows_tasks_or_trials():
     s = _study(1, {"objectives": ["mean"], "tasks": ["x", "y"]})
     n1 = _add(s, [0.5], objective_scores={"x": 0.9, "y": 0.1})
@@ -124,19 +142,44 @@ def test_history_best_so_far_and_states():
     for v in seq[1:]:
         _add(s, v)
     s.add_trial(create_trial(state=TrialState.PRUNED, intermediate_values={0: 0.05, 1: 0.07},
-                             user_attrs={R.TRIAL_KEY: {"fail_reason": "pruned after slice 2/3"}}))
-    s.add_trial(create_trial(state=TrialState.FAIL, user_attrs={R.TRIAL_KEY: {"fail_reason": "NaN weights"}}))
+                             user_attrs={records.TRIAL_KEY: {"fail_reason": "pruned after slice 2/3"}}))
+    s.add_trial(create_trial(state=TrialState.FAIL, user_attrs={records.TRIAL_KEY: {"fail_reason": "NaN weights"}}))
     s.add_trial(create_trial(state=TrialState.RUNNING))
     h = history_info(s)
     assert h.series == ["t0", "t1", "mean"]
-    assert h.numbers == [-1, 0, 1, 2] and h.labels == ["base", None, None, None]  # baselines below 0
-    # running maxima written out by hand
-    np.testing.assert_allclose(h.best_so_far[:, 0], [0.1, 0.3, 0.3, 0.3])
-    np.testing.assert_allclose(h.best_so_far[:, 1], [0.5, 0.5, 0.6, 0.6])
-    np.testing.assert_allclose(h.best_so_far[:, 2], [0.3, 0.3, 0.4, 0.4])
+    assert h.numbers == [0, 1, 2] and h.baselines == ["base"]  # baselines apart from the searched trials
+    np.testing.assert_allclose(h.baseline_values, [[0.1, 0.5, 0.3]])
+    # running maxima over the searched trials, written out by hand
+    np.testing.assert_allclose(h.best_so_far[:, 0], [0.3, 0.3, 0.3])
+    np.testing.assert_allclose(h.best_so_far[:, 1], [0.2, 0.6, 0.6])
+    np.testing.assert_allclose(h.best_so_far[:, 2], [0.25, 0.4, 0.4])
+    np.testing.assert_allclose(h.best_baseline, [0.1, 0.5, 0.3])
     assert h.pruned == [(3, 0.07, "pruned after slice 2/3")]
     assert h.failed == [(4, "NaN weights")]
     assert h.running == [5]
+
+
+def test_history_best_so_far_never_falls_and_baselines_keep_their_scoring_order():
+    """The demo's report: baselines scored from best to worst drew a best-so-far line falling from 0.396 to
+    0.146 (accumulated in scoring order, drawn in ascending trial number -10 ... -1)."""
+    from mergesearch.report import plot_history
+
+    s = _study(1)
+    scored = {"task_arithmetic@0.7": 0.396, "uniform": 0.3, "expert:a": 0.2, "base": 0.146}
+    for name, v in scored.items():
+        _add(s, [v], baseline=name)
+    for v in (0.2, 0.41, 0.39, 0.45):
+        _add(s, [v])
+    h = history_info(s)
+    assert h.baselines == list(scored) and h.baseline_values[:, 0].tolist() == list(scored.values())
+    assert h.best_baseline[0] == 0.396
+    fig = plot_history(h)
+    line = next(tr for tr in fig.data if tr.name.startswith("best so far"))
+    order = np.argsort(line.x)
+    assert np.all(np.diff(np.asarray(line.y)[order]) >= 0) and list(line.y) == [0.2, 0.41, 0.41, 0.45]
+    base = next(tr for tr in fig.data if tr.name.startswith("baseline"))
+    assert [base.text[i] for i in np.argsort(base.x)] == list(scored)  # left to right as they were scored
+    assert max(base.x) < min(line.x)
 
 
 # --- heatmap ------------------------------------------------------------------------------------
@@ -145,7 +188,7 @@ def test_history_best_so_far_and_states():
 def test_heatmap_shape_is_layers_experts_chunks(stored):
     study = load_study(stored)
     info = heatmap_info(study)
-    best = R.best_trials(study, 1)[0]
+    best = records.best_trials(study, 1)[0]
     assert info.number == best.number
     assert [p.param for p in info.panels] == ["weight", "density"]
     for p in info.panels:
@@ -224,7 +267,7 @@ def test_importance_guards_small_studies():
 def test_overfit_points(stored):
     study = load_study(stored)
     info = overfit_info(study)
-    tests = R.test_scores(study)
+    tests = records.test_scores(study)
     assert len(info.points) == len(tests) == len(BASELINES) + 3
     assert {p.label for p in info.points if p.is_baseline} == set(BASELINES)
     assert {f"baseline:{b}" for b in BASELINES} <= set(tests)
@@ -240,7 +283,7 @@ def test_timing_split(stored):
     assert len(info.numbers) == len(BASELINES) + 24 + 2  # complete, pruned and failed; not the running one
     i = info.numbers.index(10)
     t = by_number[10]
-    rec = R.record(t)
+    rec = records.record(t)
     assert info.merge_s[i] == pytest.approx(rec["merge_s"])
     assert info.eval_s[i] == pytest.approx(rec["eval_s"])
     other = t.duration.total_seconds() - rec["merge_s"] - rec["eval_s"]
@@ -252,8 +295,8 @@ def test_timing_split(stored):
 def test_summary_says_what_was_found(stored):
     study = load_study(stored)
     s = summary_info(study)
-    best = R.best_trials(study, 1)[0]
-    base_means = {R.baseline_name(t): R.trial_mean(t) for t in R.baseline_trials(study)}
+    best = records.best_trials(study, 1)[0]
+    base_means = {records.baseline_name(t): records.trial_mean(t) for t in records.baseline_trials(study)}
     top = max(base_means, key=base_means.get)
     assert s.best.number == best.number and s.best_baseline.label == top
     assert [r.label for r in s.rows] == list(BASELINES) + [f"best found (trial {best.number})"]

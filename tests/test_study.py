@@ -1,5 +1,6 @@
 import datetime
 import json
+import os
 
 import optuna
 import pytest
@@ -11,7 +12,7 @@ from mergesearch.cli import main
 from mergesearch.config import load_config
 from mergesearch.errors import CandidateError, StudyError
 from mergesearch.study import export_trial, run_study, study_status
-from mergesearch.study import records as R
+from mergesearch.study import records
 from mergesearch.study.baselines import start_point
 from mergesearch.study.opening import open_study, warm_start
 from mergesearch.study.runner import StudyRunner
@@ -20,41 +21,44 @@ from study_helpers import write_study
 
 
 def _search(study, states=(TrialState.COMPLETE,)):
-    return R.search_trials(study, states=states)
+    return records.search_trials(study, states=states)
 
 
 def test_run_baselines_trials_and_held_out(zoo_test, tmp_path):
     cfg = load_config(write_study(zoo_test, tmp_path, n_trials=4))
     study = run_study(cfg, progress=False)
-    names = {R.baseline_name(t) for t in R.baseline_trials(study)}
+    names = {records.baseline_name(t) for t in records.baseline_trials(study)}
     experts = list(cfg.models.experts)
     assert {"base", "uniform", *(f"expert:{e}" for e in experts)} <= names
     assert any(n.startswith("task_arithmetic@") for n in names)
     searched = _search(study)
     assert len(searched) == 4
-    merges = [t for t in R.baseline_trials(study)
-              if R.baseline_name(t) == "uniform" or R.baseline_name(t).startswith("task_arithmetic@")]
-    start = max(merges, key=lambda t: (R.trial_mean(t), -t.number))
-    assert searched[0].user_attrs.get("start") == R.baseline_name(start)  # warm start first: the best merge
-    assert R.meta(study)["start"] == {"from": R.baseline_name(start), "x0": searched[0].params}
+    merges = [t for t in records.baseline_trials(study)
+              if records.baseline_name(t) == "uniform" or records.baseline_name(t).startswith("task_arithmetic@")]
+    start = max(merges, key=lambda t: (records.trial_mean(t), -t.number))
+    assert searched[0].user_attrs.get("start") == records.baseline_name(start)  # warm start first: the best merge
+    assert records.meta(study)["start"] == {"from": records.baseline_name(start), "x0": searched[0].params}
     for t in searched:
-        rec = R.record(t)
-        assert set(rec["scores"]) == set(experts) and set(t.user_attrs) <= {R.TRIAL_KEY, "start"}
+        rec = records.record(t)
+        assert set(rec["scores"]) == set(experts)
+        assert set(t.user_attrs) <= {records.TRIAL_KEY, records.OWNER_KEY, "start"}
+        owner = records.owner(t)  # the process that ran it: this one
+        assert owner["trial"] == t.number and owner["pid"] == os.getpid()
         assert rec["merge_s"] > 0 and rec["eval_s"] > 0 and rec["device"] == "cpu"
         assert t.params and all(k.startswith("weight[") for k in t.params)
     # The start point in task arithmetic IS that baseline: every weight at its value, same score.
     weights = dict(zip(experts, start.user_attrs["weights"]))
     assert all(v == weights[k.split("[")[1].split("]")[0]] for k, v in searched[0].params.items())
     assert searched[0].values == pytest.approx(start.values, abs=1e-9)
-    uniform = next(t for t in R.baseline_trials(study) if R.baseline_name(t) == "uniform")
-    tests = R.test_scores(study)
-    best = R.best_trials(study, 1)[0]
+    uniform = next(t for t in records.baseline_trials(study) if records.baseline_name(t) == "uniform")
+    tests = records.test_scores(study)
+    best = records.best_trials(study, 1)[0]
     assert str(best.number) in tests and "baseline:uniform" in tests
     assert set(tests[str(best.number)]["test"]) == set(experts)
-    assert R.pick_trial(study, "uniform").values == uniform.values
+    assert records.pick_trial(study, "uniform").values == uniform.values
     # the searched study holds searched trials only: the baselines are beside it
     assert all(t.params for t in study.get_trials()) and len(study.get_trials()) == 4
-    meta = R.meta(study)
+    meta = records.meta(study)
     assert meta["space"]["n_params"] == len(searched[0].params) and meta["base_scores"]
 
 
@@ -72,9 +76,9 @@ def test_same_seed_same_trials(zoo_test, tmp_path):
 def test_resume_continues_to_total_and_refuses_new_space(zoo_test, tmp_path):
     path = write_study(zoo_test, tmp_path, n_trials=2, top_k_test=0)
     study = run_study(load_config(path), progress=False)
-    n_baselines = len(R.baseline_trials(study))
+    n_baselines = len(records.baseline_trials(study))
     study = run_study(load_config(path, {"study.n_trials": 4}), progress=False)
-    assert len(_search(study)) == 4 and len(R.baseline_trials(study)) == n_baselines
+    assert len(_search(study)) == 4 and len(records.baseline_trials(study)) == n_baselines
     study = run_study(load_config(path, {"study.n_trials": 4}), extra_trials=1, progress=False)
     assert len(_search(study)) == 5
     with pytest.raises(StudyError, match="another search space"):
@@ -95,14 +99,14 @@ def test_failing_candidate_becomes_failed_trial(zoo_test, tmp_path):
     runner.fault_hook = hook
     study = run_study(cfg, runner=runner, progress=False)
     failed = _search(study, states=(TrialState.FAIL,))
-    assert len(failed) == 1 and R.record(failed[0])["fail_reason"] == "simulated evaluator crash"
+    assert len(failed) == 1 and records.record(failed[0])["fail_reason"] == "simulated evaluator crash"
     assert len(_search(study)) == 3
 
 
 def test_nan_weights_fail_the_candidate(zoo_test, tmp_path):
     cfg = load_config(write_study(zoo_test, tmp_path, n_trials=1, baselines=False, top_k_test=0))
     runner = StudyRunner(cfg)
-    runner.mat._deltas[3][0].fill_(float("nan"))  # a poisoned task vector of the first expert
+    runner.mat.sources(3)[1][0].fill_(float("nan"))  # a poisoned task vector of the first expert
     with pytest.raises(CandidateError, match="not finite"):
         runner.score_plan(runner.plan_for(runner.space.point()))
 
@@ -120,14 +124,14 @@ def test_pruned_trials_are_recorded(zoo_test, tmp_path):
     runner.optimize(study, 2, progress=False)
     pruned = _search(study, states=(TrialState.PRUNED,))
     assert len(pruned) == 2
-    assert pruned[0].intermediate_values and "pruned after slice 1/2" in R.record(pruned[0])["fail_reason"]
+    assert pruned[0].intermediate_values and "pruned after slice 1/2" in records.record(pruned[0])["fail_reason"]
 
 
 def test_multi_objective_pareto(zoo_test, tmp_path):
     cfg = load_config(write_study(zoo_test, tmp_path, n_trials=3, mode="per_task", sampler="auto", top_k_test=0))
     study = run_study(cfg, progress=False)
     assert len(study.directions) == len(cfg.models.experts)
-    assert R.meta(study)["sampler"] == "NSGAIISampler"
+    assert records.meta(study)["sampler"] == "NSGAIISampler"
     assert study.best_trials
 
 
@@ -141,7 +145,7 @@ def test_export_reloads_and_scores_what_the_study_recorded(zoo_test, tmp_path):
     cfg = load_config(path)
     study = run_study(cfg, progress=False)
     out = export_trial(path, "best", tmp_path / "merged")
-    best = R.best_trials(study, 1)[0]
+    best = records.best_trials(study, 1)[0]
     model = AutoModelForCausalLM.from_pretrained(out)
     res = Evaluator(model, AutoTokenizer.from_pretrained(out), load_tasks(cfg, "calib")).evaluate()
     assert res.mean == pytest.approx(best.values[0], abs=1e-9)
@@ -216,7 +220,7 @@ def test_start_point_is_the_best_baseline_merge_and_uniform_otherwise(zoo_test, 
     # but is not a merge.
     for name, w, v in [("uniform", [1 / len(experts)] * len(experts), 0.2), ("task_arithmetic@0.5", [0.5] * len(experts), 0.4),
                        ("task_arithmetic@1", [1.0] * len(experts), 0.3), ("expert:" + experts[0], [1.0] + [0.0] * (len(experts) - 1), 0.9)]:
-        R.add_baseline(study, name, w, [v], {}, datetime.datetime.now())
+        records.add_baseline(study, name, w, [v], {}, datetime.datetime.now())
     name, x0 = start_point(runner, study)
     assert name == "task_arithmetic@0.5" and set(x0) == {s.key for s in runner.space.slots}
     assert all(v == 0.5 for v in x0.values())
@@ -240,11 +244,11 @@ def test_start_point_is_the_best_baseline_merge_and_uniform_otherwise(zoo_test, 
 def _constrained_study(drop: float) -> optuna.Study:
     """An in-memory study as the runner stores one with constraints.max_drop_vs_base: drop."""
     study = optuna.create_study(direction="maximize")
-    study.set_user_attr(R.META_KEY, {"tasks": ["a", "b"], "objectives": ["mean"], "base_scores": {"a": 0.5, "b": 0.5},
+    study.set_user_attr(records.META_KEY, {"tasks": ["a", "b"], "objectives": ["mean"], "base_scores": {"a": 0.5, "b": 0.5},
                                      "config": {"constraints": {"max_drop_vs_base": drop}}})
     for a, b in [(0.94, 0.30), (0.72, 0.48), (0.35, 0.41)]:  # means 0.62 (b drops 0.20), 0.60 (b 0.02), 0.38 (a 0.15)
         study.add_trial(optuna.trial.create_trial(value=(a + b) / 2,
-                                                  user_attrs={R.TRIAL_KEY: {"objective_scores": {"a": a, "b": b}}}))
+                                                  user_attrs={records.TRIAL_KEY: {"objective_scores": {"a": a, "b": b}}}))
     return study
 
 
@@ -253,21 +257,21 @@ def test_best_is_the_best_feasible_trial():
     from mergesearch.report import summary_info
 
     study = _constrained_study(0.1)
-    assert [R.is_feasible(study, t) for t in study.trials] == [False, True, False]
-    assert R.pick_trial(study, "best").number == 1
-    assert [t.number for t in R.best_trials(study, 3)] == [1]
-    assert [t.number for t in R.best_trials(study, 3, feasible_only=False)] == [0, 1, 2]
-    assert "among feasible trials" in R.best_rule(study) and "0.1 below the base model" in R.best_rule(study)
+    assert [records.is_feasible(study, t) for t in study.trials] == [False, True, False]
+    assert records.pick_trial(study, "best").number == 1
+    assert [t.number for t in records.best_trials(study, 3)] == [1]
+    assert [t.number for t in records.best_trials(study, 3, feasible_only=False)] == [0, 1, 2]
+    assert "among feasible trials" in records.best_rule(study) and "0.1 below the base model" in records.best_rule(study)
     text = " ".join(summary_info(study).sentences)
     assert "Best found: trial 1" in text and "2 completed trial(s) break that constraint" in text
     strict = _constrained_study(0.0)  # nothing feasible: 'best' refuses and names the best infeasible trial
     with pytest.raises(StudyError, match="no completed trial meets the constraints.*pass --trial 0"):
-        R.pick_trial(strict, "best")
+        records.pick_trial(strict, "best")
     loose = _constrained_study(1.0)
-    assert R.pick_trial(loose, "best").number == 0
+    assert records.pick_trial(loose, "best").number == 0
     free = _constrained_study(0.1)
-    free.set_user_attr(R.META_KEY, {**R.meta(free), "config": {}})
-    assert R.pick_trial(free, "best").number == 0 and R.best_rule(free) == "highest mean objective"
+    free.set_user_attr(records.META_KEY, {**records.meta(free), "config": {}})
+    assert records.pick_trial(free, "best").number == 0 and records.best_rule(free) == "highest mean objective"
 
 
 def test_constraints_use_the_base_scores_of_a_new_study(zoo_test, tmp_path, capsys):
@@ -278,14 +282,14 @@ def test_constraints_use_the_base_scores_of_a_new_study(zoo_test, tmp_path, caps
     raw["constraints"] = {"max_drop_vs_base": 0.05}
     path.write_text(yaml.safe_dump(raw))
     study = run_study(load_config(path), progress=False)
-    base = R.meta(study)["base_scores"]
+    base = records.meta(study)["base_scores"]
     assert base
-    for t in R.search_trials(study):
-        want = R.constraint_values(R.objective_scores(t), base, R.meta(study)["tasks"], 0.05)
+    for t in records.search_trials(study):
+        want = records.constraint_values(records.objective_scores(t), base, records.meta(study)["tasks"], 0.05)
         assert t.system_attrs["constraints"] == pytest.approx(want)
     st = study_status(path)
     assert "among feasible trials" in st["best_rule"] and st["infeasible"] is not None
-    feasible = [t for t in R.search_trials(study) if R.is_feasible(study, t)]
+    feasible = [t for t in records.search_trials(study) if records.is_feasible(study, t)]
     if feasible:
         out = export_trial(path, "best", tmp_path / "best")
         prov = json.loads((out / "provenance.json").read_text())
@@ -298,6 +302,6 @@ def test_a_study_of_the_old_layout_is_refused_on_resume(zoo_test, tmp_path):
     cfg = load_config(write_study(zoo_test, tmp_path, n_trials=1, top_k_test=0))
     runner = StudyRunner(cfg, load_evaluator=False)
     study = open_study(runner)
-    study.add_trial(optuna.trial.create_trial(value=0.5, user_attrs={R.BASELINE: "uniform"}))
+    study.add_trial(optuna.trial.create_trial(value=0.5, user_attrs={records.BASELINE: "uniform"}))
     with pytest.raises(StudyError, match="keeps its baselines among its trials"):
         open_study(runner)

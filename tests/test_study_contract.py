@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import math
 
-import optuna
 import pytest
 from optuna.trial import TrialState
 
 from mergesearch.config import load_config
-from mergesearch.study import records as R
+from mergesearch.study import records
 from mergesearch.study.baselines import run_baselines
 from mergesearch.study.opening import open_study, warm_start
 from mergesearch.study.runner import StudyRunner
+from mergesearch.study.workbench import PrunedWithRecord
 
 from study_helpers import write_study
 
@@ -50,9 +50,7 @@ def _fake_score_plan(bench: StudyRunner):
             if trial is not None:
                 trial.report(x - 0.01 * (1 - step), step + 1)
                 if trial.should_prune():
-                    exc = optuna.TrialPruned()
-                    exc.record = {"fail_reason": f"pruned after slice {step + 1}"}
-                    raise exc
+                    raise PrunedWithRecord({"fail_reason": f"pruned after slice {step + 1}"})
         rec = {"objective_scores": {t: x for t in bench.task_names}, "merge_s": 0.0, "eval_s": 0.0}
         return [x] * len(bench.objective_names), rec
     return score_plan
@@ -85,11 +83,11 @@ def _run(bench: StudyRunner, tmp_path, monkeypatch, *, sampler: str, pruner: str
 def test_samplers_sample_jointly_and_pruners_ignore_the_baselines(bench, tmp_path, monkeypatch, sampler, pruner):
     n_trials = 24 if sampler in ("tpe", "gp") else 16
     study, independent = _run(bench, tmp_path, monkeypatch, sampler=sampler, pruner=pruner, n_trials=n_trials)
-    baselines = R.baseline_trials(study)
-    assert len(baselines) >= 6 and all(R.trial_mean(t) > BASELINE_BONUS for t in baselines)
+    baselines = records.baseline_trials(study)
+    assert len(baselines) >= 6 and all(records.trial_mean(t) > BASELINE_BONUS for t in baselines)
     trials = study.get_trials(deepcopy=False)  # what any sampler or pruner reads: searched trials only
-    assert trials and all(R.is_search_trial(t) and t.params for t in trials)
-    assert R.counted(study) == n_trials
+    assert trials and all(records.is_search_trial(t) and t.params for t in trials)
+    assert records.counted(study) == n_trials
     keys = {s.key for s in bench.space.slots}
     assert all(set(t.params) == keys for t in trials)
 

@@ -19,7 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mergesearch.errors import StudyError
 from mergesearch.space import parse_key
-from mergesearch.study import records as R
+from mergesearch.study import records
 from mergesearch.study.records import pick_trial
 
 log = logging.getLogger(__name__)
@@ -33,19 +33,19 @@ _MODULE_ORDER = ("", "attn", "mlp", "norm", "embed", "lm_head", "other")
 
 def objective_names(study: optuna.Study) -> list[str]:
     """The objectives' names from the study metadata, or obj0.. when the study stores none."""
-    names = R.meta(study).get("objectives")
+    names = records.meta(study).get("objectives")
     n = len(study.directions)
     return list(names) if names and len(names) == n else [f"obj{i}" for i in range(n)]
 
 
 def trial_label(trial: FrozenTrial) -> str:
-    name = R.baseline_name(trial)
+    name = records.baseline_name(trial)
     return name if name is not None else f"trial {trial.number}"
 
 
 def task_scores(trial: FrozenTrial, objectives: list[str]) -> dict[str, float]:
     """Per-task calibration scores of a trial (its objective_scores, else its objective values)."""
-    scores = R.objective_scores(trial)
+    scores = records.objective_scores(trial)
     if scores:
         return {k: float(v) for k, v in scores.items()}
     return dict(zip(objectives, trial.values or []))
@@ -92,7 +92,7 @@ def _group_sort_key(row: str) -> tuple:
 
 def _complete(study: optuna.Study) -> list[FrozenTrial]:
     """The baselines (numbered below 0) in the order they were scored, then the COMPLETE searched trials."""
-    return R.baseline_trials(study) + [t for t in R.search_trials(study) if t.values]
+    return records.baseline_trials(study) + [t for t in records.search_trials(study) if t.values]
 
 
 def _points(d: float, scale100: bool) -> str:
@@ -134,23 +134,24 @@ class SummaryInfo:
 
 def summary_info(study: optuna.Study) -> SummaryInfo:
     """What was found vs the baselines, in numbers and in a few sentences."""
-    meta = R.meta(study)
+    meta = records.meta(study)
     objectives = objective_names(study)
     tasks = list(meta.get("tasks") or objectives)
     space = meta.get("space") or {}
-    tests = R.test_scores(study)
+    tests = records.test_scores(study)
     counts: dict[str, int] = {}
     for t in study.get_trials(deepcopy=False):
         counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
-    baselines = R.baseline_trials(study)
+    baselines = records.baseline_trials(study)
 
     def row(t: FrozenTrial, is_baseline: bool) -> Row:
-        test = tests.get(R.trial_key(t), {}).get("test_mean")
-        return Row(trial_label(t) if is_baseline else f"best found (trial {t.number})", t.number, R.trial_mean(t),
-                   task_scores(t, objectives), float(test) if test is not None else None, is_baseline)
+        test = tests.get(records.trial_key(t), {}).get("test_mean")
+        return Row(trial_label(t) if is_baseline else f"best found (trial {t.number})", t.number,
+                   records.trial_mean(t), task_scores(t, objectives), float(test) if test is not None else None,
+                   is_baseline)
 
     rows = [row(t, True) for t in baselines]  # in the order they were scored
-    best_t = R.best_trials(study, 1)
+    best_t = records.best_trials(study, 1)
     best = row(best_t[0], False) if best_t else None
     if best:
         rows.append(best)
@@ -159,8 +160,53 @@ def summary_info(study: optuna.Study) -> SummaryInfo:
     every = [v for r in rows for v in r.scores.values()] + [r.mean for r in rows]
     scale100 = bool(every) and all(0.0 <= v <= 1.0 for v in every if math.isfinite(v))
 
-    s: list[str] = []
-    n_search = sum(counts.values())
+    n_obj = len(objectives)
+    score_word = "mean calibration score" + (f" over {n_obj} objectives" if n_obj > 1 else "")
+    s = _verdict(best, best_baseline, score_word, bool(tests), scale100)
+    s.append(_search_sentence(meta, counts, len(baselines)))
+    if records.max_drop(study) is not None:
+        n_bad = sum(not ok for ok in map(records.feasibility(study), records.search_trials(study)))
+        s.append(f"Best = {records.best_rule(study)}; {n_bad} completed trial(s) break that constraint and are "
+                 "not picked.")
+    return SummaryInfo(study.study_name, objectives, tasks, space.get("method"), space.get("granularity"),
+                       space.get("n_params"), meta.get("sampler"), counts, len(baselines), best, best_baseline,
+                       rows, s, scale100)
+
+
+def _verdict(best: Row | None, best_baseline: Row | None, score_word: str, any_tests: bool,
+             scale100: bool) -> list[str]:
+    """The summary's first sentences: the best found against the best baseline, on calib, test and per task."""
+    if best is None:
+        return ["No searched trial has completed yet."]
+    if best_baseline is None:
+        return [f"Best found: trial {best.number}, {score_word} {best.mean:.4f}. No baseline is stored."]
+    d = best.mean - best_baseline.mean
+    verdict = "above" if d > 0 else "below" if d < 0 else "level with"
+    s = [f"Best found: trial {best.number}, {score_word} {best.mean:.4f}, "
+         f"{_points(abs(d), scale100).lstrip('+')} {verdict} the best baseline, {best_baseline.label} "
+         f"({best_baseline.mean:.4f})" + ("." if d > 0 else ": the search has not beaten it yet.")]
+    if best.test_mean is not None and best_baseline.test_mean is not None:
+        dt = best.test_mean - best_baseline.test_mean
+        s.append(f"On the held-out test split: best found {best.test_mean:.4f} vs {best_baseline.label} "
+                 f"{best_baseline.test_mean:.4f} ({_points(dt, scale100)})"
+                 + (": the calibration gain does not carry over." if dt <= 0 < d else "."))
+    elif any_tests:
+        s.append("Held-out test scores are stored for other trials only.")
+    else:
+        s.append("Held-out test scores are written when the search finishes.")
+    if best.scores and best_baseline.scores:
+        gains = {k: best.scores[k] - best_baseline.scores.get(k, float("nan")) for k in best.scores}
+        gains = {k: v for k, v in gains.items() if math.isfinite(v)}
+        if len(gains) > 1:
+            order = sorted(gains, key=gains.get, reverse=True)
+            s.append(f"Per task vs {best_baseline.label}: "
+                     + ", ".join(f"{k} {_points(gains[k], scale100)}" for k in order) + ".")
+    return s
+
+
+def _search_sentence(meta: dict, counts: dict[str, int], n_baselines: int) -> str:
+    """How much was searched, over what, with which sampler."""
+    space = meta.get("space") or {}
     states = ", ".join(f"{n} {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
     what = ""
     fit = (meta.get("config") or {}).get("fit")
@@ -173,43 +219,8 @@ def summary_info(study: optuna.Study) -> SummaryInfo:
                 + (f", {space.get('layer_groups')} layer groups" if space.get("layer_groups") else "")
                 + (", per module" if space.get("per_module") else "")
                 + (f", chunks {space.get('chunks')}" if space.get("chunks") not in (None, 1) else "") + ")")
-    searched = (f"Search so far: {n_search} trials ({states or 'none yet'}) and {len(baselines)} baselines{what}"
-                + (f", sampler {meta['sampler']}" if meta.get("sampler") else "") + ".")
-    n_obj = len(objectives)
-    score_word = "mean calibration score" + (f" over {n_obj} objectives" if n_obj > 1 else "")
-    if best is None:
-        s.append("No searched trial has completed yet.")
-    elif best_baseline is None:
-        s.append(f"Best found: trial {best.number}, {score_word} {best.mean:.4f}. No baseline is stored.")
-    else:
-        d = best.mean - best_baseline.mean
-        verdict = "above" if d > 0 else "below" if d < 0 else "level with"
-        s.append(f"Best found: trial {best.number}, {score_word} {best.mean:.4f}, "
-                 f"{_points(abs(d), scale100).lstrip('+')} {verdict} the best baseline, {best_baseline.label} "
-                 f"({best_baseline.mean:.4f})" + ("." if d > 0 else ": the search has not beaten it yet."))
-        if best.test_mean is not None and best_baseline.test_mean is not None:
-            dt = best.test_mean - best_baseline.test_mean
-            s.append(f"On the held-out test split: best found {best.test_mean:.4f} vs {best_baseline.label} "
-                     f"{best_baseline.test_mean:.4f} ({_points(dt, scale100)})"
-                     + (": the calibration gain does not carry over." if dt <= 0 < d else "."))
-        elif tests:
-            s.append("Held-out test scores are stored for other trials only.")
-        else:
-            s.append("Held-out test scores are written when the search finishes.")
-        if best.scores and best_baseline.scores:
-            gains = {k: best.scores[k] - best_baseline.scores.get(k, float("nan")) for k in best.scores}
-            gains = {k: v for k, v in gains.items() if math.isfinite(v)}
-            if len(gains) > 1:
-                order = sorted(gains, key=gains.get, reverse=True)
-                s.append(f"Per task vs {best_baseline.label}: "
-                         + ", ".join(f"{k} {_points(gains[k], scale100)}" for k in order) + ".")
-    s.append(searched)
-    if R.max_drop(study) is not None:
-        n_bad = sum(not ok for ok in map(R.feasibility(study), R.search_trials(study)))
-        s.append(f"Best = {R.best_rule(study)}; {n_bad} completed trial(s) break that constraint and are not picked.")
-    return SummaryInfo(study.study_name, objectives, tasks, space.get("method"), space.get("granularity"),
-                       space.get("n_params"), meta.get("sampler"), counts, len(baselines), best, best_baseline,
-                       rows, s, scale100)
+    return (f"Search so far: {sum(counts.values())} trials ({states or 'none yet'}) and {n_baselines} baselines"
+            f"{what}" + (f", sampler {meta['sampler']}" if meta.get("sampler") else "") + ".")
 
 
 # --- Pareto front -------------------------------------------------------------------------------
@@ -244,22 +255,22 @@ def pareto_info(study: optuna.Study) -> ParetoInfo:
     scores instead, which is where merges differ; with a single task, the score per trial.
     """
     objectives = objective_names(study)
-    experts = list(R.meta(study).get("experts") or [])
+    experts = list(records.meta(study).get("experts") or [])
     trials = _complete(study)
     kind, axes = "objectives", objectives
     if len(objectives) == 1:
-        tasks = list(R.meta(study).get("tasks") or [])
-        if len(tasks) > 1 and all(set(tasks) <= set(R.objective_scores(t)) for t in trials):
+        tasks = list(records.meta(study).get("tasks") or [])
+        if len(tasks) > 1 and all(set(tasks) <= set(records.objective_scores(t)) for t in trials):
             kind, axes = "tasks", tasks
         else:
             kind = "trials"
-    rows = [[float(R.objective_scores(t)[k]) for k in axes] if kind == "tasks" else list(t.values)
+    rows = [[float(records.objective_scores(t)[k]) for k in axes] if kind == "tasks" else list(t.values)
             for t in trials]
     vals = np.array(rows, dtype=float).reshape(len(trials), len(axes))
     front = non_dominated(vals) if len(trials) and kind != "trials" else np.zeros(len(trials), dtype=bool)
-    points = [Point(t.number, row, R.baseline_name(t), bool(f), key_coefficients(t, experts))
+    points = [Point(t.number, row, records.baseline_name(t), bool(f), key_coefficients(t, experts))
               for t, row, f in zip(trials, rows, front)]
-    best = R.best_trials(study, 1)
+    best = records.best_trials(study, 1)
     return ParetoInfo(axes, kind, points, best[0].number if best else None)
 
 
@@ -268,26 +279,41 @@ def pareto_info(study: optuna.Study) -> ParetoInfo:
 
 @dataclass
 class HistoryInfo:
+    """The search over time, with the baselines apart: they are scored before it, not by it."""
+
     series: list[str]  # the objectives, plus "mean" when there are several
-    numbers: list[int]  # COMPLETE trials in trial order
-    labels: list[str | None]  # baseline names
+    numbers: list[int]  # COMPLETE searched trials in trial order
     values: np.ndarray  # (n_complete, n_series)
-    best_so_far: np.ndarray  # (n_complete, n_series) running maximum in trial order
+    best_so_far: np.ndarray  # (n_complete, n_series) running maximum over the searched trials: never falls
+    baselines: list[str]  # baseline names, in the order they were scored
+    baseline_values: np.ndarray  # (n_baselines, n_series)
     pruned: list[tuple[int, float | None, str]]  # (number, last reported value, reason)
     failed: list[tuple[int, str]]  # (number, reason)
     running: list[int]
+
+    @property
+    def best_baseline(self) -> np.ndarray:
+        """(n_series,) the best baseline value per series (NaN without baselines): the bar the search must pass."""
+        if not len(self.baselines):
+            return np.full(len(self.series), np.nan)
+        return np.nanmax(self.baseline_values, axis=0)
 
 
 def history_info(study: optuna.Study) -> HistoryInfo:
     objectives = objective_names(study)
     series = objectives + (["mean"] if len(objectives) > 1 else [])
-    trials = _complete(study)
-    rows = [list(t.values) + ([R.trial_mean(t)] if len(objectives) > 1 else []) for t in trials]
-    values = np.array(rows, dtype=float).reshape(len(trials), len(series))
-    best = np.maximum.accumulate(values, axis=0) if len(trials) else values.copy()
+
+    def rows(trials: list[FrozenTrial]) -> np.ndarray:
+        out = [list(t.values) + ([records.trial_mean(t)] if len(objectives) > 1 else []) for t in trials]
+        return np.array(out, dtype=float).reshape(len(trials), len(series))
+
+    searched = sorted((t for t in records.search_trials(study) if t.values), key=lambda t: t.number)
+    baselines = records.baseline_trials(study)  # in the order they were scored
+    values = rows(searched)
+    best = np.maximum.accumulate(values, axis=0) if len(searched) else values.copy()
     pruned, failed, running = [], [], []
     for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)):
-        reason = str(R.record(t).get("fail_reason") or t.system_attrs.get("fail_reason") or "")
+        reason = str(records.record(t).get("fail_reason") or t.system_attrs.get("fail_reason") or "")
         if t.state == TrialState.PRUNED:
             last = t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None
             pruned.append((t.number, last, reason or "pruned"))
@@ -295,8 +321,8 @@ def history_info(study: optuna.Study) -> HistoryInfo:
             failed.append((t.number, reason or "failed"))
         else:
             running.append(t.number)
-    return HistoryInfo(series, [t.number for t in trials], [R.baseline_name(t) for t in trials], values, best,
-                       pruned, failed, running)
+    return HistoryInfo(series, [t.number for t in searched], values, best,
+                       [records.baseline_name(t) for t in baselines], rows(baselines), pruned, failed, running)
 
 
 # --- coefficient heatmap ------------------------------------------------------------------------
@@ -327,7 +353,7 @@ def heatmap_info(study: optuna.Study, which: str | int = "best") -> HeatmapInfo:
     if not trial.params and not fitted:
         raise StudyError(f"{trial_label(trial)} has no searched coefficients: "
                          "pick a searched trial or 'best'")
-    experts_meta = list(R.meta(study).get("experts") or [])
+    experts_meta = list(records.meta(study).get("experts") or [])
     by_param: dict[str, list[tuple[dict, float, str]]] = {}
     for key, value in list(trial.params.items()) + list(fitted.items()):
         try:
@@ -354,7 +380,7 @@ def heatmap_info(study: optuna.Study, which: str | int = "best") -> HeatmapInfo:
                 lows.append(dist.low)
                 highs.append(dist.high)
             elif key in fitted:
-                clamp = ((R.meta(study).get("config") or {}).get("fit") or {}).get("clamp")
+                clamp = ((records.meta(study).get("config") or {}).get("fit") or {}).get("clamp")
                 if clamp:
                     lows.append(clamp[0])
                     highs.append(clamp[1])
@@ -366,8 +392,8 @@ def heatmap_info(study: optuna.Study, which: str | int = "best") -> HeatmapInfo:
 
 def fitted_coefficients(study: optuna.Study, trial: FrozenTrial) -> dict[str, float]:
     """A fitted trial's coefficients by slot name (empty for trials without a fit)."""
-    record = R.record(trial).get(R.FIT_KEY)
-    keys = (R.meta(study).get("fit") or {}).get(record["granularity"]) if record else None
+    record = records.record(trial).get(records.FIT_KEY)
+    keys = (records.meta(study).get("fit") or {}).get(record["granularity"]) if record else None
     return dict(zip(keys, record["coef"])) if keys else {}
 
 
@@ -387,7 +413,7 @@ class FitInfo:
 def fit_info(study: optuna.Study, which: str | int = "best") -> FitInfo:
     """The fit of one trial: training and validation loss at every check, and the step kept."""
     trial = pick_trial(study, which)
-    record = R.record(trial).get(R.FIT_KEY)
+    record = records.record(trial).get(records.FIT_KEY)
     if not record:
         raise StudyError(f"{trial_label(trial)} was not fitted: the study has no fit: "
                          "section, or this is a baseline")
@@ -423,7 +449,7 @@ def importance_info(study: optuna.Study, *, min_trials: int = MIN_IMPORTANCE_TRI
     name = type(evaluator).__name__
     objectives = objective_names(study)
     target = "mean objective" if len(objectives) > 1 else objectives[0]
-    trials = [t for t in R.search_trials(study) if t.params and t.values]
+    trials = [t for t in records.search_trials(study) if t.params and t.values]
     if trials:
         common = set.intersection(*(set(t.params) for t in trials))
         trials = [t for t in trials if set(t.params) == common]
@@ -438,7 +464,7 @@ def importance_info(study: optuna.Study, *, min_trials: int = MIN_IMPORTANCE_TRI
         return empty
     try:
         imp = optuna.importance.get_param_importances(study, evaluator=evaluator, params=varying,
-                                                      target=R.trial_mean)
+                                                      target=records.trial_mean)
     except (RuntimeError, ValueError) as exc:  # e.g. every target value equal
         empty.note = f"importances could not be computed: {exc}"
         return empty
@@ -478,15 +504,15 @@ class OverfitInfo:
 
 def overfit_info(study: optuna.Study) -> OverfitInfo:
     """Calibration vs held-out test means of the trials the study re-scored after the search."""
-    stored = R.test_scores(study)
+    stored = records.test_scores(study)
     if not stored:
         return OverfitInfo([], "no held-out test scores yet: they are written when the search finishes")
     points = []
     for t in _complete(study):
-        rec = stored.get(R.trial_key(t))
+        rec = stored.get(records.trial_key(t))
         if rec is None or rec.get("calib_mean") is None or rec.get("test_mean") is None:
             continue
-        name = R.baseline_name(t)
+        name = records.baseline_name(t)
         points.append(OverfitPoint(t.number, name or f"trial {t.number}", name is not None,
                                    float(rec["calib_mean"]), float(rec["test_mean"]),
                                    dict(rec.get("calib") or {}), dict(rec.get("test") or {})))
@@ -508,15 +534,15 @@ class TimingInfo:
 def timing_info(study: optuna.Study) -> TimingInfo:
     numbers, labels, merge, ev, other = [], [], [], [], []
     finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
-    for t in R.baseline_trials(study) + finished:
-        m, e = R.record(t).get("merge_s"), R.record(t).get("eval_s")
+    for t in records.baseline_trials(study) + finished:
+        m, e = records.record(t).get("merge_s"), records.record(t).get("eval_s")
         if m is None and e is None:
             continue
         m, e = float(m or 0.0), float(e or 0.0)
         # A baseline's stored times span its scoring only: the wall time outside it is not known.
-        wall = t.duration.total_seconds() if (t.duration is not None and R.is_search_trial(t)) else float("nan")
+        wall = t.duration.total_seconds() if (t.duration is not None and records.is_search_trial(t)) else float("nan")
         numbers.append(t.number)
-        name = R.baseline_name(t)
+        name = records.baseline_name(t)
         labels.append(f"baseline:{name}" if name else t.state.name.lower())
         merge.append(m)
         ev.append(e)

@@ -135,13 +135,22 @@ def plot_pareto(info: ParetoInfo) -> go.Figure:
     return fig
 
 
+def _merge_axis(points: list) -> dict:
+    """The parallel coordinates' first axis: which merge a line is, each baseline by its name and the
+    searched trials in two groups (front, dominated), never a trial number, which says nothing of a trade-off."""
+    names = list(dict.fromkeys(p.label for p in points if p.label))
+    ticks = names + ["searched: Pareto front", "searched: dominated"]
+    where = [names.index(p.label) if p.label else len(names) + (0 if p.on_front else 1) for p in points]
+    return dict(label="merge", values=where, tickvals=list(range(len(ticks))), ticktext=ticks,
+                range=[-0.5, len(ticks) - 0.5])
+
+
 def _pareto_parcoords(info: ParetoInfo) -> go.Figure:
     pts = info.points
     vals = np.array([p.values for p in pts], dtype=float).reshape(len(pts), len(info.axes))
     # colour: 0 dominated searched, 1 front, 2 baseline
     colour = [2 if p.label else 1 if p.on_front else 0 for p in pts]
-    dims = [dict(label="trial", values=[p.number for p in pts])]
-    dims += [dict(label=name, values=vals[:, i]) for i, name in enumerate(info.axes)]
+    dims = [_merge_axis(pts)] + [dict(label=name, values=vals[:, i]) for i, name in enumerate(info.axes)]
     fig = go.Figure(go.Parcoords(
         line=dict(color=colour, colorscale=[[0, SEARCH], [0.5, FRONT], [1, BASELINE]], cmin=0, cmax=2,
                   showscale=False),
@@ -158,32 +167,42 @@ def _pareto_parcoords(info: ParetoInfo) -> go.Figure:
 
 
 def plot_history(info: HistoryInfo) -> go.Figure:
+    """Searched trials and their best-so-far line; the baselines left of trial 0 in the order they were
+    scored, and the best of them as a dashed line the search has to pass."""
     k = len(info.series)
     fig = make_subplots(rows=k, cols=1, shared_xaxes=True, vertical_spacing=0.06 if k > 1 else 0.0,
                         subplot_titles=info.series if k > 1 else None)
     nums = np.array(info.numbers)
-    is_base = np.array([lab is not None for lab in info.labels], dtype=bool)
-    lows = np.nanmin(info.values, axis=0) if len(nums) else np.zeros(k)
+    n_base = len(info.baselines)
+    base_x = np.arange(-n_base, 0)  # first scored leftmost, the last just before trial 0
+    every = np.concatenate([info.values, info.baseline_values]) if n_base else info.values
+    lows = np.nanmin(every, axis=0) if len(every) else np.zeros(k)
+    right = max(info.numbers[-1] if info.numbers else 0, max((f[0] for f in info.failed), default=0),
+                max((p[0] for p in info.pruned), default=0))
     for i, name in enumerate(info.series):
         first = i == 0
         row = i + 1
-        y = info.values[:, i] if len(nums) else np.array([])
-        if (~is_base).any():
-            fig.add_trace(go.Scatter(
-                x=nums[~is_base], y=y[~is_base], mode="markers", name="searched trial", legendgroup="s",
-                showlegend=first, marker=dict(color=FRONT, size=6, opacity=0.7),
-                hovertemplate="trial %{x}<br>" + name + " %{y:.4f}<extra></extra>"), row=row, col=1)
-        if is_base.any():
-            fig.add_trace(go.Scatter(
-                x=nums[is_base], y=y[is_base], mode="markers", name="baseline", legendgroup="b", showlegend=first,
-                marker=dict(color=BASELINE, size=9, symbol="diamond"),
-                text=[lab for lab in info.labels if lab is not None],
-                hovertemplate="baseline %{text}<br>" + name + " %{y:.4f}<extra></extra>"), row=row, col=1)
         if len(nums):
             fig.add_trace(go.Scatter(
-                x=nums, y=info.best_so_far[:, i], mode="lines", name="best so far", legendgroup="best",
+                x=nums, y=info.values[:, i], mode="markers", name="searched trial", legendgroup="s",
+                showlegend=first, marker=dict(color=FRONT, size=6, opacity=0.7),
+                hovertemplate="trial %{x}<br>" + name + " %{y:.4f}<extra></extra>"), row=row, col=1)
+            fig.add_trace(go.Scatter(
+                x=nums, y=info.best_so_far[:, i], mode="lines", name="best so far (searched)", legendgroup="best",
                 showlegend=first, line=dict(color=BEST, width=2, shape="hv"),
                 hovertemplate="best so far after trial %{x}: %{y:.4f}<extra></extra>"), row=row, col=1)
+        if n_base:
+            fig.add_trace(go.Scatter(
+                x=base_x, y=info.baseline_values[:, i], mode="markers", name="baseline (in scoring order)",
+                legendgroup="b", showlegend=first, marker=dict(color=BASELINE, size=9, symbol="diamond"),
+                text=info.baselines, hovertemplate="baseline %{text}<br>" + name + " %{y:.4f}<extra></extra>"),
+                row=row, col=1)
+            top = float(info.best_baseline[i])
+            if math.isfinite(top):
+                fig.add_trace(go.Scatter(
+                    x=[-n_base, right], y=[top, top], mode="lines", name="best baseline", legendgroup="bb",
+                    showlegend=first, line=dict(color=BASELINE, width=1, dash="dash"),
+                    hovertemplate="best baseline: %{y:.4f}<extra></extra>"), row=row, col=1)
         if info.pruned and i == 0:  # pruning reports one value: drawn on the first objective
             py = [v if v is not None else float(lows[i]) for _, v, _ in info.pruned]
             fig.add_trace(go.Scatter(
@@ -192,7 +211,7 @@ def plot_history(info: HistoryInfo) -> go.Figure:
                 text=[p[2] for p in info.pruned],
                 hovertemplate="trial %{x} pruned at %{y:.4f}<br>%{text}<extra></extra>"), row=row, col=1)
         if info.failed:
-            fy = float(lows[i]) if len(nums) and math.isfinite(float(lows[i])) else 0.0
+            fy = float(lows[i]) if len(every) and math.isfinite(float(lows[i])) else 0.0
             fig.add_trace(go.Scatter(
                 x=[f[0] for f in info.failed], y=[fy] * len(info.failed), mode="markers", name="failed",
                 legendgroup="f", showlegend=first, marker=dict(color=FAILED, size=9, symbol="x-thin-open",
@@ -200,7 +219,8 @@ def plot_history(info: HistoryInfo) -> go.Figure:
                 text=[f[1] for f in info.failed],
                 hovertemplate="trial %{x} failed<br>%{text}<extra></extra>"), row=row, col=1)
         fig.update_yaxes(title_text=name if k == 1 else None, row=row, col=1)
-    fig.update_xaxes(title_text="trial (baselines at negative numbers, scored before the search)", row=k, col=1)
+    title = "trial" + (" (left of 0: the baselines, scored before the search, in that order)" if n_base else "")
+    fig.update_xaxes(title_text=title, row=k, col=1)
     return _layout(fig, 300 + 170 * (k - 1) if k > 1 else 420)
 
 

@@ -5,7 +5,7 @@ Only reads the study, so it can be regenerated while workers are still adding tr
 
 from __future__ import annotations
 
-import datetime as _dt
+import datetime
 import html
 import logging
 import math
@@ -19,9 +19,28 @@ import plotly.io as pio
 from plotly.offline import get_plotlyjs
 
 from mergesearch.errors import MergeSearchError, StudyError
-from mergesearch.report import _info as I
-from mergesearch.report import _plots as P
-from mergesearch.study import records as R
+from mergesearch.fileio import atomic_write
+from mergesearch.report._info import (
+    SummaryInfo,
+    fit_info,
+    heatmap_info,
+    history_info,
+    importance_info,
+    overfit_info,
+    pareto_info,
+    summary_info,
+    timing_info,
+)
+from mergesearch.report._plots import (
+    plot_fit,
+    plot_heatmap,
+    plot_history,
+    plot_importance,
+    plot_overfit,
+    plot_pareto,
+    plot_timing,
+)
+from mergesearch.study import records
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +54,7 @@ class Report:
     html: str
     figures: list[str] = field(default_factory=list)  # ids of the drawn figures, in page order
     notes: dict[str, str] = field(default_factory=dict)  # figure id -> why it is not drawn
-    summary: I.SummaryInfo | None = None
+    summary: SummaryInfo | None = None
 
 
 @dataclass
@@ -65,46 +84,46 @@ _PARETO_HOW = {
 
 
 def _draw_pareto(study, _trial) -> _Drawn:
-    info = I.pareto_info(study)
+    info = pareto_info(study)
     title, how = _PARETO_HOW[info.kind]
     if len(info.axes) >= 4 and info.kind != "trials":
         how = _PARETO_HOW["parcoords"][1]
-    return _Drawn(P.plot_pareto(info), how=how, title=title)
+    return _Drawn(plot_pareto(info), how=how, title=title)
 
 
 def _draw_history(study, _trial) -> _Drawn:
-    return _Drawn(P.plot_history(I.history_info(study)))
+    return _Drawn(plot_history(history_info(study)))
 
 
 def _draw_heatmap(study, trial) -> _Drawn:
-    info = I.heatmap_info(study, trial)
-    return _Drawn(P.plot_heatmap(info), how=f" Shown: {info.label}.")
+    info = heatmap_info(study, trial)
+    return _Drawn(plot_heatmap(info), how=f" Shown: {info.label}.")
 
 
 def _draw_fit(study, trial) -> _Drawn | None:
-    if not R.meta(study).get("fit"):
+    if not records.meta(study).get("fit"):
         return None  # a study without a fit: section has no such section
-    info = I.fit_info(study, trial)
-    return _Drawn(P.plot_fit(info), how=f" Shown: {info.label}, {info.objective} objective, "
+    info = fit_info(study, trial)
+    return _Drawn(plot_fit(info), how=f" Shown: {info.label}, {info.objective} objective, "
                                         f"{info.n_coefficients} coefficients ({info.granularity}).")
 
 
 def _draw_importance(study, _trial) -> _Drawn:
-    info = I.importance_info(study)
+    info = importance_info(study)
     if info.note:
         return _Drawn(None, info.note)
-    return _Drawn(P.plot_importance(info),
+    return _Drawn(plot_importance(info),
                   how=f" {info.evaluator} over {info.n_trials} searched trials, target: {info.target}.")
 
 
 def _draw_overfit(study, _trial) -> _Drawn:
-    info = I.overfit_info(study)
-    return _Drawn(None, info.note) if info.note else _Drawn(P.plot_overfit(info))
+    info = overfit_info(study)
+    return _Drawn(None, info.note) if info.note else _Drawn(plot_overfit(info))
 
 
 def _draw_timing(study, _trial) -> _Drawn:
-    info = I.timing_info(study)
-    return _Drawn(P.plot_timing(info)) if info.numbers else _Drawn(None, "no trial has stored its timings yet")
+    info = timing_info(study)
+    return _Drawn(plot_timing(info)) if info.numbers else _Drawn(None, "no trial has stored its timings yet")
 
 
 # id, title, how to read it, draw(study, trial) -> _Drawn
@@ -156,7 +175,7 @@ def _fmt(v: float | None) -> str:
     return "–" if v is None or not math.isfinite(v) else f"{v:.3f}"
 
 
-def _summary_html(s: I.SummaryInfo) -> str:
+def _summary_html(s: SummaryInfo) -> str:
     tasks = [t for t in s.tasks if any(t in r.scores for r in s.rows)] or list(s.objectives)
     has_test = any(r.test_mean is not None for r in s.rows)
     head = "".join(f"<th>{html.escape(t)}</th>" for t in tasks)
@@ -177,7 +196,7 @@ def _summary_html(s: I.SummaryInfo) -> str:
 
 def build_report(study: optuna.Study, *, trial: str | int = "best") -> Report:
     """Render the report of `study`; `trial` picks the trial of the coefficient heatmap."""
-    summary = I.summary_info(study)
+    summary = summary_info(study)
     rep = Report(html="", summary=summary)
     parts = []
     for fid, title, how, draw in _SECTIONS:
@@ -200,7 +219,7 @@ def build_report(study: optuna.Study, *, trial: str | int = "best") -> Report:
             rep.notes[fid] = note or "nothing to show"
         parts.append(f"<section class='figure' id='{fid}' data-figure='{fid}' data-drawn='{int(fig is not None)}'>"
                      f"<h2>{html.escape(title)}</h2><p class='how'>{html.escape(how)}</p>{body}</section>")
-    stamp = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    stamp = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     objectives = ", ".join(summary.objectives)
     rep.html = (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
@@ -220,9 +239,7 @@ def save_report(rep: Report, out: str | os.PathLike) -> Path:
     out = Path(out).expanduser()
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        tmp.write_text(rep.html, encoding="utf-8")
-        os.replace(tmp, out)
+        atomic_write(out, rep.html)
     except OSError as exc:
         raise StudyError(f"cannot write the report to {out}: {exc.strerror}: choose another --out") from None
     log.debug("report written to %s (%d figures)", out, len(rep.figures))

@@ -13,7 +13,7 @@ import datetime as dt
 
 import optuna
 
-from mergesearch.study import records as R
+from mergesearch.study import records
 from mergesearch.study.workbench import BASELINE_METHOD, Workbench, load_tasks
 
 TA_SCALES = (0.3, 0.5, 0.7, 1.0)  # per-expert weights of the task-arithmetic baselines
@@ -35,7 +35,7 @@ def baseline_weights(expert_names: list[str]) -> dict[str, list[float]]:
 def run_baselines(bench: Workbench, study: optuna.Study, progress=None) -> None:
     """Score the baselines not yet stored (a resumed study skips those it has); the base model's
     scores also go to the study's meta, where the constraints read them."""
-    done = {R.baseline_name(t) for t in R.baseline_trials(study)}
+    done = {records.baseline_name(t) for t in records.baseline_trials(study)}
     for name, weights in baseline_weights(bench.expert_names).items():
         if name in done:
             continue
@@ -43,10 +43,10 @@ def run_baselines(bench: Workbench, study: optuna.Study, progress=None) -> None:
         values, rec = bench.score_plan(bench.baseline_plan(weights))
         if name == "base":
             bench.base_scores = rec["objective_scores"]  # the sampler's constraints read them from now on
-            m = R.meta(study)
+            m = records.meta(study)
             m["base_scores"] = rec["objective_scores"]
-            study.set_user_attr(R.META_KEY, m)
-        R.add_baseline(study, name, weights, values, rec, started)
+            study.set_user_attr(records.META_KEY, m)
+        records.add_baseline(study, name, weights, values, rec, started)
         if progress is not None:
             progress(name, values)
 
@@ -64,7 +64,7 @@ def start_point(bench: Workbench, study: optuna.Study) -> tuple[str, dict[str, f
     if bench.space.op.name != BASELINE_METHOD:
         return uniform
     index = {e: i for i, e in enumerate(bench.expert_names)}
-    for t in sorted(R.merge_baselines(study), key=lambda t: (-R.trial_mean(t), t.number)):
+    for t in sorted(records.merge_baselines(study), key=lambda t: (-records.trial_mean(t), t.number)):
         weights = t.user_attrs["weights"]
         point = {}
         for s in bench.space.slots:
@@ -73,7 +73,7 @@ def start_point(bench: Workbench, study: optuna.Study) -> tuple[str, dict[str, f
                 break
             point[s.key] = v
         else:
-            return R.baseline_name(t), point
+            return records.baseline_name(t), point
     return uniform
 
 
@@ -85,23 +85,23 @@ def score_test(bench: Workbench, study: optuna.Study, k: int) -> dict:
     if not test_tasks or k <= 0:
         return {}
     ev = Evaluator(bench.mat.model, bench.tokenizer, test_tasks, batch_size=bench.cfg.objectives.batch_size)
-    stored = R.test_scores(study)
-    top = R.best_trials(study, k)
+    stored = records.test_scores(study)
+    top = records.best_trials(study, k)
     seen = {t.number for t in top}
-    top += [t for t in R.best_trials(study, k, feasible_only=False) if t.number not in seen][:k - len(top)]
-    for t in top + R.baseline_trials(study):
-        key = R.trial_key(t)
+    top += [t for t in records.best_trials(study, k, feasible_only=False) if t.number not in seen][:k - len(top)]
+    for t in top + records.baseline_trials(study):
+        key = records.trial_key(t)
         if key in stored:
             continue
         bench.mat.materialize(bench.plan_for_trial(t))
         res = ev.evaluate()
         test = {name: bench.task_score(res, name) for name in res.scores}
-        calib = R.objective_scores(t)
+        calib = records.objective_scores(t)
         stored[key] = {
             "calib": calib, "test": test,
             "calib_mean": sum(calib.values()) / len(calib) if calib else None,
             "test_mean": sum(test.values()) / len(test),
-            "baseline": R.baseline_name(t),
+            "baseline": records.baseline_name(t),
         }
-    study.set_user_attr(R.TEST_KEY, stored)
+    study.set_user_attr(records.TEST_KEY, stored)
     return stored

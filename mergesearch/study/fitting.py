@@ -81,7 +81,7 @@ class FitStage:
                 raise ConfigError(f"fit: distill needs an expert per task, none is named {missing[0]!r}: add "
                                   f"fit.teachers: {{{missing[0]}: EXPERT}} (experts: {', '.join(expert_names)})")
         self.fitter = CoefficientFitter(mat, tokenizer, self.train_tasks, self.val_tasks, teachers=teachers,
-                                        progress=progress)
+                                        batch_size=self.fit.batch_size, progress=progress)
         self._space_for = space_for  # SpaceConfig -> SearchSpace over the model's tensors
         self._spaces: dict[str, SearchSpace] = dict(spaces or {})  # granularity -> coefficient space
 
@@ -143,12 +143,12 @@ class FitStage:
 
         hi = float(knob("clamp_high", f.clamp[1]))
         start = min(float(knob("start", f.start)), hi)
-        opts = FitOptions(objective=knob("objective", f.objective), lr=float(knob("lr", f.lr)),
-                          steps=int(knob("steps", f.steps)), start=start, clamp=(f.clamp[0], hi),
-                          pull=float(knob("pull", f.pull)), temperature=float(knob("temperature", f.temperature)),
-                          batch_size=f.batch_size, eval_every=f.eval_every, patience=f.patience,
-                          task_weights={t: float(params.get(TASK_WEIGHT.format(t), 1.0)) for t in self.task_names},
-                          seed=self.cfg.study.seed)
+        opts = FitOptions.from_config(
+            f, objective=knob("objective", f.objective), lr=float(knob("lr", f.lr)), steps=int(knob("steps", f.steps)),
+            start=start, clamp=(f.clamp[0], hi), pull=float(knob("pull", f.pull)),
+            temperature=float(knob("temperature", f.temperature)),
+            task_weights={t: float(params.get(TASK_WEIGHT.format(t), 1.0)) for t in self.task_names},
+            seed=self.cfg.study.seed)
         return opts, knob("granularity", f.granularity)
 
     # -- plans --

@@ -15,8 +15,9 @@ import optuna
 
 from mergesearch import __version__
 from mergesearch.errors import StudyError
-from mergesearch.study import records as R
+from mergesearch.study import records
 from mergesearch.study.baselines import start_point
+from mergesearch.study.owners import fail_dead_trials
 from mergesearch.study.samplers import make_pruner, make_sampler
 from mergesearch.study.storage import open_storage, quietly, require_existing, study_exists
 from mergesearch.study.workbench import Workbench
@@ -54,7 +55,7 @@ def study_meta(bench: Workbench) -> dict:
 
 
 def _check_resumable(old: optuna.Study, bench: Workbench, url: str) -> None:
-    name, old_meta = old.study_name, R.meta(old)
+    name, old_meta = old.study_name, records.meta(old)
     if old_meta.get("space_fingerprint") != bench.fingerprint:
         what = "fit: section or search space" if bench.fit_stage is not None else "search space"
         space = old_meta.get("space", {})
@@ -64,9 +65,9 @@ def _check_resumable(old: optuna.Study, bench: Workbench, url: str) -> None:
     if old_meta.get("objectives") != bench.objective_names:
         raise StudyError(f"study {name!r} was created with objectives {old_meta.get('objectives')}; "
                          "give the study a new name to change them")
-    if any(not R.is_search_trial(t) for t in old.get_trials(deepcopy=False)):
-        raise StudyError(f"study {name!r} keeps its baselines among its trials (made by an earlier mergesearch): its samplers "
-                         "would sample at random; give the study a new name to start it afresh")
+    if any(not records.is_search_trial(t) for t in old.get_trials(deepcopy=False)):
+        raise StudyError(f"study {name!r} keeps its baselines among its trials (made by an earlier mergesearch): "
+                         "its samplers would sample at random; give the study a new name to start it afresh")
 
 
 def attach_sampler(bench: Workbench, study: optuna.Study, x0: dict[str, float]) -> str:
@@ -76,7 +77,7 @@ def attach_sampler(bench: Workbench, study: optuna.Study, x0: dict[str, float]) 
     if drop is not None:
         def constraints(trial: optuna.trial.FrozenTrial) -> list[float]:
             # reads the base scores at call time: they are known once the baselines have run
-            return R.constraint_values(R.objective_scores(trial), bench.base_scores, bench.task_names, drop)
+            return records.constraint_values(records.objective_scores(trial), bench.base_scores, bench.task_names, drop)
     study.sampler, reason = make_sampler(bench.cfg.study.sampler, seed=bench.sampler_seed,
                                          n_params=bench.n_search_params, n_objectives=len(bench.objective_names),
                                          x0=x0, constraints_func=constraints,
@@ -98,7 +99,7 @@ def open_study(bench: Workbench, *, create: bool = True) -> optuna.Study:
     if exists:
         study = optuna.load_study(study_name=name, storage=storage, pruner=pruner)
         _check_resumable(study, bench, url)
-        meta = R.meta(study)
+        meta = records.meta(study)
     else:
         study = optuna.create_study(study_name=name, storage=storage, pruner=pruner,
                                     directions=["maximize"] * len(bench.objective_names))
@@ -110,8 +111,12 @@ def open_study(bench: Workbench, *, create: bool = True) -> optuna.Study:
     # A resumed study starts from the point it chose when it was new (see `warm_start`).
     reason = attach_sampler(bench, study, (meta.get("start") or {}).get("x0") or bench.start_point_guess())
     if not exists:
-        study.set_user_attr(R.META_KEY, {**study_meta(bench), "sampler": type(study.sampler).__name__,
+        study.set_user_attr(records.META_KEY, {**study_meta(bench), "sampler": type(study.sampler).__name__,
                                          "sampler_reason": reason})
+    else:
+        # trials left RUNNING by a process of this host that is gone (kill -9) fail now and are queued
+        # again, not after the heartbeat's grace period, which a short resumed run may never reach
+        fail_dead_trials(study)
     log.info("sampler: %s (%s)", type(study.sampler).__name__, reason)
     return study
 
@@ -122,12 +127,12 @@ def warm_start(bench: Workbench, study: optuna.Study) -> None:
     The choice is stored in the study, so a resumed run (or a crash between baselines and search)
     rebuilds the same sampler; a study that already has searched trials keeps its start.
     """
-    m = R.meta(study)
+    m = records.meta(study)
     if m.get("start") or study.get_trials(deepcopy=False):  # WAITING included
         return
     name, x0 = start_point(bench, study)
     m["start"] = {"from": name, "x0": x0}
-    study.set_user_attr(R.META_KEY, m)
+    study.set_user_attr(records.META_KEY, m)
     attach_sampler(bench, study, x0)
     study.enqueue_trial(x0, user_attrs={"start": name})
     log.info("search starts from the %s merge", name)

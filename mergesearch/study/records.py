@@ -16,6 +16,8 @@ Trial user attributes (searched trials):
   TRIAL_KEY ("mergesearch"): one JSON record, written once per trial (one storage call):
       "scores" {task: {metric: value}} on the calibration set, "objective_scores" {task: value},
       "merge_s", "eval_s", "device", "fail_reason" (FAILED/PRUNED trials), FIT_KEY (fitted trials).
+  OWNER_KEY ("owner"): {"trial", "host", "machine", "pid", "started"}, written as the trial starts: the
+      process running it (study.owners fails the trial at once if that process, on this host, is gone).
   "start": the start point's name, on the one trial the study queued first.
 Parameter names are the search-space slot keys (see mergesearch.space.parse_key).
 """
@@ -35,6 +37,7 @@ META_KEY = "mergesearch"
 BASELINES_KEY = "baselines"
 TEST_KEY = "test_scores"
 TRIAL_KEY = "mergesearch"
+OWNER_KEY = "owner"
 FIT_KEY = "fit"  # in a trial's record: fitted coefficients and the fit's history (study.fitting)
 BASELINE = "baseline"  # user attribute of a baseline's FrozenTrial (as read back): its name
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)  # the trials that count towards n_trials
@@ -47,6 +50,11 @@ def meta(study: optuna.Study) -> dict:
 def record(trial: FrozenTrial) -> dict:
     """What the runner stored with a trial (scores, timings, device, fit, failure reason)."""
     return trial.user_attrs.get(TRIAL_KEY) or {}
+
+
+def owner(trial: FrozenTrial) -> dict | None:
+    """The process that runs (or ran) a trial, as study.owners recorded it; None before it was recorded."""
+    return trial.user_attrs.get(OWNER_KEY)
 
 
 def objective_scores(trial: FrozenTrial) -> dict[str, float]:

@@ -16,8 +16,9 @@ import optuna
 from optuna.trial import TrialState
 
 from mergesearch.errors import CandidateError, StudyError
-from mergesearch.study import records as R
-from mergesearch.study.workbench import Workbench, failure_reason
+from mergesearch.study import records
+from mergesearch.study.owners import owner_record
+from mergesearch.study.workbench import PrunedWithRecord, Workbench, failure_reason
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,8 @@ class StudyRunner(Workbench):
     """Runs trials of one study in this process (see study.opening for creating or resuming it)."""
 
     def objective(self, trial: optuna.Trial) -> list[float] | float:
+        # first, so that a run finding this trial RUNNING after this process died fails it at once
+        trial.set_user_attr(records.OWNER_KEY, owner_record(trial.number))
         values_in = self.space.suggest(trial)
         if self.fit_stage is not None:
             values_in.update(self.fit_stage.suggest(trial))
@@ -38,16 +41,16 @@ class StudyRunner(Workbench):
                 _, plan, fitted = self.fit_stage.run(plan, values_in)
             values, rec = self.score_plan(plan, trial)
         except optuna.TrialPruned as exc:
-            trial.set_user_attr(R.TRIAL_KEY, getattr(exc, "record", {}))
+            trial.set_user_attr(records.TRIAL_KEY, exc.record if isinstance(exc, PrunedWithRecord) else {})
             raise
         except Exception as exc:  # noqa: BLE001 - one bad candidate (NaN, OOM, evaluator crash) must not end the study
             reason = failure_reason(exc)
-            trial.set_user_attr(R.TRIAL_KEY, {"fail_reason": reason, "device": self.device})
+            trial.set_user_attr(records.TRIAL_KEY, {"fail_reason": reason, "device": self.device})
             log.warning("trial %d failed: %s", trial.number, reason)
             raise CandidateError(reason) from exc
         if fitted is not None:
-            rec[R.FIT_KEY] = fitted
-        trial.set_user_attr(R.TRIAL_KEY, rec)
+            rec[records.FIT_KEY] = fitted
+        trial.set_user_attr(records.TRIAL_KEY, rec)
         if self.fault_hook:
             self.fault_hook("store")
         return values if self.per_task else values[0]
@@ -57,7 +60,7 @@ class StudyRunner(Workbench):
         """Run trials until `target` searched trials are counted in the storage (all workers together)."""
         from tqdm.auto import tqdm
 
-        done = R.counted(study)
+        done = records.counted(study)
         if target is not None and self.n_search_params == 0 and target > 1:
             log.info("nothing is searched (every parameter fixed): one trial is the whole study")
             target = max(1, done)
@@ -69,18 +72,19 @@ class StudyRunner(Workbench):
         # trial, never a scan of every trial, and one count of the stored trials (the storage's cache
         # answers it incrementally; it includes other workers' trials, which may finish in any order,
         # so the shared target is checked after every trial).
-        best = max((R.trial_mean(t) for t in R.best_trials(study, 1, feasible_only=False)), default=-math.inf)
+        best = max((records.trial_mean(t) for t in records.best_trials(study, 1, feasible_only=False)),
+                   default=-math.inf)
         state = {"failed_in_a_row": 0, "best": best}
 
         def callback(st: optuna.Study, ft: optuna.trial.FrozenTrial) -> None:
             state["failed_in_a_row"] = state["failed_in_a_row"] + 1 if ft.state == TrialState.FAIL else 0
             if state["failed_in_a_row"] >= MAX_FAILURES_IN_A_ROW:
                 raise StudyError(f"the last {state['failed_in_a_row']} candidates all failed (last: "
-                                 f"{R.record(ft).get('fail_reason', 'no reason stored')}): fix the cause, then "
+                                 f"{records.record(ft).get('fail_reason', 'no reason stored')}): fix the cause, then "
                                  "resume with the same command")
             if ft.state == TrialState.COMPLETE:
-                state["best"] = max(state["best"], R.trial_mean(ft))
-            n = R.counted(st)
+                state["best"] = max(state["best"], records.trial_mean(ft))
+            n = records.counted(st)
             if progress:
                 bar.n = n
                 bar.set_postfix(best=f"{state['best']:.4f}", last=ft.state.name.lower(), refresh=False)

@@ -92,6 +92,11 @@ def _sqlite_begin(conn) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def quiet_optuna() -> None:
+    """Optuna's per-trial INFO lines off: mergesearch logs and draws its own progress."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
 def quietly(fn, *args, **kwargs):
     """Call fn without Optuna's experimental-feature warnings (heartbeat and retry are stable in use)."""
     with warnings.catch_warnings():
@@ -107,6 +112,12 @@ def _with_driver(url: str) -> str:
         if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
             return f"postgresql+psycopg2://{rest}"
     return url
+
+
+def retry_callback() -> RetryFailedTrialCallback:
+    """What happens to a trial whose worker died: its parameters are queued again (WAITING), at most
+    MAX_RETRY times. The heartbeat and study.owners both use it, so a retry means the same either way."""
+    return quietly(RetryFailedTrialCallback, max_retry=MAX_RETRY)
 
 
 def open_storage(url: str, *, heartbeat: bool = True) -> BaseStorage:
@@ -139,7 +150,7 @@ def open_storage(url: str, *, heartbeat: bool = True) -> BaseStorage:
                   else "failed_trial_callback")
         beat, grace = heartbeat_settings()
         kwargs.update(heartbeat_interval=beat, grace_period=grace)
-        kwargs[cb_arg] = quietly(RetryFailedTrialCallback, max_retry=MAX_RETRY)
+        kwargs[cb_arg] = retry_callback()
     try:
         storage = quietly(RDBStorage, driver_url, **kwargs)
     except Exception as exc:  # sqlalchemy / driver errors carry the useful text

@@ -26,13 +26,21 @@ from mergesearch.fit import require_fittable
 from mergesearch.materializer import Materializer
 from mergesearch.plan import Plan
 from mergesearch.space import SearchSpace, allocate_chunks, layer_importance
-from mergesearch.study import records as R
+from mergesearch.study import records
 from mergesearch.study.fitting import FitStage, fit_fingerprint, fit_space_config, method_space_config
 from mergesearch.timings import PhaseTimer
 
 log = logging.getLogger(__name__)
 
 BASELINE_METHOD = "task_arithmetic"  # baselines mean the same whatever method the study searches
+
+
+class PrunedWithRecord(optuna.TrialPruned):
+    """A pruned trial with what it measured before it was stopped (timings, why), for the runner to store."""
+
+    def __init__(self, record: dict):
+        super().__init__(record.get("fail_reason", "pruned"))
+        self.record = record
 
 
 def expert_dirs(cfg: Config) -> list[Path]:
@@ -155,11 +163,11 @@ class Workbench:
 
     def plan_for_trial(self, t: optuna.trial.FrozenTrial) -> Plan:
         """The exact merge a stored trial scored: a baseline, a searched point, or a fitted one."""
-        if R.baseline_name(t) is not None:
+        if records.baseline_name(t) is not None:
             return self.baseline_plan(t.user_attrs["weights"])
         plan = self.plan_for(t.params)
         if self.fit_stage is not None:
-            fitted = R.record(t).get(R.FIT_KEY)
+            fitted = records.record(t).get(records.FIT_KEY)
             if fitted is None:
                 raise StudyError(f"trial {t.number} stores no fitted coefficients: it did not complete its fit")
             plan = self.fit_stage.plan_from_record(plan, t.params, fitted)
@@ -201,7 +209,7 @@ class Workbench:
         """Materialise and score a plan; with a trial, report running scores and prune.
 
         Returns (objective values, the trial record: scores, objective_scores, merge_s, eval_s, device).
-        A pruned trial's record (timings and why) is on the TrialPruned exception as `.record`."""
+        A pruned trial raises PrunedWithRecord, which carries its record (timings and why)."""
         t0 = time.perf_counter()
         if self.fault_hook:
             self.fault_hook("merge")
@@ -216,10 +224,9 @@ class Workbench:
                 # step = slices scored so far: successive halving's first rung is at step min_resource = 1
                 trial.report(self.objective_values(result)[0], step + 1)
                 if trial.should_prune():
-                    exc = optuna.TrialPruned()
-                    exc.record = {"merge_s": t1 - t0, "eval_s": time.perf_counter() - t1, "device": self.device,
-                                  "fail_reason": f"pruned after slice {step + 1}/{n_slices}"}
-                    raise exc
+                    raise PrunedWithRecord({"merge_s": t1 - t0, "eval_s": time.perf_counter() - t1,
+                                            "device": self.device,
+                                            "fail_reason": f"pruned after slice {step + 1}/{n_slices}"})
         values = self.objective_values(result)
         if not all(math.isfinite(v) for v in values):
             raise CandidateError(f"evaluation gave a non-finite score {values}")

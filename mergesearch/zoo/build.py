@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from mergesearch.errors import ConfigError
+from mergesearch.fileio import atomic_write
 from mergesearch.zoo.presets import ZooPreset, get_preset
 from mergesearch.zoo.skills import eval_splits, format_prompt, get_skill, train_stream
 from mergesearch.zoo.tokenizer import build_bpe_tokenizer, build_char_tokenizer
@@ -32,17 +33,11 @@ BPE_TEXTS_PER_SKILL = 2000
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _write_jsonl(path: Path, rows) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as fh:
-        for r in rows:
-            fh.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 @contextlib.contextmanager
@@ -109,27 +104,36 @@ def _sub_seed(seed: int, name: str) -> int:
     return seed * 7919 + zlib.crc32(name.encode())
 
 
-def _build_into(tmp: Path, p: ZooPreset, seed: int, progress: bool) -> dict:
-    t0 = time.perf_counter()
+def _check_preset(p: ZooPreset) -> None:
+    """Unknown skill names fail before any work."""
     for s in p.skills:
-        get_skill(s)  # unknown names fail before any work
+        get_skill(s)
     stray = sorted(set(p.base.mix) - set(p.skills))
     if stray:
         raise ConfigError(f"base.mix names {stray[0]!r}, which is not one of the preset's skills {list(p.skills)}")
-    data = tmp / "data"
-    data.mkdir(parents=True)
+
+
+def _draw_splits(p: ZooPreset, seed: int) -> tuple[dict, dict, dict]:
+    """(splits {skill: {split: rows}}, held-out questions per skill, monitor rows per skill): the evaluation
+    splits and, with `splits.train`, a training split drawn away from every held-out question."""
     sizes = {"calib": p.splits.calib, "test": p.splits.test, "monitor": p.monitor_examples}
     splits = {s: eval_splits(s, sizes, seed) for s in p.skills}
     held_out = {s: {r["question"] for rows in sp.values() for r in rows} for s, sp in splits.items()}
     monitor = {s: sp.pop("monitor") for s, sp in splits.items()} if p.monitor_examples else {}
-    tokenizer = _tokenizer(p, seed, held_out)
-    codec = make_codec(tokenizer, p.tokenizer)
-    if p.splits.train:
-        for s in p.skills:
-            draws = train_stream(s, seed, held_out[s], "fewshot")
-            pairs = [next(draws) for _ in range(p.splits.train)]
-            splits[s]["train"] = [{"id": f"{s}-train-{i:04d}", "prompt": format_prompt(q), "answer": a, "question": q,
-                                   "skill": s} for i, (q, a) in enumerate(pairs)]
+    return splits, held_out, monitor
+
+
+def _add_train_split(splits: dict, p: ZooPreset, seed: int, held_out: dict) -> None:
+    for s in p.skills:
+        draws = train_stream(s, seed, held_out[s], "fewshot")
+        pairs = [next(draws) for _ in range(p.splits.train)]
+        splits[s]["train"] = [{"id": f"{s}-train-{i:04d}", "prompt": format_prompt(q), "answer": a, "question": q,
+                               "skill": s} for i, (q, a) in enumerate(pairs)]
+
+
+def _write_splits(tmp: Path, splits: dict) -> dict:
+    """Write data/<skill>.<split>.jsonl; returns {skill: {split: relative path}} for the manifest."""
+    (tmp / "data").mkdir(parents=True)
     files = {}
     for s, sp in splits.items():
         files[s] = {}
@@ -137,7 +141,13 @@ def _build_into(tmp: Path, p: ZooPreset, seed: int, progress: bool) -> dict:
             rel = f"data/{s}.{split}.jsonl"
             _write_jsonl(tmp / rel, rows)
             files[s][split] = rel
+    return files
 
+
+def _train_models(tmp: Path, p: ZooPreset, seed: int, tokenizer, held_out: dict, monitor: dict,
+                  progress: bool) -> dict:
+    """Train the base, then one expert per skill from it, each saved with the tokenizer; seconds per model."""
+    codec = make_codec(tokenizer, p.tokenizer)
     timings = {}
     t = time.perf_counter()
     base = make_model(p.model, tokenizer, seed)
@@ -150,7 +160,6 @@ def _build_into(tmp: Path, p: ZooPreset, seed: int, progress: bool) -> dict:
     timings["base"] = round(time.perf_counter() - t, 2)
     log.info("base trained in %.1fs; monitor accuracy %s", timings["base"], hist[-1].get("monitor_acc") if hist else "-")
 
-    models = {"base": "base"}
     for s in p.skills:
         t = time.perf_counter()
         name = f"expert-{s}"
@@ -161,11 +170,22 @@ def _build_into(tmp: Path, p: ZooPreset, seed: int, progress: bool) -> dict:
                                     p.monitor_every, name, p.base.mix, progress)
         expert.save_pretrained(tmp / name)
         tokenizer.save_pretrained(tmp / name)
-        models[name] = name
         timings[name] = round(time.perf_counter() - t, 2)
         log.info("%s trained in %.1fs; monitor accuracy %s", name, timings[name],
                  hist[-1].get("monitor_acc") if hist else "-")
+    return timings
 
+
+def _build_into(tmp: Path, p: ZooPreset, seed: int, progress: bool) -> dict:
+    """Build a whole zoo into the folder `tmp`: data splits, tokenizer, models, report; returns the manifest."""
+    t0 = time.perf_counter()
+    _check_preset(p)
+    splits, held_out, monitor = _draw_splits(p, seed)
+    tokenizer = _tokenizer(p, seed, held_out)
+    if p.splits.train:
+        _add_train_split(splits, p, seed, held_out)
+    files = _write_splits(tmp, splits)
+    timings = _train_models(tmp, p, seed, tokenizer, held_out, monitor, progress)
     manifest = {
         "format_version": FORMAT_VERSION,
         "preset": p.name,

@@ -1,0 +1,57 @@
+"""Check a study YAML end to end without loading weights (the CLI's `validate`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mergesearch.config import Config, load_config
+from mergesearch.errors import StudyError
+from mergesearch.study.estimate import estimate_trial_seconds
+from mergesearch.study.storage import open_storage, study_exists
+
+
+def validate_study(path: str | Path) -> dict:
+    """Check a study YAML end to end without loading weights: config, models, tasks, search space.
+
+    Returns a summary with the number of searched parameters and an estimated time per trial.
+    """
+    from mergesearch.checkpoints import check_compatible, open_checkpoint
+    from mergesearch.study.workbench import build_space, load_tasks
+
+    cfg = load_config(path)
+    base = open_checkpoint(cfg.models.base)
+    experts = [open_checkpoint(p) for p in cfg.models.experts.values()]
+    check_compatible(base, experts, merge_common_vocab=cfg.models.merge_common_vocab)
+    space = build_space(cfg, base, experts)
+    tasks = load_tasks(cfg, "calib")
+    load_tasks(cfg, "test")
+    n_examples = sum(len(t) for t in tasks if t.kind != "lmeval")
+    est = estimate_trial_seconds(base.num_parameters, len(experts), cfg.merge.dtype, n_examples)
+    fit = None
+    if cfg.fit is not None:
+        from mergesearch.study.fitting import fit_space_config
+
+        coef = build_space(cfg, base, experts, fit_space_config(cfg.fit, cfg.merge.method))
+        knobs = sorted(cfg.fit.search)
+        n_knobs = len(knobs) + (len(cfg.objectives.tasks) - 1 if "task_weights" in knobs else 0)
+        fit = {"objective": cfg.fit.objective, "granularity": cfg.fit.granularity, "coefficients": coef.n_params,
+               "steps": cfg.fit.steps, "knobs": knobs, "n_knobs": n_knobs}
+    n_params = space.n_params + (fit["n_knobs"] if fit else 0)
+    from mergesearch.memory import study_estimates
+
+    mem = study_estimates(cfg, [t for t in base.tensors.values() if t.dtype.is_floating_point], len(experts))
+    return {"config": str(path), "method": cfg.merge.method, "n_params": n_params, "fit": fit, "memory": mem,
+            "space": space.describe(),
+            "experts": list(cfg.models.experts), "parameters": base.num_parameters, "calib_examples": n_examples,
+            "storage": cfg.storage_url, "estimated_seconds_per_trial": est,
+            "storage_exists": _storage_has(cfg)}
+
+
+def _storage_has(cfg: Config) -> bool:
+    url = cfg.storage_url
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        return False
+    try:
+        return study_exists(open_storage(url, heartbeat=False), cfg.study.name)
+    except StudyError:
+        return False
