@@ -307,8 +307,8 @@ def _cmd_validate(args) -> int:
 
 
 def _add_demo(sub) -> None:
-    p = _parser("demo", sub, "build the demo zoo (cached), fit a merge on it and print what it found",
-                "Builds the demo expert zoo under zoo/ (once; about 5 minutes on 2 CPU cores), runs\n"
+    p = _parser("demo", sub, "fit a merge on the shipped demo zoo and print what it found",
+                "Uses the demo expert zoo shipped in the package (the same weights on every machine), runs\n"
                 "studies/demo_global.yaml (a global search: one weight per expert) and studies/demo.yaml\n"
                 "(per-tensor x chunk coefficients fitted by gradient) with live progress, prints base /\n"
                 "experts / uniform / best baseline merge / global search / fitted merge on the calib and\n"

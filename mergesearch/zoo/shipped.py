@@ -73,14 +73,14 @@ def get_zoo(cache_dir: str | os.PathLike, preset: str = "test", seed: int = 0, *
                                                                tokenizer=tokenizer)
 
 
-def ship_zoo(preset: str, seed: int = 0, tokenizer: str | None = None, *, out_dir: str | os.PathLike = SHIPPED_DIR,
+def ship_zoo(preset: str, seed: int = 0, tokenizer: str | None = None, *, out_dir: str | os.PathLike | None = None,
              progress: bool = True) -> Path:
     """Train (preset, seed, tokenizer) from scratch and store it as the shipped zoo, replacing the previous one.
 
     Run it whenever the zoo's code or presets change (`tests/test_zoo.py` fails until then), and copy the
-    demo's new tables into the README (`mergesearch demo`).
+    demo's new tables into the README (`mergesearch demo`). `out_dir`: default SHIPPED_DIR.
     """
-    out = Path(out_dir) / shipped_name(preset, seed, tokenizer)
+    out = Path(out_dir or SHIPPED_DIR) / shipped_name(preset, seed, tokenizer)
     build_zoo(out, preset, seed, overwrite=True, progress=progress, tokenizer=tokenizer)
     _verified.discard(out.resolve())
     log.info("shipped zoo written to %s", out)
