@@ -82,6 +82,6 @@ def ship_zoo(preset: str, seed: int = 0, tokenizer: str | None = None, *, out_di
     """
     out = Path(out_dir or SHIPPED_DIR) / shipped_name(preset, seed, tokenizer)
     build_zoo(out, preset, seed, overwrite=True, progress=progress, tokenizer=tokenizer)
-    _verified.discard(out.resolve())
+    _verified.discard(out)
     log.info("shipped zoo written to %s", out)
     return verify_zoo(out)
