@@ -86,8 +86,9 @@ def test_every_declared_package_is_locked_and_its_floor_is_the_locked_version():
         assert pins[name] in SpecifierSet(specifier), (spec, pins[name])
 
 
-def test_the_lock_is_closed_under_the_installed_requirements():
-    """Every package the declared ones need, transitively (as this environment's metadata says), is pinned."""
+def test_the_lock_is_exactly_what_the_declared_packages_need():
+    """Every package the declared ones need, transitively with the extras they ask for (as this environment's
+    metadata says), is pinned, and nothing else is: `make install` then installs the whole lock."""
     from importlib.metadata import PackageNotFoundError, distribution
 
     from packaging.requirements import Requirement
@@ -95,22 +96,27 @@ def test_the_lock_is_closed_under_the_installed_requirements():
     lock = _lock_module()
     pins = lock.read_lock((REPO / "requirements.lock").read_text())
     todo = [Requirement(spec) for spec in lock.declared((REPO / "pyproject.toml").read_text())]
-    seen, missing = set(), []
+    seen: set[str] = set()
+    done: set[tuple[str, str]] = set()
     while todo:
         req = todo.pop()
         name = lock.canonical(req.name)
-        if name in seen or (req.marker is not None and not req.marker.evaluate({"extra": ""})):
-            continue
-        seen.add(name)
-        if name not in pins:
-            missing.append(name)
-        try:
-            dist = distribution(req.name)
-        except PackageNotFoundError:
-            continue  # the next test reports packages that are not installed
-        for sub in dist.requires or []:
-            todo.append(Requirement(sub))
-    assert not missing, f"requirements.lock misses {sorted(missing)}, needed by the declared packages: run `make lock`"
+        for extra in ["", *sorted(req.extras)]:
+            if (name, extra) in done:
+                continue
+            done.add((name, extra))
+            seen.add(name)
+            try:
+                requires = distribution(req.name).requires or []
+            except PackageNotFoundError:
+                continue  # the next test reports packages that are not installed
+            for sub in map(Requirement, requires):
+                if sub.marker is None or sub.marker.evaluate({"extra": extra}):  # an extra only when asked for
+                    todo.append(sub)
+    assert not sorted(seen - set(pins)), (f"requirements.lock misses {sorted(seen - set(pins))}, needed by the "
+                                          "declared packages: run `make lock`")
+    assert not sorted(set(pins) - seen), (
+        f"requirements.lock pins {sorted(set(pins) - seen)}, which no declared package needs: run `make lock`")
     assert len(seen) > 40  # the walk went through the dependency tree, not just the declared names
 
 
