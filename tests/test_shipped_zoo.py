@@ -51,9 +51,10 @@ def test_shipped_zoos_are_current_with_the_presets_and_the_skills(preset, seed, 
         assert man["files"][rel] == made["files"][rel], f"{rel} differs from the code's: re-ship the {preset!r} zoo"
 
 
-def _damaged(tmp_path, name="test-s0"):
-    copy = tmp_path / "shipped" / name
-    shutil.copytree(shipped.SHIPPED_DIR / name, copy)
+def _damaged(tmp_path, as_name="test-s0"):
+    """A copy of the shipped test zoo under tmp_path/shipped/<as_name> (intact until the test damages it)."""
+    copy = tmp_path / "shipped" / as_name
+    shutil.copytree(shipped.SHIPPED_DIR / "test-s0", copy)
     return copy
 
 
@@ -86,7 +87,7 @@ def test_a_damaged_zoo_is_refused_with_the_file_and_the_fix(tmp_path):
 
 
 def test_the_demo_refuses_a_damaged_shipped_zoo_in_one_line(tmp_path, monkeypatch, capsys):
-    zoo = _damaged(tmp_path, "demo-s0")
+    zoo = _damaged(tmp_path, "demo-s0")  # refused before anything reads what is inside
     weights = zoo / "base" / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0xFF
