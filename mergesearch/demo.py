@@ -1,5 +1,5 @@
-"""The demo: the shipped demo zoo (other seeds: built and cached), run studies/demo.yaml (the fitted merge) and studies/demo_global.yaml
-(a global search) on it, print the comparison table."""
+"""The demo: on the shipped demo zoo (other seeds: built and cached), run studies/demo.yaml (the fitted merge)
+and studies/demo_global.yaml (a global search), print the comparison table."""
 
 from __future__ import annotations
 

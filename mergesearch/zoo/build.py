@@ -105,7 +105,7 @@ def file_hashes(path: str | os.PathLike) -> dict[str, str]:
     `files`, checked by `verify_zoo`)."""
     root = Path(path)
     return {f.relative_to(root).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest()
-            for f in sorted(root.rglob("*")) if f.is_file() and f.name != MANIFEST}
+            for f in sorted(root.rglob("*")) if f.is_file() and f != root / MANIFEST}
 
 
 def is_complete(path: str | os.PathLike) -> bool:
