@@ -1,20 +1,26 @@
 # The two commands of the README: `make demo` and `make test`.
-# torch is installed first, from the local CPU wheel, so pip never pulls a multi-GB CUDA build.
-# GPU users: `make TORCH_SPEC='torch' demo`, or install their own torch into .venv first.
+# Every package is installed at the version requirements.lock pins (`pip install -c`), so the suite runs on
+# the same versions on every machine and every day. torch is installed first, at the locked version from the
+# local CPU wheel, so pip never pulls a multi-GB CUDA build. GPU users: install their own CUDA build of the
+# locked torch version into .venv first (a local label such as +cu128 satisfies the pin).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-TORCH_SPEC ?= torch==2.13.0
+LOCK ?= requirements.lock
 PYTEST_ARGS ?=
+# `make lock`: the fresh environment the new lock is frozen from, and the torch it starts from (the newest
+# the index serves unless given: `make lock TORCH_SPEC=torch==2.14.0`).
+LOCK_VENV ?= .venv-lock
+TORCH_SPEC ?= torch
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench lock clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q -c $(LOCK) torch
+	$(BIN)/pip install -q -c $(LOCK) -e '.[dev]'
 	touch $@
 
 demo: install
@@ -32,5 +38,17 @@ bench: install
 	  if [ $$rc -eq 77 ]; then echo "skipped $$f: needs hardware this machine lacks"; \
 	  elif [ $$rc -ne 0 ]; then echo "make bench: $$f failed (exit $$rc)" >&2; exit 1; fi; done
 
+# Refresh the lock: the newest versions in a fresh venv, frozen into requirements.lock (pyproject.toml's floors
+# raised to them by .ci/lock.py), then the whole suite on exactly that venv. A failing suite leaves the new
+# lock in the working tree to fix or to drop (`git checkout requirements.lock pyproject.toml`).
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PY) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install -q "$(TORCH_SPEC)"
+	$(LOCK_VENV)/bin/pip install -q -e '.[dev]'
+	$(LOCK_VENV)/bin/pip freeze --all --exclude-editable > $(LOCK_VENV)/freeze.txt
+	$(LOCK_VENV)/bin/python .ci/lock.py $(LOCK_VENV)/freeze.txt
+	$(MAKE) test VENV=$(LOCK_VENV)
+
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(LOCK_VENV) .pytest_cache build *.egg-info

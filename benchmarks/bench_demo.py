@@ -15,7 +15,7 @@ search picks on a validation slice of ~60 questions per skill, so it may trade a
 Every pick is made on calib; only the reported numbers are read from test. Each target prints an `ok` or
 `MISS` line per zoo seed; exit code 1 on a MISS.
 
-    python benchmarks/bench_demo.py                        # zoo seeds 0,1,2 (built under zoo/ if needed)
+    python benchmarks/bench_demo.py                        # zoo seeds 0 (shipped), 1, 2 (built under zoo/ if needed)
     python benchmarks/bench_demo.py --zoo-seeds 0 --global-trials 60 --fit-trials 2
 """
 
@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 from mergesearch.config import config_from_dict, load_space  # noqa: E402
 from mergesearch.study import records as R  # noqa: E402
 from mergesearch.study import run_study  # noqa: E402
-from mergesearch.zoo import ensure_zoo, study_inputs  # noqa: E402
+from mergesearch.zoo import get_zoo, study_inputs  # noqa: E402
 
 from _checks import Checks  # noqa: E402
 
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
         if len(dirs) != len(seeds):
             ap.error("--zoo-dirs needs one folder per seed of --zoo-seeds")
         for zs, d in zip(seeds, dirs):
-            zoo = d or ensure_zoo(args.zoo_root, "demo", seed=zs, progress=False)
+            zoo = d or get_zoo(args.zoo_root, "demo", seed=zs, progress=False)
             rows.append(run_seed(zs, zoo, tmp, args))
             print(json.dumps(rows[-1]), flush=True)
 

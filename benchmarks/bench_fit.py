@@ -213,9 +213,9 @@ def main(argv=None) -> int:
         print(json.dumps(child_memory(mode, base, experts.split(","), zoo, int(batch))))
         return 0
 
-    from mergesearch.zoo import ensure_zoo, load_manifest
+    from mergesearch.zoo import get_zoo, load_manifest
 
-    zoo = args.zoo or ensure_zoo(args.zoo_root, "demo", seed=0, progress=False)
+    zoo = args.zoo or get_zoo(args.zoo_root, "demo", seed=0, progress=False)
     m = load_manifest(zoo)
     rows = []
     if not args.memory_only:

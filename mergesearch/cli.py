@@ -115,6 +115,8 @@ def _cmd_eval(args) -> int:
 
 
 def _add_zoo(sub) -> None:
+    from mergesearch.zoo.presets import PRESETS
+
     p = _parser("zoo", sub, "the tiny expert zoo: a base model and one expert per skill, trained on the CPU")
     zsub = p.add_subparsers(dest="zoo_command", metavar="ZOO_COMMAND", required=True)
     b = _parser("build", zsub, "train a zoo (base/, expert-<skill>/, data/, zoo.json) and print its report")
@@ -128,6 +130,14 @@ def _add_zoo(sub) -> None:
     b.add_argument("--overwrite", action="store_true", help="replace an existing zoo folder at --out")
     b.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     b.set_defaults(func=_cmd_zoo_build)
+    ship = _parser("ship", zsub, "re-train a zoo shipped in the package (mergesearch/zoo/shipped/) with its sha256 "
+                   "manifest: after any change to the zoo's code or presets")
+    ship.add_argument("preset", nargs="?", choices=list(PRESETS), help="the zoo to re-train (or --all)")
+    ship.add_argument("--seed", type=int, default=0, help="the seed of the shipped zoo")
+    ship.add_argument("--tokenizer", choices=["char", "bpe"], default=None, help="default: the preset's, char")
+    ship.add_argument("--all", action="store_true", help="every shipped zoo: demo, test and test with the BPE tokenizer")
+    ship.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    ship.set_defaults(func=_cmd_zoo_ship)
 
 
 def _cmd_zoo_build(args) -> int:
@@ -143,6 +153,26 @@ def _cmd_zoo_build(args) -> int:
     if "report" in manifest:
         print(format_report(json.loads((out / manifest["report"]).read_text())))
     print(f"zoo {args.preset!r} (seed {args.seed}) built in {manifest['build_seconds']:.0f}s: {Path(out)}")
+    return 0
+
+
+def _cmd_zoo_ship(args) -> int:
+    import json
+
+    from mergesearch.errors import ConfigError
+    from mergesearch.zoo._report import format_report
+    from mergesearch.zoo.shipped import SHIPPED, ship_zoo
+
+    if args.all == (args.preset is not None):
+        raise ConfigError("name one preset to ship (`mergesearch zoo ship demo`) or pass --all, not both")
+    for preset, seed, tokenizer in SHIPPED if args.all else [(args.preset, args.seed, args.tokenizer)]:
+        out = ship_zoo(preset, seed, tokenizer, progress=not args.no_progress)
+        manifest = json.loads((out / "zoo.json").read_text())
+        if "report" in manifest:
+            print(format_report(json.loads((out / manifest["report"]).read_text())))
+        print(f"zoo {preset!r} (seed {seed}) shipped in {manifest['build_seconds']:.0f}s: {out} "
+              f"({len(manifest['files'])} files, sha256 in zoo.json)")
+    print("next: `mergesearch demo` and copy its tables into the README when the demo zoo changed; commit the zoos")
     return 0
 
 
@@ -316,8 +346,8 @@ def _cmd_validate(args) -> int:
 
 
 def _add_demo(sub) -> None:
-    p = _parser("demo", sub, "build the demo zoo (cached), fit a merge on it and print what it found",
-                "Builds the demo expert zoo under zoo/ (once; about 5 minutes on 2 CPU cores), runs\n"
+    p = _parser("demo", sub, "fit a merge on the shipped demo zoo and print what it found",
+                "Uses the demo expert zoo shipped in the package (the same weights on every machine), runs\n"
                 "studies/demo_global.yaml (a global search: one weight per expert) and studies/demo.yaml\n"
                 "(per-tensor x chunk coefficients fitted by gradient) with live progress, prints base /\n"
                 "experts / uniform / best baseline merge / global search / fitted merge on the calib and\n"

@@ -1,5 +1,5 @@
-"""The demo: build the demo zoo (cached), run studies/demo.yaml (the fitted merge) and studies/demo_global.yaml
-(a global search) on it, print the comparison table."""
+"""The demo: on the shipped demo zoo (other seeds: built and cached), run studies/demo.yaml (the fitted merge)
+and studies/demo_global.yaml (a global search), print the comparison table."""
 
 from __future__ import annotations
 
@@ -20,17 +20,20 @@ GLOBAL_STUDY = ROOT / "studies" / "demo_global.yaml"
 
 
 def prepare_zoo(seed: int = 0, progress: bool = True) -> Path:
-    """Build (or reuse) the demo zoo and point zoo/demo at it, where studies/demo.yaml looks."""
-    from mergesearch.zoo import ensure_zoo
+    """Point zoo/demo, where studies/demo.yaml looks, at the demo zoo: the shipped one for seed 0 (the same
+    weights on every machine, so the README's tables), else one built here and cached under zoo/."""
+    from mergesearch.zoo import get_zoo
 
-    zoo = ensure_zoo(ROOT / "zoo", "demo", seed=seed, progress=progress)
+    zoo = get_zoo(ROOT / "zoo", "demo", seed=seed, progress=progress)
     link = ROOT / "zoo" / "demo"
+    target = Path(os.path.relpath(zoo, link.parent))  # relative: the clone may move
+    link.parent.mkdir(exist_ok=True)
     if link.is_symlink() or not link.exists():
-        if link.is_symlink() and Path(os.readlink(link)) == Path(zoo.name):
+        if link.is_symlink() and Path(os.readlink(link)) == target:
             return link
         tmp = link.with_name(".demo.link")
         tmp.unlink(missing_ok=True)
-        tmp.symlink_to(zoo.name)
+        tmp.symlink_to(target)
         os.replace(tmp, link)  # atomic: a concurrent reader sees the old or the new zoo
         return link
     raise ConfigError(f"{link} exists and is not a link made by the demo: move it away")

@@ -15,11 +15,11 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 ARCHS = ("llama", "qwen2", "gpt2")
 
-# The seed of the `test` zoo the suite runs on. The trained weights differ between machines (float
-# reduction order), so no test may depend on one seed's exact weights: run the suite with other seeds
+# The seed of the `test` zoo the suite runs on: 0 is the zoo shipped in the package (the same weights on
+# every machine); another seed is trained here. Trained weights differ between machines (float reduction
+# order), so no test may depend on one seed's exact weights: run the suite with other seeds
 # (MERGESEARCH_TEST_ZOO_SEED=1 make test) to check.
 ZOO_SEED = int(os.environ.get("MERGESEARCH_TEST_ZOO_SEED", "0"))
-
 
 
 def tiny_config(arch: str = "llama", *, vocab_size: int = 100, layers: int = 2):
@@ -76,24 +76,25 @@ def tiny_family(tmp_path):
 
 @pytest.fixture(scope="session")
 def zoo_test() -> Path:
-    """The `test` preset zoo (base/, expert-<skill>/, data/<skill>.{calib,test}.jsonl, zoo.json).
+    """The `test` preset zoo (base/, expert-<skill>/, data/<skill>.{calib,test}.jsonl, zoo.json), read-only.
 
-    Built once into <repo>/.cache/zoo-test-s<seed>-<code hash>/ (seed: ZOO_SEED) and reused by later
-    sessions until the zoo code or preset changes. Weak models on purpose: for structure and
-    determinism tests.
+    Seed 0: the zoo shipped in the package (mergesearch/zoo/shipped/test-s0, checked by sha256). Another
+    ZOO_SEED: built once into <repo>/.cache/zoo-test-s<seed>-<code hash>/ and reused by later sessions until
+    the zoo code or preset changes. Weak models on purpose: for structure and determinism tests.
     """
-    from mergesearch.zoo import ensure_zoo
+    from mergesearch.zoo import get_zoo
 
-    return ensure_zoo(Path(__file__).resolve().parent.parent / ".cache", "test", seed=ZOO_SEED, progress=False)
+    return get_zoo(Path(__file__).resolve().parent.parent / ".cache", "test", seed=ZOO_SEED, progress=False)
 
 
 @pytest.fixture(scope="session")
 def zoo_test_bpe() -> Path:
-    """The `test` preset zoo with the byte-level BPE tokenizer (`--tokenizer bpe`), cached like `zoo_test`."""
-    from mergesearch.zoo import ensure_zoo
+    """The `test` preset zoo with the byte-level BPE tokenizer (`--tokenizer bpe`), shipped or cached like
+    `zoo_test`."""
+    from mergesearch.zoo import get_zoo
 
-    return ensure_zoo(Path(__file__).resolve().parent.parent / ".cache", "test", seed=ZOO_SEED, progress=False,
-                      tokenizer="bpe")
+    return get_zoo(Path(__file__).resolve().parent.parent / ".cache", "test", seed=ZOO_SEED, progress=False,
+                   tokenizer="bpe")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,12 +1,11 @@
 """What CI relies on: required components fail instead of skipping under CI=true, the check that
-every required test ran, and version floors that are the versions the suite runs on."""
+every required test ran, and the locked install (requirements.lock, whose versions are pyproject's floors)."""
 
 from __future__ import annotations
 
 import re
 import subprocess
 import sys
-from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -63,24 +62,117 @@ def test_check_required_fails_when_a_required_test_skipped(tmp_path):
     assert missing.returncode == 1 and "not collected" in missing.stderr
 
 
-def _floor(spec: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in spec.split(">=")[1].split(",")[0].strip().split("."))
+def _lock_module():
+    sys.path.insert(0, str(REPO / ".ci"))
+    try:
+        import lock
+    finally:
+        sys.path.pop(0)
+    return lock
 
 
-@pytest.mark.parametrize("package", ["torch", "transformers", "optuna"])
-def test_declared_floor_is_the_tested_version(package):
-    """pyproject's floor of each core dependency is the major.minor the suite runs on: a floor below it
-    would promise versions no test ran on."""
-    import tomllib
+def test_every_declared_package_is_locked_and_its_floor_is_the_locked_version():
+    """A floor is a version the suite ran on: the one requirements.lock pins (`make lock` raises both)."""
+    from packaging.specifiers import SpecifierSet
 
-    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-    spec = next(d for d in deps if re.match(rf"{package}\s*>=", d))
-    installed = tuple(int(x) for x in re.findall(r"\d+", version(package))[:2])
-    floor = _floor(spec)[:2]
-    assert installed >= floor, f"{package} {version(package)} is below the declared floor {spec}"
-    assert floor == installed, (f"pyproject declares {spec} but the suite runs on {package} {version(package)}: "
-                                f"raise the floor to {installed[0]}.{installed[1]} or also run the suite on "
-                                f"{floor[0]}.{floor[1]}")
+    lock = _lock_module()
+    pins = lock.read_lock((REPO / "requirements.lock").read_text())
+    assert "mergesearch" not in pins and "torch" in pins
+    for spec in lock.declared((REPO / "pyproject.toml").read_text()):
+        name, specifier = lock.split_spec(spec)
+        assert name in pins, f"pyproject declares {spec!r} but requirements.lock does not pin it: run `make lock`"
+        assert lock.floor_of(spec) == pins[name], (f"pyproject declares {spec!r} but the suite runs on {name} "
+                                                   f"{pins[name]} (requirements.lock): run `make lock`")
+        assert pins[name] in SpecifierSet(specifier), (spec, pins[name])
+
+
+def test_the_lock_is_exactly_what_the_declared_packages_need():
+    """Every package the declared ones need, transitively with the extras they ask for (as this environment's
+    metadata says), is pinned, and nothing else is: `make install` then installs the whole lock."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    from packaging.requirements import Requirement
+
+    lock = _lock_module()
+    pins = lock.read_lock((REPO / "requirements.lock").read_text())
+    todo = [Requirement(spec) for spec in lock.declared((REPO / "pyproject.toml").read_text())]
+    seen: set[str] = set()
+    done: set[tuple[str, str]] = set()
+    while todo:
+        req = todo.pop()
+        name = lock.canonical(req.name)
+        for extra in ["", *sorted(req.extras)]:
+            if (name, extra) in done:
+                continue
+            done.add((name, extra))
+            seen.add(name)
+            try:
+                requires = distribution(req.name).requires or []
+            except PackageNotFoundError:
+                continue  # the next test reports packages that are not installed
+            for sub in map(Requirement, requires):
+                if sub.marker is None or sub.marker.evaluate({"extra": extra}):  # an extra only when asked for
+                    todo.append(sub)
+    assert not sorted(seen - set(pins)), (f"requirements.lock misses {sorted(seen - set(pins))}, needed by the "
+                                          "declared packages: run `make lock`")
+    assert not sorted(set(pins) - seen), (
+        f"requirements.lock pins {sorted(set(pins) - seen)}, which no declared package needs: run `make lock`")
+    assert len(seen) > 40  # the walk went through the dependency tree, not just the declared names
+
+
+def test_the_suite_runs_on_the_locked_versions():
+    """What makes the floors honest: the environment under test is the lock (make install). A laptop's own
+    environment may differ (skipped, said so); CI's may not."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    from packaging.version import Version
+
+    lock = _lock_module()
+    pins = lock.read_lock((REPO / "requirements.lock").read_text())
+    off = []
+    for name, pinned in sorted(pins.items()):
+        try:
+            have = installed(name)
+        except PackageNotFoundError:
+            off.append(f"{name} (not installed, locked {pinned})")
+            continue
+        if Version(have).public != Version(pinned).public:  # torch 2.13.0+cpu is the locked 2.13.0
+            off.append(f"{name} {have} (locked {pinned})")
+    require(not off, "the locked install", f"this environment is not requirements.lock ({', '.join(off[:5])}"
+            f"{' ...' if len(off) > 5 else ''}): `make install`")
+
+
+def test_make_installs_exactly_the_lock_and_make_lock_runs_the_suite_on_the_new_one():
+    make = (REPO / "Makefile").read_text()
+    assert re.search(r"^LOCK \?= requirements\.lock$", make, re.M)
+    recipe = re.search(r"^\$\(VENV\)/\.installed: (.*)\n((?:\t.*\n)+)", make, re.M)
+    assert recipe and "$(LOCK)" in recipe[1]  # a new lock reinstalls
+    installs = [line for line in recipe[2].splitlines() if "pip install" in line]
+    assert len(installs) == 2 and all("-c $(LOCK)" in line for line in installs), installs
+    assert "torch" in installs[0] and "-e '.[dev]'" in installs[1]  # the CPU torch first, as before
+    lock_recipe = re.search(r"^lock:\n((?:\t.*\n)+)", make, re.M)[1]
+    assert "pip freeze --all --exclude-editable" in lock_recipe and ".ci/lock.py" in lock_recipe
+    assert lock_recipe.rstrip().splitlines()[-1].strip() == "$(MAKE) test VENV=$(LOCK_VENV)"
+
+
+def test_lock_file_from_pip_freeze(tmp_path):
+    lock = _lock_module()
+    text = lock.lock_text("torch==2.13.0+cpu\nOptuna==5.1.0\n# comment\nmergesearch==0.1\npip==26.0\nlm_eval==0.4.13\n")
+    assert text.startswith("#") and text.endswith("Optuna==5.1.0\ntorch==2.13.0\n")
+    assert lock.read_lock(text) == {"lm-eval": "0.4.13", "optuna": "5.1.0", "torch": "2.13.0"}
+    with pytest.raises(ValueError, match="not name==version"):
+        lock.lock_text("foo @ file:///tmp/foo.whl\n")
+    with pytest.raises(ValueError, match="pinned twice"):
+        lock.read_lock("a==1\nA==2\n")
+    with pytest.raises(ValueError, match="not an exact"):
+        lock.read_lock("a>=1\n")
+    pyproject = ('[project]\ndependencies = [\n    "torch>=2.12",\n    "pydantic>=2.6,<3",\n    "tqdm",\n]\n'
+                 '[project.optional-dependencies]\ndev = ["lm_eval[x]>=0.4"]\n')
+    out = lock.with_floors(pyproject, {"torch": "2.13.0", "pydantic": "2.14.4", "tqdm": "4.70.1", "lm-eval": "0.4.13"})
+    assert lock.declared(out) == ["torch>=2.13.0", "pydantic>=2.14.4,<3", "tqdm>=4.70.1", "lm_eval[x]>=0.4.13"]
+    with pytest.raises(ValueError, match="not installed"):
+        lock.with_floors(pyproject, {"torch": "2.13.0"})
 
 
 def _bench_gpu(*args: str) -> subprocess.CompletedProcess:

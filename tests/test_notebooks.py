@@ -36,7 +36,7 @@ def _outputs(nb, mime: str) -> list:
 def test_quickstart_then_analysis(zoo_test, tmp_path, monkeypatch):
     monkeypatch.setenv("MERGESEARCH_REPO", str(REPO))
     monkeypatch.setenv("MERGESEARCH_NB_WORK", str(tmp_path / "work"))
-    monkeypatch.setenv("MERGESEARCH_NB_PRESET", "test")  # the zoo the zoo_test fixture already built
+    monkeypatch.setenv("MERGESEARCH_NB_PRESET", "test")  # the zoo the zoo_test fixture uses
     monkeypatch.setenv("MERGESEARCH_NB_ZOO_SEED", str(ZOO_SEED))
     monkeypatch.setenv("MERGESEARCH_NB_TRIALS", "4")
     monkeypatch.setenv("MERGESEARCH_NB_LIMIT", "8")

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,7 @@ def test_wheel_in_a_fresh_venv_validates_a_copied_example_study(tiny_family, tmp
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src / name)
-    shutil.copytree(REPO / "mergesearch", src / "mergesearch", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "mergesearch", src / "mergesearch", ignore=shutil.ignore_patterns("__pycache__", ".*.tmp-*"))
     _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", tmp_path / "dist",
           src], cwd=tmp_path)
     wheel = next((tmp_path / "dist").glob("mergesearch-*.whl"))
@@ -49,6 +50,17 @@ def test_wheel_in_a_fresh_venv_validates_a_copied_example_study(tiny_family, tmp
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     where = _run([py, "-c", "import mergesearch; print(mergesearch.__file__)"], cwd=tmp_path, env=env).stdout
     assert Path(where.strip()).is_relative_to(venv), where
+    # The shipped zoos are package data: every file of each is in the wheel, and the demo zoo loads (checked
+    # by sha256) from the installed package.
+    from mergesearch.zoo import SHIPPED_DIR, load_manifest
+
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for zoo in sorted(p for p in SHIPPED_DIR.iterdir() if not p.name.startswith(".")):
+        for rel in [*load_manifest(zoo)["files"], "zoo.json"]:
+            assert f"mergesearch/zoo/shipped/{zoo.name}/{rel}" in names, (zoo.name, rel)
+    demo = _run([py, "-c", "from mergesearch.zoo import shipped_zoo; print(shipped_zoo('demo'))"], cwd=tmp_path,
+                env=env).stdout.strip()
+    assert Path(demo).is_relative_to(venv) and Path(demo).name == "demo-s0", demo
 
     # The README's `cp studies/example_...yaml my.yaml` into a folder outside the repository, with
     # its model paths pointed at tiny models and its data files written where it expects them.

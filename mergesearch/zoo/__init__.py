@@ -3,9 +3,11 @@
 from mergesearch.zoo.build import (MANIFEST, REPORT, build_zoo, ensure_zoo, fingerprint, is_complete, load_manifest,
                                    study_inputs)
 from mergesearch.zoo.presets import PRESETS, ZooPreset, get_preset
+from mergesearch.zoo.shipped import SHIPPED, SHIPPED_DIR, get_zoo, ship_zoo, shipped_zoo, verify_zoo
 from mergesearch.zoo.skills import SKILLS, format_prompt
 
 __all__ = [
-    "MANIFEST", "REPORT", "PRESETS", "SKILLS", "ZooPreset", "build_zoo", "ensure_zoo", "fingerprint",
-    "format_prompt", "get_preset", "is_complete", "load_manifest", "study_inputs",
+    "MANIFEST", "REPORT", "PRESETS", "SHIPPED", "SHIPPED_DIR", "SKILLS", "ZooPreset", "build_zoo", "ensure_zoo",
+    "fingerprint", "format_prompt", "get_preset", "get_zoo", "is_complete", "load_manifest", "ship_zoo", "shipped_zoo",
+    "study_inputs", "verify_zoo",
 ]

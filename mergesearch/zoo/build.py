@@ -95,6 +95,14 @@ def fingerprint(preset: str | ZooPreset, seed: int) -> str:
     return h.hexdigest()[:12]
 
 
+def file_hashes(path: str | os.PathLike) -> dict[str, str]:
+    """sha256 of every file of a zoo folder but its manifest, by path relative to the folder (the manifest's
+    `files`, checked by `verify_zoo`)."""
+    root = Path(path)
+    return {f.relative_to(root).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(root.rglob("*")) if f.is_file() and f != root / MANIFEST}
+
+
 def is_complete(path: str | os.PathLike) -> bool:
     """True when `path` holds a finished zoo (the manifest is written last)."""
     return (Path(path) / MANIFEST).is_file()
@@ -231,6 +239,7 @@ def build_zoo(out: str | os.PathLike, preset: str | ZooPreset = "demo", seed: in
     try:
         with _threads(p.threads), _quiet_transformers():
             manifest = _build_into(tmp, p, seed, progress)
+        manifest["files"] = file_hashes(tmp)
         _write_json(tmp / MANIFEST, manifest)
         if out.exists():
             shutil.rmtree(out)
@@ -259,6 +268,7 @@ def ensure_zoo(cache_dir: str | os.PathLike, preset: str | ZooPreset = "test", s
     try:
         with _threads(p.threads), _quiet_transformers():
             manifest = _build_into(tmp, p, seed, progress)
+        manifest["files"] = file_hashes(tmp)
         _write_json(tmp / MANIFEST, manifest)
         try:
             os.replace(tmp, path)  # fails if another process already put a non-empty folder there
