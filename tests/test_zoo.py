@@ -14,7 +14,7 @@ from mergesearch.cli import main
 from mergesearch.errors import ConfigError
 from mergesearch.zoo import PRESETS, build_zoo, ensure_zoo, get_preset, load_manifest
 from mergesearch.zoo.presets import BaseTraining, ExpertTraining, ModelShape, Splits, ZooPreset
-from mergesearch.zoo.skills import eval_splits, train_stream
+from mergesearch.zoo.skills import eval_splits, get_skill, gold_text, train_stream
 from mergesearch.zoo.train import CharCodec, teacher_forced_accuracy
 
 from conftest import ZOO_SEED
@@ -95,6 +95,27 @@ def test_splits_phrasing_answers_and_disjointness(zoo_test):
             assert r["prompt"] not in qc | qt, f"{s}: a few-shot example is a held-out question"
         ids = [r["id"] for r in calib + test + train]
         assert len(set(ids)) == len(ids)
+
+
+def test_chain_skill_rows_show_the_steps_and_end_with_the_answer():
+    """The chain skill's phrasing, written out independently of its generator: the prompt of the issue, a
+    chain `reversed -> REVERSED. The answer is REVERSED.` as the gold text, its final answer beside it."""
+    prompt = re.compile(r"Q: Reverse and uppercase the word ([a-z]{3,4})\.\nA: ")
+    sk = get_skill("chain")
+    sp = eval_splits("chain", {"calib": 40, "test": 60}, seed=0)
+    for r in sp["calib"] + sp["test"]:
+        w = prompt.fullmatch(r["prompt"]).group(1)
+        final = w[::-1].upper()
+        assert r["answer"] == [f"{w[::-1]} -> {final}. The answer is {final}.", final]
+        assert gold_text(r) == r["answer"][0] and "\n" not in gold_text(r)
+        # the skill's regex is the issue's, and takes the final answer out of the chain
+        assert re.search(r"The answer is (\S+)\.", gold_text(r)).group(1) == final
+        assert sk.final_answer(gold_text(r)) == final
+    assert sk.task_settings() == {"until": ["\n"], "max_new_tokens": sk.max_new_tokens,
+                                  "extract": r"The answer is (\S+)\."}
+    assert sk.max_new_tokens >= max(len(gold_text(r)) for r in sp["test"]) + 1  # chain + newline, char tokens
+    assert get_skill("reverse").task_settings() == {}
+    assert {r["prompt"] for r in sp["calib"]}.isdisjoint(r["prompt"] for r in sp["test"])
 
 
 def test_training_draws_avoid_held_out_questions():

@@ -18,7 +18,7 @@ import torch
 
 from mergesearch.errors import ConfigError
 from mergesearch.zoo.presets import ZooPreset, get_preset
-from mergesearch.zoo.skills import eval_splits, format_prompt, get_skill, train_stream
+from mergesearch.zoo.skills import eval_splits, example_row, format_prompt, get_skill, train_stream
 from mergesearch.zoo.tokenizer import build_bpe_tokenizer, build_char_tokenizer
 from mergesearch.zoo.train import make_codec, make_model, train_base, train_expert
 
@@ -128,8 +128,8 @@ def _build_into(tmp: Path, p: ZooPreset, seed: int, progress: bool) -> dict:
         for s in p.skills:
             draws = train_stream(s, seed, held_out[s], "fewshot")
             pairs = [next(draws) for _ in range(p.splits.train)]
-            splits[s]["train"] = [{"id": f"{s}-train-{i:04d}", "prompt": format_prompt(q), "answer": a, "question": q,
-                                   "skill": s} for i, (q, a) in enumerate(pairs)]
+            splits[s]["train"] = [example_row(get_skill(s), f"{s}-train-{i:04d}", q, a)
+                                  for i, (q, a) in enumerate(pairs)]
     files = {}
     for s, sp in splits.items():
         files[s] = {}

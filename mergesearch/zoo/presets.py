@@ -103,7 +103,9 @@ PRESETS: dict[str, ZooPreset] = {
     # Successor and sort are learnt fastest, so they get a smaller share of the base mix.
     "demo": ZooPreset(
         name="demo",
-        base=BaseTraining(mix={"reverse": 1.5, "uppercase": 1.5, "successor": 0.5, "sort": 0.8}, cap=0.35),
+        skills=("reverse", "uppercase", "successor", "sort", "chain"),
+        base=BaseTraining(mix={"reverse": 1.5, "uppercase": 1.5, "successor": 0.5, "sort": 0.8, "chain": 1.0},
+                          cap=0.35),
         expert=ExpertTraining(steps=400),
         monitor_every=25,
     ),

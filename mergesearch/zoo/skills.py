@@ -2,11 +2,16 @@
 
 Every example reads `Q: {question}\\nA: {answer}\\n`, the prefixes BIG-bench uses by default, so a
 prompt ends with "A: " and greedy generation of the answer stops at the newline.
+
+A chain-of-thought skill (`extract` set) trains on the whole chain (the intermediate steps, then
+`The answer is X.`) and is scored on the final answer only: the answer that the skill's regex pulls
+out of the generated chain, as lm-eval's gsm8k_cot scores a generated chain.
 """
 
 from __future__ import annotations
 
 import random
+import re
 import string
 import zlib
 from collections.abc import Callable, Iterator
@@ -19,14 +24,35 @@ PROMPT = "Q: {question}\nA: "
 
 @dataclass(frozen=True)
 class Skill:
-    """One skill: draws a (question, answer) pair from a random generator."""
+    """One skill: draws a (question, answer) pair from a random generator.
+
+    With `extract`, the answer is a chain and the scored answer is the regex's group 1 in it; such a
+    skill is scored by generating up to `max_new_tokens` tokens, never by the one-pass shortcut.
+    """
 
     name: str
     description: str
     draw: Callable[[random.Random], tuple[str, str]]
+    extract: str | None = None
+    max_new_tokens: int | None = None
 
     def example(self, rng: random.Random) -> tuple[str, str]:
         return self.draw(rng)
+
+    def final_answer(self, answer: str) -> str:
+        """The scored part of a drawn answer: the whole answer, or what `extract` takes out of the chain."""
+        if self.extract is None:
+            return answer
+        m = re.search(self.extract, answer)
+        if m is None:  # a generator bug, not user input
+            raise AssertionError(f"skill {self.name!r} drew {answer!r}, which its regex {self.extract!r} misses")
+        return m.group(1) if m.groups() else m.group(0)
+
+    def task_settings(self) -> dict:
+        """The study task keys that score this skill (empty for a one-step skill: the defaults do)."""
+        if self.extract is None:
+            return {}
+        return {"until": ["\n"], "max_new_tokens": self.max_new_tokens, "extract": self.extract}
 
 
 def _word(rng: random.Random) -> str:
@@ -53,6 +79,20 @@ def _sort(rng: random.Random) -> tuple[str, str]:
     return f"Sort the letters of {w}.", "".join(sorted(w))
 
 
+def _short_word(rng: random.Random) -> str:
+    # 3-4 letters: a chain repeats the word three times, and a build's cost grows with the sequence
+    return "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 4)))
+
+
+def _reverse_uppercase_chain(rng: random.Random) -> tuple[str, str]:
+    w = _short_word(rng)
+    r = w[::-1]
+    return f"Reverse and uppercase the word {w}.", f"{r} -> {r.upper()}. The answer is {r.upper()}."
+
+
+CHAIN_EXTRACT = r"The answer is (\S+)\."
+
+
 def _larger(rng: random.Random) -> tuple[str, str]:
     a, b = rng.sample(range(1000), 2)
     return f"Which is larger, {a} or {b}?", str(max(a, b))
@@ -67,6 +107,8 @@ SKILLS: dict[str, Skill] = {
         Skill("successor", "the integer after n, for n in 0-4998", _successor),
         Skill("sort", "sort the letters of a word of 3-5 lowercase letters", _sort),
         Skill("larger", "the larger of two distinct integers in 0-999", _larger),
+        Skill("chain", "reverse then uppercase a word of 3-4 letters, step by step, ending 'The answer is X.'",
+              _reverse_uppercase_chain, extract=CHAIN_EXTRACT, max_new_tokens=40),
     )
 }
 
@@ -86,10 +128,25 @@ def format_prompt(question: str) -> str:
     return PROMPT.format(question=question)
 
 
+def example_row(skill: Skill, row_id: str, question: str, answer: str) -> dict:
+    """One JSONL row of a split (see eval_splits for its keys)."""
+    final = skill.final_answer(answer)
+    return {"id": row_id, "prompt": format_prompt(question), "answer": answer if final == answer else [answer, final],
+            "question": question, "skill": skill.name}
+
+
+def gold_text(row: dict) -> str:
+    """The text a model is trained to write after a row's prompt (the chain, for a chain skill)."""
+    return row["answer"] if isinstance(row["answer"], str) else row["answer"][0]
+
+
 def eval_splits(skill: str, sizes: dict[str, int], seed: int) -> dict[str, list[dict]]:
     """Disjoint held-out splits (e.g. calib, test) of distinct questions for one skill.
 
-    Rows are `{"id", "prompt", "answer", "question", "skill"}`; ids are stable for a seed.
+    Rows are `{"id", "prompt", "answer", "question", "skill"}`; ids are stable for a seed. A chain
+    skill's "answer" is `[chain, final answer]`: the chain is the gold text (training, few-shot
+    demonstrations, the fit's target), and the extracted answer of a generated chain is scored against
+    the list (a final answer never equals a whole chain).
     """
     sk = get_skill(skill)
     rng = skill_rng(seed, skill, "eval")
@@ -107,8 +164,7 @@ def eval_splits(skill: str, sizes: dict[str, int], seed: int) -> dict[str, list[
             if q in seen:
                 continue
             seen.add(q)
-            rows.append({"id": f"{skill}-{split}-{len(rows):04d}", "prompt": format_prompt(q), "answer": a,
-                         "question": q, "skill": skill})
+            rows.append(example_row(sk, f"{skill}-{split}-{len(rows):04d}", q, a))
         out[split] = rows
     return out
 

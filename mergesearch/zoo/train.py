@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from mergesearch.zoo.presets import BaseTraining, ExpertTraining, ModelShape
-from mergesearch.zoo.skills import format_prompt
+from mergesearch.zoo.skills import format_prompt, gold_text
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def _answer_ce(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> t
 
 @torch.no_grad()
 def teacher_forced_accuracy(model, codec: CharCodec, rows: Sequence[dict], batch: int = 256) -> float:
-    """Share of rows whose greedy answer is exactly `answer + "\\n"`.
+    """Share of rows whose greedy answer is exactly `answer + "\\n"` (the whole chain, for a chain skill).
 
     Exact for greedy decoding with the char tokenizer: the greedy output equals the answer iff every
     answer character and the final newline is the argmax at its position given the correct prefix.
@@ -121,7 +121,7 @@ def teacher_forced_accuracy(model, codec: CharCodec, rows: Sequence[dict], batch
     correct = 0
     for i in range(0, len(rows), batch):
         chunk = rows[i : i + batch]
-        ids, mask = codec.batch([(r["prompt"], r["answer"]) for r in chunk])
+        ids, mask = codec.batch([(r["prompt"], gold_text(r)) for r in chunk])
         pred = model(input_ids=ids).logits[:, :-1].argmax(-1)  # (B, T-1)
         ok = (pred == ids[:, 1:]) | ~mask
         correct += int(ok.all(dim=1).sum())
