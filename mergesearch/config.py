@@ -124,12 +124,47 @@ class TaskConfig(_Frozen):
         None, description="score used by the search (default: the task's declared metric)")
     num_fewshot: int = Field(0, ge=0)
     fewshot: str | None = Field(None, description="file the few-shot examples are drawn from")
+    until: list[str] | None = Field(None, description="stop strings of an exact-match task: the generated text is "
+                                    "cut at the first of them (default: the newline)")
+    max_new_tokens: int | None = Field(None, ge=1, description="most tokens generated per example (default: 32, "
+                                       "or the longest gold answer + 1)")
+    extract: str | None = Field(None, description="regex finding the answer in the output: group 1, or the whole "
+                                "match; no match is wrong (default: the whole output is the answer)")
 
     @model_validator(mode="after")
     def _distinct_splits(self) -> TaskConfig:
         if self.test is not None and self.test == self.calib:
             raise ValueError(f"task {self.name!r} uses the same file for calib and test: give a held-out test split")
         return self
+
+    @model_validator(mode="after")
+    def _decoding(self) -> TaskConfig:
+        problem = decoding_problem(self.until, self.max_new_tokens, self.extract)
+        if problem:
+            raise ValueError(f"task {self.name!r}: {problem}")
+        return self
+
+
+def decoding_problem(until, max_new_tokens, extract) -> str | None:
+    """What is wrong with a task's decoding keys (until, max_new_tokens, extract) and how to fix it; None if
+    nothing. The one check behind both the study file and `load_task`."""
+    if until is not None:
+        if isinstance(until, str) or not isinstance(until, (list, tuple)) or not all(isinstance(u, str) for u in until):
+            return 'until must be a list of strings, e.g. until: ["\\n"]'
+        if not any(until):
+            return "until needs at least one non-empty stop string"
+    if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
+                                       or max_new_tokens < 1):
+        return f"max_new_tokens must be an integer >= 1 (got {max_new_tokens!r})"
+    if extract is not None:
+        if not isinstance(extract, str) or not extract:
+            return "extract must be a non-empty regex string"
+        try:
+            re.compile(extract)
+        except re.error as exc:
+            return (f"extract regex {extract!r} does not compile ({exc}); escape special characters such as "
+                    ". ( [ with a backslash")
+    return None
 
 
 class ObjectivesConfig(_Frozen):

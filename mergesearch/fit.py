@@ -119,7 +119,7 @@ def supervised_seqs(task: Task, tokenizer) -> _Seqs:
     for ex in task.examples:
         if task.kind == "generate":
             p = S.encode(tokenizer, ex.prompt)
-            tgt = S.encode(tokenizer, ex.answers[0]) + (S.encode(tokenizer, task.stop) if task.stop else [])
+            tgt = S.encode(tokenizer, ex.answers[0]) + (S.encode(tokenizer, task.until[0]) if task.until else [])
             ids.append(p + tgt)
             start.append(len(p))
         elif task.kind == "choice":
@@ -228,7 +228,7 @@ class CoefficientFitter:
                 onehot = [1.0 if j == self.teachers[t.name] else 0.0 for j in range(n)]
                 self.mat.materialize(Plan.full("task_arithmetic", self.mat.tensors, n, chunks=self.mat.chunks,
                                                weight=onehot, **{"lambda": 1.0}))
-                stop = S.encode(self.tokenizer, t.stop) if t.stop else []
+                stop = S.encode(self.tokenizer, t.until[0]) if t.until else []
                 stop_ids = ({stop[0]} if len(stop) == 1 else set()) | ({eos} if eos is not None else set())
                 out[part].append(distill_seqs(t, self.tokenizer, self.mat.model, pad=self.pad, stop_ids=stop_ids,
                                               batch_size=64))

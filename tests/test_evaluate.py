@@ -49,11 +49,15 @@ def prompts(n: int, seed: int = 0) -> list[str]:
             for _ in range(n)]
 
 
-def hf_greedy(model, tok, texts: list[str], max_new: int) -> list[str]:
-    """Reference: HF `generate` (greedy, left padding), decoded without special tokens, cut at the newline."""
+def hf_greedy(model, tok, texts: list[str], max_new: int, until: tuple[str, ...] = ("\n",)) -> list[str]:
+    """Reference: HF `generate` (greedy, left padding), decoded without special tokens, cut at the first
+    of the `until` strings (lm-eval's cut: split at each in turn)."""
     enc = tok(texts, return_tensors="pt", padding=True)
     g = model.generate(**enc, max_new_tokens=max_new, do_sample=False, pad_token_id=0, eos_token_id=2)
-    return [t.split("\n")[0] for t in tok.batch_decode(g[:, enc.input_ids.shape[1]:], skip_special_tokens=True)]
+    outs = tok.batch_decode(g[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+    for stop in until:
+        outs = [o.split(stop)[0] for o in outs]
+    return outs
 
 
 def own_answer_jsonl(path: Path, model, tok, n: int = 40, max_new: int = 32) -> Path:
@@ -132,6 +136,75 @@ def test_bigbench_output_regex_postprocess():
     t = load_task(ADDITION)
     assert postprocess("  12 apples\nQ: 3", t) == "12"
     assert postprocess("no digits\n5", t) == ""  # cut at the newline first, then the first regex match
+
+
+def test_decoding_keys_until_max_new_tokens_extract(tmp_path):
+    f = tmp_path / "chain.jsonl"
+    f.write_text(json.dumps({"prompt": "Q: ab\nA: ", "answer": "b then a. The answer is BA."}) + "\n")
+    t = load_task(f, until=["\n", "Q:"], max_new_tokens=40, extract=r"The answer is (\S+)\.")
+    assert t.until == ("\n", "Q:") and t.max_new_tokens == 40
+    assert t.cut("x Q: y\nz") == "x " and t.cut("x\nQ:") == "x" and t.cut("none") == "none"
+    assert t.extract_answer("so The answer is BA. ok") == "BA" and t.extract_answer("no answer") is None
+    assert t.gold(t.examples[0].answers[0]) == "BA" and t.gold("BA") == "BA"  # a gold chain is reduced
+    assert postprocess("steps. The answer is BA.\nQ: next", t) == "BA"
+    assert postprocess("The answer is\nBA.", t) is None  # cut before the answer: no match, wrong
+    whole = load_task(f, extract=r"is \S+")  # no group: the whole match
+    assert whole.extract_answer("it is BA.") == "is BA." and whole.max_new_tokens >= 28  # room for the gold
+    assert load_task(f).until == ("\n",) and load_task(f).extract is None
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"extract": "(unclosed"}, r"chain\.jsonl: extract regex '\(unclosed' does not compile"),
+    ({"until": "\n"}, r"until must be a list of strings"),
+    ({"until": [""]}, r"until needs at least one non-empty stop string"),
+    ({"max_new_tokens": 0}, r"max_new_tokens must be an integer >= 1"),
+])
+def test_decoding_keys_bad_input(tmp_path, kw, match):
+    f = tmp_path / "chain.jsonl"
+    f.write_text(json.dumps({"prompt": "Q: ab\nA: ", "answer": "BA"}) + "\n")
+    with pytest.raises(TaskError, match=match):
+        load_task(f, **kw)
+    mc = tmp_path / "c.jsonl"
+    mc.write_text('{"prompt": "p", "choices": ["a", "b"], "label": 1}\n')
+    with pytest.raises(TaskError, match="apply to exact-match"):
+        load_task(mc, extract="a")
+
+
+def test_decoding_keys_in_the_study_file(tmp_path):
+    from mergesearch.config import TaskConfig
+
+    t = TaskConfig(name="chain", calib="c.jsonl", until=["\n", "Q:"], max_new_tokens=64,
+                   extract=r"The answer is (\S+)\.")
+    assert t.until == ["\n", "Q:"] and t.max_new_tokens == 64
+    with pytest.raises(ValueError, match=r"task 'chain': extract regex '\[' does not compile"):
+        TaskConfig(name="chain", calib="c.jsonl", extract="[")
+
+
+def test_chain_extract_scored_by_generation_equals_hf_generate(tmp_path, nl_model):
+    """until with two stop strings and an extract regex: every example generated (no one-pass), the
+    output cut at the first stop as lm-eval does, the answer extracted, gold chains reduced alike."""
+    model, tok = nl_model
+    texts = prompts(24, seed=5)
+    until = ("q", "\n\n")  # a one-token stop and a two-token one
+    outs = hf_greedy(model, tok, texts, 24, until=until)
+    regex = r"t(\w)"
+    rows = []
+    for i, (p, o) in enumerate(zip(texts, outs)):
+        rows.append({"id": f"c{i}", "prompt": p, "answer": ("chain " + o) if i % 2 == 0 else "zz"})
+    f = tmp_path / "chain.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = load_task(f, until=list(until), max_new_tokens=24, extract=regex)
+    res = Evaluator(model, tok, [task], batch_size=7).evaluate()
+    recs = {r["id"]: r for r in res.records[task.name]}
+    assert all(r["decided_by"] == "generation" for r in recs.values())
+    for i, (row, o) in enumerate(zip(rows, outs)):
+        rec = recs[row["id"]]
+        assert rec["output"] == o
+        found = re.search(regex, o)
+        gold = re.search(regex, row["answer"])
+        expected = found is not None and found.group(1) == (gold.group(1) if gold else row["answer"])
+        assert rec["exact_match"] == float(expected), (o, row["answer"])
+    assert 0 < res.primary(task.name) < 1
 
 
 # --- bad input ------------------------------------------------------------------------------------

@@ -123,17 +123,23 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return whole, len(encode(tokenizer, context))
 
 
-def postprocess(text: str, task: Task) -> str:
-    """Cut at the stop string, then BIG-bench post-processing (stop_string kept, first regex match)."""
-    if task.stop:
-        text = text.split(task.stop)[0]
+def postprocess(text: str, task: Task) -> str | None:
+    """Cut at the first stop string, then BIG-bench post-processing (stop_string kept, first regex match),
+    then the task's `extract` regex. None: `extract` found no answer (scored wrong)."""
+    text = task.cut(text)
     if task.bigbench_stop_string:
         idx = text.find(task.bigbench_stop_string)
         if idx > 0:
             text = text[: idx + len(task.bigbench_stop_string)]
     if task.output_regex is not None:
         text = next(iter(re.findall(task.output_regex, text)), "")
-    return text
+    return task.extract_answer(text)
+
+
+def is_match(text: str, task: Task, answers) -> bool:
+    """Exact match of a generated text (not yet cut) against the gold answers, after `postprocess`."""
+    found = postprocess(text, task)
+    return found is not None and found in {task.gold(a) for a in answers}
 
 
 # BIG-bench's default output regex keeps the first run of characters outside this set.
@@ -163,22 +169,23 @@ def decide(text: str, complete: bool, prefix_stable: bool, task: Task, answers) 
     complete: the output is exactly `text` (EOS or the stop token came, or the tokens ran out).
     Otherwise the output is `text` + something unknown, which `prefix_stable` decoding guarantees.
     """
-    stop = task.stop
     if not complete:
         if not prefix_stable:
             return None, None  # a decode that may rewrite earlier text
         # the bytes of a character not yet complete decode to U+FFFD and become that character once the
         # rest arrives: the output is only known to start with the text before the trailing ones
         text = text.rstrip("\ufffd")
-    if complete or (stop and stop in text):
-        output = text.split(stop)[0] if stop else text
-        return postprocess(output, task) in answers, output
-    if task.bigbench_stop_string:
+    if complete or any(stop in text for stop in task.until):
+        output = task.cut(text)
+        return is_match(output, task, answers), output
+    if task.bigbench_stop_string or task.extract is not None:
         return None, None
     if task.output_regex is None:
-        # the output is `text` + more, cut at the stop: it can be an answer only while `text` starts one
-        return (None if any((a + stop).startswith(text) for a in answers) else False), None
-    if task.output_regex == BIGBENCH_DEFAULT_REGEX and len(stop) <= 1:
+        # the output is `text` + more, cut at the first stop: it can be an answer only while `text` starts
+        # one followed by a stop (a stop may begin inside `text` and end after it)
+        ends = task.until or ("",)
+        return (None if any((a + stop).startswith(text) for a in answers for stop in ends) else False), None
+    if task.output_regex == BIGBENCH_DEFAULT_REGEX and all(len(stop) <= 1 for stop in task.until):
         return _decide_default_regex(text, answers), None
     return None, None
 
@@ -222,8 +229,9 @@ def prepare_generate(task: Task, tokenizer, max_len: int | None) -> list[GenItem
         # the one-pass decision follows greedy decoding wherever it goes, so any answer will do; one whose
         # tokens do not spell it (unknown characters) or that holds the stop only wastes the pass
         whole, n_context, gen_start = prompt_ids + answer_ids, len(prompt_ids), len(prompt_ids)
-        if tokenizer.decode(answer_ids) != ex.answers[0] or (task.stop and task.stop in ex.answers[0]):
-            gen_start = None
+        if (tokenizer.decode(answer_ids) != ex.answers[0] or task.cut(ex.answers[0]) != ex.answers[0]
+                or task.extract is not None):
+            gen_start = None  # a chain (extract) is decided by generation and the extraction
         if max_len is not None and len(whole) + 1 > max_len:
             raise TaskError(f"{_where(task, ex)}: prompt + answer is {len(whole)} tokens, longer than the model's "
                             f"context of {max_len}; shorten the prompt or use fewer few-shot examples")

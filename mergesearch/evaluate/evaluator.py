@@ -111,9 +111,14 @@ class Evaluator:
 
             self._lmeval = LmEvalRunner(model, tokenizer, lm_tasks, batch_size=batch_size, device=self.device)
 
-    def _stop_id(self, task: Task) -> int | None:
-        ids = self.tokenizer(task.stop, add_special_tokens=False).input_ids if task.stop else []
-        return ids[0] if len(ids) == 1 else None
+    def _stop_ids(self, task: Task) -> set[int]:
+        """EOS and the stop strings that are one token each (generation may end on them)."""
+        ids = {self.eos_id} if self.eos_id is not None else set()
+        for stop in task.until:
+            toks = self.tokenizer(stop, add_special_tokens=False).input_ids
+            if len(toks) == 1:
+                ids.add(toks[0])
+        return ids
 
     def declared_metric(self, task: Task) -> str:
         return self._lmeval.declared_metric(task) if task.kind == "lmeval" else task.metric
@@ -179,7 +184,7 @@ class Evaluator:
     def _run_generate(self, prep: _Prepared, sl: dict) -> list[dict]:
         task = prep.task
         uniq = sl["uniq"]
-        stop_ids = {i for i in (self.eos_id, self._stop_id(task)) if i is not None}
+        stop_ids = self._stop_ids(task)
         ll = [0.0] * len(uniq)
         proven: dict[int, tuple[list[int], bool] | None] = {}
         for chunk, batch in sl["batches"]:
@@ -223,20 +228,21 @@ class Evaluator:
                                        task.max_new_tokens, stop_ids, self.device, self.max_len)
                 for u, toks in zip(chunk, gen):
                     text = self.tokenizer.decode(toks, skip_special_tokens=True)
-                    outputs[u] = text.split(task.stop)[0] if task.stop else text
+                    outputs[u] = task.cut(text)
         records = []
         for pos, i in enumerate(sl["idx"]):
             u = sl["unique_of"][pos]
             it = prep.items[i]
             rec = {"id": it.example.id, "line": it.example.line, "logprob": ll[u]}
             if outputs[u] is not None:
-                extracted = S.postprocess(outputs[u], task)
-                rec.update(exact_match=float(extracted in it.example.answers), output=outputs[u],
-                           extracted=extracted, decided_by="generation")
+                rec.update(exact_match=float(S.is_match(outputs[u], task, it.example.answers)), output=outputs[u],
+                           extracted=S.postprocess(outputs[u], task), decided_by="generation")
             else:
                 match, output, text, n_pass = decided[u]
                 # the greedy output starts with output_prefix (up to its first stop, where it has one)
-                prefix = text.split(task.stop)[0] + task.stop if task.stop and task.stop in text else text
+                cut = task.cut(text)
+                stop = next((st for st in task.until if st and text.startswith(st, len(cut))), "")
+                prefix = text[: len(cut) + len(stop)]
                 rec.update(exact_match=float(match), output=output, output_prefix=prefix,
                            decided_by="one-pass" if n_pass == 1 else "teacher-forced", passes=n_pass)
                 if output is not None:

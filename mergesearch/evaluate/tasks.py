@@ -16,7 +16,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+from mergesearch.config import decoding_problem
 from mergesearch.errors import TaskError, did_you_mean
+from mergesearch.fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,9 @@ BIGBENCH_DEFAULTS = {
 }
 # BIG-bench's output regex when a task sets neither `output_regex` nor `stop_string`.
 BIGBENCH_DEFAULT_REGEX = r"[^\.\?\!\;\n]+"
-DEFAULT_STOP = "\n"
+# Decoding defaults of our own (JSONL, BIG-bench) exact-match tasks; a task overrides them with `until`,
+# `max_new_tokens` and `extract` (config.TaskConfig passes them through; None keeps these).
+DEFAULT_UNTIL = ("\n",)
 DEFAULT_MAX_NEW_TOKENS = 32
 JSONL_FEWSHOT_DELIMITER = "\n"
 
@@ -75,7 +79,11 @@ class Task:
     metric: str
     source: str
     examples: tuple[Example, ...] = ()
-    stop: str = DEFAULT_STOP
+    # stop strings, lm-eval semantics: the generated text is cut at the first occurrence of any of them
+    until: tuple[str, ...] = DEFAULT_UNTIL
+    # the answer in the (cut) output: group 1 of the first match, or the whole match without a group;
+    # no match is wrong. Gold answers the regex matches are reduced the same way (a full gold chain).
+    extract: str | None = None
     # BIG-bench post-processing of the generated text; any of them disables the one-pass shortcut.
     output_regex: str | None = None
     bigbench_stop_string: str | None = None
@@ -89,9 +97,52 @@ class Task:
     def __len__(self) -> int:
         return len(self.examples)
 
-    @property
-    def where(self) -> str:
-        return self.source
+    def cut(self, text: str) -> str:
+        """`text` up to the first occurrence of any stop string (lm-eval's generate_until cut)."""
+        end = len(text)
+        for stop in self.until:
+            idx = text.find(stop) if stop else -1
+            if 0 <= idx < end:
+                end = idx
+        return text[:end]
+
+    def extract_answer(self, text: str) -> str | None:
+        """The answer `extract` finds in `text` (group 1, or the whole match); `text` itself without a regex."""
+        if self.extract is None:
+            return text
+        match = re.search(self.extract, text)
+        if match is None:
+            return None
+        return match.group(1) if match.re.groups else match.group(0)
+
+    def gold(self, answer: str) -> str:
+        """A gold answer as the extracted output is compared with it: reduced by `extract` where it matches."""
+        found = self.extract_answer(answer)
+        return answer if found is None else found
+
+
+def check_decoding(until, max_new_tokens, extract, source: str) -> None:
+    """Validate the decoding keys of a task: a one-line TaskError naming the key and the fix."""
+    problem = decoding_problem(until, max_new_tokens, extract)
+    if problem:
+        raise TaskError(f"{source}: {problem}")
+
+
+def _decoding(task: Task, until, max_new_tokens, extract) -> Task:
+    """`task` with the decoding keys a config or caller gave (None keeps the task's own)."""
+    check_decoding(until, max_new_tokens, extract, task.source)
+    if until is None and max_new_tokens is None and extract is None:
+        return task
+    if task.kind != "generate":
+        raise TaskError(f"{task.source}: until, max_new_tokens and extract apply to exact-match (generation) "
+                        f"tasks; this is a {task.kind} task")
+    new = replace(task, until=task.until if until is None else tuple(u for u in until if u),
+                  max_new_tokens=task.max_new_tokens if max_new_tokens is None else max_new_tokens,
+                  extract=extract)
+    if max_new_tokens is None:  # room for the longest gold answer, as without keys
+        longest = max(len(a) for e in new.examples for a in e.answers)
+        new = replace(new, max_new_tokens=max(new.max_new_tokens, longest + 1))
+    return new
 
 
 def _check_metric(metric: str, kind: str, source: str) -> None:
@@ -311,16 +362,24 @@ def _load_lmeval(spec: str, *, limit, seed, num_fewshot, name, metric, data_file
 
 def load_task(spec: str | os.PathLike, *, limit: int | None = None, seed: int = 0, num_fewshot: int = 0,
               fewshot_spec: str | os.PathLike | None = None, name: str | None = None,
-              metric: str | None = None, data_files: str | os.PathLike | None = None) -> Task:
+              metric: str | None = None, data_files: str | os.PathLike | None = None,
+              until: list[str] | tuple[str, ...] | None = None, max_new_tokens: int | None = None,
+              extract: str | None = None) -> Task:
     """Load a calibration task.
 
     spec: a `.jsonl` file (`{"prompt","answer"}` exact match or `{"prompt","choices","label"}` multiple
     choice, optional "id"), a BIG-bench `.json` task file, a local lm-eval task `.yaml`, or
     `lmeval:TASKNAME` for an installed lm-eval task whose data is local. `metric` overrides the declared
     metric; `data_files` replaces the test data file of an lm-eval YAML (e.g. the shipped zoo template).
+    until / max_new_tokens / extract (exact-match JSONL and BIG-bench tasks): the stop strings (the output
+    is cut at the first of them), the generation budget and the answer regex (see `Task`); None keeps
+    the task's defaults. An lm-eval task declares its own in its YAML.
     """
     text = str(spec)
     if text.startswith("lmeval:") or text.endswith((".yaml", ".yml")):
+        if until is not None or max_new_tokens is not None or extract is not None:
+            raise TaskError(f"{text}: until, max_new_tokens and extract are set in an lm-eval task's YAML "
+                            "(generation_kwargs, filter_list), not in the study file")
         return _load_lmeval(text, limit=limit, seed=seed, num_fewshot=num_fewshot, name=name, metric=metric,
                             data_files=data_files)
     path = Path(spec)
@@ -329,9 +388,9 @@ def load_task(spec: str | os.PathLike, *, limit: int | None = None, seed: int = 
                         "or lmeval:TASKNAME")
     kw = dict(limit=limit, seed=seed, num_fewshot=num_fewshot, fewshot_spec=fewshot_spec, name=name, metric=metric)
     if path.suffix == ".jsonl":
-        return _load_jsonl(path, **kw)
+        return _decoding(_load_jsonl(path, **kw), until, max_new_tokens, extract)
     if path.suffix == ".json":
-        return _load_bigbench(path, **kw)
+        return _decoding(_load_bigbench(path, **kw), until, max_new_tokens, extract)
     raise TaskError(f"{path}: unknown task file type {path.suffix!r}; use .jsonl, a BIG-bench .json or an lm-eval .yaml")
 
 
@@ -352,11 +411,11 @@ def export_lmeval_task(task: Task, out_dir: str | os.PathLike, *, task_name: str
     for ex in task.examples:
         row = {"id": ex.id, "prompt": ex.prompt}
         if task.kind == "generate":
-            row["answer"] = ex.answers[0]
+            row["answer"] = task.gold(ex.answers[0])
         else:
             row.update(choices=list(ex.choices), label=ex.label)
         rows.append(json.dumps(row))
-    _atomic_write(data, "\n".join(rows) + "\n")
+    atomic_write(data, "\n".join(rows) + "\n")
     cfg = {
         "task": tname,
         "dataset_path": "json",
@@ -368,22 +427,24 @@ def export_lmeval_task(task: Task, out_dir: str | os.PathLike, *, task_name: str
     }
     if task.kind == "generate":
         cfg.update(output_type="generate_until", doc_to_target="answer",
-                   generation_kwargs={"until": [task.stop], "do_sample": False, "max_gen_toks": task.max_new_tokens},
+                   generation_kwargs={"until": list(task.until), "do_sample": False,
+                                      "max_gen_toks": task.max_new_tokens},
                    metric_list=[{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}])
-        if task.output_regex is not None:
+        regex = task.output_regex if task.extract is None else task.extract
+        if task.output_regex is not None and task.extract is not None:
+            raise TaskError(f"{task.source}: a BIG-bench output_regex and extract cannot both be exported to "
+                            "one lm-eval regex filter")
+        if regex is not None:
+            # lm-eval's regex filter takes the first match (its group 1 where the regex has one);
+            # our no-match is wrong, so the fallback is a string no gold answer equals
+            fallback = "" if task.extract is None else "[invalid]"
             cfg["filter_list"] = [{"name": "regex", "filter": [
-                {"function": "regex", "regex_pattern": task.output_regex, "group_select": 0, "fallback": ""},
+                {"function": "regex", "regex_pattern": regex, "group_select": 0, "fallback": fallback},
                 {"function": "take_first"}]}]
     else:
         cfg.update(output_type="multiple_choice", doc_to_choice="choices", doc_to_target="label",
                    metric_list=[{"metric": m, "aggregation": "mean", "higher_is_better": True}
                                 for m in ("acc", "acc_norm")])
     path = out / f"{tname}.yaml"
-    _atomic_write(path, yaml.safe_dump(cfg, sort_keys=False))
+    atomic_write(path, yaml.safe_dump(cfg, sort_keys=False))
     return path
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

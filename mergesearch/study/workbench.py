@@ -71,7 +71,8 @@ def load_tasks(cfg: Config, split: str) -> list:
         if spec is None:
             continue
         tasks.append(load_task(spec, limit=t.limit if split == "calib" else None, seed=cfg.study.seed,
-                               num_fewshot=t.num_fewshot, fewshot_spec=t.fewshot, name=t.name, metric=t.metric))
+                               num_fewshot=t.num_fewshot, fewshot_spec=t.fewshot, name=t.name, metric=t.metric,
+                               until=t.until, max_new_tokens=t.max_new_tokens, extract=t.extract))
     return tasks
 
 
