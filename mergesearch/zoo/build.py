@@ -18,7 +18,7 @@ import torch
 
 from mergesearch.errors import ConfigError
 from mergesearch.zoo.presets import ZooPreset, get_preset
-from mergesearch.zoo.skills import eval_splits, example_row, format_prompt, get_skill, train_stream
+from mergesearch.zoo.skills import eval_splits, format_prompt, get_skill, train_stream
 from mergesearch.zoo.tokenizer import build_bpe_tokenizer, build_char_tokenizer
 from mergesearch.zoo.train import make_codec, make_model, train_base, train_expert
 
@@ -128,8 +128,8 @@ def _build_into(tmp: Path, p: ZooPreset, seed: int, progress: bool) -> dict:
         for s in p.skills:
             draws = train_stream(s, seed, held_out[s], "fewshot")
             pairs = [next(draws) for _ in range(p.splits.train)]
-            splits[s]["train"] = [example_row(get_skill(s), f"{s}-train-{i:04d}", q, a)
-                                  for i, (q, a) in enumerate(pairs)]
+            splits[s]["train"] = [{"id": f"{s}-train-{i:04d}", "prompt": format_prompt(q), "answer": a, "question": q,
+                                   "skill": s} for i, (q, a) in enumerate(pairs)]
     files = {}
     for s, sp in splits.items():
         files[s] = {}
@@ -259,11 +259,11 @@ def load_manifest(path: str | os.PathLike) -> dict:
 
 
 def study_inputs(path: str | os.PathLike) -> tuple[dict, list[dict]]:
-    """A study's `models` section and its `objectives.tasks` (one task per skill, calib and test) for
-    this zoo; the paths are under `path` as given."""
+    """A study's `models` section and its `objectives.tasks` (one task per skill, calib and test, with the
+    decoding keys a chain skill is scored by) for this zoo; the paths are under `path` as given."""
     zoo = Path(path)
     m = load_manifest(zoo)
     models = {"base": str(zoo / m["base"]), "experts": {s: str(zoo / m["experts"][s]) for s in m["skills"]}}
-    tasks = [{"name": s, "calib": str(zoo / m["data"][s]["calib"]), "test": str(zoo / m["data"][s]["test"])}
-             for s in m["skills"]]
+    tasks = [{"name": s, "calib": str(zoo / m["data"][s]["calib"]), "test": str(zoo / m["data"][s]["test"]),
+              **get_skill(s).task_settings()} for s in m["skills"]]
     return models, tasks

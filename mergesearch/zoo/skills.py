@@ -11,7 +11,6 @@ out of the generated chain, as lm-eval's gsm8k_cot scores a generated chain.
 from __future__ import annotations
 
 import random
-import re
 import string
 import zlib
 from collections.abc import Callable, Iterator
@@ -26,8 +25,9 @@ PROMPT = "Q: {question}\nA: "
 class Skill:
     """One skill: draws a (question, answer) pair from a random generator.
 
-    With `extract`, the answer is a chain and the scored answer is the regex's group 1 in it; such a
-    skill is scored by generating up to `max_new_tokens` tokens, never by the one-pass shortcut.
+    With `extract`, the answer is a chain and the scored answer is the regex's group 1 in it (in the
+    generated chain and in the gold one alike); such a skill is scored by generating up to
+    `max_new_tokens` tokens, never by the one-pass shortcut.
     """
 
     name: str
@@ -38,15 +38,6 @@ class Skill:
 
     def example(self, rng: random.Random) -> tuple[str, str]:
         return self.draw(rng)
-
-    def final_answer(self, answer: str) -> str:
-        """The scored part of a drawn answer: the whole answer, or what `extract` takes out of the chain."""
-        if self.extract is None:
-            return answer
-        m = re.search(self.extract, answer)
-        if m is None:  # a generator bug, not user input
-            raise AssertionError(f"skill {self.name!r} drew {answer!r}, which its regex {self.extract!r} misses")
-        return m.group(1) if m.groups() else m.group(0)
 
     def task_settings(self) -> dict:
         """The study task keys that score this skill (empty for a one-step skill: the defaults do)."""
@@ -128,25 +119,12 @@ def format_prompt(question: str) -> str:
     return PROMPT.format(question=question)
 
 
-def example_row(skill: Skill, row_id: str, question: str, answer: str) -> dict:
-    """One JSONL row of a split (see eval_splits for its keys)."""
-    final = skill.final_answer(answer)
-    return {"id": row_id, "prompt": format_prompt(question), "answer": answer if final == answer else [answer, final],
-            "question": question, "skill": skill.name}
-
-
-def gold_text(row: dict) -> str:
-    """The text a model is trained to write after a row's prompt (the chain, for a chain skill)."""
-    return row["answer"] if isinstance(row["answer"], str) else row["answer"][0]
-
-
 def eval_splits(skill: str, sizes: dict[str, int], seed: int) -> dict[str, list[dict]]:
     """Disjoint held-out splits (e.g. calib, test) of distinct questions for one skill.
 
     Rows are `{"id", "prompt", "answer", "question", "skill"}`; ids are stable for a seed. A chain
-    skill's "answer" is `[chain, final answer]`: the chain is the gold text (training, few-shot
-    demonstrations, the fit's target), and the extracted answer of a generated chain is scored against
-    the list (a final answer never equals a whole chain).
+    skill's "answer" is the whole chain: the text trained on, shown as a few-shot demonstration and
+    fitted to; the evaluator reduces it with the task's `extract` regex before comparing.
     """
     sk = get_skill(skill)
     rng = skill_rng(seed, skill, "eval")
@@ -164,7 +142,8 @@ def eval_splits(skill: str, sizes: dict[str, int], seed: int) -> dict[str, list[
             if q in seen:
                 continue
             seen.add(q)
-            rows.append(example_row(sk, f"{skill}-{split}-{len(rows):04d}", q, a))
+            rows.append({"id": f"{skill}-{split}-{len(rows):04d}", "prompt": format_prompt(q), "answer": a,
+                         "question": q, "skill": skill})
         out[split] = rows
     return out
 

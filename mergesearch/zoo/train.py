@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from mergesearch.zoo.presets import BaseTraining, ExpertTraining, ModelShape
-from mergesearch.zoo.skills import format_prompt, gold_text
+from mergesearch.zoo.skills import format_prompt
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def teacher_forced_accuracy(model, codec: CharCodec, rows: Sequence[dict], batch
     correct = 0
     for i in range(0, len(rows), batch):
         chunk = rows[i : i + batch]
-        ids, mask = codec.batch([(r["prompt"], gold_text(r)) for r in chunk])
+        ids, mask = codec.batch([(r["prompt"], r["answer"]) for r in chunk])
         pred = model(input_ids=ids).logits[:, :-1].argmax(-1)  # (B, T-1)
         ok = (pred == ids[:, 1:]) | ~mask
         correct += int(ok.all(dim=1).sum())
