@@ -321,3 +321,27 @@ def test_demo_studies_use_every_demo_skill_with_its_decoding_keys(study):
         assert {k: t[k] for k in keys if k in t} == get_skill(t["name"]).task_settings(), t["name"]
     cfg = load_config(path)  # validates (paths are not opened)
     assert cfg.objectives.tasks[-1].extract == r"The answer is (\S+)\."
+
+
+def test_length_groups_give_the_unsplit_loss():
+    """Chain rows are about twice as long as the others: a batch mixing them runs as two forward passes
+    (short rows, long rows), with the same mean loss as one padded batch; one-step rows alone never split."""
+    from mergesearch.zoo.tokenizer import build_char_tokenizer
+    from mergesearch.zoo.train import _answer_ce, make_model
+
+    tok = build_char_tokenizer()
+    codec = CharCodec(tok)
+    streams = {s: train_stream(s, 0, set()) for s in ("reverse", "successor", "chain")}
+    pairs = [("Q: " + q + "\nA: ", a) for s in ("reverse", "chain", "successor", "chain", "reverse", "reverse")
+             for q, a in [next(streams[s])]]
+    groups = codec.groups(pairs)
+    assert [rows for _, _, rows in groups] == [[0, 2, 4, 5], [1, 3]]
+    assert len(codec.groups([p for i, p in enumerate(pairs) if i not in (1, 3)])) == 1
+    model = make_model(TINY.model, tok, 0).eval()
+    ids, mask = codec.batch(pairs)
+    with torch.no_grad():
+        whole = _answer_ce(model(input_ids=ids).logits, ids, mask)
+        split = sum(_answer_ce(model(input_ids=i).logits, i, m, "sum") for i, m, _ in groups) / mask.sum()
+        for i, m, rows in groups:  # each group's rows and masks are the unsplit batch's, less padding
+            assert torch.equal(m, mask[rows][:, : m.shape[1]]) and not mask[rows][:, m.shape[1]:].any()
+    assert split.item() == pytest.approx(whole.item(), rel=1e-5)
