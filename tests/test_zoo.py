@@ -102,7 +102,7 @@ def test_chain_skill_rows_show_the_steps_and_end_with_the_answer(tmp_path):
     a gold chain `reversed -> REVERSED. The answer is REVERSED.` that the evaluator reduces to the answer."""
     from mergesearch.evaluate import load_task
 
-    prompt = re.compile(r"Q: Reverse and uppercase the word ([a-z]{3,4})\.\nA: ")
+    prompt = re.compile(r"Q: Reverse and uppercase the word ([a-z]{3})\.\nA: ")
     sk = get_skill("chain")
     sp = eval_splits("chain", {"calib": 40, "test": 60}, seed=0)
     finals = {}
