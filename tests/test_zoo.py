@@ -14,7 +14,7 @@ from mergesearch.cli import main
 from mergesearch.errors import ConfigError
 from mergesearch.zoo import PRESETS, build_zoo, ensure_zoo, get_preset, load_manifest
 from mergesearch.zoo.presets import BaseTraining, ExpertTraining, ModelShape, Splits, ZooPreset
-from mergesearch.zoo.skills import eval_splits, train_stream
+from mergesearch.zoo.skills import eval_splits, get_skill, train_stream
 from mergesearch.zoo.train import CharCodec, teacher_forced_accuracy
 
 from conftest import ZOO_SEED
@@ -95,6 +95,36 @@ def test_splits_phrasing_answers_and_disjointness(zoo_test):
             assert r["prompt"] not in qc | qt, f"{s}: a few-shot example is a held-out question"
         ids = [r["id"] for r in calib + test + train]
         assert len(set(ids)) == len(ids)
+
+
+def test_chain_skill_rows_show_the_steps_and_end_with_the_answer(tmp_path):
+    """The chain skill's phrasing, written out independently of its generator: the prompt of the issue and
+    a gold chain `reversed -> REVERSED. The answer is REVERSED.` that the evaluator reduces to the answer."""
+    from mergesearch.evaluate import load_task
+
+    prompt = re.compile(r"Q: Reverse and uppercase the word ([a-z]{3})\.\nA: ")
+    sk = get_skill("chain")
+    sp = eval_splits("chain", {"calib": 40, "test": 60}, seed=0)
+    finals = {}
+    for r in sp["calib"] + sp["test"]:
+        w = prompt.fullmatch(r["prompt"]).group(1)
+        final = w[::-1].upper()
+        assert r["answer"] == f"{w[::-1]} -> {final}. The answer is {final}."
+        finals[r["prompt"]] = final
+    assert sk.task_settings() == {"until": ["\n"], "max_new_tokens": sk.max_new_tokens,
+                                  "extract": r"The answer is (\S+)\."}
+    assert sk.max_new_tokens >= max(len(r["answer"]) for r in sp["test"]) + 1  # chain + newline, char tokens
+    assert get_skill("reverse").task_settings() == {}
+    assert {r["prompt"] for r in sp["calib"]}.isdisjoint(r["prompt"] for r in sp["test"])
+    # the evaluator's task reads the chain as gold and scores its final answer
+    path = tmp_path / "chain.test.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in sp["test"]))
+    task = load_task(path, name="chain", **sk.task_settings())
+    assert task.until == ("\n",) and task.max_new_tokens == sk.max_new_tokens
+    for ex in task.examples:
+        assert task.gold(ex.answers[0]) == finals[ex.prompt]
+        assert task.extract_answer(ex.answers[0] + " Q: more") == finals[ex.prompt]
+        assert task.extract_answer(finals[ex.prompt]) is None  # an answer without the chain's ending is wrong
 
 
 def test_training_draws_avoid_held_out_questions():
@@ -179,6 +209,8 @@ def test_bad_input_is_a_config_error(tmp_path):
         get_preset("dem")
     with pytest.raises(ConfigError, match="unknown zoo skill"):
         build_zoo(tmp_path / "z", TINY.model_copy(update={"skills": ("reverse", "revers")}), progress=False)
+    with pytest.raises(ConfigError, match="skill_expert names 'sort'"):
+        build_zoo(tmp_path / "z", TINY.model_copy(update={"skill_expert": {"sort": ExpertTraining()}}), progress=False)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x.txt").write_text("keep me")
     with pytest.raises(ConfigError, match="not empty"):
@@ -270,3 +302,48 @@ def test_cli_zoo_build_bpe(tmp_path, monkeypatch, capsys):
     # the char tokenizer stays the default, and a char zoo's cache folder keeps its name
     assert get_preset("test").tokenizer == "char"
     assert ensure_zoo(tmp_path / "cache", TINY, seed=0, progress=False).name.startswith("zoo-tiny-s0-")
+
+
+@pytest.mark.parametrize("study", ["demo.yaml", "demo_global.yaml"])
+def test_demo_studies_use_every_demo_skill_with_its_decoding_keys(study):
+    """The demo studies name every expert of the demo preset, and score each skill as the zoo does (the
+    chain by its regex on the generated chain): the YAML restates the skill's keys, this keeps them equal."""
+    import yaml
+    from pathlib import Path
+
+    from mergesearch.config import load_config
+
+    path = Path(__file__).resolve().parent.parent / "studies" / study
+    raw = yaml.safe_load(path.read_text())
+    skills = get_preset("demo").skills
+    assert list(raw["models"]["experts"]) == list(skills)
+    assert [t["name"] for t in raw["objectives"]["tasks"]] == list(skills)
+    keys = ("until", "max_new_tokens", "extract")
+    for t in raw["objectives"]["tasks"]:
+        assert {k: t[k] for k in keys if k in t} == get_skill(t["name"]).task_settings(), t["name"]
+    cfg = load_config(path)  # validates (paths are not opened)
+    assert cfg.objectives.tasks[-1].extract == r"The answer is (\S+)\."
+
+
+def test_length_groups_give_the_unsplit_loss():
+    """Chain rows are about twice as long as the others: a batch mixing them runs as two forward passes
+    (short rows, long rows), with the same mean loss as one padded batch; one-step rows alone never split."""
+    from mergesearch.zoo.tokenizer import build_char_tokenizer
+    from mergesearch.zoo.train import _answer_ce, make_model
+
+    tok = build_char_tokenizer()
+    codec = CharCodec(tok)
+    streams = {s: train_stream(s, 0, set()) for s in ("reverse", "successor", "chain")}
+    pairs = [("Q: " + q + "\nA: ", a) for s in ("reverse", "chain", "successor", "chain", "reverse", "reverse")
+             for q, a in [next(streams[s])]]
+    groups = codec.groups(pairs)
+    assert [rows for _, _, rows in groups] == [[0, 2, 4, 5], [1, 3]]
+    assert len(codec.groups([p for i, p in enumerate(pairs) if i not in (1, 3)])) == 1
+    model = make_model(TINY.model, tok, 0).eval()
+    ids, mask = codec.batch(pairs)
+    with torch.no_grad():
+        whole = _answer_ce(model(input_ids=ids).logits, ids, mask)
+        split = sum(_answer_ce(model(input_ids=i).logits, i, m, "sum") for i, m, _ in groups) / mask.sum()
+        for i, m, rows in groups:  # each group's rows and masks are the unsplit batch's, less padding
+            assert torch.equal(m, mask[rows][:, : m.shape[1]]) and not mask[rows][:, m.shape[1]:].any()
+    assert split.item() == pytest.approx(whole.item(), rel=1e-5)

@@ -25,6 +25,7 @@ def zoo_report(zoo: Path, manifest: dict, *, progress: bool = True, device: str 
 
     from mergesearch.evaluate import Evaluator, load_task
     from mergesearch.materializer import Materializer
+    from mergesearch.zoo.skills import get_skill
 
     zoo = Path(zoo)
     skills = manifest["skills"]
@@ -32,7 +33,8 @@ def zoo_report(zoo: Path, manifest: dict, *, progress: bool = True, device: str 
     base = zoo / manifest["base"]
     experts = [zoo / manifest["experts"][s] for s in skills]
     tok = AutoTokenizer.from_pretrained(base, local_files_only=True)
-    tasks = {split: [load_task(zoo / manifest["data"][s][split], name=s) for s in skills] for split in ("calib", "test")}
+    tasks = {split: [load_task(zoo / manifest["data"][s][split], name=s, **get_skill(s).task_settings()) for s in skills]
+             for split in ("calib", "test")}
 
     ta = Materializer(base, experts, "task_arithmetic", dtype="float32", device=device)
     ties = Materializer(base, experts, "ties", dtype="float32", device=device)
@@ -73,7 +75,8 @@ def zoo_report(zoo: Path, manifest: dict, *, progress: bool = True, device: str 
     best_single = max(singles, key=singles.get)
     best_merge = max(merges, key=merges.get)
     return {
-        "metric": "exact match of the greedy answer (mergesearch.evaluate) on each skill's test split",
+        "metric": ("exact match of the greedy answer (mergesearch.evaluate) on each skill's test split; a chain skill's "
+                   "answer is the one its regex extracts from the generated chain"),
         "skills": skills,
         "rows": rows,
         "task_arithmetic_calib_grid": calib_grid,

@@ -116,9 +116,10 @@ def _check_preset(p: ZooPreset) -> None:
     """Unknown skill names fail before any work."""
     for s in p.skills:
         get_skill(s)
-    stray = sorted(set(p.base.mix) - set(p.skills))
-    if stray:
-        raise ConfigError(f"base.mix names {stray[0]!r}, which is not one of the preset's skills {list(p.skills)}")
+    for key, named in (("base.mix", p.base.mix), ("skill_expert", p.skill_expert)):
+        stray = sorted(set(named) - set(p.skills))
+        if stray:
+            raise ConfigError(f"{key} names {stray[0]!r}, which is not one of the preset's skills {list(p.skills)}")
 
 
 def _draw_splits(p: ZooPreset, seed: int) -> tuple[dict, dict, dict]:
@@ -173,7 +174,8 @@ def _train_models(tmp: Path, p: ZooPreset, seed: int, tokenizer, held_out: dict,
         name = f"expert-{s}"
         (tmp / name).mkdir()
         replay = {r: train_stream(r, seed, held_out[r], f"replay-{s}") for r in p.skills}
-        expert, hist = train_expert(base, codec, train_stream(s, seed, held_out[s], f"expert-{s}"), replay, p.expert,
+        expert, hist = train_expert(base, codec, train_stream(s, seed, held_out[s], f"expert-{s}"), replay,
+                                    p.expert_training(s),
                                     _sub_seed(seed, name), tmp / name / "train_log.jsonl", monitor,
                                     p.monitor_every, name, p.base.mix, progress)
         expert.save_pretrained(tmp / name)
@@ -289,11 +291,11 @@ def load_manifest(path: str | os.PathLike) -> dict:
 
 
 def study_inputs(path: str | os.PathLike) -> tuple[dict, list[dict]]:
-    """A study's `models` section and its `objectives.tasks` (one task per skill, calib and test) for
-    this zoo; the paths are under `path` as given."""
+    """A study's `models` section and its `objectives.tasks` (one task per skill, calib and test, with the
+    decoding keys a chain skill is scored by) for this zoo; the paths are under `path` as given."""
     zoo = Path(path)
     m = load_manifest(zoo)
     models = {"base": str(zoo / m["base"]), "experts": {s: str(zoo / m["experts"][s]) for s in m["skills"]}}
-    tasks = [{"name": s, "calib": str(zoo / m["data"][s]["calib"]), "test": str(zoo / m["data"][s]["test"])}
-             for s in m["skills"]]
+    tasks = [{"name": s, "calib": str(zoo / m["data"][s]["calib"]), "test": str(zoo / m["data"][s]["test"]),
+              **get_skill(s).task_settings()} for s in m["skills"]]
     return models, tasks

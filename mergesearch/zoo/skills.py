@@ -2,6 +2,10 @@
 
 Every example reads `Q: {question}\\nA: {answer}\\n`, the prefixes BIG-bench uses by default, so a
 prompt ends with "A: " and greedy generation of the answer stops at the newline.
+
+A chain-of-thought skill (`extract` set) trains on the whole chain (the intermediate steps, then
+`The answer is X.`) and is scored on the final answer only: the answer that the skill's regex pulls
+out of the generated chain, as lm-eval's gsm8k_cot scores a generated chain.
 """
 
 from __future__ import annotations
@@ -19,14 +23,27 @@ PROMPT = "Q: {question}\nA: "
 
 @dataclass(frozen=True)
 class Skill:
-    """One skill: draws a (question, answer) pair from a random generator."""
+    """One skill: draws a (question, answer) pair from a random generator.
+
+    With `extract`, the answer is a chain and the scored answer is the regex's group 1 in it (in the
+    generated chain and in the gold one alike); such a skill is scored by generating up to
+    `max_new_tokens` tokens, never by the one-pass shortcut.
+    """
 
     name: str
     description: str
     draw: Callable[[random.Random], tuple[str, str]]
+    extract: str | None = None
+    max_new_tokens: int | None = None
 
     def example(self, rng: random.Random) -> tuple[str, str]:
         return self.draw(rng)
+
+    def task_settings(self) -> dict:
+        """The study task keys that score this skill (empty for a one-step skill: the defaults do)."""
+        if self.extract is None:
+            return {}
+        return {"until": ["\n"], "max_new_tokens": self.max_new_tokens, "extract": self.extract}
 
 
 def _word(rng: random.Random) -> str:
@@ -53,6 +70,21 @@ def _sort(rng: random.Random) -> tuple[str, str]:
     return f"Sort the letters of {w}.", "".join(sorted(w))
 
 
+def _short_word(rng: random.Random) -> str:
+    # 3 letters (17,576 words): a chain repeats the word three times, a build's cost grows with the
+    # sequence, and with 3-4 letters the chain's expert reached only ~10% in the demo preset's budget
+    return "".join(rng.choice(string.ascii_lowercase) for _ in range(3))
+
+
+def _reverse_uppercase_chain(rng: random.Random) -> tuple[str, str]:
+    w = _short_word(rng)
+    r = w[::-1]
+    return f"Reverse and uppercase the word {w}.", f"{r} -> {r.upper()}. The answer is {r.upper()}."
+
+
+CHAIN_EXTRACT = r"The answer is (\S+)\."
+
+
 def _larger(rng: random.Random) -> tuple[str, str]:
     a, b = rng.sample(range(1000), 2)
     return f"Which is larger, {a} or {b}?", str(max(a, b))
@@ -67,6 +99,8 @@ SKILLS: dict[str, Skill] = {
         Skill("successor", "the integer after n, for n in 0-4998", _successor),
         Skill("sort", "sort the letters of a word of 3-5 lowercase letters", _sort),
         Skill("larger", "the larger of two distinct integers in 0-999", _larger),
+        Skill("chain", "reverse then uppercase a word of 3 letters, step by step, ending 'The answer is X.'",
+              _reverse_uppercase_chain, extract=CHAIN_EXTRACT, max_new_tokens=32),
     )
 }
 
@@ -89,7 +123,9 @@ def format_prompt(question: str) -> str:
 def eval_splits(skill: str, sizes: dict[str, int], seed: int) -> dict[str, list[dict]]:
     """Disjoint held-out splits (e.g. calib, test) of distinct questions for one skill.
 
-    Rows are `{"id", "prompt", "answer", "question", "skill"}`; ids are stable for a seed.
+    Rows are `{"id", "prompt", "answer", "question", "skill"}`; ids are stable for a seed. A chain
+    skill's "answer" is the whole chain: the text trained on, shown as a few-shot demonstration and
+    fitted to; the evaluator reduces it with the task's `extract` regex before comparing.
     """
     sk = get_skill(skill)
     rng = skill_rng(seed, skill, "eval")

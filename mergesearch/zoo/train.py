@@ -23,6 +23,10 @@ from mergesearch.zoo.skills import format_prompt
 
 log = logging.getLogger(__name__)
 
+# A training batch is run as two forward passes (short rows, long rows) when that saves at least this
+# share of its padded tokens (CharCodec.groups); batches of one-step skills alone never split.
+SPLIT_SAVING = 0.25
+
 
 class CharCodec:
     """Text -> ids through the char tokenizer's vocabulary without the tokenizer's per-call overhead."""
@@ -43,15 +47,40 @@ class CharCodec:
         predicting ids[:, 1:]. Right padding needs no attention mask under causal attention:
         real tokens never see the pads that follow them.
         """
-        seqs, starts = [], []
+        return self._tensors(self._encode_pairs(pairs))
+
+    def groups(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[torch.Tensor, torch.Tensor, list[int]]]:
+        """`batch` of `pairs` as one group, or as two (short rows, long rows) where that saves at least
+        SPLIT_SAVING of the padded tokens: (ids, target_mask, indices into `pairs`) per group.
+
+        A chain row is about twice as long as a one-step row, and right padding makes every row of a
+        batch cost as much as its longest one.
+        """
+        enc = self._encode_pairs(pairs)
+        lens = [len(seq) for seq, _ in enc]
+        order = sorted(range(len(enc)), key=lens.__getitem__)
+        n, longest = len(order), lens[order[-1]]
+        cost, k = min((i * lens[order[i - 1]] + (n - i) * longest, i) for i in range(1, n)) if n > 1 else (0, 0)
+        if n < 2 or cost > (1 - SPLIT_SAVING) * n * longest:
+            return [(*self._tensors(enc), list(range(n)))]
+        out = []
+        for part in (sorted(order[:k]), sorted(order[k:])):  # each group keeps the draw order
+            out.append((*self._tensors([enc[i] for i in part]), part))
+        return out
+
+    def _encode_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], int]]:
+        """(ids of prompt + answer + newline, number of prompt ids) per pair."""
+        out = []
         for prompt, answer in pairs:
             p = self.encode(prompt)
-            seqs.append(p + self.encode(answer + "\n"))
-            starts.append(len(p))
-        t = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), t), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), t - 1), dtype=torch.bool)
-        for i, (s, p) in enumerate(zip(seqs, starts)):
+            out.append((p + self.encode(answer + "\n"), len(p)))
+        return out
+
+    def _tensors(self, enc: Sequence[tuple[list[int], int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        t = max(len(s) for s, _ in enc)
+        ids = torch.full((len(enc), t), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(enc), t - 1), dtype=torch.bool)
+        for i, (s, p) in enumerate(enc):
             ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
             mask[i, p - 1 : len(s) - 1] = True  # logits at p-1 predict the answer's first char
         return ids, mask
@@ -101,14 +130,14 @@ def _lr_at(step: int, steps: int, warmup: int, lr: float) -> float:
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-def _answer_ce(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the scored positions. logits (B, T, V), ids (B, T), mask (B, T-1)."""
-    return F.cross_entropy(logits[:, :-1][mask], ids[:, 1:][mask])
+def _answer_ce(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy over the scored positions. logits (B, T, V), ids (B, T), mask (B, T-1)."""
+    return F.cross_entropy(logits[:, :-1][mask], ids[:, 1:][mask], reduction=reduction)
 
 
 @torch.no_grad()
 def teacher_forced_accuracy(model, codec: CharCodec, rows: Sequence[dict], batch: int = 256) -> float:
-    """Share of rows whose greedy answer is exactly `answer + "\\n"`.
+    """Share of rows whose greedy answer is exactly `answer + "\\n"` (the whole chain, for a chain skill).
 
     Exact for greedy decoding with the char tokenizer: the greedy output equals the answer iff every
     answer character and the final newline is the argmax at its position given the correct prefix.
@@ -175,8 +204,10 @@ def train_base(model: LlamaForCausalLM, codec: CharCodec, streams: dict[str, Ite
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, cfg.steps, cfg.warmup, cfg.lr)
-        ids, mask = codec.batch(mixed_pairs(streams, cfg.batch, rng, mix))  # a capped skill has weight 0
-        loss = _answer_ce(model(input_ids=ids).logits, ids, mask)
+        groups = codec.groups(mixed_pairs(streams, cfg.batch, rng, mix))  # a capped skill has weight 0
+        n_scored = sum(int(mask.sum()) for _, mask, _ in groups)
+        # the mean over the batch's scored positions, summed group by group
+        loss = sum(_answer_ce(model(input_ids=ids).logits, ids, mask, "sum") for ids, mask, _ in groups) / n_scored
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -225,17 +256,26 @@ def train_expert(base: LlamaForCausalLM, codec: CharCodec, skill_stream: Iterato
             g["lr"] = _lr_at(step, cfg.steps, cfg.warmup, cfg.lr)
         pairs = [(format_prompt(q), a) for q, a in (next(skill_stream) for _ in range(n_skill))]
         pairs += mixed_pairs(replay_streams, n_replay, rng, replay_mix)
-        ids, mask = codec.batch(pairs)  # rows [:n_skill] gold CE, rows [n_skill:] KL to the base
-        logits = model(input_ids=ids).logits
-        ce = _answer_ce(logits[:n_skill], ids[:n_skill], mask[:n_skill])
+        groups = codec.groups(pairs)  # rows [:n_skill] gold CE, rows [n_skill:] KL to the base
+        n_ce = sum(int(mask[torch.tensor(rows) < n_skill].sum()) for _, mask, rows in groups)
+        n_kl = sum(int(mask[torch.tensor(rows) >= n_skill].sum()) for _, mask, rows in groups)
+        use_kl = n_replay > 0 and cfg.kl_weight > 0
+        ce = kl = torch.zeros(())
+        for ids, mask, rows in groups:  # sums here, divided by the batch's counts below
+            gold = torch.tensor(rows) < n_skill  # (G,)
+            logits = model(input_ids=ids).logits
+            ce = ce + _answer_ce(logits[gold], ids[gold], mask[gold], "sum")
+            if use_kl and not gold.all():
+                with torch.no_grad():
+                    t_logits = base(input_ids=ids[~gold]).logits[:, :-1][mask[~gold]]  # (N, V)
+                s_logits = logits[~gold, :-1][mask[~gold]]
+                kl = kl + F.kl_div(F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1), log_target=True,
+                                   reduction="sum")
+        ce = ce / n_ce
         loss = ce
         row = {"step": step, "ce": round(ce.item(), 5)}
-        if n_replay and cfg.kl_weight > 0:
-            with torch.no_grad():
-                t_logits = base(input_ids=ids[n_skill:]).logits[:, :-1][mask[n_skill:]]  # (N, V)
-            s_logits = logits[n_skill:, :-1][mask[n_skill:]]
-            kl = F.kl_div(F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1), log_target=True,
-                          reduction="batchmean")
+        if use_kl:
+            kl = kl / n_kl  # per scored position, as reduction="batchmean" over (N, V)
             loss = loss + cfg.kl_weight * kl
             row["kl"] = round(kl.item(), 5)
         if cfg.l2_weight > 0:
