@@ -113,10 +113,9 @@ def _build_into(tmp: Path, p: ZooPreset, seed: int, progress: bool) -> dict:
     t0 = time.perf_counter()
     for s in p.skills:
         get_skill(s)  # unknown names fail before any work
-    for key, named in (("base.mix", p.base.mix), ("skill_expert", p.skill_expert)):
-        stray = sorted(set(named) - set(p.skills))
-        if stray:
-            raise ConfigError(f"{key} names {stray[0]!r}, which is not one of the preset's skills {list(p.skills)}")
+    stray = sorted(set(p.base.mix) - set(p.skills))
+    if stray:
+        raise ConfigError(f"base.mix names {stray[0]!r}, which is not one of the preset's skills {list(p.skills)}")
     data = tmp / "data"
     data.mkdir(parents=True)
     sizes = {"calib": p.splits.calib, "test": p.splits.test, "monitor": p.monitor_examples}
@@ -157,8 +156,7 @@ def _build_into(tmp: Path, p: ZooPreset, seed: int, progress: bool) -> dict:
         name = f"expert-{s}"
         (tmp / name).mkdir()
         replay = {r: train_stream(r, seed, held_out[r], f"replay-{s}") for r in p.skills}
-        expert, hist = train_expert(base, codec, train_stream(s, seed, held_out[s], f"expert-{s}"), replay,
-                                    p.expert_training(s),
+        expert, hist = train_expert(base, codec, train_stream(s, seed, held_out[s], f"expert-{s}"), replay, p.expert,
                                     _sub_seed(seed, name), tmp / name / "train_log.jsonl", monitor,
                                     p.monitor_every, name, p.base.mix, progress)
         expert.save_pretrained(tmp / name)

@@ -77,8 +77,6 @@ class ZooPreset(_Frozen):
     model: ModelShape = ModelShape()
     base: BaseTraining = BaseTraining()
     expert: ExpertTraining = ExpertTraining()
-    # An expert's training where it differs from `expert`, by skill (a chain is a harder skill to teach).
-    skill_expert: dict[str, ExpertTraining] = Field(default_factory=dict)
     splits: Splits = Splits()
     # Held-out questions per skill (never trained on, never in calib/test) whose accuracy is logged
     # during training (teacher-forced exact match) and drives the base's cap.
@@ -90,9 +88,6 @@ class ZooPreset(_Frozen):
     ta_scales: tuple[float, ...] = (0.3, 0.5, 0.7, 1.0)
     report: bool = True
 
-
-    def expert_training(self, skill: str) -> ExpertTraining:
-        return self.skill_expert.get(skill, self.expert)
 
     @model_validator(mode="after")
     def _cap_needs_monitor(self) -> ZooPreset:
