@@ -209,8 +209,6 @@ def test_bad_input_is_a_config_error(tmp_path):
         get_preset("dem")
     with pytest.raises(ConfigError, match="unknown zoo skill"):
         build_zoo(tmp_path / "z", TINY.model_copy(update={"skills": ("reverse", "revers")}), progress=False)
-    with pytest.raises(ConfigError, match="skill_expert names 'sort'"):
-        build_zoo(tmp_path / "z", TINY.model_copy(update={"skill_expert": {"sort": ExpertTraining()}}), progress=False)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x.txt").write_text("keep me")
     with pytest.raises(ConfigError, match="not empty"):

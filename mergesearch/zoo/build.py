@@ -116,10 +116,9 @@ def _check_preset(p: ZooPreset) -> None:
     """Unknown skill names fail before any work."""
     for s in p.skills:
         get_skill(s)
-    for key, named in (("base.mix", p.base.mix), ("skill_expert", p.skill_expert)):
-        stray = sorted(set(named) - set(p.skills))
-        if stray:
-            raise ConfigError(f"{key} names {stray[0]!r}, which is not one of the preset's skills {list(p.skills)}")
+    stray = sorted(set(p.base.mix) - set(p.skills))
+    if stray:
+        raise ConfigError(f"base.mix names {stray[0]!r}, which is not one of the preset's skills {list(p.skills)}")
 
 
 def _draw_splits(p: ZooPreset, seed: int) -> tuple[dict, dict, dict]:
@@ -174,8 +173,7 @@ def _train_models(tmp: Path, p: ZooPreset, seed: int, tokenizer, held_out: dict,
         name = f"expert-{s}"
         (tmp / name).mkdir()
         replay = {r: train_stream(r, seed, held_out[r], f"replay-{s}") for r in p.skills}
-        expert, hist = train_expert(base, codec, train_stream(s, seed, held_out[s], f"expert-{s}"), replay,
-                                    p.expert_training(s),
+        expert, hist = train_expert(base, codec, train_stream(s, seed, held_out[s], f"expert-{s}"), replay, p.expert,
                                     _sub_seed(seed, name), tmp / name / "train_log.jsonl", monitor,
                                     p.monitor_every, name, p.base.mix, progress)
         expert.save_pretrained(tmp / name)
