@@ -1,6 +1,6 @@
 """After the suite: every required test ran and passed, and the counts. Usage: check_required.py RESULTS.xml
 
-The browser, PostgreSQL and mergekit tests skip on a laptop without their component; in CI they
+The browser, PostgreSQL, mergekit and locked-install tests skip on a laptop without their component; in CI they
 must run. tests/required.py already fails them under CI=true; this also catches a required test
 that was deselected, renamed away or never collected. Exit 1 with the missing ones named.
 """
@@ -16,6 +16,7 @@ REQUIRED = [
     ("tests/test_reliability.py", "test_four_workers_on_postgresql"),  # a real PostgreSQL server
     ("tests/test_vs_mergekit.py", "test_deterministic_methods_match_mergekit"),  # mergekit, in-process
     ("tests/test_vs_mergekit.py", "test_bf16_checkpoints_with_ties_match_mergekit"),
+    ("tests/test_ci.py", "test_the_suite_runs_on_the_locked_versions"),  # the environment is requirements.lock
 ]
 
 

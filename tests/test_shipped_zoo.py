@@ -37,6 +37,7 @@ def test_shipped_zoos_are_current_with_the_presets_and_the_skills(preset, seed, 
     """A change to a preset or to a skill's questions (a new skill, other splits) fails here until the zoo is
     re-shipped (`mergesearch zoo ship`): the shipped data and tokenizer equal what the code makes now."""
     zoo = shipped.shipped_zoo(preset, seed, tokenizer)
+    assert zoo is not None, f"no shipped {preset!r} zoo: run `mergesearch zoo ship {preset}`"
     man = load_manifest(zoo)
     current = _preset(preset, tokenizer)
     assert man["config"] == current.model_dump(mode="json"), f"the {preset!r} preset changed: re-ship its zoo"
