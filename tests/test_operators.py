@@ -258,3 +258,7 @@ def test_della_rule_is_one_rule_for_kernel_plan_and_space(density, epsilon, bad)
         plan.validate()
     capped = della_epsilon_cap(torch.tensor(density), torch.tensor(epsilon))
     assert not bool(della_out_of_range(torch.tensor(density), capped))
+    # declared with the methods in the registry, which Plan.validate and the search space read
+    ruled = {op.name: [r.params for r in op.rules] for op in operators.all_operators() if op.rules}
+    assert ruled == {"della": [("density", "epsilon")], "della_linear": [("density", "epsilon")]}
+    assert operators.get("della").rules[0].repair is della_epsilon_cap
