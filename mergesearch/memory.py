@@ -124,11 +124,18 @@ def study_estimates(cfg, tensors: Sequence[TensorInfo], n_experts: int) -> dict:
     """Both plans of a study (sources resident, streaming) on its device, the free memory now and the
     choice `merge.streaming` makes there: what `validate` reports."""
     from mergesearch.checkpoints import resolve_device
+    from mergesearch.errors import CheckpointError
 
-    dev = resolve_device(cfg.merge.device)
+    try:
+        dev, missing = resolve_device(cfg.merge.device), None
+    except CheckpointError as exc:  # validating on another machine than the one that will run it
+        dev, missing = torch.device(cfg.merge.device), str(exc)
     kw = {"device": dev, "batch_size": cfg.objectives.batch_size, "fit": cfg.fit is not None}
     resident = estimate(tensors, n_experts, cfg.merge.method, cfg.merge.dtype, streaming=False, **kw)
     streamed = estimate(tensors, n_experts, cfg.merge.method, cfg.merge.dtype, streaming=True, **kw)
+    if missing:
+        return {"resident": resident.as_dict(), "streaming": streamed.as_dict(), "free": 0, "streams": None,
+                "why": f"not decided here: {missing}"}
     free = free_bytes(dev)
     streaming, why = choose_streaming(cfg.merge.streaming, resident, free)
     return {"resident": resident.as_dict(), "streaming": streamed.as_dict(), "free": free,
