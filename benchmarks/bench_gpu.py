@@ -26,7 +26,7 @@ forward + backward + one merge; the whole script <= 300 s.
 Exit codes: 0 every target met, 1 a MISS, 77 no CUDA device here (nothing was measured).
 
     python benchmarks/bench_gpu.py
-    python benchmarks/bench_gpu.py --device cpu --size tiny --study-size tiny --skip-tests   # smoke run
+    python benchmarks/bench_gpu.py --device cpu --size tiny --skip-tests   # smoke run (tiny study)
 """
 
 from __future__ import annotations
@@ -431,11 +431,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", help="cuda (default), cuda:N; cpu only to smoke-test this script")
     ap.add_argument("--size", choices=sorted(SIZES), default="gpu", help="model of the merge table")
-    ap.add_argument("--study-size", choices=sorted(STUDY_SIZES), default="1b", help="model of the study and fit")
+    ap.add_argument("--study-size", choices=sorted(STUDY_SIZES), default=None,
+                    help="model of the study and fit (default: 1b on CUDA, tiny for a CPU smoke run)")
     ap.add_argument("--repeat", type=int, default=5, help="timed calls per measurement (median)")
     ap.add_argument("--examples", type=int, default=512, help="prompts of the evaluator benchmark")
-    ap.add_argument("--prompts", type=int, default=128, help="prompts per task of the study")
-    ap.add_argument("--trials", type=int, default=10, help="searched trials of the study")
+    ap.add_argument("--prompts", type=int, default=None, help="prompts per task of the study (default: 128; CPU 8)")
+    ap.add_argument("--trials", type=int, default=None, help="searched trials of the study (default: 10; CPU 1)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--methods", default=",".join(METHODS), help="methods of the merge table")
     ap.add_argument("--skip-tests", action="store_true", help="benchmarks only")
@@ -447,6 +448,10 @@ def main(argv=None) -> int:
         print(f"bench_gpu: needs a CUDA device and this machine has none (torch {torch.__version__}, "
               "torch.cuda.is_available() is False): nothing measured", file=sys.stderr)
         return NO_DEVICE
+    smoke = device.type == "cpu"  # the targets are a GPU's: on a CPU the script only shows it runs
+    args.study_size = args.study_size or ("tiny" if smoke else "1b")
+    args.prompts = args.prompts or (8 if smoke else 128)
+    args.trials = args.trials or (1 if smoke else 10)
     skip = set(filter(None, args.skip.split(",")))
     logging.disable(logging.WARNING)
     t_start = time.perf_counter()
