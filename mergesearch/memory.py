@@ -35,13 +35,6 @@ SCRATCH_BUFFERS = 12  # blocks the task-arithmetic family's kernel may hold at o
 GiB = 1 << 30
 
 
-def _state_bytes_per_entry(method: str) -> int:
-    """Bytes of precomputed state per entry and expert (see each family's `prepare`)."""
-    prepare = operators.get(method).prepare
-    name = getattr(prepare, "__name__", "")
-    return {"_prepare_magnitude": 4, "_prepare_random": 4, "_prepare_della": 8}.get(name, 0)
-
-
 @dataclass(frozen=True)
 class MemoryEstimate:
     """Bytes a study needs on its merge device (see the module docstring for each part)."""
@@ -72,7 +65,7 @@ def estimate(tensors: Sequence[TensorInfo], n_experts: int, method: str, dtype: 
     floats = [t for t in tensors if t.dtype.is_floating_point]
     n = sum(t.numel for t in floats)
     largest = max((t.numel for t in floats), default=0)
-    per_entry = size * (1 + n_experts) + _state_bytes_per_entry(method) * n_experts
+    per_entry = size * (1 + n_experts) + operators.get(method).state_bytes * n_experts
     resident = n * per_entry
     block = operators.block_entries(device)
     scratch = SCRATCH_BUFFERS * min(largest, block) * 4
