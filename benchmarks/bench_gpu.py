@@ -26,12 +26,13 @@ forward + backward + one merge; the whole script <= 300 s.
 Exit codes: 0 every target met, 1 a MISS, 77 no CUDA device here (nothing was measured).
 
     python benchmarks/bench_gpu.py
-    python benchmarks/bench_gpu.py --device cpu --size tiny --study-size tiny --skip-tests   # smoke run
+    python benchmarks/bench_gpu.py --device cpu --size tiny --skip-tests   # smoke run (tiny study)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import logging
@@ -42,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -429,11 +431,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", help="cuda (default), cuda:N; cpu only to smoke-test this script")
     ap.add_argument("--size", choices=sorted(SIZES), default="gpu", help="model of the merge table")
-    ap.add_argument("--study-size", choices=sorted(STUDY_SIZES), default="1b", help="model of the study and fit")
+    ap.add_argument("--study-size", choices=sorted(STUDY_SIZES), default=None,
+                    help="model of the study and fit (default: 1b on CUDA, tiny for a CPU smoke run)")
     ap.add_argument("--repeat", type=int, default=5, help="timed calls per measurement (median)")
     ap.add_argument("--examples", type=int, default=512, help="prompts of the evaluator benchmark")
-    ap.add_argument("--prompts", type=int, default=128, help="prompts per task of the study")
-    ap.add_argument("--trials", type=int, default=10, help="searched trials of the study")
+    ap.add_argument("--prompts", type=int, default=None, help="prompts per task of the study (default: 128; CPU 8)")
+    ap.add_argument("--trials", type=int, default=None, help="searched trials of the study (default: 10; CPU 1)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--methods", default=",".join(METHODS), help="methods of the merge table")
     ap.add_argument("--skip-tests", action="store_true", help="benchmarks only")
@@ -445,6 +448,10 @@ def main(argv=None) -> int:
         print(f"bench_gpu: needs a CUDA device and this machine has none (torch {torch.__version__}, "
               "torch.cuda.is_available() is False): nothing measured", file=sys.stderr)
         return NO_DEVICE
+    smoke = device.type == "cpu"  # the targets are a GPU's: on a CPU the script only shows it runs
+    args.study_size = args.study_size or ("tiny" if smoke else "1b")
+    args.prompts = args.prompts or (8 if smoke else 128)
+    args.trials = args.trials or (1 if smoke else 10)
     skip = set(filter(None, args.skip.split(",")))
     logging.disable(logging.WARNING)
     t_start = time.perf_counter()
@@ -457,44 +464,17 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
         folder = Path(tmp)
         if not args.skip_tests:
-            counts, tail = run_gpu_tests(folder)
-            out["gpu_tests"] = counts
-            print(f"\n1. gpu tests: {counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped "
-                  f"({time.perf_counter() - t_start:.0f} s)", flush=True)
-            if not checks.check(f"gpu tests: {counts['passed']} passed, {counts['failed']} failed, "
-                                f"{counts['skipped']} skipped (target: all passed, none skipped)",
-                                counts["passed"] and not counts["failed"] and not counts["skipped"]):
-                print(tail)
-
+            with section(checks, "gpu tests"):
+                tests_section(checks, out, folder, t_start)
         if "merge" not in skip:
-            mdir = folder / "merge"
-            mdir.mkdir()
-            base, experts, n_params = make_models(mdir, SIZES[args.size], device)
-            rows = merge_rows(base, experts, n_params, device, args.repeat, methods=args.methods.split(","))
-            out["merge"] = rows
-            print_merge_table(rows, n_params, len(experts))
-            check_merge(checks, rows)
-
+            with section(checks, "merge table"):
+                merge_section(checks, out, folder, device, args)
         if "eval" not in skip:
-            ev = eval_row(folder, device, args.examples, args.batch_size, max(3, args.repeat // 2))
-            out["eval"] = ev
-            print(f"\n3. evaluator: {ev['n']} exact-match prompts, batch {args.batch_size}: ours "
-                  f"{ev['ours_s'] * 1e3:.0f} ms, HF generate {ev['generate_s'] * 1e3:.0f} ms: {ev['speedup']:.1f}x; "
-                  f"same decision on {ev['same']}/{ev['n']} ({ev['hits']:.0f} hits)", flush=True)
-            checks.check(f"evaluator and generate decide {ev['same']}/{ev['n']} examples alike (target: all)",
-                         ev["same"] == ev["n"])
-            checks.check(f"evaluator {ev['speedup']:.1f}x generate (target >= {TARGETS['eval_vs_generate']}x)",
-                         ev["speedup"] >= TARGETS["eval_vs_generate"])
-
+            with section(checks, "evaluator vs generate"):
+                eval_section(checks, out, folder, device, args)
         if "study" not in skip:
-            st = study_row(folder, args.study_size, device, args.prompts, args.trials)
-            out["study"] = st
-            print_study(st)
-            checks.check(f"study opening {st['open_s']:.1f} s = {st['open_s'] / st['read_s']:.1f}x reading its "
-                         f"checkpoints from the page cache (target <= {TARGETS['open_vs_read']:g}x)",
-                         st["open_s"] <= TARGETS["open_vs_read"] * st["read_s"])
-            checks.check(f"fit step {st['fit']['ratio']:.2f}x forward + backward + one merge "
-                         f"(target <= {TARGETS['fit_vs_fb']:g}x)", st["fit"]["ratio"] <= TARGETS["fit_vs_fb"])
+            with section(checks, "1B study and fit step"):
+                study_section(checks, out, folder, device, args)
 
     total = time.perf_counter() - t_start
     out["total_s"] = total
@@ -503,6 +483,63 @@ def main(argv=None) -> int:
     print()
     checks.check(f"whole script {total:.0f} s (budget {BUDGET_S:.0f} s)", total <= BUDGET_S)
     return checks.finish()
+
+
+@contextlib.contextmanager
+def section(checks: Checks, name: str):
+    """A section that crashes is a MISS with its error, and the sections after it still run."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - one broken section must not hide the others' numbers
+        traceback.print_exc()
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        checks.check(f"{name}: crashed ({type(exc).__name__}: {first})", False)
+    finally:
+        free(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+
+
+def tests_section(checks: Checks, out: dict, folder: Path, t_start: float) -> None:
+    counts, tail = run_gpu_tests(folder)
+    out["gpu_tests"] = counts
+    print(f"\n1. gpu tests: {counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped "
+          f"({time.perf_counter() - t_start:.0f} s)", flush=True)
+    if not checks.check(f"gpu tests: {counts['passed']} passed, {counts['failed']} failed, "
+                        f"{counts['skipped']} skipped (target: all passed, none skipped)",
+                        counts["passed"] and not counts["failed"] and not counts["skipped"]):
+        print(tail)
+
+
+def merge_section(checks: Checks, out: dict, folder: Path, device: torch.device, args) -> None:
+    mdir = folder / "merge"
+    mdir.mkdir()
+    base, experts, n_params = make_models(mdir, SIZES[args.size], device)
+    rows = merge_rows(base, experts, n_params, device, args.repeat, methods=args.methods.split(","))
+    out["merge"] = rows
+    print_merge_table(rows, n_params, len(experts))
+    check_merge(checks, rows)
+
+
+def eval_section(checks: Checks, out: dict, folder: Path, device: torch.device, args) -> None:
+    ev = eval_row(folder, device, args.examples, args.batch_size, max(3, args.repeat // 2))
+    out["eval"] = ev
+    print(f"\n3. evaluator: {ev['n']} exact-match prompts, batch {args.batch_size}: ours "
+          f"{ev['ours_s'] * 1e3:.0f} ms, HF generate {ev['generate_s'] * 1e3:.0f} ms: {ev['speedup']:.1f}x; "
+          f"same decision on {ev['same']}/{ev['n']} ({ev['hits']:.0f} hits)", flush=True)
+    checks.check(f"evaluator and generate decide {ev['same']}/{ev['n']} examples alike (target: all)",
+                 ev["same"] == ev["n"])
+    checks.check(f"evaluator {ev['speedup']:.1f}x generate (target >= {TARGETS['eval_vs_generate']}x)",
+                 ev["speedup"] >= TARGETS["eval_vs_generate"])
+
+
+def study_section(checks: Checks, out: dict, folder: Path, device: torch.device, args) -> None:
+    st = study_row(folder, args.study_size, device, args.prompts, args.trials)
+    out["study"] = st
+    print_study(st)
+    checks.check(f"study opening {st['open_s']:.1f} s = {st['open_s'] / st['read_s']:.1f}x reading its "
+                 f"checkpoints from the page cache (target <= {TARGETS['open_vs_read']:g}x)",
+                 st["open_s"] <= TARGETS["open_vs_read"] * st["read_s"])
+    checks.check(f"fit step {st['fit']['ratio']:.2f}x forward + backward + one merge "
+                 f"(target <= {TARGETS['fit_vs_fb']:g}x)", st["fit"]["ratio"] <= TARGETS["fit_vs_fb"])
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 # worktree first on PYTHONPATH, then run the gpu tests, benchmarks/bench_gpu.py and, where it exists,
 # benchmarks/bench_generate.py --device cuda. Logs go to $OUT/ (a temporary folder without $OUT).
 #
-#   bash benchmarks/gpu_check.sh            # exit 0: every step passed; 1: a step failed or missed a
+#   [BENCH_GPU_ARGS="--skip study"] bash benchmarks/gpu_check.sh   # exit 0: every step passed; 1: a step failed or missed a
 #                                           # target; 77: no CUDA device here (nothing was measured)
 # Fetch the wheels once, on any machine with pip (Python 3.12 manylinux wheels, see README "GPU check").
 set -u -o pipefail
@@ -34,7 +34,7 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
 fi
 status=0
 # bench_gpu runs the gpu tests itself (and counts a skip as a MISS); the JSON keeps every number.
-timeout 420 "$PY" benchmarks/bench_gpu.py --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.log" || status=1
+timeout 420 "$PY" benchmarks/bench_gpu.py --json "$OUT/bench_gpu.json" ${BENCH_GPU_ARGS:-} 2>&1 | tee "$OUT/bench_gpu.log" || status=1
 if [ -f benchmarks/bench_generate.py ]; then
   timeout 120 "$PY" benchmarks/bench_generate.py --device cuda 2>&1 | tee "$OUT/bench_generate.log" || status=1
 fi

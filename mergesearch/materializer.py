@@ -266,7 +266,9 @@ class Materializer:
 def _to_device(state: Any, device: torch.device, pin: bool = False) -> Any:
     """Every tensor of a precomputed state moved to `device` (`pin`: into page-locked host memory)."""
     if isinstance(state, torch.Tensor):
-        moved = state.to(device, non_blocking=True)
+        # Asynchronous only towards an accelerator: a non-blocking copy to the host may still be in flight
+        # when the host reads it (here: pin_memory right after).
+        moved = state.to(device, non_blocking=device.type != "cpu")
         return moved.pin_memory() if pin else moved
     if isinstance(state, dict):
         return {k: _to_device(v, device, pin) for k, v in state.items()}

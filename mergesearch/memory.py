@@ -35,13 +35,6 @@ SCRATCH_BUFFERS = 12  # blocks the task-arithmetic family's kernel may hold at o
 GiB = 1 << 30
 
 
-def _state_bytes_per_entry(method: str) -> int:
-    """Bytes of precomputed state per entry and expert (see each family's `prepare`)."""
-    prepare = operators.get(method).prepare
-    name = getattr(prepare, "__name__", "")
-    return {"_prepare_magnitude": 4, "_prepare_random": 4, "_prepare_della": 8}.get(name, 0)
-
-
 @dataclass(frozen=True)
 class MemoryEstimate:
     """Bytes a study needs on its merge device (see the module docstring for each part)."""
@@ -72,7 +65,7 @@ def estimate(tensors: Sequence[TensorInfo], n_experts: int, method: str, dtype: 
     floats = [t for t in tensors if t.dtype.is_floating_point]
     n = sum(t.numel for t in floats)
     largest = max((t.numel for t in floats), default=0)
-    per_entry = size * (1 + n_experts) + _state_bytes_per_entry(method) * n_experts
+    per_entry = size * (1 + n_experts) + operators.get(method).state_bytes * n_experts
     resident = n * per_entry
     block = operators.block_entries(device)
     scratch = SCRATCH_BUFFERS * min(largest, block) * 4
@@ -124,11 +117,18 @@ def study_estimates(cfg, tensors: Sequence[TensorInfo], n_experts: int) -> dict:
     """Both plans of a study (sources resident, streaming) on its device, the free memory now and the
     choice `merge.streaming` makes there: what `validate` reports."""
     from mergesearch.checkpoints import resolve_device
+    from mergesearch.errors import CheckpointError
 
-    dev = resolve_device(cfg.merge.device)
+    try:
+        dev, missing = resolve_device(cfg.merge.device), None
+    except CheckpointError as exc:  # validating on another machine than the one that will run it
+        dev, missing = torch.device(cfg.merge.device), str(exc)
     kw = {"device": dev, "batch_size": cfg.objectives.batch_size, "fit": cfg.fit is not None}
     resident = estimate(tensors, n_experts, cfg.merge.method, cfg.merge.dtype, streaming=False, **kw)
     streamed = estimate(tensors, n_experts, cfg.merge.method, cfg.merge.dtype, streaming=True, **kw)
+    if missing:
+        return {"resident": resident.as_dict(), "streaming": streamed.as_dict(), "free": 0, "streams": None,
+                "why": f"not decided here: {missing}"}
     free = free_bytes(dev)
     streaming, why = choose_streaming(cfg.merge.streaming, resident, free)
     return {"resident": resident.as_dict(), "streaming": streamed.as_dict(), "free": free,

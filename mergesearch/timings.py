@@ -26,12 +26,10 @@ class PhaseTimer:
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
         t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            s = time.perf_counter() - t0
-            self.seconds[name] = self.seconds.get(name, 0.0) + s
-            log.info("%s: %.2f s", name, s)
+        yield  # a phase that raised is not timed: the error is what the user needs to see
+        s = time.perf_counter() - t0
+        self.seconds[name] = self.seconds.get(name, 0.0) + s
+        log.info("%s: %.2f s", name, s)
 
     def update(self, other: Mapping[str, float], prefix: str = "") -> None:
         for k, v in other.items():

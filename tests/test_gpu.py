@@ -29,20 +29,21 @@ def _merged(base, experts, method, values, **kw) -> dict[str, torch.Tensor]:
     return {k: v.float().cpu() for k, v in m.state_dict().items()}
 
 
-@pytest.mark.parametrize("dtype, rtol", [("float32", 0.0), ("bfloat16", 2 ** -7)])
+@pytest.mark.parametrize("dtype, rtol, atol", [("float32", 0.0, 1e-6), ("bfloat16", 2 ** -7, 1e-2)])
 @pytest.mark.parametrize("method, values", METHODS, ids=[m for m, _ in METHODS])
-def test_materialize_on_cuda_matches_cpu(method, values, dtype, rtol, tiny_family):
+def test_materialize_on_cuda_matches_cpu(method, values, dtype, rtol, atol, tiny_family):
     """Same masks (ranks by a stable sort, random fields drawn on the CPU), same weights up to rounding:
-    float32 within 1e-6; bf16 within one bf16 step of the weight (2**-7 relative), since float32 sums
-    (L1 norms, angles) reduce in another order on the GPU and a last-bit change of a coefficient can
-    move a bf16 weight across one rounding boundary. The CPU runs its own block policy and also the
-    GPU's (operators.block_entries("cuda")): the GPU must match both."""
+    float32 within 1e-6; bf16 within one bf16 step of the weight (2**-7 relative) or of a rescaled
+    task-vector term (under 1e-2 in these models), since float32 sums (L1 norms, angles) reduce in
+    another order on the GPU, and a last-bit change of a factor rounded to bf16 moves a term by one
+    bf16 step. The CPU runs its own block policy and also the GPU's (operators.block_entries("cuda")):
+    the GPU must match both."""
     base, experts = tiny_family("llama", _experts(method))
     gpu = _merged(base, experts, method, values, device="cuda", dtype=dtype)
     for block in (None, operators.block_entries("cuda")):
         cpu = _merged(base, experts, method, values, device="cpu", dtype=dtype, block=block)
         for k in cpu:
-            torch.testing.assert_close(gpu[k], cpu[k], rtol=rtol, atol=1e-6, msg=f"{method} {dtype} {k}")
+            torch.testing.assert_close(gpu[k], cpu[k], rtol=rtol, atol=atol, msg=f"{method} {dtype} {k}")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

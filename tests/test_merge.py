@@ -126,9 +126,10 @@ def test_the_gpu_block_policy_gives_the_cpu_weights(method, values, dtype, tiny_
     """The CUDA branch's arithmetic (chunks processed whole: operators.block_entries("cuda")) run here on
     the CPU, against blocks far smaller than the tensors (many blocks per chunk), streaming and not.
 
-    float32: within 1e-6. bfloat16: within one bf16 step of the weight (2**-7 relative): the two policies
-    differ only in the order of the float32 sum behind the L1 rescale, and a last-bit change of that
-    factor, once rounded to bf16, can move a merged weight across one rounding boundary."""
+    float32: within 1e-6. bfloat16: within one bf16 step of the weight (2**-7 relative) or of a rescaled
+    task-vector term (under 1e-2 here): the two policies differ only in the order of the float32 sum
+    behind the L1 rescale, and a last-bit change of that factor, rounded to bf16, moves a term by one
+    bf16 step."""
     from mergesearch import operators
 
     n = 1 if method == "slerp" else 2
@@ -147,7 +148,7 @@ def test_the_gpu_block_policy_gives_the_cpu_weights(method, values, dtype, tiny_
         if dtype == "float32":
             torch.testing.assert_close(whole[k], small[k], rtol=0, atol=1e-6, msg=k)
         else:
-            torch.testing.assert_close(whole[k], small[k], rtol=2 ** -7, atol=1e-6, msg=k)
+            torch.testing.assert_close(whole[k], small[k], rtol=2 ** -7, atol=1e-2, msg=k)
     assert operators.block_entries("cpu") == Materializer(base, experts, method, device="cpu").scratch.block
 
 

@@ -73,8 +73,9 @@ def test_shape_dtype_and_finiteness(name, dtype):
 @pytest.mark.parametrize("name", NAMES)
 def test_every_block_policy_gives_the_same_merge(name, dtype):
     """A chunk of 280K entries merged in the CPU's blocks (128K: three blocks), whole (the CUDA policy)
-    and in odd small blocks: float32 within 1e-6; bf16 within one bf16 step (2**-7 relative), the only
-    difference being the order of the float32 sum behind the L1 rescale (test_merge.py says why)."""
+    and in odd small blocks: float32 within 1e-6; bf16 within one bf16 step of the weight or of a
+    rescaled term, the only difference being the order of the float32 sum behind the L1 rescale
+    (test_merge.py says why)."""
     op = operators.get(name)
     base, experts = _sources((700, 400), _n_experts(op), dtype=dtype)
     kw = {"density": 0.4} if "density" in op.param_names else {}
@@ -82,9 +83,9 @@ def test_every_block_policy_gives_the_same_merge(name, dtype):
         kw["epsilon"] = 0.1
     outs = [merge_tensor(name, base, experts, seed=2, block=b, **kw).float()
             for b in (operators.block_entries("cpu"), operators.block_entries("cuda"), 4099)]
-    rtol = 0 if dtype == torch.float32 else 2 ** -7
+    rtol, atol = (0, 1e-6) if dtype == torch.float32 else (2 ** -7, 1e-2)
     for out in outs[1:]:
-        torch.testing.assert_close(out, outs[0], rtol=rtol, atol=1e-6)
+        torch.testing.assert_close(out, outs[0], rtol=rtol, atol=atol)
 
 
 def test_block_policy_is_the_devices():
@@ -257,3 +258,7 @@ def test_della_rule_is_one_rule_for_kernel_plan_and_space(density, epsilon, bad)
         plan.validate()
     capped = della_epsilon_cap(torch.tensor(density), torch.tensor(epsilon))
     assert not bool(della_out_of_range(torch.tensor(density), capped))
+    # declared with the methods in the registry, which Plan.validate and the search space read
+    ruled = {op.name: [r.params for r in op.rules] for op in operators.all_operators() if op.rules}
+    assert ruled == {"della": [("density", "epsilon")], "della_linear": [("density", "epsilon")]}
+    assert operators.get("della").rules[0].repair is della_epsilon_cap

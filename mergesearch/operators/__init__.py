@@ -21,6 +21,7 @@ the materialiser in `mergesearch.materializer` runs the same kernels on cached s
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -116,6 +117,8 @@ class Operator:
     linear_parts: Callable[..., list[torch.Tensor]] | None = None
     # Rules between parameters (Plan.validate and the search space apply them; the kernel refuses too).
     rules: tuple[ParamRule, ...] = ()
+    # Bytes of `prepare`'s state per entry and expert (ranks, random fields): what mergesearch.memory counts.
+    state_bytes: int = 0
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -148,7 +151,7 @@ def register(name: str, *, params: Sequence[Param], doc: str, min_experts: int =
              max_experts: int | None = None, prepare: Prepare | None = None, reference: str = "",
              ignored_mergekit_keys: Sequence[str] = (),
              linear_parts: Callable[..., list[torch.Tensor]] | None = None,
-             rules: Sequence[ParamRule] = ()) -> Callable[[Kernel], Kernel]:
+             rules: Sequence[ParamRule] = (), state_bytes: int = 0) -> Callable[[Kernel], Kernel]:
     """Decorator: register `kernel` as merge method `name` (the one place a method is added)."""
 
     def deco(kernel: Kernel) -> Kernel:
@@ -157,7 +160,7 @@ def register(name: str, *, params: Sequence[Param], doc: str, min_experts: int =
         _REGISTRY[name] = Operator(name=name, kernel=kernel, params=tuple(params), doc=doc,
                                    min_experts=min_experts, max_experts=max_experts, prepare=prepare,
                                    reference=reference, ignored_mergekit_keys=frozenset(ignored_mergekit_keys),
-                                   linear_parts=linear_parts, rules=tuple(rules))
+                                   linear_parts=linear_parts, rules=tuple(rules), state_bytes=state_bytes)
         return kernel
 
     return deco
@@ -203,6 +206,7 @@ def num_chunks(shape: Sequence[int], chunks: int) -> int:
     return 1 if len(shape) == 0 else len(chunk_bounds(int(shape[0]), chunks))
 
 
+@functools.lru_cache(maxsize=1 << 14)  # called per expert and chunk on the hot path; numpy's formatting is slow
 def exact(x: float) -> float:
     """The shortest decimal that rounds to the same float32 (0.699999988 -> 0.7).
 
@@ -248,16 +252,25 @@ class Scratch:
             raise ValueError(f"block must be >= 1 entries, got {block}")
         self.block = block
         self._bufs: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
+        # The views handed out, by slot and shape: a candidate asks for the same few shapes every time, and
+        # making a view costs more than the elementwise op on a small tensor (launch-bound GPUs, small models).
+        self._views: dict[tuple, torch.Tensor] = {}
 
     def get(self, slot: str, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         dtype = dtype or like.dtype
         key = (slot, dtype, like.device)
+        view_key = (key, like.shape)
+        view = self._views.get(view_key)
+        if view is not None:
+            return view
         n = like.numel()
         buf = self._bufs.get(key)
         if buf is None or buf.numel() < n:
             buf = torch.empty(max(n, 1), dtype=dtype, device=like.device)
             self._bufs[key] = buf
-        return buf[:n].view(like.shape)
+            self._views = {k: v for k, v in self._views.items() if k[0] != key}  # views of the old buffer
+        view = self._views[view_key] = buf[:n].view(like.shape)
+        return view
 
 
 # --- the pure-tensor entry point -----------------------------------------------------------------

@@ -475,6 +475,8 @@ def _register(name: str, kind: str, consensus: bool, normalize: bool, rescale: b
     ignored = {"int8_mask"} | ({"rescale"} if kind == "none" else set())
     register(name, params=params, doc=doc, prepare=prepare, reference=ref, ignored_mergekit_keys=ignored,
              linear_parts=_make_linear_parts(kind, consensus), rules=(DELLA_RULE,) if kind == "della" else (),
+             # int32 ranks; float32 uniforms; della: float32 uniforms and row ranks
+             state_bytes={"none": 0, "magnitude": 4, "outliers": 4, "random": 4, "della": 8}[kind],
              )(_make_kernel(kind, consensus))
 
 
