@@ -137,6 +137,10 @@ CASES = {
     "same split for calib and test": (
         lambda d, t, m: _set(d["objectives"]["tasks"][0], "test", d["objectives"]["tasks"][0]["calib"]),
         "same file for calib and test"),
+    "extract regex that does not compile": (
+        lambda d, t, m: _set(d["objectives"]["tasks"][0], "extract", "The answer is (\\S+"), "does not compile"),
+    "until not a list": (lambda d, t, m: _set(d["objectives"]["tasks"][0], "until", "\n"),
+                         "until"),
     "one-objective sampler on many objectives": (
         lambda d, t, m: (_set(d, "objectives.mode", "per_task"), _set(d, "study.sampler", "cmaes")),
         "handles one objective"),

@@ -35,7 +35,7 @@ from mergesearch.evaluate import _scoring as scoring
 
 log = logging.getLogger(__name__)
 
-# Free slots (as a fraction of the batch) that trigger a refill: each refill is one prefill pass.
+# Slots are refilled once 1/REFILL_FRACTION of the batch is free (each refill is one prefill pass).
 REFILL_FRACTION = 8
 # Tokens decoded to look for a stop string: enough for its characters at 4 bytes each (byte-level BPE).
 _BYTES_PER_CHAR = 4
@@ -51,14 +51,10 @@ class GenRequest:
     until: tuple[str, ...] = ()  # stop strings looked for in the decoded text
 
 
+@functools.lru_cache(maxsize=None)
 def _keep_kw(model_type: type) -> str | None:
     """The forward argument that limits the logits to the last positions (`logits_to_keep` in current
     transformers, `num_logits_to_keep` before); None where the model has neither."""
-    return _keep_kw_cached(model_type)
-
-
-@functools.lru_cache(maxsize=None)
-def _keep_kw_cached(model_type: type) -> str | None:
     params = inspect.signature(model_type.forward).parameters
     return next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
 
