@@ -374,14 +374,18 @@ def fit_row(runner, device: torch.device, steps: tuple[int, int] = (2, 6)) -> di
                         SpaceConfig(granularity="per_layer", parameters={"lambda": {"fixed": 1.0},
                                                                          "weight": {"low": 0.0, "high": 1.5}}))
     plan = Plan.full("task_arithmetic", mat.tensors, len(mat.experts), chunks=mat.chunks, weight=0.7)
-    secs = []
-    for n in steps:
+    def fit_s(n: int) -> float:
         opts = FitOptions(steps=n, eval_every=10 ** 6, patience=10 ** 6)
         sync(device)
         t0 = time.perf_counter()
         fitter.fit(plan, space, opts)
         sync(device)
-        secs.append(time.perf_counter() - t0)
+        return time.perf_counter() - t0
+
+    # A first fit warms the kernels and allocator up: without it the short fit paid for them and the
+    # difference came out negative (-534 ms on an H200). Best of two per length.
+    fit_s(steps[0])
+    secs = [min(fit_s(n), fit_s(n)) for n in steps]
     step_s = (secs[1] - secs[0]) / (steps[1] - steps[0])
     # the same model, a batch of the fit's shape: batch_size rows of the longest prompt + answer
     batch = FitOptions().batch_size
@@ -539,7 +543,8 @@ def study_section(checks: Checks, out: dict, folder: Path, device: torch.device,
                  f"checkpoints from the page cache (target <= {TARGETS['open_vs_read']:g}x)",
                  st["open_s"] <= TARGETS["open_vs_read"] * st["read_s"])
     checks.check(f"fit step {st['fit']['ratio']:.2f}x forward + backward + one merge "
-                 f"(target <= {TARGETS['fit_vs_fb']:g}x)", st["fit"]["ratio"] <= TARGETS["fit_vs_fb"])
+                 f"(target <= {TARGETS['fit_vs_fb']:g}x; a step that measures <= 0 is a failed measurement)",
+                 0 < st["fit"]["ratio"] <= TARGETS["fit_vs_fb"])
 
 
 if __name__ == "__main__":
