@@ -52,14 +52,14 @@ SIZES = {  # device -> Llama config keyword arguments
 }
 
 
-def build(device: str):
+def build(device: str, dtype_name: str | None = None):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from mergesearch.zoo.tokenizer import build_char_tokenizer
 
     tok = build_char_tokenizer()
     cfg = LlamaConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0, **SIZES[device])
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = getattr(torch, dtype_name) if dtype_name else (torch.bfloat16 if device == "cuda" else torch.float32)
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
@@ -215,6 +215,9 @@ def main(argv=None) -> int:
     ap.add_argument("--short-prompts", type=int, default=None, help="default: 512 on CUDA, 64 on the CPU")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="CPU threads")
+    ap.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                    help="model dtype (default: bfloat16 on CUDA, float32 on the CPU); float32 on CUDA checks that "
+                         "rows differing from HF generate in bfloat16 are rounding, not a defect")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly (fixed shapes) on CUDA")
     args = ap.parse_args(argv)
     gpu = args.device == "cuda"
@@ -227,7 +230,7 @@ def main(argv=None) -> int:
     args.short_prompts = args.short_prompts or (512 if gpu else 64)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
-    model, tok = build(args.device)
+    model, tok = build(args.device, args.dtype)
     n = sum(p.numel() for p in model.parameters())
     print(f"model: random Llama {n / 1e6:.1f}M parameters, {model.dtype}, {args.device}"
           + (f" ({torch.cuda.get_device_name()})" if gpu else f", {args.threads} thread(s)"))
