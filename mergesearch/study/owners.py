@@ -69,6 +69,8 @@ def owner_record(trial_number: int) -> dict:
 def process_alive(pid: int, started: int | None) -> bool:
     """Whether process `pid` of this host still exists and is the one that started at `started`
     (a process id can be reused; a zombie, killed but not yet reaped by its parent, is gone)."""
+    if os.name == "nt":
+        return True  # Windows' os.kill(pid, 0) terminates the process: leave its trials to the heartbeat
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
