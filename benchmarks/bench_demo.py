@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mergesearch.config import config_from_dict, load_space  # noqa: E402
-from mergesearch.study import records as R  # noqa: E402
+from mergesearch.study import records  # noqa: E402
 from mergesearch.study import run_study  # noqa: E402
 from mergesearch.zoo import get_zoo, study_inputs  # noqa: E402
 
@@ -68,12 +68,12 @@ def study_config(zoo: Path, yaml_name: str, storage: str, name: str, trials: int
 
 
 def test_mean(study, trial) -> float:
-    t = R.test_score(study, trial)
+    t = records.test_score(study, trial)
     return float("nan") if t is None else 100 * t["test_mean"]
 
 
 def task_test(study, trial, task: str) -> float:
-    t = R.test_score(study, trial)
+    t = records.test_score(study, trial)
     return float("nan") if t is None else 100 * t["test"].get(task, float("nan"))
 
 
@@ -92,22 +92,22 @@ def run_seed(zs: int, zoo: Path, tmp: str, args) -> dict:
     search = {"lr": {"low": 0.01, "high": 0.04, "log": True}, "task_weights": {"low": 0.5, "high": 2.0}}
     fit = run("fit", "demo.yaml", trials=args.fit_trials, seed=args.study_seed, fit={"search": search})
     distill = run("distill", "demo.yaml", trials=1, seed=args.study_seed, fit={"objective": "distill", "search": {}})
-    bases = {R.baseline_name(t): t for t in R.baseline_trials(glob)}
+    bases = {records.baseline_name(t): t for t in records.baseline_trials(glob)}
     experts = {n: test_mean(glob, t) for n, t in bases.items() if n.startswith("expert:")}
-    ta_best = max((t for n, t in bases.items() if n.startswith("task_arithmetic")), key=R.trial_mean)
-    searched = R.search_trials(fit)
+    ta_best = max((t for n, t in bases.items() if n.startswith("task_arithmetic")), key=records.trial_mean)
+    searched = records.search_trials(fit)
     plain = min(searched, key=lambda t: t.number)
-    pick = R.best_trials(fit, 1)[0]
+    pick = records.best_trials(fit, 1)[0]
     chain_experts = {n: task_test(glob, t, CHAIN_SKILL) for n, t in bases.items()
                      if n.startswith("expert:") and n != f"expert:{CHAIN_SKILL}"}
     return {
         "zoo_seed": zs, "best_expert": max(experts.values()), "best_expert_name": max(experts, key=experts.get),
-        "ta_tuned": test_mean(glob, ta_best), "ta_tuned_name": R.baseline_name(ta_best),
-        "global": test_mean(glob, R.best_trials(glob, 1)[0]),
-        "fit": test_mean(fit, plain), "fit_val": 100 * R.trial_mean(plain),
-        "fit_study": test_mean(fit, pick), "fit_study_val": 100 * R.trial_mean(pick), "fit_study_trial": pick.number,
-        "distill": test_mean(distill, R.search_trials(distill)[0]),
-        "n_coef": len(R.record(plain)[R.FIT_KEY]["coef"]), "fit_steps": R.record(plain)[R.FIT_KEY]["best_step"],
+        "ta_tuned": test_mean(glob, ta_best), "ta_tuned_name": records.baseline_name(ta_best),
+        "global": test_mean(glob, records.best_trials(glob, 1)[0]),
+        "fit": test_mean(fit, plain), "fit_val": 100 * records.trial_mean(plain),
+        "fit_study": test_mean(fit, pick), "fit_study_val": 100 * records.trial_mean(pick), "fit_study_trial": pick.number,
+        "distill": test_mean(distill, records.search_trials(distill)[0]),
+        "n_coef": len(records.record(plain)[records.FIT_KEY]["coef"]), "fit_steps": records.record(plain)[records.FIT_KEY]["best_step"],
         "chain_fit_study": task_test(fit, pick, CHAIN_SKILL),
         "chain_best_other_expert": max(chain_experts.values(), default=float("nan")),
         "chain_best_other_expert_name": max(chain_experts, key=chain_experts.get, default=None),

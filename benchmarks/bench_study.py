@@ -49,7 +49,7 @@ from _checks import Checks  # noqa: E402
 
 from mergesearch.config import config_from_dict  # noqa: E402
 from mergesearch.study import opening  # noqa: E402
-from mergesearch.study import records as R  # noqa: E402
+from mergesearch.study import records  # noqa: E402
 from mergesearch.study.runner import StudyRunner  # noqa: E402
 from mergesearch.study.storage import open_storage  # noqa: E402
 from mergesearch.zoo import get_zoo, study_inputs  # noqa: E402
@@ -121,8 +121,8 @@ def bench_overhead(zoo: Path, n_trials: int, tmp: Path, granularity: str = "per_
         t0 = time.perf_counter()
         runner.optimize(study, n_trials, progress=False)
         wall = time.perf_counter() - t0
-        trials = R.search_trials(study)
-        work = sum(R.record(t)["merge_s"] + R.record(t)["eval_s"] for t in trials)
+        trials = records.search_trials(study)
+        work = sum(records.record(t)["merge_s"] + records.record(t)["eval_s"] for t in trials)
         n = len(trials)
         floor = optuna_floor_ms(opener(url), trials[-1].distributions)
         rows.append({"storage": label, "space": granularity, "trials": n, "params": runner.space.n_params, "wall_per_trial_s": wall / n,
@@ -154,7 +154,7 @@ def bench_growth(zoo: Path, n_trials: int, tmp: Path) -> dict:
     per = [b - a for a, b in zip(stamps, stamps[1:])]
     k = max(1, n_trials // 10)
     first, last = sum(per[:k]) / k, sum(per[-k:]) / k
-    return {"trials": R.counted(study), "first_ms": 1000 * first, "last_ms": 1000 * last, "ratio": last / first,
+    return {"trials": records.counted(study), "first_ms": 1000 * first, "last_ms": 1000 * last, "ratio": last / first,
             "window": k}
 
 

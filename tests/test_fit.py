@@ -26,7 +26,7 @@ from mergesearch.plan import Plan
 from mergesearch.operators import Scratch
 from mergesearch.space import SearchSpace
 from mergesearch.study import export_trial, run_study
-from mergesearch.study import records as R
+from mergesearch.study import records
 from mergesearch.zoo import load_manifest
 
 GTA = ["task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della",
@@ -159,12 +159,12 @@ def test_coefficient_gradient_matches_autograd_through_functional_call(zoo_test)
 
 
 def test_fit_holds_one_gradient_at_a_time_and_frees_it(zoo_test, monkeypatch):
-    from mergesearch import fit as F
+    from mergesearch import fit as fit_module
 
     fitter, space, mat, _ = _setup(zoo_test)
     params = [p for _, p in mat.model.named_parameters()]
     alive = []
-    orig = F._Session._hook
+    orig = fit_module._Session._hook
 
     def spy(self, w, ps, bounds):
         inner = orig(self, w, ps, bounds)
@@ -175,7 +175,7 @@ def test_fit_holds_one_gradient_at_a_time_and_frees_it(zoo_test, monkeypatch):
 
         return hook
 
-    monkeypatch.setattr(F._Session, "_hook", spy)
+    monkeypatch.setattr(fit_module._Session, "_hook", spy)
     fitter.gradient(_plan(mat, "task_arithmetic"), space, torch.full((space.n_params,), 0.7), FitOptions())
     assert alive and max(alive) == 1
     assert all(p.grad is None and not p.requires_grad for p in params)
@@ -255,13 +255,13 @@ def test_fitted_study_exports_the_merge_it_scored(zoo_test, tmp_path):
     path = _fit_study(zoo_test, tmp_path)
     cfg = load_config(path)
     study = run_study(cfg, progress=False)
-    searched = R.search_trials(study)
+    searched = records.search_trials(study)
     assert len(searched) == 2
     first = min(searched, key=lambda t: t.number)
     assert first.params == {"fit.lr": 0.02} and first.user_attrs.get("start") == "plain fit"
     for t in searched:
-        rec = R.record(t)[R.FIT_KEY]
-        assert rec["granularity"] == "per_tensor" and len(rec["coef"]) == len(R.meta(study)["fit"]["per_tensor"])
+        rec = records.record(t)[records.FIT_KEY]
+        assert rec["granularity"] == "per_tensor" and len(rec["coef"]) == len(records.meta(study)["fit"]["per_tensor"])
     best = max(searched, key=lambda t: t.values[0])
     out = export_trial(path, best.number, tmp_path / "merged")
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -287,7 +287,7 @@ def test_fitted_study_exports_the_merge_it_scored(zoo_test, tmp_path):
     info = fit_info(study, best.number)
     assert info.steps[0] == 0 and info.best_step in info.steps and len(info.val_loss) == len(info.steps)
     # resuming rebuilds the same merge from the stored coefficients
-    assert R.test_score(study, best)["test_mean"] is not None
+    assert records.test_score(study, best)["test_mean"] is not None
     runner.mat.materialize(runner.plan_for_trial(best))
     for (k, a), b in zip(model.state_dict().items(), runner.mat.model.state_dict().values()):
         assert torch.equal(a, b), k
@@ -388,8 +388,8 @@ def test_per_task_loss_weights_give_a_pareto_study_of_fitted_merges(zoo_test, tm
     raw["study"].update(sampler="auto", n_trials=3, top_k_test=0)
     path.write_text(yaml.safe_dump(raw))
     study = run_study(load_config(path), progress=False)
-    assert R.meta(study)["sampler"] == "NSGAIISampler"
-    searched = R.search_trials(study)
+    assert records.meta(study)["sampler"] == "NSGAIISampler"
+    searched = records.search_trials(study)
     assert len(searched) == 3 and all(len(t.values) == 4 for t in searched)
     weights = [tuple(v for k, v in sorted(t.params.items()) if k.startswith("task_weight[")) for t in searched]
     assert weights[0] == (1.0,) * 4 and len(set(weights)) == 3  # the plain fit first, then searched weightings

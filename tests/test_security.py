@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 import mergesearch
 from mergesearch.cli import build_parser, main
 from mergesearch.config import load_config
-from mergesearch.study import records as R
+from mergesearch.study import records
 from mergesearch.study import run_study
 
 from conftest import make_tiny_model
@@ -237,7 +237,7 @@ def test_export_writes_only_inside_its_target(zoo_test, tmp_path, monkeypatch, c
     d = zoo_study_dict(zoo_test, work, name="ex", n_trials=2, baselines=False, top_k_test=0, limit=4, space=space)
     (work / "ex.yaml").write_text(yaml.safe_dump(d))
     study = run_study(load_config(work / "ex.yaml"), progress=False)
-    assert len(set(R.meta(study)["space"]["layer_chunks"])) > 1
+    assert len(set(records.meta(study)["space"]["layer_chunks"])) > 1
     monkeypatch.chdir(work)
     before, zoo_before = _files(tmp_path), _files(zoo_test)
     out = tmp_path / "exports" / "merged"

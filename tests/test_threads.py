@@ -9,25 +9,25 @@ import time
 import pytest
 import torch
 
-from mergesearch import threads as T
+from mergesearch import threads
 
 
 @pytest.fixture(autouse=True)
 def _restore_threads():
     before = torch.get_num_threads()
     yield
-    T.release()
+    threads.release()
     torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("cores, procs, share", [(2, 1, 2), (2, 3, 1), (16, 3, 5), (8, 2, 4), (1, 4, 1), (4, 0, 4)])
 def test_fair_share(cores, procs, share):
-    assert T.fair_share(cores, procs) == share
+    assert threads.fair_share(cores, procs) == share
 
 
 def test_registry_counts_live_processes_and_drops_dead_ones(tmp_path):
     reg = tmp_path / "reg"
-    assert T.live_processes(reg) == 0
+    assert threads.live_processes(reg) == 0
     reg.mkdir()
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -36,41 +36,41 @@ def test_registry_counts_live_processes_and_drops_dead_ones(tmp_path):
         dead.wait()
         (reg / str(dead.pid)).touch()
         (reg / "not-a-pid").touch()
-        assert T.live_processes(reg) == 1
+        assert threads.live_processes(reg) == 1
         assert not (reg / str(dead.pid)).exists()  # a stale entry is removed
     finally:
         other.kill()
         other.wait()
-    assert T.live_processes(reg) == 0
+    assert threads.live_processes(reg) == 0
 
 
 def test_apply_threads_fixed_and_fair_share(tmp_path, monkeypatch):
     reg = tmp_path / "reg"
-    assert T.apply_threads(1, registry=reg) == 1 and torch.get_num_threads() == 1
+    assert threads.apply_threads(1, registry=reg) == 1 and torch.get_num_threads() == 1
     assert not reg.exists()  # a fixed count does not register: it takes no share from the others
-    monkeypatch.setattr(T, "cores", lambda: 6)
-    assert T.apply_threads(None, registry=reg) == 6 and torch.get_num_threads() == 6
+    monkeypatch.setattr(threads, "cores", lambda: 6)
+    assert threads.apply_threads(None, registry=reg) == 6 and torch.get_num_threads() == 6
     assert (reg / str(__import__("os").getpid())).is_file()
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (reg / str(sleeper.pid)).touch()  # a second mergesearch process joins
-        monkeypatch.setattr(T, "RECHECK_S", 0.0)
-        assert T.rebalance() == 3 and torch.get_num_threads() == 3
+        monkeypatch.setattr(threads, "RECHECK_S", 0.0)
+        assert threads.rebalance() == 3 and torch.get_num_threads() == 3
     finally:
         sleeper.kill()
         sleeper.wait()
     time.sleep(0.01)
-    assert T.rebalance() == 6  # it left: the share grows back
-    T.release()
+    assert threads.rebalance() == 6  # it left: the share grows back
+    threads.release()
     assert not any(reg.iterdir())
     with pytest.raises(Exception, match="--threads must be >= 1"):
-        T.apply_threads(0, registry=reg)
+        threads.apply_threads(0, registry=reg)
 
 
 def test_rebalance_is_a_noop_with_fixed_threads_or_unset():
-    assert T.rebalance() is None
-    T.apply_threads(2)
-    assert T.rebalance() is None
+    assert threads.rebalance() is None
+    threads.apply_threads(2)
+    assert threads.rebalance() is None
 
 
 @pytest.mark.parametrize("command", ["run", "worker", "demo"])

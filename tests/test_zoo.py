@@ -236,11 +236,11 @@ def test_cli_zoo_build(tmp_path, monkeypatch, capsys):
 def test_base_cap_takes_a_skill_out_of_the_mix(tmp_path, monkeypatch):
     """Once the monitored accuracy on a skill reaches the cap, the base draws no more of it;
     when every skill is capped the base stops early."""
-    import mergesearch.zoo.train as T
+    import mergesearch.zoo.train as zoo_train
     from mergesearch.zoo.tokenizer import build_char_tokenizer
 
     tok = build_char_tokenizer()
-    codec = T.CharCodec(tok)
+    codec = zoo_train.CharCodec(tok)
     draws = {"reverse": 0, "successor": 0}
 
     def counting(skill):
@@ -250,17 +250,17 @@ def test_base_cap_takes_a_skill_out_of_the_mix(tmp_path, monkeypatch):
             yield next(stream)
 
     accs = {"reverse": 1.0, "successor": 0.0}
-    monkeypatch.setattr(T, "teacher_forced_accuracy", lambda model, codec, rows: accs[rows[0]["skill"]])
+    monkeypatch.setattr(zoo_train, "teacher_forced_accuracy", lambda model, codec, rows: accs[rows[0]["skill"]])
     monitor = {s: [{"skill": s}] for s in draws}
     cfg = TINY.base.model_copy(update={"steps": 12, "batch": 8, "cap": 0.5})
-    hist = T.train_base(T.make_model(TINY.model, tok, 0), codec, {s: counting(s) for s in draws}, cfg, 0,
+    hist = zoo_train.train_base(zoo_train.make_model(TINY.model, tok, 0), codec, {s: counting(s) for s in draws}, cfg, 0,
                         tmp_path / "log.jsonl", monitor, 4, progress=False)
     assert hist[0]["capped"] == ["reverse"]
     assert sum(draws.values()) == 12 * 8
     assert draws["reverse"] <= 4 * 8 and draws["successor"] >= 8 * 8  # steps 5-12 drew successor only
 
     accs["successor"] = 1.0
-    T.train_base(T.make_model(TINY.model, tok, 0), codec, {s: counting(s) for s in draws}, cfg, 0,
+    zoo_train.train_base(zoo_train.make_model(TINY.model, tok, 0), codec, {s: counting(s) for s in draws}, cfg, 0,
                  tmp_path / "log2.jsonl", monitor, 4, progress=False)
     assert len((tmp_path / "log2.jsonl").read_text().splitlines()) == 4
 
