@@ -216,26 +216,27 @@ def _add_run(sub) -> None:
     p = _parser("run", sub, "create or resume a study and run it to its n_trials total",
                 "Create the study of STUDY.yaml, or resume it (after Ctrl-C or a crash) and run it to its\n"
                 "n_trials total: baselines first, then the search, then the held-out test check.")
-    p.add_argument("config", help="study YAML (see studies/)")
-    p.add_argument("--n-trials", type=int, default=None, help="run this many trials more than the study has")
-    p.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--device", default=None,
-                   help="override the study's merge.device, e.g. cuda:1 (one worker per GPU on the same storage)")
-    _add_threads(p)
+    _add_study_process(p, config_help="study YAML (see studies/)",
+                       n_trials_help="run this many trials more than the study has")
     p.set_defaults(func=_cmd_run, worker=False)
 
 
 def _add_worker(sub) -> None:
     p = _parser("worker", sub, "join a running study as one more worker (shared SQLite/PostgreSQL/journal storage)")
-    p.add_argument("config", help="the same study YAML the `run` process uses")
-    p.add_argument("--n-trials", type=int, default=None, help="stop after this many trials more")
+    _add_study_process(p, config_help="the same study YAML the `run` process uses",
+                       n_trials_help="stop after this many trials more")
+    p.set_defaults(func=_cmd_run, worker=True)
+
+
+def _add_study_process(p, *, config_help: str, n_trials_help: str) -> None:
+    """The arguments `run` and `worker` share: both run trials of one study."""
+    p.add_argument("config", help=config_help)
+    p.add_argument("--n-trials", type=int, default=None, help=n_trials_help)
     p.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--device", default=None,
                    help="override the study's merge.device, e.g. cuda:1 (one worker per GPU on the same storage)")
     _add_threads(p)
-    p.set_defaults(func=_cmd_run, worker=True)
 
 
 def _cmd_run(args) -> int:

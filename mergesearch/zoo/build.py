@@ -237,10 +237,7 @@ def build_zoo(out: str | os.PathLike, preset: str | ZooPreset = "demo", seed: in
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        with _threads(p.threads), _quiet_transformers():
-            manifest = _build_into(tmp, p, seed, progress)
-        manifest["files"] = file_hashes(tmp)
-        _write_json(tmp / MANIFEST, manifest)
+        manifest = _build_with_manifest(tmp, p, seed, progress)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -249,6 +246,15 @@ def build_zoo(out: str | os.PathLike, preset: str | ZooPreset = "demo", seed: in
         raise
     log.info("zoo %r (seed %d) built in %.1fs at %s", p.name, seed, manifest["build_seconds"], out)
     return out
+
+
+def _build_with_manifest(tmp: Path, p: ZooPreset, seed: int, progress: bool) -> dict:
+    """Train the zoo into the (temporary) folder `tmp` and write its manifest, each file's sha256 included."""
+    with _threads(p.threads), _quiet_transformers():
+        manifest = _build_into(tmp, p, seed, progress)
+    manifest["files"] = file_hashes(tmp)
+    _write_json(tmp / MANIFEST, manifest)
+    return manifest
 
 
 def ensure_zoo(cache_dir: str | os.PathLike, preset: str | ZooPreset = "test", seed: int = 0, *,
@@ -266,10 +272,7 @@ def ensure_zoo(cache_dir: str | os.PathLike, preset: str | ZooPreset = "test", s
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        with _threads(p.threads), _quiet_transformers():
-            manifest = _build_into(tmp, p, seed, progress)
-        manifest["files"] = file_hashes(tmp)
-        _write_json(tmp / MANIFEST, manifest)
+        manifest = _build_with_manifest(tmp, p, seed, progress)
         try:
             os.replace(tmp, path)  # fails if another process already put a non-empty folder there
         except OSError:
