@@ -109,6 +109,18 @@ def plot_pareto(info: ParetoInfo) -> go.Figure:
             style[name]["size"] = style[name]["size"] * 0.6
         tr.update(name=f"{name} ({len(pts)})", marker=style[name], hovertext=hover, hoverinfo="text")
         fig.add_trace(tr)
+    _add_front_and_best(fig, info, n, coords)
+    if n == 1:
+        _layout(fig, 460, xaxis_title="trial", yaxis_title=info.axes[0])
+    elif n == 2:
+        _layout(fig, 520, xaxis_title=info.axes[0], yaxis_title=info.axes[1])
+    else:
+        _layout(fig, 620, scene=dict(xaxis_title=info.axes[0], yaxis_title=info.axes[1], zaxis_title=info.axes[2]))
+    return fig
+
+
+def _add_front_and_best(fig: go.Figure, info: ParetoInfo, n: int, coords) -> None:
+    """The Pareto front as a step line (2 axes) and the best-mean trial as a star, over the scatter."""
     if n == 2:
         front = sorted((p for p in info.points if p.on_front), key=lambda p: p.values[0])
         if len(front) > 1:
@@ -126,13 +138,6 @@ def plot_pareto(info: ParetoInfo) -> go.Figure:
             tr = go.Scatter3d(x=[c[0]], y=[c[1]], z=[c[2]], marker=dict(color=BEST, size=8, symbol="diamond"))
         tr.update(mode="markers", name=f"best mean (trial {best.number})", hovertext=hover, hoverinfo="text")
         fig.add_trace(tr)
-    if n == 1:
-        _layout(fig, 460, xaxis_title="trial", yaxis_title=info.axes[0])
-    elif n == 2:
-        _layout(fig, 520, xaxis_title=info.axes[0], yaxis_title=info.axes[1])
-    else:
-        _layout(fig, 620, scene=dict(xaxis_title=info.axes[0], yaxis_title=info.axes[1], zaxis_title=info.axes[2]))
-    return fig
 
 
 def _merge_axis(points: list) -> dict:

@@ -68,6 +68,19 @@ def zoo_report(zoo: Path, manifest: dict, *, progress: bool = True, device: str 
     add(f"ties@density={TIES_DENSITY:g}", ties, density=TIES_DENSITY)
     bar.close()
 
+    return {
+        "metric": ("exact match of the greedy answer (mergesearch.evaluate) on each skill's test split; a chain skill's "
+                   "answer is the one its regex extracts from the generated chain"),
+        "skills": skills,
+        "rows": rows,
+        "task_arithmetic_calib_grid": calib_grid,
+        "summary": _summary(rows, skills),
+    }
+
+
+def _summary(rows: dict[str, dict], skills: list[str]) -> dict:
+    """The margins the zoo's targets are about: experts on their own skill, the best single model, the best merge."""
+    n = len(skills)
     own = {s: rows[f"expert-{s}"][s] for s in skills}
     own_mean = sum(own.values()) / n
     singles = {k: r["mean"] for k, r in rows.items() if k == "base" or k.startswith("expert-")}
@@ -75,22 +88,15 @@ def zoo_report(zoo: Path, manifest: dict, *, progress: bool = True, device: str 
     best_single = max(singles, key=singles.get)
     best_merge = max(merges, key=merges.get)
     return {
-        "metric": ("exact match of the greedy answer (mergesearch.evaluate) on each skill's test split; a chain skill's "
-                   "answer is the one its regex extracts from the generated chain"),
-        "skills": skills,
-        "rows": rows,
-        "task_arithmetic_calib_grid": calib_grid,
-        "summary": {
-            "experts_own_mean": own_mean,
-            "expert_gain_over_base": {s: own[s] - rows["base"][s] for s in skills},
-            "best_single": best_single,
-            "best_single_mean": singles[best_single],
-            "best_merge": best_merge,
-            "best_merge_mean": merges[best_merge],
-            "single_gap": own_mean - singles[best_single],
-            "merge_minus_best_single": merges[best_merge] - singles[best_single],
-            "merge_headroom": own_mean - merges[best_merge],
-        },
+        "experts_own_mean": own_mean,
+        "expert_gain_over_base": {s: own[s] - rows["base"][s] for s in skills},
+        "best_single": best_single,
+        "best_single_mean": singles[best_single],
+        "best_merge": best_merge,
+        "best_merge_mean": merges[best_merge],
+        "single_gap": own_mean - singles[best_single],
+        "merge_minus_best_single": merges[best_merge] - singles[best_single],
+        "merge_headroom": own_mean - merges[best_merge],
     }
 
 
