@@ -18,7 +18,7 @@ Every pick is made on calib; only the reported numbers are read from test. Each 
 `MISS` line per zoo seed; exit code 1 on a MISS.
 
     python benchmarks/bench_demo.py                        # zoo seeds 0 (shipped), 1, 2 (built under zoo/ if needed)
-    python benchmarks/bench_demo.py --zoo-seeds 0 --global-trials 60 --fit-trials 2
+    python benchmarks/bench_demo.py --zoo-seeds 0 --global-trials 30 --fit-trials 2
 """
 
 from __future__ import annotations

@@ -327,8 +327,11 @@ def run_chains(args, checks: Checks) -> dict:
                      med["lm-eval"] / best >= CHAIN_SPEEDUP_LMEVAL)
         checks.check(f"{t}: {med['plain'] / med['ours']:.2f}x HF generate at batch {bs} (target >= "
                      f"{CHAIN_SPEEDUP_GENERATE:g}x)", med["plain"] / med["ours"] >= CHAIN_SPEEDUP_GENERATE)
-    print(f"  chain exact match {chain_score:.4f}; every chain decided by generation: "
-          f"{all(r['decided_by'] == 'generation' for r in recs)}")
+    by = {k: sum(r["decided_by"] == k for r in recs) for k in ("one-pass", "teacher-forced", "generation")}
+    print(f"  chain exact match {chain_score:.4f}; decided_by: one-pass {by['one-pass']}, teacher-forced "
+          f"{by['teacher-forced']}, generation {by['generation']}")
+    checks.check(f"chain: every chain decided by generation and the extraction ({by['generation']}/{len(recs)})",
+                 by["generation"] == len(recs))
     return {"rows": rows, "identity": {t: list(v) for t, v in identity.items()}}
 
 

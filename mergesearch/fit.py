@@ -143,6 +143,22 @@ def supervised_seqs(task: Task, tokenizer) -> _Seqs:
     return _Seqs(task.name, ids, start)
 
 
+# A row joins the current length group while it is at most this much longer than the group's shortest row.
+_GROUP_STRETCH = 1.5
+
+
+def _length_groups(lengths: Sequence[int]) -> list[list[int]]:
+    """Row indices in groups of similar length (shortest first), each group one right-padded forward."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and lengths[i] <= _GROUP_STRETCH * lengths[groups[-1][0]]:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 def _pad_batch(rows: Sequence[list[int]], starts: Sequence[int], pad: int, device):
     """Right-padded ids (B, L), attention mask, and the flat (row, position) of every prediction."""
     width = max(len(r) for r in rows)
@@ -370,19 +386,26 @@ class CoefficientFitter:
                 owner.append(k)
                 if seqs.teacher is not None:
                     teach.append(seqs.teacher[j])
-        x, m, r, pos, tgt = _pad_batch(rows, starts, self.pad, self.device)
         with torch.set_grad_enabled(train):
-            logits = self.mat.model(input_ids=x, attention_mask=m).logits[r, pos]  # (targets, V)
-            logits = logits if logits.dtype == torch.float64 else logits.float()
-            if opts.objective == "supervised":
-                tok = torch.nn.functional.cross_entropy(logits, tgt, reduction="none")
-            else:
-                t = opts.temperature
-                t_idx = torch.cat([a for a, _ in teach]).to(self.device)
-                t_val = torch.cat([b for _, b in teach]).to(self.device)
-                p = torch.softmax(t_val / t, dim=-1)
-                logq = torch.log_softmax(logits / t, dim=-1).gather(1, t_idx)
-                tok = (p * (torch.log(p.clamp_min(1e-30)) - logq)).sum(-1) * (t * t)
+            # One forward per group of similar lengths: a batch mixes short answers with long chains, and one
+            # right-padded forward would compute every short row at the longest chain's width.
+            tok_parts, row_parts = [], []
+            for group in _length_groups([len(row) for row in rows]):
+                x, m, r, pos, tgt = _pad_batch([rows[i] for i in group], [starts[i] for i in group], self.pad,
+                                               self.device)
+                logits = self.mat.model(input_ids=x, attention_mask=m).logits[r, pos]  # (targets, V)
+                logits = logits if logits.dtype == torch.float64 else logits.float()
+                if opts.objective == "supervised":
+                    tok_parts.append(torch.nn.functional.cross_entropy(logits, tgt, reduction="none"))
+                else:
+                    t = opts.temperature
+                    t_idx = torch.cat([teach[i][0] for i in group]).to(self.device)
+                    t_val = torch.cat([teach[i][1] for i in group]).to(self.device)
+                    p = torch.softmax(t_val / t, dim=-1)
+                    logq = torch.log_softmax(logits / t, dim=-1).gather(1, t_idx)
+                    tok_parts.append((p * (torch.log(p.clamp_min(1e-30)) - logq)).sum(-1) * (t * t))
+                row_parts.append(torch.tensor(group, device=self.device)[r])  # the batch row of every target
+            tok, r = torch.cat(tok_parts), torch.cat(row_parts)
             # per example mean over its targets, then per task mean, then the weighted mean over tasks
             n_rows = len(rows)
             per_row = torch.zeros(n_rows, device=self.device, dtype=tok.dtype).index_add_(0, r, tok)

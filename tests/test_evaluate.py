@@ -204,7 +204,22 @@ def test_chain_extract_scored_by_generation_equals_hf_generate(tmp_path, nl_mode
         gold = re.search(regex, row["answer"])
         expected = found is not None and found.group(1) == (gold.group(1) if gold else row["answer"])
         assert rec["exact_match"] == float(expected), (o, row["answer"])
-    assert 0 < res.primary(task.name) < 1
+        assert rec["logprob"] is None  # no teacher-forced pass over the gold chain unless asked
+    assert 0 < res.primary(task.name) < 1 and "logprob" not in res.scores[task.name]
+
+    # asked for (a study with objectives.smooth > 0), the gold chain's log-probability comes too: the same
+    # decisions, and each record's log-probability is the one of its gold chain under greedy's model
+    with_lp = Evaluator(model, tok, [task], batch_size=7, gold_logprob=True).evaluate()
+    assert [r["output"] for r in with_lp.records[task.name]] == [r["output"] for r in res.records[task.name]]
+    assert with_lp.scores[task.name]["exact_match"] == res.scores[task.name]["exact_match"]
+    lps = {r["id"]: r["logprob"] for r in with_lp.records[task.name]}
+    row = rows[1]
+    enc = tok(row["prompt"] + row["answer"], return_tensors="pt").input_ids
+    n_prompt = len(tok(row["prompt"]).input_ids)
+    with torch.inference_mode():
+        logp = torch.log_softmax(model(enc).logits[0, :-1].double(), -1)
+    expected = logp[torch.arange(n_prompt - 1, enc.shape[1] - 1), enc[0, n_prompt:]].sum().item()
+    assert lps[row["id"]] == pytest.approx(expected, abs=1e-4)
 
 
 # --- bad input ------------------------------------------------------------------------------------

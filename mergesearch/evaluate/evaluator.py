@@ -80,7 +80,7 @@ class Evaluator:
 
     def __init__(self, model, tokenizer, tasks: Sequence[Task], *, batch_size: int = DEFAULT_BATCH_SIZE, device=None,
                  shortcut: bool = True, progress: bool = False, lmeval_hf: bool = False,
-                 cuda_graphs: bool | None = None):
+                 cuda_graphs: bool | None = None, gold_logprob: bool = False):
         if not tasks:
             raise TaskError("no calibration tasks given: pass at least one task")
         names = [t.name for t in tasks]
@@ -95,6 +95,10 @@ class Evaluator:
         self.batch_size = batch_size
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.progress = progress
+        # A chain (`extract`) is always decided by generation, so its teacher-forced pass over the gold chain
+        # only yields the gold's log-probability: run it where that is the task's metric or where the caller
+        # asks for it (a study blending it into the score, `objectives.smooth`), not on every candidate.
+        self.gold_logprob = gold_logprob
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.eos_id = tokenizer.eos_token_id
         self.skipped = {i for i in tokenizer.all_special_ids if i != self.eos_id}
@@ -197,9 +201,10 @@ class Evaluator:
         task = prep.task
         uniq = sl["uniq"]
         stop_ids = self._stop_ids(task)
-        ll = [0.0] * len(uniq)
+        gold_pass = task.extract is None or self.gold_logprob or task.metric == "logprob"
+        ll: list[float | None] = [0.0 if gold_pass else None] * len(uniq)
         proven: dict[int, tuple[list[int], bool] | None] = {}
-        for chunk, batch in sl["batches"]:
+        for chunk, batch in sl["batches"] if gold_pass else []:
             lls, known = scoring.score_gen_batch(self.model, batch, task.max_new_tokens, stop_ids, self.skipped,
                                            self.max_len)
             for u, a, k in zip(chunk, lls, known):
@@ -320,8 +325,9 @@ class Evaluator:
                 n[task.name] = len(recs)
                 continue
             n[task.name] = len(recs)
+            # a chain's gold log-probability is left out where its pass did not run (see `gold_logprob`)
             scores[task.name] = {m: (sum(r[m] for r in recs) / len(recs) if recs else math.nan)
-                                 for m in task.metrics}
+                                 for m in task.metrics if not any(r[m] is None for r in recs)}
         metric = {}
         for t in self.tasks:
             m = self.declared_metric(t)

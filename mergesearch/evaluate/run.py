@@ -40,7 +40,8 @@ def evaluate_model_dir(model_dir: str | os.PathLike, task_specs: Sequence[str], 
                        data_files=data_files if str(spec).endswith((".yaml", ".yml")) else None)
              for spec in task_specs]
     model, tokenizer = load_model(model_dir, device)
-    return Evaluator(model, tokenizer, tasks, batch_size=batch_size, lmeval_hf=lmeval_hf).evaluate()
+    # one scoring of one model: every metric, the gold chains' log-probability too
+    return Evaluator(model, tokenizer, tasks, batch_size=batch_size, lmeval_hf=lmeval_hf, gold_logprob=True).evaluate()
 
 
 def format_table(result: EvalResult) -> str:

@@ -84,7 +84,8 @@ def score_test(bench: Workbench, study: optuna.Study, k: int) -> dict:
     test_tasks = load_tasks(bench.cfg, "test")
     if not test_tasks or k <= 0:
         return {}
-    ev = Evaluator(bench.mat.model, bench.tokenizer, test_tasks, batch_size=bench.cfg.objectives.batch_size)
+    ev = Evaluator(bench.mat.model, bench.tokenizer, test_tasks, batch_size=bench.cfg.objectives.batch_size,
+                   gold_logprob=bench.cfg.objectives.smooth > 0)
     stored = records.test_scores(study)
     top = records.best_trials(study, k)
     seen = {t.number for t in top}

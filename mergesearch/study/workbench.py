@@ -143,7 +143,8 @@ class Workbench:
 
             with self.timer.phase("evaluator_s"):
                 self.evaluator = Evaluator(self.mat.model, self.tokenizer, self.calib_tasks,
-                                           batch_size=cfg.objectives.batch_size)
+                                           batch_size=cfg.objectives.batch_size,
+                                           gold_logprob=cfg.objectives.smooth > 0)
         self.task_names = [t.name for t in cfg.objectives.tasks]
         self.per_task = cfg.objectives.mode == "per_task"
         self.objective_names = self.task_names if self.per_task else ["mean"]
