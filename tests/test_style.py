@@ -11,8 +11,6 @@ PACKAGE = Path(__file__).resolve().parent.parent / "mergesearch"
 MODULES = sorted(PACKAGE.rglob("*.py"))
 # tests and benchmarks read as the package does: they name the modules they use too
 ALL_SOURCES = MODULES + sorted((PACKAGE.parent / "tests").rglob("*.py")) + sorted((PACKAGE.parent / "benchmarks").rglob("*.py"))
-# The merge-operator registry still lives in operators/__init__.py; the operators issue moves it out.
-REGISTRY_INIT = PACKAGE / "operators" / "__init__.py"
 
 
 def _rel(path: Path) -> str:
@@ -51,9 +49,7 @@ def test_no_private_member_of_another_object(path):
 INITS = sorted(PACKAGE.rglob("__init__.py"))
 
 
-@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.xfail(
-    strict=True, reason="the operator registry is still in operators/__init__.py")) if p == REGISTRY_INIT else p
-    for p in INITS], ids=lambda p: _rel(p))
+@pytest.mark.parametrize("path", INITS, ids=_rel)
 def test_package_init_only_re_exports(path):
     """A docstring, imports, and the names it exports (__all__, __version__): no functions, classes or logic."""
     body = _tree(path).body

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from mergesearch.errors import CandidateError
-from mergesearch.operators import WEIGHT, is_on, normalize_param, register
+from mergesearch.operators.registry import WEIGHT, is_on, normalize_param, register
 
 
 @register(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from mergesearch.operators import Param, is_on, register
+from mergesearch.operators.registry import Param, is_on, register
 
 FILTER_WISE = Param("filter_wise", 0.0, 1.0, 0.0, "compute the angle per row (output filter) instead of per tensor",
                     kind="bool")

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from mergesearch.operators import Param, register
+from mergesearch.operators.registry import Param, register
 
 _DOT_THRESHOLD = 0.9995
 _NORM_EPS = 1e-8

@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 
 from mergesearch.errors import CandidateError
-from mergesearch.operators import (
+from mergesearch.operators.registry import (
     DENSITY,
     LAMBDA,
     WEIGHT,
