@@ -4,7 +4,8 @@
    as mergesearch sets it up (WAL), journal file), in one run: wall time of the trial loop minus
    the merge and evaluation seconds each trial recorded, per trial and as a share of the wall time.
    Beside it, measured in the same run, Optuna's own cost of a trial with the same parameters on
-   each storage (ask + tell, random sampler, nothing of mergesearch's): the floor that any code on
+   each storage (ask + tell over as many trials, a fresh sampler of the study's kind, and the count of finished trials a
+   budget shared by workers needs, as Optuna's MaxTrialsCallback reads it; nothing of mergesearch's): the floor that any code on
    Optuna's public API pays (on SQLite, one transaction per parameter: 7.6% of a demo trial, so a
    share target cannot be met without giving up Optuna's crash semantics). Target: what mergesearch
    adds beyond that floor, <= 5 ms per trial on SQLite WAL (mergesearch's default storage), on the
@@ -39,6 +40,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import optuna  # noqa: E402
+from optuna.trial import TrialState  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
@@ -98,14 +100,18 @@ def _runner_on(cfg, opener) -> tuple[StudyRunner, optuna.Study]:
     return runner, study
 
 
-def optuna_floor_ms(storage, distributions: dict, k: int = 20) -> float:
-    """Optuna's own cost of one trial with these parameters on a storage, in ms: ask (one write per
-    parameter in its RDB storage) and tell, random sampler, nothing else. A probe study, not the bench's."""
+def optuna_floor_ms(storage, distributions: dict, sampler: optuna.samplers.BaseSampler, k: int) -> float:
+    """Optuna's own cost of one trial with these parameters on a storage, in ms: `k` trials of ask (one write
+    per parameter in its RDB storage, and the sampler reading the trials so far), tell, and the count of
+    finished trials that a budget shared by workers needs (what Optuna's MaxTrialsCallback reads after each
+    trial), with a fresh sampler of the study's kind (its own work is Optuna's, not mergesearch's), nothing
+    else. A probe study, not the bench's."""
     study = optuna.create_study(storage=storage, study_name=f"probe-{time.perf_counter_ns()}",
-                                sampler=optuna.samplers.RandomSampler(seed=0), direction="maximize")
+                                sampler=sampler, direction="maximize")
     t0 = time.perf_counter()
     for _ in range(k):
         study.tell(study.ask(fixed_distributions=distributions), 0.0)
+        len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
     return 1000 * (time.perf_counter() - t0) / k
 
 
@@ -124,7 +130,7 @@ def bench_overhead(zoo: Path, n_trials: int, tmp: Path, granularity: str = "per_
         trials = records.search_trials(study)
         work = sum(records.record(t)["merge_s"] + records.record(t)["eval_s"] for t in trials)
         n = len(trials)
-        floor = optuna_floor_ms(opener(url), trials[-1].distributions)
+        floor = optuna_floor_ms(opener(url), trials[-1].distributions, type(study.sampler)(seed=0), n)
         rows.append({"storage": label, "space": granularity, "trials": n, "params": runner.space.n_params, "wall_per_trial_s": wall / n,
                      "merge_eval_per_trial_s": work / n, "overhead_per_trial_ms": 1000 * (wall - work) / n,
                      "overhead_share": (wall - work) / wall, "optuna_floor_ms": floor,
