@@ -95,9 +95,8 @@ class Evaluator:
         self.batch_size = batch_size
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.progress = progress
-        # A chain (`extract`) is always decided by generation, so its teacher-forced pass over the gold chain
-        # only yields the gold's log-probability: run it where that is the task's metric or where the caller
-        # asks for it (a study blending it into the score, `objectives.smooth`), not on every candidate.
+        # the gold chains' log-probability, also where no metric needs it (a study blending it into the
+        # score, `objectives.smooth`): see `_gold_pass`
         self.gold_logprob = gold_logprob
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.eos_id = tokenizer.eos_token_id
@@ -174,7 +173,8 @@ class Evaluator:
         else:
             order = sorted(range(len(uniq)), key=lambda u: (prep.items[uniq[u]].shared, prep.items[uniq[u]].wholes[0]))
         batches = []
-        for groups in self._groups(prep, uniq, order):
+        # a chain whose gold pass does not run (`_gold_pass`) needs no teacher-forced batches
+        for groups in self._groups(prep, uniq, order) if self._gold_pass(prep.task) else []:
             for start in range(0, len(groups), self.batch_size):
                 chunk = groups[start: start + self.batch_size]
                 its = [prep.items[uniq[u]] for u in chunk]
@@ -185,6 +185,12 @@ class Evaluator:
                     b = scoring.build_choice_batch(its, self.device, self.pad_id)
                 batches.append((chunk, b))
         return {"idx": idx, "batches": batches, "unique_of": unique_of, "uniq": uniq}
+
+    def _gold_pass(self, task: Task) -> bool:
+        """Whether a task's examples get the teacher-forced pass over their gold answer: always, but for a chain
+        (`extract`: decided by generation, so the pass gives only the gold's log-probability) where neither its
+        metric nor the caller (`gold_logprob`) asks for that log-probability."""
+        return task.kind != "generate" or task.extract is None or self.gold_logprob or task.metric == "logprob"
 
     @staticmethod
     def _groups(prep: _Prepared, uniq: list[int], order: list[int]) -> list[list[int]]:
@@ -201,10 +207,9 @@ class Evaluator:
         task = prep.task
         uniq = sl["uniq"]
         stop_ids = self._stop_ids(task)
-        gold_pass = task.extract is None or self.gold_logprob or task.metric == "logprob"
-        ll: list[float | None] = [0.0 if gold_pass else None] * len(uniq)
+        ll: list[float | None] = [0.0 if self._gold_pass(task) else None] * len(uniq)
         proven: dict[int, tuple[list[int], bool] | None] = {}
-        for chunk, batch in sl["batches"] if gold_pass else []:
+        for chunk, batch in sl["batches"]:
             lls, known = scoring.score_gen_batch(self.model, batch, task.max_new_tokens, stop_ids, self.skipped,
                                            self.max_len)
             for u, a, k in zip(chunk, lls, known):
