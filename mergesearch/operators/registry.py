@@ -6,7 +6,6 @@ is imported; `get`, `names` and `all_operators` import them on first use, so tha
 depends on what happened to be imported before.
 """
 
-
 from __future__ import annotations
 
 import functools
