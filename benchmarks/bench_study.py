@@ -4,13 +4,16 @@
    as mergesearch sets it up (WAL), journal file), in one run: wall time of the trial loop minus
    the merge and evaluation seconds each trial recorded, per trial and as a share of the wall time.
    Beside it, measured in the same run, Optuna's own cost of a trial with the same parameters on
-   each storage (`study.optimize` over as many trials with an objective that only suggests the same parameters,
-   a fresh sampler of the study's kind, the storage's heartbeat and MaxTrialsCallback; nothing of mergesearch's):
-   the floor that any code on
-   Optuna's public API pays (on SQLite, one transaction per parameter: 7.6% of a demo trial, so a
-   share target cannot be met without giving up Optuna's crash semantics). Target: what mergesearch
-   adds beyond that floor, <= 5 ms per trial on SQLite WAL (mergesearch's default storage), on the
-   demo zoo. (The share of a 1B-model trial on a GPU is benchmarks/bench_gpu.py's.)
+   each storage (`study.optimize` over as many trials with an objective that suggests the same parameters
+   and then runs the same merge + evaluation, whose seconds are subtracted; a fresh sampler of the study's
+   kind, the storage's heartbeat and MaxTrialsCallback; nothing of mergesearch's): the floor that any code
+   on Optuna's public API pays (on SQLite, one transaction per parameter: 7.6% of a demo trial, so a share
+   target cannot be met without giving up Optuna's crash semantics). The floor's trials do the same torch
+   work between their storage calls so that Optuna's code runs on equally cold caches in both. Target:
+   what mergesearch adds beyond that floor, <= 5 ms per trial on SQLite WAL (mergesearch's default
+   storage), on the demo zoo, per-layer and global weights, each the median of --repeats studies (the
+   machine is shared: one study's added time swings by several ms). (The share of a 1B-model trial on a
+   GPU is benchmarks/bench_gpu.py's.)
 2. Bookkeeping as a study grows: a 1,000-trial study on SQLite WAL whose trials cost nothing
    (random sampler, scoring stubbed), so what is timed is the storage and the runner's per-trial
    bookkeeping. Target: trials 901-1000 cost <= 1.5x trials 1-100 (flat, not growing with length).
@@ -112,49 +115,75 @@ def _suggest(trial: optuna.Trial, name: str, dist) -> None:
         trial.suggest_categorical(name, dist.choices)
 
 
-def optuna_floor_ms(storage, distributions: dict, sampler: optuna.samplers.BaseSampler, k: int) -> float:
+def optuna_floor_ms(storage, distributions: dict, sampler: optuna.samplers.BaseSampler, k: int,
+                    work=None) -> float:
     """Optuna's own cost of one trial of this study on this storage, in ms: `k` trials of `study.optimize` with
     an objective that only suggests the same parameters (one write each in its RDB storage, the sampler reading
     the trials so far), a fresh sampler of the study's kind, the storage's heartbeat (Optuna's crash semantics,
     which a mergesearch study keeps: a heartbeat per trial and the stale-trial check at its start) and
     MaxTrialsCallback (the count of finished trials a budget shared by workers needs). Nothing of
-    mergesearch's. A probe study, not the bench's."""
+    mergesearch's. A probe study, not the bench's.
+
+    `work(params)`, when given, runs between the suggestions and the return (the bench passes the same merge and
+    evaluation a study trial runs) and its seconds are subtracted: Optuna's code then runs on caches as cold as in a
+    study, where a second of torch work separates one trial's storage calls from the next. Without it, a floor
+    measured back to back runs hot and charges that difference to mergesearch."""
     study = optuna.create_study(storage=storage, study_name=f"probe-{time.perf_counter_ns()}",
                                 sampler=sampler, direction="maximize")
+    worked = [0.0]
 
     def objective(trial: optuna.Trial) -> float:
         for name, dist in distributions.items():
             _suggest(trial, name, dist)
+        if work is not None:
+            t = time.perf_counter()
+            work(trial.params)
+            worked[0] += time.perf_counter() - t
         return 0.0
 
     budget = MaxTrialsCallback(10**9, states=(TrialState.COMPLETE, TrialState.PRUNED))
     t0 = time.perf_counter()
     study.optimize(objective, n_trials=k, callbacks=[budget], gc_after_trial=False)
-    return 1000 * (time.perf_counter() - t0) / k
+    return 1000 * (time.perf_counter() - t0 - worked[0]) / k
+
+
+def _overhead_once(zoo: Path, n_trials: int, url: str, opener, granularity: str, name: str) -> dict:
+    """One study of `n_trials` on one storage, then Optuna's floor for the same study, back to back."""
+    cfg = config_from_dict(study_dict(zoo, url, n_trials, name, granularity))
+    runner, study = _runner_on(cfg, opener)
+    runner.evaluator.evaluate()  # warm-up: first forward passes allocate
+    t0 = time.perf_counter()
+    runner.optimize(study, n_trials, progress=False)
+    wall = time.perf_counter() - t0
+    trials = records.search_trials(study)
+    work = sum(records.record(t)["merge_s"] + records.record(t)["eval_s"] for t in trials)
+    n = len(trials)
+    # the floor's trials run the same merge + evaluation (a plan from the suggested point; all its time is
+    # subtracted, planning included, so the floor is if anything lower than Optuna's real cost)
+    floor = optuna_floor_ms(opener(url), trials[-1].distributions, type(study.sampler)(seed=0), n,
+                            work=lambda params: runner.score_plan(runner.plan_for(params)))
+    return {"space": granularity, "trials": n, "params": runner.space.n_params, "wall_per_trial_s": wall / n,
+            "merge_eval_per_trial_s": work / n, "overhead_per_trial_ms": 1000 * (wall - work) / n,
+            "overhead_share": (wall - work) / wall, "optuna_floor_ms": floor,
+            "added_ms": 1000 * (wall - work) / n - floor}
 
 
 def bench_overhead(zoo: Path, n_trials: int, tmp: Path, granularity: str = "per_layer",
-                   only: tuple[str, ...] | None = None) -> list[dict]:
+                   only: tuple[str, ...] | None = None, repeats: int = 1) -> list[dict]:
+    """A row per storage; with `repeats`, the repeat whose added time is the median (all of them kept in the row):
+    on a shared 2-core machine one 40-trial study's added time swings by several ms from run to run."""
     rows = []
     for label, (url, opener) in storage_variants(tmp).items():
         if only is not None and label not in only:
             continue
-        cfg = config_from_dict(study_dict(zoo, url, n_trials, f"bench-{granularity}", granularity))
-        runner, study = _runner_on(cfg, opener)
-        runner.evaluator.evaluate()  # warm-up: first forward passes allocate
-        t0 = time.perf_counter()
-        runner.optimize(study, n_trials, progress=False)
-        wall = time.perf_counter() - t0
-        trials = records.search_trials(study)
-        work = sum(records.record(t)["merge_s"] + records.record(t)["eval_s"] for t in trials)
-        n = len(trials)
-        floor = optuna_floor_ms(opener(url), trials[-1].distributions, type(study.sampler)(seed=0), n)
-        rows.append({"storage": label, "space": granularity, "trials": n, "params": runner.space.n_params, "wall_per_trial_s": wall / n,
-                     "merge_eval_per_trial_s": work / n, "overhead_per_trial_ms": 1000 * (wall - work) / n,
-                     "overhead_share": (wall - work) / wall, "optuna_floor_ms": floor,
-                     "added_ms": 1000 * (wall - work) / n - floor})
-        print(f"  {label:<26} {granularity:<9} {n} trials  {wall / n:6.3f} s/trial  overhead {1000 * (wall - work) / n:6.1f} ms "
-              f"({100 * (wall - work) / wall:4.1f}%)", flush=True)
+        runs = [_overhead_once(zoo, n_trials, url, opener, granularity, f"bench-{granularity}-{rep}")
+                for rep in range(repeats)]
+        row = {"storage": label, **sorted(runs, key=lambda r: r["added_ms"])[len(runs) // 2],
+               "added_each_ms": [round(r["added_ms"], 2) for r in runs]}
+        rows.append(row)
+        print(f"  {label:<26} {granularity:<9} {row['trials']} trials  {row['wall_per_trial_s']:6.3f} s/trial  "
+              f"overhead {row['overhead_per_trial_ms']:6.1f} ms ({100 * row['overhead_share']:4.1f}%)  added "
+              f"{', '.join(f'{a:.1f}' for a in row['added_each_ms'])} ms", flush=True)
     return rows
 
 
@@ -236,7 +265,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--zoo", type=Path, default=None, help="zoo folder (default: the shipped demo zoo)")
     ap.add_argument("--quick", action="store_true", help="test zoo and 10 trials")
-    ap.add_argument("--trials", type=int, default=60, help="trials per storage and space")
+    ap.add_argument("--trials", type=int, default=40, help="trials per storage and space")
+    ap.add_argument("--repeats", type=int, default=3, help="studies per SQLite WAL row (the median is checked)")
     ap.add_argument("--skip-mergekit", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--growth-trials", type=int, default=1000, help="trials of the bookkeeping study")
@@ -252,9 +282,12 @@ def main() -> int:
         # Optuna imports its CMA-ES backend on a sampler's first use: not a per-trial cost of the first variant
         optuna_floor_ms(optuna.storages.InMemoryStorage(), {"x": optuna.distributions.FloatDistribution(0.0, 1.0)},
                         optuna.samplers.CmaEsSampler(seed=0), 3)
-        rows = bench_overhead(zoo, n, tmp)
-        # the demo's own first study searches 4 global weights (studies/demo_global.yaml)
-        rows += bench_overhead(zoo, n, tmp, "global", only=("in-memory", "sqlite WAL (mergesearch)"))
+        wal = "sqlite WAL (mergesearch)"
+        rows = bench_overhead(zoo, n, tmp, only=tuple(k for k in storage_variants(tmp) if k != wal))
+        # the target's rows: mergesearch's default storage, the demo's per-layer and global spaces (its first study
+        # searches global weights: studies/demo_global.yaml), each the median of --repeats studies
+        rows += bench_overhead(zoo, n, tmp, only=(wal,), repeats=args.repeats)
+        rows += bench_overhead(zoo, n, tmp, "global", only=(wal,), repeats=args.repeats)
         n_growth = 200 if args.quick else args.growth_trials
         print(f"bookkeeping of a {n_growth}-trial study (SQLite WAL, random sampler, scoring stubbed) ...", flush=True)
         growth = bench_growth(zoo, n_growth, tmp)
@@ -266,7 +299,8 @@ def main() -> int:
     for r in rows:
         print(f"| {r['storage']} | {r['space']} ({r['params']}) | {r['wall_per_trial_s']:.3f} | {r['merge_eval_per_trial_s']:.3f} | "
               f"{r['overhead_per_trial_ms']:.1f} | {100 * r['overhead_share']:.1f}% | {r['optuna_floor_ms']:.1f} | "
-              f"{r['added_ms']:.1f} |")
+              f"{r['added_ms']:.1f}" + (f" (median of {', '.join(f'{a:.1f}' for a in r['added_each_ms'])})"
+                                          if len(r['added_each_ms']) > 1 else "") + " |")
     k = growth["window"]
     print(f"\n| {growth['trials']}-trial study, SQLite WAL | ms per trial |\n|---|---|")
     print(f"| trials 1-{k} | {growth['first_ms']:.1f} |")
