@@ -105,7 +105,7 @@ def _runner_on(cfg, opener) -> tuple[StudyRunner, optuna.Study]:
     return runner, study
 
 
-def _suggest(trial: optuna.Trial, name: str, dist) -> None:
+def suggest_as(trial: optuna.Trial, name: str, dist) -> None:
     """Suggest `name` from `dist` through the public API (the floor's trial asks what the study's trials ask)."""
     if isinstance(dist, optuna.distributions.FloatDistribution):
         trial.suggest_float(name, dist.low, dist.high, step=dist.step, log=dist.log)
@@ -134,7 +134,7 @@ def optuna_floor_ms(storage, distributions: dict, sampler: optuna.samplers.BaseS
 
     def objective(trial: optuna.Trial) -> float:
         for name, dist in distributions.items():
-            _suggest(trial, name, dist)
+            suggest_as(trial, name, dist)
         if work is not None:
             t = time.perf_counter()
             work(trial.params)

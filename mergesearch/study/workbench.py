@@ -219,9 +219,12 @@ class Workbench:
         if self.fault_hook:
             self.fault_hook("evaluate")
         n_slices = self.cfg.study.n_slices
+        # running scores are stored (one storage write each) only for a pruner to read: none without one
+        reports = trial is not None and not self.per_task and not isinstance(trial.study.pruner,
+                                                                              optuna.pruners.NopPruner)
         result = None
         for step, result in enumerate(self.evaluator.iter_slices(n_slices)):
-            if trial is not None and not self.per_task and step < n_slices - 1:
+            if reports and step < n_slices - 1:
                 # step = slices scored so far: successive halving's first rung is at step min_resource = 1
                 trial.report(self.objective_values(result)[0], step + 1)
                 if trial.should_prune():
