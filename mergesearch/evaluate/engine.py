@@ -35,7 +35,8 @@ from mergesearch.evaluate import _scoring as scoring
 
 log = logging.getLogger(__name__)
 
-# Slots are refilled once 1/REFILL_FRACTION of the batch is free (each refill is one prefill pass).
+# Slots are refilled once 1/REFILL_FRACTION of the batch is free (each refill is one prefill pass); with no
+# prompt waiting, the finished slots are dropped as often (each drop moves the live rows' cache).
 REFILL_FRACTION = 8
 # Tokens decoded to look for a stop string: enough for its characters at 4 bytes each (byte-level BPE).
 _BYTES_PER_CHAR = 4
@@ -106,12 +107,15 @@ class SlotCache(Cache):
                 keys[1:, :, :n] = keys[:1, :, :n]
                 values[1:, :, :n] = values[:1, :, :n]
 
-    def compact(self, keep: list[int]) -> None:
-        """Move the slots `keep` to the front (in that order) and decode only those from now on."""
+    def compact(self, keep: list[int], used: int | None = None) -> None:
+        """Move the slots `keep` to the front (in that order) and decode only those from now on.
+
+        `used`: the cache positions any of them has written (those below it); only those are moved."""
         idx = torch.tensor(keep, device=self.keys_[0].device)
+        n = self.length if used is None else min(used, self.length)
         for layer in range(self.n_layers):
-            self.keys_[layer][: len(keep)] = self.keys_[layer][idx]
-            self.values_[layer][: len(keep)] = self.values_[layer][idx]
+            self.keys_[layer][: len(keep), :, :n] = self.keys_[layer][idx, :, :n]
+            self.values_[layer][: len(keep), :, :n] = self.values_[layer][idx, :, :n]
         self.width = len(keep)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -351,8 +355,9 @@ class GenerationEngine:
                 continue
             if not active:
                 break
-            if not waiting and not self.fixed_shapes and len(active) <= cache.width // 2:
-                cache.compact(active)  # only finished slots are dropped; the rows keep their order
+            if not waiting and not self.fixed_shapes and len(free) >= max(1, cache.width // REFILL_FRACTION):
+                # only finished slots are dropped (the rows keep their order): a decode step's cost is its rows
+                cache.compact(active, used=max(pos_of[s] for s in active))
                 rows[: len(active)] = [rows[s] for s in active]
                 next_tok[: len(active)] = [next_tok[s] for s in active]
                 pos_of[: len(active)] = [pos_of[s] for s in active]
