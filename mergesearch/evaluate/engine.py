@@ -107,12 +107,12 @@ class SlotCache(Cache):
                 keys[1:, :, :n] = keys[:1, :, :n]
                 values[1:, :, :n] = values[:1, :, :n]
 
-    def compact(self, keep: list[int], used: int | None = None) -> None:
+    def compact(self, keep: list[int], used: int) -> None:
         """Move the slots `keep` to the front (in that order) and decode only those from now on.
 
         `used`: the cache positions any of them has written (those below it); only those are moved."""
         idx = torch.tensor(keep, device=self.keys_[0].device)
-        n = self.length if used is None else min(used, self.length)
+        n = min(used, self.length)
         for layer in range(self.n_layers):
             self.keys_[layer][: len(keep), :, :n] = self.keys_[layer][idx, :, :n]
             self.values_[layer][: len(keep), :, :n] = self.values_[layer][idx, :, :n]
@@ -350,12 +350,13 @@ class GenerationEngine:
         while True:
             active = [s for s in range(cache.width) if rows[s] is not None]
             free = [s for s in range(cache.width) if rows[s] is None]
-            if waiting and (not active or len(free) >= max(1, cache.width // REFILL_FRACTION)):
+            enough_free = len(free) >= max(1, cache.width // REFILL_FRACTION)
+            if waiting and (not active or enough_free):
                 fill(free)
                 continue
             if not active:
                 break
-            if not waiting and not self.fixed_shapes and len(free) >= max(1, cache.width // REFILL_FRACTION):
+            if not waiting and not self.fixed_shapes and enough_free:
                 # only finished slots are dropped (the rows keep their order): a decode step's cost is its rows
                 cache.compact(active, used=max(pos_of[s] for s in active))
                 rows[: len(active)] = [rows[s] for s in active]
