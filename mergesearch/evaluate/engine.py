@@ -32,6 +32,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from mergesearch.evaluate import _scoring as scoring
+from mergesearch.evaluate import cascade
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,11 @@ class SlotCache(Cache):
         self.write_pos: torch.Tensor | None = None  # (R, q)
         self.view = length
         self.width = slots  # decode runs over slots [0, width)
+        # with a cascade prefix (set_prefix): its keys and values once per layer (kv_heads, prefix, head_dim),
+        # float32; the slots hold only the positions after it, and `update` returns only those
+        self.prefix = 0
+        self.prefix_keys: list[torch.Tensor] = []
+        self.prefix_values: list[torch.Tensor] = []
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if self.keys_[layer_idx] is None:
@@ -94,11 +100,11 @@ class SlotCache(Cache):
             pos = self.write_pos[:, 0]
             keys[slot, :, pos] = key_states[:, :, 0]
             values[slot, :, pos] = value_states[:, :, 0]
-            return keys[:w, :, : self.view], values[:w, :, : self.view]
+            return keys[:w, :, self.prefix: self.view], values[:w, :, self.prefix: self.view]
         rows = self.rows[:, None]
         keys[rows, :, self.write_pos] = key_states.transpose(1, 2)  # (R, q, heads, head_dim)
         values[rows, :, self.write_pos] = value_states.transpose(1, 2)
-        return keys[self.rows, :, : self.view], values[self.rows, :, : self.view]
+        return keys[self.rows, :, self.prefix: self.view], values[self.rows, :, self.prefix: self.view]
 
     def broadcast_prefix(self, n: int) -> None:
         """Copy slot 0's first `n` positions (the shared prefix) into every slot."""
@@ -107,15 +113,22 @@ class SlotCache(Cache):
                 keys[1:, :, :n] = keys[:1, :, :n]
                 values[1:, :, :n] = values[:1, :, :n]
 
+    def set_prefix(self, n: int) -> None:
+        """Keep slot 0's first `n` positions (the shared prefix) once, for the cascade attention; from now on
+        the slots hold, and `update` returns, only the positions after it."""
+        self.prefix_keys = [k[0, :, :n].to(torch.float32, copy=True) for k in self.keys_]
+        self.prefix_values = [v[0, :, :n].to(torch.float32, copy=True) for v in self.values_]
+        self.prefix = n
+
     def compact(self, keep: list[int], used: int) -> None:
         """Move the slots `keep` to the front (in that order) and decode only those from now on.
 
         `used`: the cache positions any of them has written (those below it); only those are moved."""
         idx = torch.tensor(keep, device=self.keys_[0].device)
-        n = min(used, self.length)
+        lo, hi = self.prefix, min(used, self.length)
         for layer in range(self.n_layers):
-            self.keys_[layer][: len(keep), :, :n] = self.keys_[layer][idx, :, :n]
-            self.values_[layer][: len(keep), :, :n] = self.values_[layer][idx, :, :n]
+            self.keys_[layer][: len(keep), :, lo:hi] = self.keys_[layer][idx, :, lo:hi]
+            self.values_[layer][: len(keep), :, lo:hi] = self.values_[layer][idx, :, lo:hi]
         self.width = len(keep)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -175,8 +188,10 @@ class GenerationEngine:
         keep = _keep_kw(type(self.model)) if keep_last else None
         if keep is not None:
             kw[keep] = 1
-        logits = scoring.forward(self.model, cache, **kw).logits
-        return logits[:, -1]  # (R, V)
+        if not cache.prefix:
+            return scoring.forward(self.model, cache, **kw).logits[:, -1]  # (R, V)
+        with cascade.selected(self.model):
+            return scoring.forward(self.model, cache, **kw, **{cascade.KWARG: cache}).logits[:, -1]
 
     def _mask(self, query_pos: torch.Tensor, view: int) -> torch.Tensor:
         """Additive mask (R, 1, q, view): a query at position p reads the cache positions <= p."""
@@ -324,7 +339,10 @@ class GenerationEngine:
             cache.view = cache.length if self.fixed_shapes else shared
             self._forward(cache, torch.tensor([prompts[0][:shared]], device=self.device), pos,
                           self._mask(pos, cache.view), keep_last=True)
-            cache.broadcast_prefix(shared)
+            if self.fixed_shapes or not cascade.supports(self.model, length):
+                cache.broadcast_prefix(shared)  # a fixed-shape step reads every slot's whole cache
+            else:
+                cache.set_prefix(shared)
         if self.cuda_graphs and self._graph is None and self.graph_failed is None:
             self._capture(cache)
         results: list[list[int] | None] = [None] * len(requests)
