@@ -110,6 +110,70 @@ def test_engine_rereads_weights_written_in_place(nl_model, tmp_path):
     assert after == hf_tokens(other, tok, texts, 16) and after != before
 
 
+# --- the shared prefix attended once (cascade) -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cascade_attention_equals_sdpa_over_the_whole_row(dtype):
+    """Prefix once (float32) + each row's tail, one softmax: torch's SDPA over the concatenated keys and
+    values (GQA heads expanded as repeat_kv does), with a causal mask and a left-padded row."""
+    from mergesearch.evaluate import cascade
+
+    torch.manual_seed(0)
+    rows, n_heads, n_kv, q, dim, n_prefix, tail = 3, 6, 2, 4, 8, 11, 7
+    query = torch.randn(rows, n_heads, q, dim, dtype=dtype)
+    kp, vp = torch.randn(n_kv, n_prefix, dim), torch.randn(n_kv, n_prefix, dim)
+    key, value = torch.randn(rows, n_kv, tail, dim, dtype=dtype), torch.randn(rows, n_kv, tail, dim, dtype=dtype)
+    qpos = torch.arange(n_prefix + tail - q, n_prefix + tail).expand(rows, q).clone()
+    qpos[1, :2] = n_prefix + tail - 1  # pad queries of a left-padded row read up to their own position
+    allowed = torch.arange(n_prefix + tail)[None, None] <= qpos[:, :, None]
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+    class Layer:
+        layer_idx = 0
+
+    class Cache:
+        prefix_keys, prefix_values = [kp], [vp]
+
+    got, _ = cascade.attention(Layer(), query, key, value, mask, scaling=0.3, **{cascade.KWARG: Cache()})
+    whole_k = torch.cat([kp.expand(rows, -1, -1, -1), key.float()], 2).repeat_interleave(n_heads // n_kv, 1)
+    whole_v = torch.cat([vp.expand(rows, -1, -1, -1), value.float()], 2).repeat_interleave(n_heads // n_kv, 1)
+    ref = torch.nn.functional.scaled_dot_product_attention(query.float(), whole_k, whole_v,
+                                                           attn_mask=mask.float(), scale=0.3).transpose(1, 2)
+    assert got.shape == (rows, q, n_heads, dim) and got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the output rounded to bf16 (8 bits of mantissa)
+    torch.testing.assert_close(got.float(), ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_engine_attends_a_few_shot_prefix_once(tmp_path, arch, monkeypatch):
+    """A long shared few-shot block goes through the cascade attention (counted) and the rows still equal
+    HF generate; the model's own attention choice is back after the run."""
+    from transformers import AttentionInterface
+
+    from mergesearch.evaluate import cascade
+
+    model, tok = _load(make_tiny_model(tmp_path / arch, arch))
+    before = model.config._attn_implementation
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return cascade.attention(*args, **kwargs)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, cascade.NAME, counted)
+    shots = "Q: Reverse the word abc.\nA: cba\n\nQ: Reverse the word hello.\nA: olleh\n\n"
+    texts = [shots + t for t in prompts(9, seed=5)]
+    ref = hf_tokens(model, tok, texts, 10)
+    got, _ = engine_tokens(model, tok, texts, 10, batch_size=4)
+    assert got == ref
+    assert calls, "the shared prefix was not attended through the cascade"
+    assert model.config._attn_implementation == before
+    calls.clear()
+    engine_tokens(model, tok, texts, 10, batch_size=4, fixed_shapes=True)
+    assert not calls  # fixed shapes (the CUDA-graph step) keep a copy of the prefix in every slot
+
+
 # --- lm-eval tasks through MergesearchLM vs HFLM ----------------------------------------------------------
 
 

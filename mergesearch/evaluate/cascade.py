@@ -39,11 +39,14 @@ def supports(model, length: int) -> bool:
 def selected(model):
     """Within the block, the model's attention layers call `attention` (the previous choice restored after)."""
     config = model.config
+    # transformers' attention layers read config._attn_implementation at every call; its public setter,
+    # model.set_attn_implementation, re-validates every submodule, too slow for once per forward
     before = config._attn_implementation
     config._attn_implementation = NAME
     try:
         yield
     finally:
+        # the model's own choice back (see above for why the private attribute)
         config._attn_implementation = before
 
 

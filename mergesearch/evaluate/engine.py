@@ -6,7 +6,8 @@ lm-eval model (`generate_until`) and by the distill fit, on either device:
 - a preallocated KV cache (`SlotCache`): per layer one (slots, kv_heads, length, head_dim) key and value
   tensor written in place, each row at its own positions;
 - prompts sorted by length, longest first; the prefix every prompt of a run shares (a task template, a
-  fixed few-shot block) computed once and copied into every slot;
+  fixed few-shot block) computed once; its keys and values are kept once per layer and attended by all
+  rows in one product (cascade.py), or, with fixed shapes, copied into every slot;
 - a row ends at EOS or a one-token stop, or once its text holds one of its stop strings (lm-eval's
   `until`: the caller cuts the text at the first occurrence of any); only the last few tokens are
   decoded to look for a stop, and only when the newest token could end one;
