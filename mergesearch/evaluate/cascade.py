@@ -22,7 +22,9 @@ from transformers import AttentionInterface
 
 NAME = "mergesearch_cascade"
 KWARG = "mergesearch_cascade"  # the forward keyword that carries the SlotCache down to the attention
-_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2")  # causal self-attention, checked against HF generate
+# causal self-attention; llama, qwen2 and gpt2 are checked against HF generate (tests/test_generate.py), mistral's
+# attention is llama's plus the sliding window that `supports` checks
+_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2")
 
 
 def supports(model, length: int) -> bool:
