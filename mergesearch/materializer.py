@@ -51,7 +51,7 @@ class Materializer:
                  method: str, *, dtype: str | torch.dtype = "float32", device: str | torch.device = "auto",
                  chunks: int | Sequence[int] = 1, streaming: bool = False, seed: int = 0,
                  merge_common_vocab: bool = False,
-                 check_finite: bool = True, block: int | None = None):
+                 check_finite: bool = True, block: int | None = None, compiled: bool | None = None):
         self.op = operators.get(method)
         self.op.check_experts(len(experts))
         if min([chunks] if isinstance(chunks, int) else list(chunks) or [1]) < 1:
@@ -75,8 +75,10 @@ class Materializer:
         self._bounds = [chunk_bounds(t.shape[0], c) if t.shape else [(0, 1)]
                         for t, c in zip(self.tensors, per_tensor_chunks(chunks, len(self.tensors)))]
         # Kernels walk chunks in blocks the device decides (operators.block_entries); tests pass the
-        # GPU's block to run its arithmetic on a CPU.
-        self.scratch = Scratch(block if block is not None else operators.block_entries(self.device))
+        # GPU's block to run its arithmetic on a CPU, and `compiled` to force or forbid the compiled formula.
+        self.scratch = Scratch(block if block is not None else operators.block_entries(self.device),
+                               operators.compiled_min_entries(self.device, compiled,
+                                                              sum(t.numel for t in self.tensors)))
         self.timer = PhaseTimer()  # where opening went: read_sources, prepare, model (mergesearch.timings)
         with torch.no_grad():
             self._load_sources()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -240,6 +241,40 @@ def block_entries(device: str | torch.device) -> int:
     return BLOCK_ENTRIES.get(torch.device(device).type, _BLOCK_DEFAULT)
 
 
+# Which chunks the task-arithmetic family merges with its compiled formula (operators/fused.py, one pass over
+# the sources) instead of the eager block kernel: float32 chunks of at least COMPILED_MIN_ENTRIES, on the CPU
+# and on CUDA, in models of at least COMPILED_MIN_MODEL entries on that device.
+# - bf16/fp16 stay eager: on a CPU the compiled bf16 formula was 2x slower than the eager kernel (it converts
+#   every entry to float32 and back), and compiled bf16 rounds once per formula, not once per op, which would
+#   move elected signs away from the eager kernel's.
+# - Below COMPILED_MIN_ENTRIES the call's fixed cost (guards, the candidate's parameters as tensors) is more
+#   than the work.
+# - Below COMPILED_MIN_MODEL the compile (1-3 s per formula, ~20 s for a process's first on a cold cache) costs
+#   more than a study saves: a TIES candidate of a 134M model saves ~0.35 s on 2 CPU threads, one of a 16M
+#   model ~0.04 s. GPUs save more per entry (one kernel instead of ~20 launches per block).
+# MERGESEARCH_FUSED=0 runs the eager kernel everywhere; MERGESEARCH_FUSED=1 compiles every float32 chunk of
+# any model (benchmarks: the two paths side by side).
+COMPILED_DTYPES = (torch.float32,)
+COMPILED_MIN_ENTRIES = 1 << 16
+COMPILED_MIN_MODEL = {"cpu": 1 << 26, "cuda": 1 << 24}  # 67M entries (268 MB float32); 16.8M
+
+
+def compiled_min_entries(device: str | torch.device, compiled: bool | None = None,
+                         model_entries: int = 0) -> int | None:
+    """The smallest chunk (entries) merged by the compiled formula on `device`; None: never.
+
+    `compiled`: None follows the policy above for a model of `model_entries` floats; True compiles every
+    float32 chunk, whatever its size (tests: the path a large model takes, on small tensors); False never.
+    """
+    env = os.environ.get("MERGESEARCH_FUSED", "")
+    if compiled is False or env == "0":
+        return None
+    if compiled or env == "1":
+        return 0
+    floor = COMPILED_MIN_MODEL.get(torch.device(device).type)
+    return COMPILED_MIN_ENTRIES if floor is not None and model_entries >= floor else None
+
+
 class Scratch:
     """Reusable flat buffers keyed by slot name, grown on demand, so kernels allocate nothing; and the
     block size kernels walk a chunk in (`block_entries` of the device they run on).
@@ -249,14 +284,20 @@ class Scratch:
     does no allocation.
     """
 
-    def __init__(self, block: int = BLOCK_ENTRIES["cpu"]) -> None:
+    def __init__(self, block: int = BLOCK_ENTRIES["cpu"], compiled_min: int | None = None) -> None:
         if block < 1:
             raise ValueError(f"block must be >= 1 entries, got {block}")
         self.block = block
+        self.compiled_min = compiled_min  # `compiled_min_entries` of the device: chunks this large run compiled
         self._bufs: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
         # The views handed out, by slot and shape: a candidate asks for the same few shapes every time, and
         # making a view costs more than the elementwise op on a small tensor (launch-bound GPUs, small models).
         self._views: dict[tuple, torch.Tensor] = {}
+
+    def compiled(self, chunk: torch.Tensor) -> bool:
+        """Whether the family's compiled formula merges `chunk` (the policy: `compiled_min_entries`)."""
+        return (self.compiled_min is not None and chunk.numel() >= self.compiled_min
+                and chunk.dtype in COMPILED_DTYPES)
 
     def get(self, slot: str, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         dtype = dtype or like.dtype
@@ -312,7 +353,8 @@ def resolve_chunk_params(op: Operator, values: dict[str, list[float]]) -> dict[s
 
 
 def merge_tensor(method: str, base: torch.Tensor, experts: Sequence[torch.Tensor], *, chunks: int = 1,
-                 seed: int = 0, block: int | None = None, **params: Any) -> torch.Tensor:
+                 seed: int = 0, block: int | None = None, compiled: bool | None = None,
+                 **params: Any) -> torch.Tensor:
     """Merge one tensor with `method`: a new tensor, same shape/dtype/device as `base`.
 
     `experts` are full expert tensors (task vectors are taken against `base`). Parameters not
@@ -320,7 +362,8 @@ def merge_tensor(method: str, base: torch.Tensor, experts: Sequence[torch.Tensor
     lists (per-expert: [expert][chunk]). Example:
         merge_tensor("ties", b, [e1, e2], weight=[0.5, 0.5], density=0.3)
     `block`: entries per kernel block, default the device's policy (`block_entries`); tests pass
-    another device's to run its arithmetic here.
+    another device's to run its arithmetic here. `compiled`: the compiled formula for every float32 chunk
+    (True), never (False), or as the device's policy says (None; see `compiled_min_entries`).
     """
     op = get(method)
     op.check_experts(len(experts))
@@ -339,7 +382,8 @@ def merge_tensor(method: str, base: torch.Tensor, experts: Sequence[torch.Tensor
                 if not (p.low <= v <= p.high) or math.isnan(v):
                     raise OperatorError(f"{method}: parameter {p.name}={v} is outside [{p.low}, {p.high}]")
     gen = torch.Generator().manual_seed(seed)
-    scratch = Scratch(block if block is not None else block_entries(base.device))
+    scratch = Scratch(block if block is not None else block_entries(base.device),
+                      compiled_min_entries(base.device, compiled, base.numel()))
     for c, (lo, hi) in enumerate(bounds):
         if base.dim():
             b, ds, o = base[lo:hi], [d[lo:hi] for d in deltas], out[lo:hi]

@@ -38,6 +38,7 @@ from __future__ import annotations
 import torch
 
 from mergesearch.errors import CandidateError
+from mergesearch.operators import fused
 from mergesearch.operators.registry import (
     DENSITY,
     LAMBDA,
@@ -163,12 +164,23 @@ class _Keep:
         raise NotImplementedError
 
 
+    def limits(self, kind: str, n: int) -> tuple[float, ...]:
+        """This rule as the compiled formula's bounds (operators/fused.py `_mask`) for sparsification `kind`."""
+        raise NotImplementedError
+
+
 class _All(_Keep):
     dense = True
+
+    def limits(self, kind, n):
+        return {"magnitude": (0, n), "random": (2.0,), "della": (0.0, 2.0)}[kind]  # u < 2 always
 
 
 class _Nothing(_Keep):
     empty = True
+
+    def limits(self, kind, n):
+        return {"magnitude": (0, 0), "random": (0.0,), "della": (0.0, 0.0)}[kind]  # u < 0 never
 
 
 class _Top(_Keep):
@@ -179,6 +191,9 @@ class _Top(_Keep):
 
     def mask(self, e, lo, hi, state, scratch, m) -> None:
         torch.lt(state["rank"][e][lo:hi], self.k, out=m)
+
+    def limits(self, kind, n):
+        return (0, self.k)
 
 
 class _Band(_Keep):
@@ -194,6 +209,9 @@ class _Band(_Keep):
         torch.ge(r, self.lo_rank, out=m2)
         m.mul_(m2)
 
+    def limits(self, kind, n):
+        return (self.lo_rank, self.hi_rank)
+
 
 class _Random(_Keep):
     """Each entry with probability `p`: its uniform number below p."""
@@ -203,6 +221,9 @@ class _Random(_Keep):
 
     def mask(self, e, lo, hi, state, scratch, m) -> None:
         torch.lt(state["u"][e][lo:hi], self.p, out=m)
+
+    def limits(self, kind, n):
+        return (self.p,)
 
 
 class _Della(_Keep):
@@ -216,6 +237,9 @@ class _Della(_Keep):
         torch.mul(state["rn"][e][lo:hi], self.slope, out=q)
         q.add_(self.offset)
         torch.lt(state["u"][e][lo:hi], q, out=m)
+
+    def limits(self, kind, n):
+        return (self.slope, self.offset)
 
 
 def _keep(kind: str, e: int, n: int, p: dict) -> _Keep:
@@ -279,14 +303,32 @@ class _Rules:
         """Task arithmetic at this chunk: no mask, no consensus."""
         return not self.consensus and all(self.keep[e].dense for e in self.live)
 
+    @property
+    def rescaled(self) -> list[int]:
+        """The experts whose kept entries are rescaled to the chunk's L1 norm (sparsified, with `rescale`)."""
+        return [e for e in self.live if not self.keep[e].dense] if self.rescale else []
+
+    def factor_vector(self, kept_l1: torch.Tensor, state) -> torch.Tensor:
+        """(E,) float32: each rescaled expert's factor that brings its kept entries back to the chunk's L1 norm
+        (mergekit's RescaleNorm.l1: 1 where either norm is below 1e-7), 1 for the other experts.
+
+        `kept_l1`: (E,) float64 L1 norms of the kept entries (read for the rescaled experts only). They are
+        summed in float64 on every path (blocks, whole chunk, compiled, any device): sums in another order then
+        round to the same float32 factor, which keeps the elected signs of near-zero votes the same on every
+        path. Computed on the device: no sync."""
+        before = torch.stack(state["l1"]).to(torch.float64)
+        small = (before < _RESCALE_EPS) | (kept_l1 < _RESCALE_EPS)
+        f = torch.where(small, torch.ones_like(kept_l1), before / kept_l1.clamp_min(_RESCALE_EPS))
+        on = torch.tensor([e in self.rescaled for e in range(len(self.keep))], device=f.device)
+        return torch.where(on, f, torch.ones_like(f)).float()
+
     def rescale_factors(self, ds, state, scratch: Scratch, block: int) -> dict[int, torch.Tensor]:
-        """Per sparsified expert, the 0-d factor that brings its kept entries back to the chunk's L1 norm
-        (mergekit's RescaleNorm.l1: 1 where either norm is below 1e-7). Computed on the device: no sync."""
-        sparse = [e for e in self.live if not self.keep[e].dense] if self.rescale else []
+        """Per rescaled expert its 0-d factor (`factor_vector`), the kept L1 summed block by block."""
+        sparse = self.rescaled
         if not sparse:
             return {}
         n = ds[0].numel()
-        acc = {e: torch.zeros((), dtype=torch.float32, device=ds[e].device) for e in sparse}
+        acc = torch.zeros(len(self.keep), dtype=torch.float64, device=ds[0].device)
         for lo in range(0, n, block):
             hi = min(n, lo + block)
             for e in sparse:
@@ -295,16 +337,9 @@ class _Rules:
                 self.keep[e].mask(e, lo, hi, state, scratch, m)
                 a = scratch.get("abs", d)
                 torch.abs(d, out=a)
-                if a.dtype == torch.float32:
-                    acc[e] += torch.dot(a, m)
-                else:  # bf16/fp16 dot runs ~20x slower than mul + float32 sum on CPU
-                    acc[e] += a.mul_(m).sum(dtype=torch.float32)
-        out = {}
-        for e in sparse:
-            before, after = state["l1"][e], acc[e]
-            small = (before < _RESCALE_EPS) | (after < _RESCALE_EPS)
-            out[e] = torch.where(small, torch.ones_like(after), before / after.clamp_min(_RESCALE_EPS))
-        return out
+                acc[e] += a.mul_(m).sum(dtype=torch.float64)
+        f = self.factor_vector(acc, state)
+        return {e: f[e] for e in sparse}
 
     def terms(self, ds, lo: int, hi: int, state, scratch: Scratch, factors: dict, unit: bool = False):
         """This block's contribution of each live expert, as (tensor, python coefficient) pairs.
@@ -393,6 +428,41 @@ def _merge_block(rules: _Rules, ob, bb, ds, lo, hi, state, scratch: Scratch, fac
         torch.add(bb, mixed, alpha=rules.lam, out=ob)
 
 
+def _merge_compiled(kind: str, rules: _Rules, o, b, ds, state, scratch: Scratch, rows: int) -> bool:
+    """Write the merged chunk into o with the compiled formula (operators/fused.py): the same rules, one pass
+    over the sources (with `rescale`, a first pass per expert for its kept L1). False where it cannot compile
+    here: the eager kernel's turn. `rows`: the chunk's rows (its flat tensors are viewed as rows x cols)."""
+    n, dev, n_exp = b.numel(), b.device, len(ds)
+    form = {"none": "none", "magnitude": "magnitude", "outliers": "magnitude", "random": "random",
+            "della": "della"}[kind]
+    if form == "none":
+        srcs, lim = [[] for _ in ds], torch.zeros(n_exp, 1, device=dev)
+    else:
+        srcs = [[state["rank"][e]] if form == "magnitude" else [state["u"][e]] if form == "random"
+                else [state["u"][e], state["rn"][e]] for e in range(n_exp)]
+        lim = torch.tensor([rules.keep[e].limits(form, n) for e in range(n_exp)],  # (E, 2) or (E, 1)
+                           dtype=srcs[0][0].dtype if form == "magnitude" else torch.float32, device=dev)
+    coef = torch.tensor([rules.coef.get(e, 0.0) for e in range(n_exp)], dtype=torch.float32, device=dev)
+    if rules.rescaled:
+        # The L1 pass writes each expert's mask as one byte per entry, which the merge pass then reads
+        # instead of the mask's sources (ranks, random fields: 4-8 bytes per entry).
+        kept = torch.zeros(n_exp, dtype=torch.float64, device=dev)
+        masks = []
+        for e in range(n_exp):
+            mask = scratch.get(f"mask{e}", b, torch.uint8)
+            l1 = fused.kept_l1(form, ds[e].view(rows, -1), [t.view(rows, -1) for t in srcs[e]], lim[e],
+                               mask.view(rows, -1))
+            if l1 is None:
+                return False
+            kept[e] = l1
+            masks.append([mask])
+        coef = rules.factor_vector(kept, state) * coef  # the eager kernel's (factor * c), in float32
+        form, srcs = "mask", masks
+    w = torch.tensor(rules.weight, dtype=torch.float32, device=dev)
+    lam = torch.tensor(rules.lam, dtype=b.dtype, device=dev)
+    return fused.merge(form, rules.consensus, rules.normalize, o, b, ds, srcs, lim, coef.to(b.dtype), w, lam)
+
+
 def _make_kernel(kind: str, consensus: bool):
     def kernel(out, base, deltas, p, state, scratch) -> None:
         o, b = out.reshape(-1), base.reshape(-1)
@@ -401,6 +471,9 @@ def _make_kernel(kind: str, consensus: bool):
         rules = _Rules(kind, consensus, n, p)
         if not rules.live:
             o.copy_(b)
+            return
+        if scratch.compiled(b) and _merge_compiled("none" if rules.plain else kind, rules, o, b, ds, state,
+                                                                   scratch, base.shape[0] if base.dim() > 1 else 1):
             return
         if rules.plain:  # task arithmetic: whole-chunk streaming adds on every device
             _merge_block(rules, o, b, ds, 0, n, state, scratch, {})

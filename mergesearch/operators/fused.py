@@ -1,0 +1,159 @@
+"""The task-arithmetic family's merge as one compiled pass per chunk (torch.compile: C++ on the CPU, Triton on CUDA).
+
+Why it exists: the eager kernel (task_arithmetic.py) runs each rule as its own torch op, ~20 per block, so a TIES
+candidate costs ~5x task arithmetic on a CPU and, one kernel launch per op, far more on a GPU. Here the same
+rules are one elementwise formula over the whole chunk: each source byte is read once per pass, nothing is
+written but the output. No library offers this merge, so the hot path is hand-written here.
+
+The formula takes the rules `_Rules` decided in task_arithmetic.py (which entries each expert keeps, its
+coefficient, its rescale factor) as tensors, never as Python numbers, so one compiled graph serves every
+candidate: a new density or weight never recompiles. It repeats the eager kernel's arithmetic op for op
+(the same products, the same summation order, fp-contract off), so its elected signs are the eager kernel's
+and its values equal to within float32 rounding; tests/test_fused.py checks that for every method.
+
+The L1 norms that `rescale` needs are summed in float64 on both paths (the eager kernel per block, this one in
+one reduction): float64 sums in different orders round to the same float32 factor, where float32 sums did not
+(a factor one ulp apart flips the elected sign of the rare entries whose vote is ~0).
+
+The policy (which device, dtype, model and chunk size run compiled) is `operators.registry.compiled_min_entries`.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import logging
+import types
+import warnings
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def _mask(kind: str, srcs: list[torch.Tensor], lim: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One expert's 0/1 keep mask in `dtype`: what task_arithmetic's _Keep.mask writes, as a formula.
+
+    kind "magnitude": srcs = [rank] (int), lim = (2,) rank bounds [lo, hi); "random": srcs = [u], lim = (1,)
+    keep probability; "della": srcs = [u, rn], lim = (2,) slope, offset; "mask": srcs = [the uint8 mask the
+    L1 pass wrote]. Dense experts get bounds that keep all, empty ones bounds that keep none.
+    """
+    if kind == "mask":
+        return srcs[0].to(dtype)
+    if kind == "magnitude":
+        keep = (srcs[0] >= lim[0]) & (srcs[0] < lim[1])
+    elif kind == "random":
+        keep = srcs[0] < lim[0]
+    else:  # della: u < rn * slope + offset, two float32 roundings as the eager kernel's mul then add_
+        keep = srcs[0] < (srcs[1] * lim[0] + lim[1])
+    return keep.to(dtype)
+
+
+def _merge(kind: str, consensus: bool, normalize: bool, out, b, ds, srcs, lim, fc, w, lam) -> None:
+    """out = the family's merge of one chunk (flat tensors).
+
+    srcs: each expert's mask sources (see `_mask`), lim: (E, 2) or (E, 1) their bounds; fc: (E,) each
+    expert's multiplier of its kept entries in the chunk's dtype (consensus: w_e times the rescale factor;
+    otherwise lambda w_e / W times it); w: (E,) float32 weights for the consensus divisor; lam: () lambda.
+    """
+    if kind == "none":  # task arithmetic: nothing dropped
+        terms = [d * fc[e] for e, d in enumerate(ds)]
+    else:
+        terms = [(d * _mask(kind, srcs[e], lim[e], d.dtype)) * fc[e] for e, d in enumerate(ds)]
+    if not consensus:
+        acc = b + terms[0]
+        for t in terms[1:]:
+            acc = acc + t
+        out.copy_(acc)
+        return
+    vote = terms[0]
+    for t in terms[1:]:
+        vote = vote + t
+    sg = (vote >= 0).to(b.dtype) * 2.0 - 1.0
+    mixed = None
+    divisor = None
+    for e, t in enumerate(terms):
+        a = torch.clamp_min(t * sg, 0)
+        mixed = a if mixed is None else mixed + a
+        if normalize:
+            k = (a > 0).to(b.dtype) * w[e]
+            divisor = k if divisor is None else divisor + k
+    mixed = mixed * sg
+    if normalize:
+        divisor = divisor + (divisor == 0).to(b.dtype)
+        out.copy_(b + lam * mixed / divisor)  # addcdiv's (value * t1) / t2
+    else:
+        out.copy_(b + mixed * lam)
+
+
+def _kept_l1(kind: str, d, srcs, lim, mask) -> torch.Tensor:
+    """() float64: one expert's L1 norm over the entries it keeps; its 0/1 mask written into `mask` (uint8),
+    so that the merge pass reads one byte per entry instead of the mask's sources (4-8 bytes).
+
+    All (rows, cols) views: a sum per row, then of the rows, lets inductor write the mask in the loop that
+    sums (a sum straight to a scalar became two loops, reading the sources twice). One expert per call: several
+    float64 reductions in one graph compiled to a slower kernel."""
+    m = _mask(kind, srcs, lim, d.dtype)
+    mask.copy_(m.to(torch.uint8))
+    return (d.abs() * m).sum(dim=1, dtype=torch.float64).sum()
+
+
+@functools.cache
+def _compiled(what: str, kind: str, consensus: bool = False, normalize: bool = False):
+    """The compiled formula `what` ("merge" | "l1") for one kind of chunk.
+
+    Each gets a code object of its own: dynamo keeps its compiled graphs and their guards per code object
+    and checks them one after another on every call, so formulas sharing one (a closure or a partial) made
+    each call test every other formula's guards first (~0.2 ms a call on a CPU, a third of a DELLA candidate).
+    """
+    if what == "merge":
+        def formula(*args):
+            return _merge(kind, consensus, normalize, *args)
+    else:
+        def formula(*args):
+            return _kept_l1(kind, *args)
+    name = f"_{what}_{kind}_{int(consensus)}{int(normalize)}"
+    own = types.FunctionType(formula.__code__.replace(co_name=name, co_qualname=name), formula.__globals__, name,
+                             formula.__defaults__, formula.__closure__)
+    return torch.compile(own, dynamic=True, fullgraph=True)
+
+
+_GRAPHS = 128  # compiled graphs kept, all formulas together
+_BROKEN: set[tuple] = set()  # (what, kind, consensus, normalize, dtype, device type) whose compile failed
+calls: collections.Counter = collections.Counter()  # compiled calls that ran, by (what, kind): tests, benchmarks
+
+
+def _call(key: tuple, sample: torch.Tensor, *args) -> tuple[bool, object]:
+    """(True, result) of the compiled function `key` on args; (False, None) where it cannot compile here.
+
+    A compiler that fails (no C++ toolchain, an inductor bug on some dtype or device) is logged once per key and
+    never retried, so a study goes on at the eager kernel's speed instead of stopping.
+    """
+    broken_key = (*key, sample.dtype, sample.device.type)
+    if broken_key in _BROKEN:
+        return False, None
+    try:
+        # Each expert count (and each dtype of the mask sources) is a graph of its own: a process that merges
+        # several expert sets may hold more than dynamo's default of 8 graphs per code object.
+        with warnings.catch_warnings(), torch._dynamo.config.patch(recompile_limit=_GRAPHS):
+            warnings.simplefilter("ignore")  # inductor's own notices, once per graph
+            result = _compiled(*key)(*args)
+        calls[key[:2]] += 1
+        return True, result
+    except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to the exact eager kernel
+        _BROKEN.add(broken_key)
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        log.warning("the compiled %s formula is unavailable for %s on %s (%s: %s); using the eager kernel",
+                    key[1], sample.dtype, sample.device.type, type(exc).__name__, first)
+        return False, None
+
+
+def merge(kind: str, consensus: bool, normalize: bool, out, b, ds, srcs, lim, fc, w, lam) -> bool:
+    """Write the merged chunk into `out` (see `_merge`); False where the compiled formula is unavailable."""
+    return _call(("merge", kind, consensus, normalize), b, out, b, ds, srcs, lim, fc, w, lam)[0]
+
+
+def kept_l1(kind: str, d, srcs, lim, mask) -> torch.Tensor | None:
+    """() float64 L1 norm of one expert's kept entries, its mask written into `mask` (see `_kept_l1`);
+    None where the compiled formula is unavailable."""
+    return _call(("l1", kind), d, d, srcs, lim, mask)[1]

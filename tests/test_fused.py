@@ -1,0 +1,194 @@
+"""The task-arithmetic family's compiled formula (operators/fused.py) against its eager block kernel.
+
+The eager kernel is itself checked against mergekit (test_vs_mergekit.py) and against formulas written out
+(test_operators.py); here the compiled path must give its weights: float32 within 1e-6, for every method of
+the family, every kind of expert (dense, empty, negative weight), chunked, streamed, and on a tensor large
+enough that the L1 rescale sums millions of entries in another order than the eager kernel's blocks.
+Every test checks that the compiled formula really ran (`fused.calls`): a compiler that silently fell back
+to the eager kernel would make the comparisons pass without testing anything.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from test_merge import STREAMED
+
+from mergesearch import operators
+from mergesearch.materializer import Materializer
+from mergesearch.operators import fused, merge_tensor
+from mergesearch.operators import task_arithmetic
+
+FAMILY = [n for n in operators.names() if operators.get(n).kernel.__module__ == task_arithmetic.__name__]
+PARAMS = {m: v for m, v in STREAMED if m in FAMILY}
+
+
+def test_the_family_is_every_task_arithmetic_method():
+    assert set(FAMILY) == {"task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
+                           "breadcrumbs_ties", "della", "della_linear"}
+
+
+def _sources(shape, n, seed=0, anti=False):
+    """Base and n experts; `anti`: the second expert's task vector nearly cancels the first's, so that many
+    entries' sign votes are close to zero (where a rescale factor one ulp off flips the elected sign)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    deltas = [0.1 * torch.randn(shape, generator=g) for _ in range(n)]
+    if anti and n > 1:
+        deltas[1] = -deltas[0] + 1e-3 * torch.randn(shape, generator=g)
+    return base, [base + d for d in deltas]
+
+
+def _params(method, n, **over):
+    op = operators.get(method)
+    kw = {}
+    if "weight" in op.param_names:
+        kw["weight"] = [0.7, -0.4, 0.5, 0.3][:n]
+    if "density" in op.param_names:
+        kw["density"] = 0.4
+    if "epsilon" in op.param_names:
+        kw["epsilon"] = 0.1
+    if "gamma" in op.param_names:
+        kw["gamma"] = 0.05
+    return {**kw, **over}
+
+
+def _both(method, base, experts, **kw):
+    """(compiled, eager) merges of the same call; asserts that the compiled formula ran."""
+    before = sum(fused.calls.values())
+    got = merge_tensor(method, base, experts, compiled=True, **kw)
+    assert sum(fused.calls.values()) > before, f"{method}: the compiled formula did not run"
+    return got, merge_tensor(method, base, experts, compiled=False, **kw)
+
+
+@pytest.mark.parametrize("method", FAMILY)
+def test_compiled_equals_eager_for_every_method(method):
+    base, experts = _sources((300, 256), 2)
+    for kw in (_params(method, 2), _params(method, 2, rescale=1.0) if "rescale" in operators.get(method).param_names
+               else {}):
+        got, want = _both(method, base, experts, chunks=3, seed=4, **kw)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6, msg=f"{method} {kw}")
+
+
+@pytest.mark.parametrize("method", [m for m in FAMILY if "density" in operators.get(m).param_names])
+def test_dense_and_empty_experts_and_zero_weights(method):
+    """density 1 (the dense rule: keep all), a near-empty expert (density 0 keeps nothing in mergekit's rules,
+    DELLA's epsilon band aside), and one expert at weight 0 beside a live one."""
+    base, experts = _sources((128, 600), 2, seed=1)
+    op = operators.get(method)
+    cases = [_params(method, 2, density=1.0), _params(method, 2, density=[0.0, 0.6])]
+    if "epsilon" in op.param_names:
+        cases[1]["epsilon"] = 0.0
+    if "weight" in op.param_names:
+        cases.append(_params(method, 2, weight=[0.0, 0.8]))
+    for kw in cases:
+        got, want = _both(method, base, experts, seed=2, **kw)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6, msg=f"{method} {kw}")
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_other_expert_counts(n):
+    base, experts = _sources((256, 300), n, seed=n)
+    for method in ("ties", "dare_ties"):
+        got, want = _both(method, base, experts, seed=1, **_params(method, n))
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6, msg=f"{method} n={n}")
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "della", "ties"])
+def test_a_large_tensor_with_near_zero_votes_elects_the_same_signs(method):
+    """4M entries, the two experts' task vectors nearly cancelling: the L1 rescale sums millions of entries in
+    one compiled reduction against 32 eager blocks, and many votes sit next to zero. The factors are summed in
+    float64 on both paths, so they round to the same float32 value and no elected sign differs (a flipped sign
+    would move an entry by ~0.1, not 1e-6)."""
+    base, experts = _sources((2048, 2048), 2, seed=7, anti=True)
+    kw = _params(method, 2, weight=[0.6, 0.6], rescale=1.0)
+    got, want = _both(method, base, experts, seed=3, chunks=2, **kw)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_bf16_stays_on_the_eager_kernel():
+    base, experts = _sources((64, 64), 2)
+    before = sum(fused.calls.values())
+    got = merge_tensor("ties", base.bfloat16(), [e.bfloat16() for e in experts], compiled=True, density=0.5)
+    assert sum(fused.calls.values()) == before
+    want = merge_tensor("ties", base.bfloat16(), [e.bfloat16() for e in experts], compiled=False, density=0.5)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("method", FAMILY)
+def test_the_materialiser_compiled_streamed_and_resident_gives_the_eager_weights(method, tiny_family):
+    """Candidate after candidate, with another in between (the kept masks are reused scratch buffers)."""
+    base, experts = tiny_family("llama", 2)
+    values = PARAMS[method]
+    got = {}
+    for compiled, streaming in ((False, False), (True, False), (True, True)):
+        m = Materializer(base, experts, method, device="cpu", chunks=2, seed=3, streaming=streaming,
+                         compiled=compiled)
+        before = sum(fused.calls.values())
+        m.materialize(m.plan(**values))
+        assert (sum(fused.calls.values()) > before) is compiled
+        first = {k: v.clone() for k, v in m.state_dict().items()}
+        m.materialize(m.plan())
+        m.materialize(m.plan(**values))
+        assert all(torch.equal(first[k], v) for k, v in m.state_dict().items())
+        got[compiled, streaming] = first
+    eager, resident, streamed = got.values()
+    for k in eager:
+        assert torch.equal(resident[k], streamed[k]), k  # streaming is exact
+        torch.testing.assert_close(resident[k], eager[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_the_policy_compiles_float32_chunks_of_large_models_on_cpu_and_cuda(monkeypatch):
+    monkeypatch.delenv("MERGESEARCH_FUSED", raising=False)
+    big, small = operators.COMPILED_MIN_MODEL["cpu"], operators.COMPILED_MIN_MODEL["cpu"] - 1
+    assert operators.compiled_min_entries("cpu", None, big) == operators.COMPILED_MIN_ENTRIES
+    assert operators.compiled_min_entries("cpu", None, small) is None  # the compile would cost more
+    assert operators.compiled_min_entries("cuda", None, operators.COMPILED_MIN_MODEL["cuda"]) is not None
+    assert operators.compiled_min_entries("mps", None, big) is None
+    assert operators.compiled_min_entries("cpu", True) == 0
+    assert operators.compiled_min_entries("cpu", False, big) is None
+    monkeypatch.setenv("MERGESEARCH_FUSED", "0")
+    assert operators.compiled_min_entries("cpu", True, big) is None
+    monkeypatch.setenv("MERGESEARCH_FUSED", "1")
+    assert operators.compiled_min_entries("cpu", None, 10) == 0
+    scratch = operators.Scratch(compiled_min=operators.COMPILED_MIN_ENTRIES)
+    x = torch.zeros(operators.COMPILED_MIN_ENTRIES)
+    assert scratch.compiled(x) and not scratch.compiled(x[1:]) and not scratch.compiled(x.bfloat16())
+
+
+def test_the_demo_sized_model_merges_eagerly_by_default(tiny_family, monkeypatch):
+    monkeypatch.delenv("MERGESEARCH_FUSED", raising=False)
+    base, experts = tiny_family("llama", 2)
+    assert Materializer(base, experts, "ties", device="cpu").scratch.compiled_min is None
+
+
+def test_a_compiler_failure_falls_back_to_the_eager_kernel_once_logged(monkeypatch, caplog):
+    def broken(*key):
+        raise RuntimeError("no C++ compiler\nsecond line")
+
+    monkeypatch.setattr(fused, "_compiled", broken)
+    monkeypatch.setattr(fused, "_BROKEN", set())
+    base, experts = _sources((64, 64), 2)
+    with caplog.at_level(logging.WARNING, logger=fused.__name__):
+        for _ in range(3):
+            got = merge_tensor("dare_ties", base, experts, compiled=True, seed=1, density=0.5)
+    warnings = [r for r in caplog.records if "unavailable" in r.getMessage()]
+    assert len(warnings) == 1 and "RuntimeError: no C++ compiler" in warnings[0].getMessage()
+    assert "second line" not in warnings[0].getMessage()
+    assert torch.equal(got, merge_tensor("dare_ties", base, experts, compiled=False, seed=1, density=0.5))
+
+
+def test_the_memory_estimate_counts_the_compiled_masks():
+    from mergesearch.checkpoints import TensorInfo
+    from mergesearch.memory import estimate
+
+    tensors = [TensorInfo(name=f"w{i}", shape=(8192, 8192), dtype=torch.float32, layer=i, kind="mlp_up") for i in range(2)]
+    fp32 = estimate(tensors, 3, "dare_ties", "float32", device="cuda")
+    bf16 = estimate(tensors, 3, "dare_ties", "bfloat16", device="cuda")
+    ties = estimate(tensors, 3, "ties", "float32", device="cuda")
+    assert fp32.scratch - bf16.scratch == 3 * 8192 * 8192  # one byte per entry of the largest, per expert
+    assert ties.scratch - estimate(tensors, 3, "ties", "bfloat16", device="cuda").scratch == 3 * 8192 * 8192
+    assert estimate(tensors, 3, "task_arithmetic", "float32", device="cuda").scratch == bf16.scratch
