@@ -10,6 +10,12 @@ fly and written to a temporary folder. For each dtype and method the table gives
   vs TA       ms/cand / task_arithmetic's ms/cand (target: <= 3 for every method, in each dtype)
   prep s      one-off set-up (load sources, task vectors, sorted magnitudes, random fields),
               shared by the methods that need the same precomputation (listed after the first)
+  eager ms    where the task-arithmetic family runs its compiled formula (operators/fused.py: float32, a
+              model of >= COMPILED_MIN_MODEL entries; MERGESEARCH_FUSED=0/1 forces it off/on), the eager
+              block kernel's time for the same candidate, interleaved with the compiled one's
+  x eager     eager ms / ms/cand (target: >= 1/1.10, i.e. the compiled path is never slower)
+  first s     the first candidate (with the compiled path: the compile, ~1-3 s per formula, more on a
+              cold cache)
 
 and, for fp32, the time of mergekit-yaml (CLI, subprocess) and of mergekit's in-process
 run_merge for the same recipe, with our speed-up (targets: >= 20x and >= 5x).
@@ -47,6 +53,7 @@ ADD_SHARE_METHODS = ("linear", "task_arithmetic")  # ... for these methods
 VS_TA_TARGET = 3.0  # ms/cand / task_arithmetic's ms/cand, at most, in each dtype ...
 VS_TA_METHODS = ("linear", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della",
                  "della_linear", "slerp", "model_stock")  # ... for every method (issue 18)
+VS_EAGER_TARGET = 1.10  # compiled s / eager s, at most, same run (the eager kernel was the path before issue 18)
 CLI_SPEEDUP_TARGET = 20.0  # mergekit-yaml s / our s per candidate, at least (fp32)
 RUN_MERGE_SPEEDUP_TARGET = 5.0  # mergekit's in-process run_merge s / our s, at least (fp32)
 
@@ -154,19 +161,37 @@ class _Materializers:
         return self.m, prep
 
 
-def time_ours(mats: _Materializers, method: str, repeat: int, budget_s: float = 8.0) -> tuple[float, float]:
+def time_ours(mats: _Materializers, method: str, repeat: int,
+              budget_s: float = 8.0) -> tuple[float, float, float | None, float]:
+    """(median s per candidate, prep s, the eager kernel's median s or None, the first candidate's s).
+
+    Where the materialiser's policy merges this method with the compiled formula (operators/fused.py: float32
+    chunks of large models), the eager kernel is timed too, interleaved candidate by candidate with the
+    compiled one so that both see the same machine load; the first candidate's time includes the compile."""
+    from mergesearch import operators
     from mergesearch.recipe import recipe_from_dict
 
     m, prep = mats.get(method)
     recipe = recipe_from_dict(mergekit_recipe(method, mats.base, mats.experts, mats.dtype))
     plan = recipe.to_plan(m.tensors, m.num_layers)
-    m.materialize(plan)  # warm-up: grows scratch buffers
-    times: list[float] = []
-    while len(times) < repeat and sum(times) < budget_s:  # slow methods get fewer repeats
-        t0 = time.perf_counter()
-        m.materialize(plan)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), prep
+    policy = m.scratch.compiled_min
+    both = policy is not None and operators.get(method).kernel.__module__.endswith(".task_arithmetic")
+    t0 = time.perf_counter()
+    m.materialize(plan)  # warm-up: grows scratch buffers, compiles the formula
+    first = time.perf_counter() - t0
+    times: dict[int | None, list[float]] = {policy: [], None: []}
+    paths = (policy, None) if both else (policy,)
+    if both:
+        m.scratch.compiled_min = None
+        m.materialize(plan)  # the eager kernel's warm-up
+    while len(times[policy]) < repeat and sum(map(sum, times.values())) < budget_s:  # slow methods: fewer
+        for path in paths:
+            m.scratch.compiled_min = path
+            t0 = time.perf_counter()
+            m.materialize(plan)
+            times[path].append(time.perf_counter() - t0)
+    m.scratch.compiled_min = policy
+    return (statistics.median(times[policy]), prep, statistics.median(times[None]) if both else None, first)
 
 
 def time_mergekit(method: str, base: Path, experts: Sequence[Path], root: Path) -> tuple[float, float]:
@@ -228,17 +253,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             add_bw = add_bandwidth(n_params, dt, max(3, args.repeat))
             print(f"\n{dtype}: model {model_bytes / 1e9:.2f} GB; torch.add(out=) streams {add_bw:.1f} GB/s")
             print(f"{'method':18s} {'ms/cand':>9s} {'GB/s':>7s} {'add GB/s':>9s} {'vs add':>7s} {'vs TA':>6s} "
-                  f"{'prep s':>7s}")
+                  f"{'prep s':>7s} {'eager ms':>9s} {'x eager':>8s} {'first s':>8s}")
             mats = _Materializers(base, experts, dtype)
             for method in (methods if dtype == "float32" else [m for m in methods if m in bf16_methods]):
-                sec, prep = time_ours(mats, method, args.repeat)
+                sec, prep, eager, first = time_ours(mats, method, args.repeat)
                 ours[(dtype, method)] = (sec, prep)
                 n_in = 2 if method == "slerp" else len(experts)
                 gbs = (n_in + 2) * model_bytes / sec / 1e9
                 ta = ours.get((dtype, "task_arithmetic"))
                 vs_ta = f"{sec / ta[0]:6.2f}" if ta else f"{'-':>6s}"
+                vs_eager = (f"{eager * 1e3:9.1f} {eager / sec:8.2f}" if eager is not None
+                            else f"{'-':>9s} {'-':>8s}")
                 print(f"{method:18s} {sec * 1e3:9.1f} {gbs:7.1f} {add_bw:9.1f} {gbs / add_bw:7.2f} {vs_ta} "
-                      f"{prep:7.1f}", flush=True)
+                      f"{prep:7.1f} {vs_eager} {first:8.1f}", flush=True)
+                if eager is not None:
+                    checks.check(f"{method} {dtype}: the compiled formula takes {sec / eager:.2f}x the eager "
+                                 f"kernel's time (target <= {VS_EAGER_TARGET:g}: nothing slower than before)",
+                                 sec <= VS_EAGER_TARGET * eager)
                 if dtype == "float32" and method in ADD_SHARE_METHODS:
                     checks.check(f"{method} {dtype}: {gbs / add_bw:.2f} of torch.add bandwidth "
                                  f"(target >= {ADD_SHARE_TARGET:g})", gbs / add_bw >= ADD_SHARE_TARGET)

@@ -7,9 +7,7 @@ What the materialiser, evaluator and fit hold on the merge device, in bytes:
              uniforms and row ranks float32); with streaming they stay in host memory and only the
              largest tensor's are on the device at a time
   model      the one preallocated model the candidates are written into
-  scratch    the kernels' reusable buffers: a dozen blocks of min(largest chunk, the device's block), and
-             where the compiled formula rescales (operators/fused.py), one byte per entry of the largest
-             tensor per expert (the kept masks)
+  scratch    the kernels' reusable buffers: a dozen blocks of min(largest chunk, the device's block)
   evaluator  one batch: logits (batch x tokens x vocab, float32) and the hidden states of a layer
   fit        with a fit: one gradient at a time, activations kept for the backward pass, and the
              linear parts of methods whose parts are not the task vectors themselves
@@ -71,10 +69,6 @@ def estimate(tensors: Sequence[TensorInfo], n_experts: int, method: str, dtype: 
     resident = n * per_entry
     block = operators.block_entries(device)
     scratch = SCRATCH_BUFFERS * min(largest, block) * 4
-    op = operators.get(method)
-    if ("rescale" in op.param_names and parse_dtype(dtype) in operators.COMPILED_DTYPES
-            and operators.compiled_min_entries(device, None, n) is not None):
-        scratch += n_experts * largest
     if vocab is None or hidden is None:  # from the embedding: (vocab, hidden)
         emb = max(floats, key=lambda t: t.numel if len(t.shape) == 2 else 0, default=None)
         vocab, hidden = (emb.shape[0], emb.shape[1]) if emb is not None and len(emb.shape) == 2 else (1, 1)

@@ -35,11 +35,8 @@ def _mask(kind: str, srcs: list[torch.Tensor], lim: torch.Tensor, dtype: torch.d
     """One expert's 0/1 keep mask in `dtype`: what task_arithmetic's _Keep.mask writes, as a formula.
 
     kind "magnitude": srcs = [rank] (int), lim = (2,) rank bounds [lo, hi); "random": srcs = [u], lim = (1,)
-    keep probability; "della": srcs = [u, rn], lim = (2,) slope, offset; "mask": srcs = [the uint8 mask the
-    L1 pass wrote]. Dense experts get bounds that keep all, empty ones bounds that keep none.
+    keep probability; "della": srcs = [u, rn], lim = (2,) slope, offset. Dense experts get bounds that keep all, empty ones bounds that keep none.
     """
-    if kind == "mask":
-        return srcs[0].to(dtype)
     if kind == "magnitude":
         keep = (srcs[0] >= lim[0]) & (srcs[0] < lim[1])
     elif kind == "random":
@@ -86,16 +83,12 @@ def _merge(kind: str, consensus: bool, normalize: bool, out, b, ds, srcs, lim, f
         out.copy_(b + mixed * lam)
 
 
-def _kept_l1(kind: str, d, srcs, lim, mask) -> torch.Tensor:
-    """() float64: one expert's L1 norm over the entries it keeps; its 0/1 mask written into `mask` (uint8),
-    so that the merge pass reads one byte per entry instead of the mask's sources (4-8 bytes).
+def _kept_l1(kind: str, d, srcs, lim) -> torch.Tensor:
+    """() float64: one expert's L1 norm over the entries it keeps.
 
-    All (rows, cols) views: a sum per row, then of the rows, lets inductor write the mask in the loop that
-    sums (a sum straight to a scalar became two loops, reading the sources twice). One expert per call: several
-    float64 reductions in one graph compiled to a slower kernel."""
-    m = _mask(kind, srcs, lim, d.dtype)
-    mask.copy_(m.to(torch.uint8))
-    return (d.abs() * m).sum(dim=1, dtype=torch.float64).sum()
+    (rows, cols) views, a sum per row, then of the rows. One expert per call: several float64 reductions in
+    one graph compiled to a slower kernel."""
+    return (d.abs() * _mask(kind, srcs, lim, d.dtype)).sum(dim=1, dtype=torch.float64).sum()
 
 
 @functools.cache
@@ -153,7 +146,7 @@ def merge(kind: str, consensus: bool, normalize: bool, out, b, ds, srcs, lim, fc
     return _call(("merge", kind, consensus, normalize), b, out, b, ds, srcs, lim, fc, w, lam)[0]
 
 
-def kept_l1(kind: str, d, srcs, lim, mask) -> torch.Tensor | None:
-    """() float64 L1 norm of one expert's kept entries, its mask written into `mask` (see `_kept_l1`);
-    None where the compiled formula is unavailable."""
-    return _call(("l1", kind), d, d, srcs, lim, mask)[1]
+def kept_l1(kind: str, d, srcs, lim) -> torch.Tensor | None:
+    """() float64 L1 norm of one expert's kept entries (see `_kept_l1`); None where the compiled formula is
+    unavailable."""
+    return _call(("l1", kind), d, d, srcs, lim)[1]

@@ -444,20 +444,16 @@ def _merge_compiled(kind: str, rules: _Rules, o, b, ds, state, scratch: Scratch,
                            dtype=srcs[0][0].dtype if form == "magnitude" else torch.float32, device=dev)
     coef = torch.tensor([rules.coef.get(e, 0.0) for e in range(n_exp)], dtype=torch.float32, device=dev)
     if rules.rescaled:
-        # The L1 pass writes each expert's mask as one byte per entry, which the merge pass then reads
-        # instead of the mask's sources (ranks, random fields: 4-8 bytes per entry).
+        # A first pass per expert sums its kept L1; the merge pass then decides the masks again from their
+        # sources. Writing the masks in the first pass (one byte per entry) to read them in the second moved
+        # more bytes on a CPU: inductor stored them in a loop of their own, which read the sources again.
         kept = torch.zeros(n_exp, dtype=torch.float64, device=dev)
-        masks = []
-        for e in range(n_exp):
-            mask = scratch.get(f"mask{e}", b, torch.uint8)
-            l1 = fused.kept_l1(form, ds[e].view(rows, -1), [t.view(rows, -1) for t in srcs[e]], lim[e],
-                               mask.view(rows, -1))
+        for e in rules.rescaled:
+            l1 = fused.kept_l1(form, ds[e].view(rows, -1), [t.view(rows, -1) for t in srcs[e]], lim[e])
             if l1 is None:
                 return False
             kept[e] = l1
-            masks.append([mask])
         coef = rules.factor_vector(kept, state) * coef  # the eager kernel's (factor * c), in float32
-        form, srcs = "mask", masks
     w = torch.tensor(rules.weight, dtype=torch.float32, device=dev)
     lam = torch.tensor(rules.lam, dtype=b.dtype, device=dev)
     return fused.merge(form, rules.consensus, rules.normalize, o, b, ds, srcs, lim, coef.to(b.dtype), w, lam)
