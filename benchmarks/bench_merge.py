@@ -168,17 +168,18 @@ def time_ours(mats: _Materializers, method: str, repeat: int,
     Where the materialiser's policy merges this method with the compiled formula (operators/fused.py: float32
     chunks of large models), the eager kernel is timed too, interleaved candidate by candidate with the
     compiled one so that both see the same machine load; the first candidate's time includes the compile."""
-    from mergesearch import operators
+    from mergesearch.operators import fused
     from mergesearch.recipe import recipe_from_dict
 
     m, prep = mats.get(method)
     recipe = recipe_from_dict(mergekit_recipe(method, mats.base, mats.experts, mats.dtype))
     plan = recipe.to_plan(m.tensors, m.num_layers)
     policy = m.scratch.compiled_min
-    both = policy is not None and operators.get(method).kernel.__module__.endswith(".task_arithmetic")
+    before = sum(fused.calls.values())
     t0 = time.perf_counter()
     m.materialize(plan)  # warm-up: grows scratch buffers, compiles the formula
     first = time.perf_counter() - t0
+    both = sum(fused.calls.values()) > before  # the policy ran the compiled formula: time the eager one too
     times: dict[int | None, list[float]] = {policy: [], None: []}
     paths = (policy, None) if both else (policy,)
     if both:

@@ -78,7 +78,8 @@ class Materializer:
         # GPU's block to run its arithmetic on a CPU, and `compiled` to force or forbid the compiled formula.
         self.scratch = Scratch(block if block is not None else operators.block_entries(self.device),
                                operators.compiled_min_entries(self.device, compiled,
-                                                              sum(t.numel for t in self.tensors)))
+                                                              sum(t.numel for t in self.tensors)),
+                               operators.compiled_dtypes(self.device))
         self.timer = PhaseTimer()  # where opening went: read_sources, prepare, model (mergesearch.timings)
         with torch.no_grad():
             self._load_sources()

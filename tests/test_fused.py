@@ -109,13 +109,29 @@ def test_a_large_tensor_with_near_zero_votes_elects_the_same_signs(method):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
-def test_bf16_stays_on_the_eager_kernel():
+def test_bf16_stays_on_the_eager_kernel_on_the_cpu():
     base, experts = _sources((64, 64), 2)
     before = sum(fused.calls.values())
     got = merge_tensor("ties", base.bfloat16(), [e.bfloat16() for e in experts], compiled=True, density=0.5)
     assert sum(fused.calls.values()) == before
     want = merge_tensor("ties", base.bfloat16(), [e.bfloat16() for e in experts], compiled=False, density=0.5)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("method", FAMILY)
+def test_the_cuda_policys_compiled_bf16_gives_the_eager_bf16_weights(method, monkeypatch):
+    """CUDA compiles bf16 chunks too: that formula run here on the CPU against the eager bf16 kernel, within two
+    bf16 steps of the weight (rtol 2**-6) or 1e-2. The formula rounds to bf16 wherever the eager kernel writes a
+    bf16 tensor; without that (inductor's default: float32 intermediates), near-zero votes elect other signs and
+    entries move by a whole term (0.3-2.2 here). What remains is the last bit of sums: ATen's vectorised CPU add
+    rounds its alpha to bf16 (0.7 -> 0.69921875) where the formula keeps it in float32, which moves a sum of
+    three terms by up to two bf16 steps."""
+    monkeypatch.setitem(operators.registry.COMPILED_DTYPES, "cpu", (torch.float32, torch.bfloat16))
+    base, experts = _sources((256, 512), 3, seed=5)
+    base, experts = base.bfloat16(), [e.bfloat16() for e in experts]
+    got, want = _both(method, base, experts, seed=2, chunks=2, **_params(method, 3, rescale=1.0)
+                      if "rescale" in operators.get(method).param_names else _params(method, 3))
+    torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -6, atol=1e-2)
 
 
 @pytest.mark.parametrize("method", FAMILY)
@@ -150,6 +166,9 @@ def test_the_policy_compiles_float32_chunks_of_large_models_on_cpu_and_cuda(monk
     assert operators.compiled_min_entries("mps", None, big) is None
     assert operators.compiled_min_entries("cpu", True) == 0
     assert operators.compiled_min_entries("cpu", False, big) is None
+    assert operators.compiled_dtypes("cpu") == (torch.float32,)
+    assert torch.bfloat16 in operators.compiled_dtypes(torch.device("cuda", 1))
+    assert operators.compiled_dtypes("mps") == ()
     monkeypatch.setenv("MERGESEARCH_FUSED", "0")
     assert operators.compiled_min_entries("cpu", True, big) is None
     monkeypatch.setenv("MERGESEARCH_FUSED", "1")
@@ -157,6 +176,9 @@ def test_the_policy_compiles_float32_chunks_of_large_models_on_cpu_and_cuda(monk
     scratch = operators.Scratch(compiled_min=operators.COMPILED_MIN_ENTRIES)
     x = torch.zeros(operators.COMPILED_MIN_ENTRIES)
     assert scratch.compiled(x) and not scratch.compiled(x[1:]) and not scratch.compiled(x.bfloat16())
+    assert operators.Scratch(compiled_min=0, compiled_dtypes=operators.compiled_dtypes("cuda")).compiled(x.bfloat16())
+    # task arithmetic stays on the CPU's eager kernel (as fast) unless forced
+    assert not scratch.compiled(x, plain=True) and operators.Scratch(compiled_min=0).compiled(x, plain=True)
 
 
 def test_the_demo_sized_model_merges_eagerly_by_default(tiny_family, monkeypatch):

@@ -49,23 +49,24 @@ def test_materialize_on_cuda_matches_cpu(method, values, dtype, rtol, atol, tiny
 FAMILY = [(m, v) for m, v in METHODS if operators.get(m).kernel.__module__.endswith(".task_arithmetic")]
 
 
+@pytest.mark.parametrize("dtype, rtol, atol", [("float32", 0.0, 1e-6), ("bfloat16", 2 ** -6, 1e-2)])
 @pytest.mark.parametrize("method, values", FAMILY, ids=[m for m, _ in FAMILY])
-def test_the_compiled_formula_on_cuda_matches_the_cpu(method, values, tiny_family):
+def test_the_compiled_formula_on_cuda_matches_the_cpu(method, values, dtype, rtol, atol, tiny_family):
     """The task-arithmetic family's compiled formula (operators/fused.py: Triton on CUDA), forced on these
-    small tensors, against the CPU's eager kernel and the CPU's compiled formula: float32 within 1e-6, streamed
-    exactly as resident."""
+    small tensors, against the CPU's eager kernel: float32 within 1e-6; bf16 within two bf16 steps (the
+    formula rounds where eager writes bf16; ATen's CPU add rounds its alpha to bf16, tests/test_fused.py).
+    Streamed exactly as resident."""
     from mergesearch.operators import fused
 
     base, experts = tiny_family("llama", 2)
     before = fused.calls.copy()
-    gpu = _merged(base, experts, method, values, device="cuda", compiled=True)
+    gpu = _merged(base, experts, method, values, device="cuda", compiled=True, dtype=dtype)
     assert fused.calls != before, "the compiled formula did not run on CUDA"
-    streamed = _merged(base, experts, method, values, device="cuda", compiled=True, streaming=True)
+    streamed = _merged(base, experts, method, values, device="cuda", compiled=True, streaming=True, dtype=dtype)
     assert all(torch.equal(streamed[k], gpu[k]) for k in gpu)
-    for compiled in (False, True):
-        cpu = _merged(base, experts, method, values, device="cpu", compiled=compiled)
-        for k in cpu:
-            torch.testing.assert_close(gpu[k], cpu[k], rtol=0, atol=1e-6, msg=f"{method} compiled={compiled} {k}")
+    cpu = _merged(base, experts, method, values, device="cpu", compiled=False, dtype=dtype)
+    for k in cpu:
+        torch.testing.assert_close(gpu[k], cpu[k], rtol=rtol, atol=atol, msg=f"{method} {dtype} {k}")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

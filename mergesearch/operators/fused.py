@@ -8,8 +8,9 @@ written but the output. No library offers this merge, so the hot path is hand-wr
 The formula takes the rules `_Rules` decided in task_arithmetic.py (which entries each expert keeps, its
 coefficient, its rescale factor) as tensors, never as Python numbers, so one compiled graph serves every
 candidate: a new density or weight never recompiles. It repeats the eager kernel's arithmetic op for op
-(the same products, the same summation order, fp-contract off), so its elected signs are the eager kernel's
-and its values equal to within float32 rounding; tests/test_fused.py checks that for every method.
+(the same products, the same summation order, bf16/fp16 rounded wherever eager writes them), so its elected
+signs are the eager kernel's and its values equal within float32 rounding (bf16: one bf16 step); tests/test_fused.py checks that
+for every method.
 
 The L1 norms that `rescale` needs are summed in float64 on both paths (the eager kernel per block, this one in
 one reduction): float64 sums in different orders round to the same float32 factor, where float32 sums did not
@@ -46,41 +47,52 @@ def _mask(kind: str, srcs: list[torch.Tensor], lim: torch.Tensor, dtype: torch.d
     return keep.to(dtype)
 
 
-def _merge(kind: str, consensus: bool, normalize: bool, out, b, ds, srcs, lim, fc, w, lam) -> None:
-    """out = the family's merge of one chunk (flat tensors).
+def _merge(kind: str, consensus: bool, normalize: bool, out, b, ds, srcs, lim, fc, rs, w, lam) -> None:
+    """out = the family's merge of one chunk (flat tensors), computed in float32 and rounded to the chunk's
+    dtype (`_round`) wherever the eager kernel writes a bf16/fp16 tensor, so that both elect the same signs.
 
-    srcs: each expert's mask sources (see `_mask`), lim: (E, 2) or (E, 1) their bounds; fc: (E,) each
-    expert's multiplier of its kept entries in the chunk's dtype (consensus: w_e times the rescale factor;
-    otherwise lambda w_e / W times it); w: (E,) float32 weights for the consensus divisor; lam: () lambda.
+    srcs: each expert's mask sources (see `_mask`), lim: (E, 2) or (E, 1) their bounds; fc: (E,) float32 each
+    expert's multiplier of its kept entries (consensus: w_e, times the rescale factor; otherwise lambda w_e / W
+    times it; rescaled ones already rounded to the dtype, as the eager kernel rounds them); rs: (E,) 1 for the
+    rescaled experts, whose terms the eager kernel writes (rounds) before adding them; w: (E,) float32 weights
+    for the consensus divisor; lam: () float32 lambda.
     """
+    dt, f32 = b.dtype, torch.float32
+    base = b.to(f32)
     if kind == "none":  # task arithmetic: nothing dropped
-        terms = [d * fc[e] for e, d in enumerate(ds)]
+        terms = [d.to(f32) * fc[e] for e, d in enumerate(ds)]
     else:
-        terms = [(d * _mask(kind, srcs[e], lim[e], d.dtype)) * fc[e] for e, d in enumerate(ds)]
-    if not consensus:
-        acc = b + terms[0]
-        for t in terms[1:]:
-            acc = acc + t
+        terms = [(d.to(f32) * _mask(kind, srcs[e], lim[e], f32)) * fc[e] for e, d in enumerate(ds)]
+    if not consensus:  # eager: acc = b + c_e t_e, one rounding per add (a rescaled term rounded before)
+        acc = base
+        for e, t in enumerate(terms):
+            acc = _round(acc + torch.where(rs[e] > 0, _round(t, dt), t), dt)
         out.copy_(acc)
         return
+    terms = [_round(t, dt) for t in terms]  # eager: the weighted terms are written in the chunk's dtype
     vote = terms[0]
     for t in terms[1:]:
-        vote = vote + t
-    sg = (vote >= 0).to(b.dtype) * 2.0 - 1.0
+        vote = _round(vote + t, dt)
+    sg = (vote >= 0).to(f32) * 2.0 - 1.0
     mixed = None
     divisor = None
     for e, t in enumerate(terms):
         a = torch.clamp_min(t * sg, 0)
-        mixed = a if mixed is None else mixed + a
+        mixed = a if mixed is None else _round(mixed + a, dt)
         if normalize:
-            k = (a > 0).to(b.dtype) * w[e]
-            divisor = k if divisor is None else divisor + k
+            k = (a > 0).to(f32) * w[e]
+            divisor = _round(k if divisor is None else divisor + k, dt)
     mixed = mixed * sg
     if normalize:
-        divisor = divisor + (divisor == 0).to(b.dtype)
-        out.copy_(b + lam * mixed / divisor)  # addcdiv's (value * t1) / t2
+        divisor = divisor + (divisor == 0).to(f32)
+        out.copy_(base + lam * mixed / divisor)  # addcdiv's (value * t1) / t2, one rounding
     else:
-        out.copy_(b + mixed * lam)
+        out.copy_(base + mixed * lam)
+
+
+def _round(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x (float32) rounded to `dtype` and back: what writing it into a `dtype` tensor does (none for float32)."""
+    return x if dtype == torch.float32 else x.to(dtype).to(torch.float32)
 
 
 def _kept_l1(kind: str, d, srcs, lim) -> torch.Tensor:
@@ -108,7 +120,8 @@ def _compiled(what: str, kind: str, consensus: bool = False, normalize: bool = F
     name = f"_{what}_{kind}_{int(consensus)}{int(normalize)}"
     own = types.FunctionType(formula.__code__.replace(co_name=name, co_qualname=name), formula.__globals__, name,
                              formula.__defaults__, formula.__closure__)
-    return torch.compile(own, dynamic=True, fullgraph=True)
+    # emulate_precision_casts: inductor otherwise drops a cast to bf16 and back (`_round`) inside a fused kernel.
+    return torch.compile(own, dynamic=True, fullgraph=True, options={"emulate_precision_casts": True})
 
 
 _GRAPHS = 128  # compiled graphs kept, all formulas together
@@ -141,9 +154,9 @@ def _call(key: tuple, sample: torch.Tensor, *args) -> tuple[bool, object]:
         return False, None
 
 
-def merge(kind: str, consensus: bool, normalize: bool, out, b, ds, srcs, lim, fc, w, lam) -> bool:
+def merge(kind: str, consensus: bool, normalize: bool, out, b, ds, srcs, lim, fc, rs, w, lam) -> bool:
     """Write the merged chunk into `out` (see `_merge`); False where the compiled formula is unavailable."""
-    return _call(("merge", kind, consensus, normalize), b, out, b, ds, srcs, lim, fc, w, lam)[0]
+    return _call(("merge", kind, consensus, normalize), b, out, b, ds, srcs, lim, fc, rs, w, lam)[0]
 
 
 def kept_l1(kind: str, d, srcs, lim) -> torch.Tensor | None:

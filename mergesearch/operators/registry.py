@@ -242,19 +242,20 @@ def block_entries(device: str | torch.device) -> int:
 
 
 # Which chunks the task-arithmetic family merges with its compiled formula (operators/fused.py, one pass over
-# the sources) instead of the eager block kernel: float32 chunks of at least COMPILED_MIN_ENTRIES, on the CPU
-# and on CUDA, in models of at least COMPILED_MIN_MODEL entries on that device.
-# - bf16/fp16 stay eager: on a CPU the compiled bf16 formula was 2x slower than the eager kernel (it converts
-#   every entry to float32 and back), and compiled bf16 rounds once per formula, not once per op, which would
-#   move elected signs away from the eager kernel's.
+# the sources) instead of the eager block kernel: chunks of at least COMPILED_MIN_ENTRIES in the device's
+# COMPILED_DTYPES, in models of at least COMPILED_MIN_MODEL entries on that device.
+# - bf16/fp16 are compiled on CUDA only. On a CPU the compiled bf16 formula was 2x slower than the eager
+#   kernel (it converts every entry to float32 and back); on a GPU the eager kernel's ~20 launches per block
+#   cost more. The formula rounds to bf16 after each op as eager torch does (emulate_precision_casts), so
+#   that elected signs stay the eager kernel's (within one bf16 step, tests/test_fused.py).
 # - Below COMPILED_MIN_ENTRIES the call's fixed cost (guards, the candidate's parameters as tensors) is more
 #   than the work.
 # - Below COMPILED_MIN_MODEL the compile (1-3 s per formula, ~20 s for a process's first on a cold cache) costs
 #   more than a study saves: a TIES candidate of a 134M model saves ~0.35 s on 2 CPU threads, one of a 16M
 #   model ~0.04 s. GPUs save more per entry (one kernel instead of ~20 launches per block).
-# MERGESEARCH_FUSED=0 runs the eager kernel everywhere; MERGESEARCH_FUSED=1 compiles every float32 chunk of
-# any model (benchmarks: the two paths side by side).
-COMPILED_DTYPES = (torch.float32,)
+# MERGESEARCH_FUSED=0 runs the eager kernel everywhere; MERGESEARCH_FUSED=1 compiles every chunk of any model
+# in the device's dtypes (benchmarks: the two paths side by side).
+COMPILED_DTYPES = {"cpu": (torch.float32,), "cuda": (torch.float32, torch.bfloat16, torch.float16)}
 COMPILED_MIN_ENTRIES = 1 << 16
 COMPILED_MIN_MODEL = {"cpu": 1 << 26, "cuda": 1 << 24}  # 67M entries (268 MB float32); 16.8M
 
@@ -275,6 +276,11 @@ def compiled_min_entries(device: str | torch.device, compiled: bool | None = Non
     return COMPILED_MIN_ENTRIES if floor is not None and model_entries >= floor else None
 
 
+def compiled_dtypes(device: str | torch.device) -> tuple[torch.dtype, ...]:
+    """The dtypes the compiled formula merges on `device` (COMPILED_DTYPES; none on other devices)."""
+    return COMPILED_DTYPES.get(torch.device(device).type, ())
+
+
 class Scratch:
     """Reusable flat buffers keyed by slot name, grown on demand, so kernels allocate nothing; and the
     block size kernels walk a chunk in (`block_entries` of the device they run on).
@@ -284,20 +290,28 @@ class Scratch:
     does no allocation.
     """
 
-    def __init__(self, block: int = BLOCK_ENTRIES["cpu"], compiled_min: int | None = None) -> None:
+    def __init__(self, block: int = BLOCK_ENTRIES["cpu"], compiled_min: int | None = None,
+                 compiled_dtypes: Sequence[torch.dtype] = COMPILED_DTYPES["cpu"]) -> None:
         if block < 1:
             raise ValueError(f"block must be >= 1 entries, got {block}")
         self.block = block
         self.compiled_min = compiled_min  # `compiled_min_entries` of the device: chunks this large run compiled
+        self.compiled_dtypes = tuple(compiled_dtypes)  # ... in these dtypes (COMPILED_DTYPES of the device)
         self._bufs: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
         # The views handed out, by slot and shape: a candidate asks for the same few shapes every time, and
         # making a view costs more than the elementwise op on a small tensor (launch-bound GPUs, small models).
         self._views: dict[tuple, torch.Tensor] = {}
 
-    def compiled(self, chunk: torch.Tensor) -> bool:
-        """Whether the family's compiled formula merges `chunk` (the policy: `compiled_min_entries`)."""
-        return (self.compiled_min is not None and chunk.numel() >= self.compiled_min
-                and chunk.dtype in COMPILED_DTYPES)
+    def compiled(self, chunk: torch.Tensor, plain: bool = False) -> bool:
+        """Whether the family's compiled formula merges `chunk` (the policy: `compiled_min_entries`).
+
+        `plain`: task arithmetic at this chunk. The CPU's eager kernel adds whole chunks as fast (the compiled
+        one took 1.1x its time), so there it stays eager unless the formula is forced (compiled_min 0)."""
+        if self.compiled_min is None or chunk.dtype not in self.compiled_dtypes:
+            return False
+        if plain and chunk.device.type == "cpu" and self.compiled_min > 0:
+            return False
+        return chunk.numel() >= self.compiled_min
 
     def get(self, slot: str, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         dtype = dtype or like.dtype
@@ -383,7 +397,7 @@ def merge_tensor(method: str, base: torch.Tensor, experts: Sequence[torch.Tensor
                     raise OperatorError(f"{method}: parameter {p.name}={v} is outside [{p.low}, {p.high}]")
     gen = torch.Generator().manual_seed(seed)
     scratch = Scratch(block if block is not None else block_entries(base.device),
-                      compiled_min_entries(base.device, compiled, base.numel()))
+                      compiled_min_entries(base.device, compiled, base.numel()), compiled_dtypes(base.device))
     for c, (lo, hi) in enumerate(bounds):
         if base.dim():
             b, ds, o = base[lo:hi], [d[lo:hi] for d in deltas], out[lo:hi]

@@ -453,10 +453,13 @@ def _merge_compiled(kind: str, rules: _Rules, o, b, ds, state, scratch: Scratch,
             if l1 is None:
                 return False
             kept[e] = l1
-        coef = rules.factor_vector(kept, state) * coef  # the eager kernel's (factor * c), in float32
+        coef = rules.factor_vector(kept, state) * coef  # the eager kernel's (factor * c), in float32 ...
+    rs = torch.tensor([float(e in rules.rescaled) for e in range(n_exp)], device=dev)
+    if rules.rescaled:
+        coef = torch.where(rs > 0, coef.to(b.dtype).float(), coef)  # ... rounded to the dtype, as it rounds it
     w = torch.tensor(rules.weight, dtype=torch.float32, device=dev)
-    lam = torch.tensor(rules.lam, dtype=b.dtype, device=dev)
-    return fused.merge(form, rules.consensus, rules.normalize, o, b, ds, srcs, lim, coef.to(b.dtype), w, lam)
+    lam = torch.tensor(rules.lam, dtype=torch.float32, device=dev)
+    return fused.merge(form, rules.consensus, rules.normalize, o, b, ds, srcs, lim, coef, rs, w, lam)
 
 
 def _make_kernel(kind: str, consensus: bool):
@@ -468,8 +471,8 @@ def _make_kernel(kind: str, consensus: bool):
         if not rules.live:
             o.copy_(b)
             return
-        if scratch.compiled(b) and _merge_compiled("none" if rules.plain else kind, rules, o, b, ds, state,
-                                                                   scratch, base.shape[0] if base.dim() > 1 else 1):
+        if scratch.compiled(b, rules.plain) and _merge_compiled("none" if rules.plain else kind, rules, o, b, ds,
+                                                                state, scratch, base.shape[0] if base.dim() > 1 else 1):
             return
         if rules.plain:  # task arithmetic: whole-chunk streaming adds on every device
             _merge_block(rules, o, b, ds, 0, n, state, scratch, {})
