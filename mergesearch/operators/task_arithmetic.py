@@ -319,7 +319,7 @@ class _Rules:
         before = torch.stack(state["l1"]).to(torch.float64)
         small = (before < _RESCALE_EPS) | (kept_l1 < _RESCALE_EPS)
         f = torch.where(small, torch.ones_like(kept_l1), before / kept_l1.clamp_min(_RESCALE_EPS))
-        on = torch.tensor([e in self.rescaled for e in range(len(self.keep))], device=f.device)
+        on = _on_device([e in self.rescaled for e in range(len(self.keep))], torch.bool, f.device)
         return torch.where(on, f, torch.ones_like(f)).float()
 
     def rescale_factors(self, ds, state, scratch: Scratch, block: int) -> dict[int, torch.Tensor]:
@@ -428,6 +428,14 @@ def _merge_block(rules: _Rules, ob, bb, ds, lo, hi, state, scratch: Scratch, fac
         torch.add(bb, mixed, alpha=rules.lam, out=ob)
 
 
+def _on_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small tensor of Python values on `device` without waiting for the device: made on the host and copied
+    non_blocking. A blocking copy from pageable memory synchronises the stream, which would make the host wait
+    for every kernel queued before it, several times per chunk; a non-blocking one is staged at once, so the
+    host tensor may go."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
 def _merge_compiled(kind: str, rules: _Rules, o, b, ds, state, scratch: Scratch, rows: int) -> bool:
     """Write the merged chunk into o with the compiled formula (operators/fused.py): the same rules, one pass
     over the sources (with `rescale`, a first pass per expert for its kept L1). False where it cannot compile
@@ -440,9 +448,14 @@ def _merge_compiled(kind: str, rules: _Rules, o, b, ds, state, scratch: Scratch,
     else:
         srcs = [[state["rank"][e]] if form == "magnitude" else [state["u"][e]] if form == "random"
                 else [state["u"][e], state["rn"][e]] for e in range(n_exp)]
-        lim = torch.tensor([rules.keep[e].limits(form, n) for e in range(n_exp)],  # (E, 2) or (E, 1)
-                           dtype=srcs[0][0].dtype if form == "magnitude" else torch.float32, device=dev)
-    coef = torch.tensor([rules.coef.get(e, 0.0) for e in range(n_exp)], dtype=torch.float32, device=dev)
+        lim = _on_device([rules.keep[e].limits(form, n) for e in range(n_exp)],  # (E, 2) or (E, 1)
+                         srcs[0][0].dtype if form == "magnitude" else torch.float32, dev)
+    # The candidate's numbers in one copy: coefficients, rescaled flags, weights, lambda.
+    numbers = _on_device([rules.coef.get(e, 0.0) for e in range(n_exp)]
+                         + [float(e in rules.rescaled) for e in range(n_exp)] + list(rules.weight) + [rules.lam],
+                         torch.float32, dev)
+    coef, rs, w, lam = (numbers[:n_exp], numbers[n_exp:2 * n_exp], numbers[2 * n_exp:3 * n_exp],
+                        numbers[3 * n_exp])
     if rules.rescaled:
         # A first pass per expert sums its kept L1; the merge pass then decides the masks again from their
         # sources. Writing the masks in the first pass (one byte per entry) to read them in the second moved
@@ -454,11 +467,7 @@ def _merge_compiled(kind: str, rules: _Rules, o, b, ds, state, scratch: Scratch,
                 return False
             kept[e] = l1
         coef = rules.factor_vector(kept, state) * coef  # the eager kernel's (factor * c), in float32 ...
-    rs = torch.tensor([float(e in rules.rescaled) for e in range(n_exp)], device=dev)
-    if rules.rescaled:
         coef = torch.where(rs > 0, coef.to(b.dtype).float(), coef)  # ... rounded to the dtype, as it rounds it
-    w = torch.tensor(rules.weight, dtype=torch.float32, device=dev)
-    lam = torch.tensor(rules.lam, dtype=torch.float32, device=dev)
     return fused.merge(form, rules.consensus, rules.normalize, o, b, ds, srcs, lim, coef, rs, w, lam)
 
 
