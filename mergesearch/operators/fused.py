@@ -95,12 +95,13 @@ def _round(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x if dtype == torch.float32 else x.to(dtype).to(torch.float32)
 
 
-def _kept_l1(kind: str, d, srcs, lim) -> torch.Tensor:
-    """() float64: one expert's L1 norm over the entries it keeps.
+def _kept_l1(kind: str, ds, srcs, lim) -> torch.Tensor:
+    """(E,) float64: each given expert's L1 norm over the entries it keeps (ds, srcs, lim: those experts').
 
-    (rows, cols) views, a sum per row, then of the rows. One expert per call: several float64 reductions in
-    one graph compiled to a slower kernel."""
-    return (d.abs() * _mask(kind, srcs, lim, d.dtype)).sum(dim=1, dtype=torch.float64).sum()
+    (rows, cols) views, a sum per row, then of the rows. All experts in one call: on a GPU each call costs
+    more host time (guards, the wrapper) than the kernel of a mid-sized tensor."""
+    return torch.stack([(d.abs() * _mask(kind, srcs[e], lim[e], d.dtype)).sum(dim=1, dtype=torch.float64).sum()
+                        for e, d in enumerate(ds)])
 
 
 @functools.cache
@@ -159,7 +160,7 @@ def merge(kind: str, consensus: bool, normalize: bool, out, b, ds, srcs, lim, fc
     return _call(("merge", kind, consensus, normalize), b, out, b, ds, srcs, lim, fc, rs, w, lam)[0]
 
 
-def kept_l1(kind: str, d, srcs, lim) -> torch.Tensor | None:
-    """() float64 L1 norm of one expert's kept entries (see `_kept_l1`); None where the compiled formula is
-    unavailable."""
-    return _call(("l1", kind), d, d, srcs, lim)[1]
+def kept_l1(kind: str, ds, srcs, lim) -> torch.Tensor | None:
+    """(E,) float64 L1 norms of the given experts' kept entries (see `_kept_l1`); None where the compiled
+    formula is unavailable."""
+    return _call(("l1", kind), ds[0], ds, srcs, lim)[1]

@@ -457,15 +457,17 @@ def _merge_compiled(kind: str, rules: _Rules, o, b, ds, state, scratch: Scratch,
     coef, rs, w, lam = (numbers[:n_exp], numbers[n_exp:2 * n_exp], numbers[2 * n_exp:3 * n_exp],
                         numbers[3 * n_exp])
     if rules.rescaled:
-        # A first pass per expert sums its kept L1; the merge pass then decides the masks again from their
-        # sources. Writing the masks in the first pass (one byte per entry) to read them in the second moved
+        # A first pass sums each rescaled expert's kept L1; the merge pass then decides the masks again from
+        # their sources. Writing the masks in the first pass (one byte per entry) to read them in the second moved
         # more bytes on a CPU: inductor stored them in a loop of their own, which read the sources again.
+        some = rules.rescaled
+        l1 = fused.kept_l1(form, [ds[e].view(rows, -1) for e in some],
+                           [[t.view(rows, -1) for t in srcs[e]] for e in some], [lim[e] for e in some])
+        if l1 is None:
+            return False
         kept = torch.zeros(n_exp, dtype=torch.float64, device=dev)
-        for e in rules.rescaled:
-            l1 = fused.kept_l1(form, ds[e].view(rows, -1), [t.view(rows, -1) for t in srcs[e]], lim[e])
-            if l1 is None:
-                return False
-            kept[e] = l1
+        for i, e in enumerate(some):  # plain indexing: a list index would be copied to the device blocking
+            kept[e] = l1[i]
         coef = rules.factor_vector(kept, state) * coef  # the eager kernel's (factor * c), in float32 ...
         coef = torch.where(rs > 0, coef.to(b.dtype).float(), coef)  # ... rounded to the dtype, as it rounds it
     return fused.merge(form, rules.consensus, rules.normalize, o, b, ds, srcs, lim, coef, rs, w, lam)
