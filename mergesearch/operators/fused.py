@@ -32,26 +32,89 @@ import torch
 log = logging.getLogger(__name__)
 
 
-def _mask(kind: str, srcs: list[torch.Tensor], lim: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """One expert's 0/1 keep mask in `dtype`: what task_arithmetic's _Keep.mask writes, as a formula.
+class Sparsifier:
+    """One kind of sparsification as a formula: which of the method's prepared per-entry state it reads
+    (`sources`, keys of `state`, one tensor per expert each) and which entries it keeps within per-expert
+    bounds (`lim`: task_arithmetic's `_Keep.limits`). Dense and empty experts get bounds that keep all or none,
+    so one compiled graph serves every expert of a chunk."""
 
-    kind "magnitude": srcs = [rank] (int), lim = (2,) rank bounds [lo, hi); "random": srcs = [u], lim = (1,)
-    keep probability; "della": srcs = [u, rn], lim = (2,) slope, offset. Dense experts get bounds that keep all, empty ones bounds that keep none.
-    """
-    if kind == "magnitude":
-        keep = (srcs[0] >= lim[0]) & (srcs[0] < lim[1])
-    elif kind == "random":
-        keep = srcs[0] < lim[0]
-    else:  # della: u < rn * slope + offset, two float32 roundings as the eager kernel's mul then add_
-        keep = srcs[0] < (srcs[1] * lim[0] + lim[1])
-    return keep.to(dtype)
+    sources: tuple[str, ...] = ()
+    integer = False  # bounds in the sources' integer dtype (ranks), else float32
+
+    def keep(self, srcs: list[torch.Tensor], lim: torch.Tensor) -> torch.Tensor | None:
+        """(n,) bool: the kept entries of one expert; None: every entry (nothing is dropped)."""
+        return None
+
+    def keep_all(self, n: int) -> tuple[float, ...]:
+        raise NotImplementedError
+
+    def keep_none(self) -> tuple[float, ...]:
+        raise NotImplementedError
 
 
-def _merge(kind: str, consensus: bool, normalize: bool, out, b, ds, srcs, lim, fc, rs, w, lam) -> None:
+class _Dense(Sparsifier):
+    """Task arithmetic: nothing dropped."""
+
+
+class _Magnitude(Sparsifier):
+    """TIES / breadcrumbs: magnitude ranks in [lo, hi)."""
+
+    sources, integer = ("rank",), True
+
+    def keep(self, srcs, lim):
+        return (srcs[0] >= lim[0]) & (srcs[0] < lim[1])
+
+    def keep_all(self, n):
+        return (0, n)
+
+    def keep_none(self):
+        return (0, 0)
+
+
+class _Random(Sparsifier):
+    """DARE: uniforms below the keep probability."""
+
+    sources = ("u",)
+
+    def keep(self, srcs, lim):
+        return srcs[0] < lim[0]
+
+    def keep_all(self, n):
+        return (2.0,)  # u < 2 always
+
+    def keep_none(self):
+        return (0.0,)
+
+
+class _Della(Sparsifier):
+    """DELLA's MAGPRUNE: u < row rank * slope + offset, two float32 roundings as the eager kernel's mul, add_."""
+
+    sources = ("u", "rn")
+
+    def keep(self, srcs, lim):
+        return srcs[0] < (srcs[1] * lim[0] + lim[1])
+
+    def keep_all(self, n):
+        return (0.0, 2.0)
+
+    def keep_none(self):
+        return (0.0, 0.0)
+
+
+DENSE, MAGNITUDE, RANDOM, DELLA = _Dense(), _Magnitude(), _Random(), _Della()
+
+
+def _masked(sp: Sparsifier, d: torch.Tensor, srcs, lim) -> torch.Tensor:
+    """d (float32) with the entries `sp` drops set to 0."""
+    keep = sp.keep(srcs, lim)
+    return d if keep is None else d * keep.to(d.dtype)
+
+
+def _merge(sp: Sparsifier, consensus: bool, normalize: bool, out, b, ds, srcs, lim, fc, rs, w, lam) -> None:
     """out = the family's merge of one chunk (flat tensors), computed in float32 and rounded to the chunk's
     dtype (`_round`) wherever the eager kernel writes a bf16/fp16 tensor, so that both elect the same signs.
 
-    srcs: each expert's mask sources (see `_mask`), lim: (E, 2) or (E, 1) their bounds; fc: (E,) float32 each
+    srcs: each expert's sources of `sp`, lim: (E, 2) or (E, 1) their bounds; fc: (E,) float32 each
     expert's multiplier of its kept entries (consensus: w_e, times the rescale factor; otherwise lambda w_e / W
     times it; rescaled ones already rounded to the dtype, as the eager kernel rounds them); rs: (E,) 1 for the
     rescaled experts, whose terms the eager kernel writes (rounds) before adding them; w: (E,) float32 weights
@@ -59,10 +122,7 @@ def _merge(kind: str, consensus: bool, normalize: bool, out, b, ds, srcs, lim, f
     """
     dt, f32 = b.dtype, torch.float32
     base = b.to(f32)
-    if kind == "none":  # task arithmetic: nothing dropped
-        terms = [d.to(f32) * fc[e] for e, d in enumerate(ds)]
-    else:
-        terms = [(d.to(f32) * _mask(kind, srcs[e], lim[e], f32)) * fc[e] for e, d in enumerate(ds)]
+    terms = [_masked(sp, d.to(f32), srcs[e], lim[e]) * fc[e] for e, d in enumerate(ds)]
     if not consensus:  # eager: acc = b + c_e t_e, one rounding per add (a rescaled term rounded before)
         acc = base
         for e, t in enumerate(terms):
@@ -95,17 +155,17 @@ def _round(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x if dtype == torch.float32 else x.to(dtype).to(torch.float32)
 
 
-def _kept_l1(kind: str, ds, srcs, lim) -> torch.Tensor:
+def _kept_l1(sp: Sparsifier, ds, srcs, lim) -> torch.Tensor:
     """(E,) float64: each given expert's L1 norm over the entries it keeps (ds, srcs, lim: those experts').
 
     (rows, cols) views, a sum per row, then of the rows. All experts in one call: on a GPU each call costs
     more host time (guards, the wrapper) than the kernel of a mid-sized tensor."""
-    return torch.stack([(d.abs() * _mask(kind, srcs[e], lim[e], d.dtype)).sum(dim=1, dtype=torch.float64).sum()
+    return torch.stack([_masked(sp, d.abs(), srcs[e], lim[e]).sum(dim=1, dtype=torch.float64).sum()
                         for e, d in enumerate(ds)])
 
 
 @functools.cache
-def _compiled(what: str, kind: str, consensus: bool = False, normalize: bool = False):
+def _compiled(what: str, sp: Sparsifier, consensus: bool = False, normalize: bool = False):
     """The compiled formula `what` ("merge" | "l1") for one kind of chunk.
 
     Each gets a code object of its own: dynamo keeps its compiled graphs and their guards per code object
@@ -114,11 +174,11 @@ def _compiled(what: str, kind: str, consensus: bool = False, normalize: bool = F
     """
     if what == "merge":
         def formula(*args):
-            return _merge(kind, consensus, normalize, *args)
+            return _merge(sp, consensus, normalize, *args)
     else:
         def formula(*args):
-            return _kept_l1(kind, *args)
-    name = f"_{what}_{kind}_{int(consensus)}{int(normalize)}"
+            return _kept_l1(sp, *args)
+    name = f"_{what}{type(sp).__name__.lower()}_{int(consensus)}{int(normalize)}"
     own = types.FunctionType(formula.__code__.replace(co_name=name, co_qualname=name), formula.__globals__, name,
                              formula.__defaults__, formula.__closure__)
     # emulate_precision_casts: inductor otherwise drops a cast to bf16 and back (`_round`) inside a fused kernel.
@@ -126,8 +186,8 @@ def _compiled(what: str, kind: str, consensus: bool = False, normalize: bool = F
 
 
 _GRAPHS = 128  # compiled graphs kept, all formulas together
-_BROKEN: set[tuple] = set()  # (what, kind, consensus, normalize, dtype, device type) whose compile failed
-calls: collections.Counter = collections.Counter()  # compiled calls that ran, by (what, kind): tests, benchmarks
+_BROKEN: set[tuple] = set()  # (what, sparsifier, consensus, normalize, dtype, device type) whose compile failed
+calls: collections.Counter = collections.Counter()  # compiled calls that ran, by (what, sparsifier name)
 
 
 def _call(key: tuple, sample: torch.Tensor, *args) -> tuple[bool, object]:
@@ -145,22 +205,22 @@ def _call(key: tuple, sample: torch.Tensor, *args) -> tuple[bool, object]:
         with warnings.catch_warnings(), torch._dynamo.config.patch(recompile_limit=_GRAPHS):
             warnings.simplefilter("ignore")  # inductor's own notices, once per graph
             result = _compiled(*key)(*args)
-        calls[key[:2]] += 1
+        calls[key[0], type(key[1]).__name__] += 1
         return True, result
     except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to the exact eager kernel
         _BROKEN.add(broken_key)
         first = str(exc).splitlines()[0] if str(exc) else ""
         log.warning("the compiled %s formula is unavailable for %s on %s (%s: %s); using the eager kernel",
-                    key[1], sample.dtype, sample.device.type, type(exc).__name__, first)
+                    type(key[1]).__name__.strip("_"), sample.dtype, sample.device.type, type(exc).__name__, first)
         return False, None
 
 
-def merge(kind: str, consensus: bool, normalize: bool, out, b, ds, srcs, lim, fc, rs, w, lam) -> bool:
+def merge(sp: Sparsifier, consensus: bool, normalize: bool, out, b, ds, srcs, lim, fc, rs, w, lam) -> bool:
     """Write the merged chunk into `out` (see `_merge`); False where the compiled formula is unavailable."""
-    return _call(("merge", kind, consensus, normalize), b, out, b, ds, srcs, lim, fc, rs, w, lam)[0]
+    return _call(("merge", sp, consensus, normalize), b, out, b, ds, srcs, lim, fc, rs, w, lam)[0]
 
 
-def kept_l1(kind: str, ds, srcs, lim) -> torch.Tensor | None:
+def kept_l1(sp: Sparsifier, ds, srcs, lim) -> torch.Tensor | None:
     """(E,) float64 L1 norms of the given experts' kept entries (see `_kept_l1`); None where the compiled
     formula is unavailable."""
-    return _call(("l1", kind), ds[0], ds, srcs, lim)[1]
+    return _call(("l1", sp), ds[0], ds, srcs, lim)[1]

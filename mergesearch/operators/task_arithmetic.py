@@ -164,23 +164,24 @@ class _Keep:
         raise NotImplementedError
 
 
-    def limits(self, kind: str, n: int) -> tuple[float, ...]:
-        """This rule as the compiled formula's bounds (operators/fused.py `_mask`) for sparsification `kind`."""
+    def limits(self, sp: fused.Sparsifier, n: int) -> tuple[float, ...]:
+        """This rule as the bounds of the compiled formula's sparsifier `sp` (operators/fused.py) in an n-entry
+        chunk."""
         raise NotImplementedError
 
 
 class _All(_Keep):
     dense = True
 
-    def limits(self, kind, n):
-        return {"magnitude": (0, n), "random": (2.0,), "della": (0.0, 2.0)}[kind]  # u < 2 always
+    def limits(self, sp, n):
+        return sp.keep_all(n)
 
 
 class _Nothing(_Keep):
     empty = True
 
-    def limits(self, kind, n):
-        return {"magnitude": (0, 0), "random": (0.0,), "della": (0.0, 0.0)}[kind]  # u < 0 never
+    def limits(self, sp, n):
+        return sp.keep_none()
 
 
 class _Top(_Keep):
@@ -192,7 +193,7 @@ class _Top(_Keep):
     def mask(self, e, lo, hi, state, scratch, m) -> None:
         torch.lt(state["rank"][e][lo:hi], self.k, out=m)
 
-    def limits(self, kind, n):
+    def limits(self, sp, n):
         return (0, self.k)
 
 
@@ -209,7 +210,7 @@ class _Band(_Keep):
         torch.ge(r, self.lo_rank, out=m2)
         m.mul_(m2)
 
-    def limits(self, kind, n):
+    def limits(self, sp, n):
         return (self.lo_rank, self.hi_rank)
 
 
@@ -222,7 +223,7 @@ class _Random(_Keep):
     def mask(self, e, lo, hi, state, scratch, m) -> None:
         torch.lt(state["u"][e][lo:hi], self.p, out=m)
 
-    def limits(self, kind, n):
+    def limits(self, sp, n):
         return (self.p,)
 
 
@@ -238,7 +239,7 @@ class _Della(_Keep):
         q.add_(self.offset)
         torch.lt(state["u"][e][lo:hi], q, out=m)
 
-    def limits(self, kind, n):
+    def limits(self, sp, n):
         return (self.slope, self.offset)
 
 
@@ -428,6 +429,11 @@ def _merge_block(rules: _Rules, ob, bb, ds, lo, hi, state, scratch: Scratch, fac
         torch.add(bb, mixed, alpha=rules.lam, out=ob)
 
 
+# The compiled formula's sparsifier of each kind ("none": the plain task arithmetic of any kind's chunk).
+_SPARSIFIERS = {"none": fused.DENSE, "magnitude": fused.MAGNITUDE, "outliers": fused.MAGNITUDE,
+                "random": fused.RANDOM, "della": fused.DELLA}
+
+
 def _on_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A small tensor of Python values on `device` without waiting for the device: made on the host and copied
     non_blocking. A blocking copy from pageable memory synchronises the stream, which would make the host wait
@@ -438,18 +444,13 @@ def _on_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.
 
 def _merge_compiled(kind: str, rules: _Rules, o, b, ds, state, scratch: Scratch, rows: int) -> bool:
     """Write the merged chunk into o with the compiled formula (operators/fused.py): the same rules, one pass
-    over the sources (with `rescale`, a first pass per expert for its kept L1). False where it cannot compile
+    over the sources (with `rescale`, a first pass for the rescaled experts' kept L1). False where it cannot compile
     here: the eager kernel's turn. `rows`: the chunk's rows (its flat tensors are viewed as rows x cols)."""
     n, dev, n_exp = b.numel(), b.device, len(ds)
-    form = {"none": "none", "magnitude": "magnitude", "outliers": "magnitude", "random": "random",
-            "della": "della"}[kind]
-    if form == "none":
-        srcs, lim = [[] for _ in ds], torch.zeros(n_exp, 1, device=dev)
-    else:
-        srcs = [[state["rank"][e]] if form == "magnitude" else [state["u"][e]] if form == "random"
-                else [state["u"][e], state["rn"][e]] for e in range(n_exp)]
-        lim = _on_device([rules.keep[e].limits(form, n) for e in range(n_exp)],  # (E, 2) or (E, 1)
-                         srcs[0][0].dtype if form == "magnitude" else torch.float32, dev)
+    sp = _SPARSIFIERS[kind]
+    srcs = [[state[key][e] for key in sp.sources] for e in range(n_exp)]
+    lim = _on_device([rules.keep[e].limits(sp, n) if sp.sources else (0.0,) for e in range(n_exp)],  # (E, k)
+                     srcs[0][0].dtype if sp.integer else torch.float32, dev)
     # The candidate's numbers in one copy: coefficients, rescaled flags, weights, lambda.
     numbers = _on_device([rules.coef.get(e, 0.0) for e in range(n_exp)]
                          + [float(e in rules.rescaled) for e in range(n_exp)] + list(rules.weight) + [rules.lam],
@@ -461,7 +462,7 @@ def _merge_compiled(kind: str, rules: _Rules, o, b, ds, state, scratch: Scratch,
         # their sources. Writing the masks in the first pass (one byte per entry) to read them in the second moved
         # more bytes on a CPU: inductor stored them in a loop of their own, which read the sources again.
         some = rules.rescaled
-        l1 = fused.kept_l1(form, [ds[e].view(rows, -1) for e in some],
+        l1 = fused.kept_l1(sp, [ds[e].view(rows, -1) for e in some],
                            [[t.view(rows, -1) for t in srcs[e]] for e in some], [lim[e] for e in some])
         if l1 is None:
             return False
@@ -470,7 +471,7 @@ def _merge_compiled(kind: str, rules: _Rules, o, b, ds, state, scratch: Scratch,
             kept[e] = l1[i]
         coef = rules.factor_vector(kept, state) * coef  # the eager kernel's (factor * c), in float32 ...
         coef = torch.where(rs > 0, coef.to(b.dtype).float(), coef)  # ... rounded to the dtype, as it rounds it
-    return fused.merge(form, rules.consensus, rules.normalize, o, b, ds, srcs, lim, coef, rs, w, lam)
+    return fused.merge(sp, rules.consensus, rules.normalize, o, b, ds, srcs, lim, coef, rs, w, lam)
 
 
 def _make_kernel(kind: str, consensus: bool):
