@@ -7,8 +7,9 @@
    For each dtype and EVERY method, ms per candidate, GB/s = (experts + 2) x model bytes / time against
    the same run's device add bandwidth (torch.add(a, b, out=c) over the same bytes), and the time
    against task arithmetic's, and where the task-arithmetic family ran its compiled formula
-   (operators/fused.py) the eager block kernel's time beside it; task arithmetic with `streaming` (sources in pinned host memory,
-   (experts + 1) x model bytes copied per candidate) against the same run's pinned host-to-device copy.
+   (operators/fused.py) the eager block kernel's time beside it; task arithmetic with `streaming`
+   (sources in pinned host memory, (experts + 1) x model bytes copied per candidate) against the same
+   run's pinned host-to-device copy.
 3. Evaluator throughput: the calibration evaluator against batched HF `generate` on the same model,
    device, examples and batch size, with identical exact-match decisions per example.
 4. A ~1B study end to end (random Llama, 3 experts, bf16, per-layer task arithmetic, 10 trials, two

@@ -9,8 +9,11 @@ The formula takes the rules `_Rules` decided in task_arithmetic.py (which entrie
 coefficient, its rescale factor) as tensors, never as Python numbers, so one compiled graph serves every
 candidate: a new density or weight never recompiles. It repeats the eager kernel's arithmetic op for op
 (the same products, the same summation order, bf16/fp16 rounded wherever eager writes them), so its elected
-signs are the eager kernel's and its values equal within float32 rounding (bf16: one bf16 step); tests/test_fused.py checks that
-for every method.
+signs are the eager kernel's and its values equal within float32 rounding (bf16: two bf16 steps at most);
+tests/test_fused.py checks that for every method.
+
+Which entries an expert keeps is a `Sparsifier` (one small class per kind: magnitude ranks, DARE's uniforms,
+DELLA's uniforms and row ranks); the formulas are written once for all of them.
 
 The L1 norms that `rescale` needs are summed in float64 on both paths (the eager kernel per block, this one in
 one reduction): float64 sums in different orders round to the same float32 factor, where float32 sums did not
