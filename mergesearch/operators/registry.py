@@ -246,8 +246,8 @@ def block_entries(device: str | torch.device) -> int:
 # COMPILED_DTYPES, in models of at least COMPILED_MIN_MODEL entries on that device.
 # - bf16/fp16 are compiled on CUDA only. On a CPU the compiled bf16 formula was 2x slower than the eager
 #   kernel (it converts every entry to float32 and back); on a GPU the eager kernel's ~20 launches per block
-#   cost more. The formula rounds to bf16 after each op as eager torch does (emulate_precision_casts), so
-#   that elected signs stay the eager kernel's (within one bf16 step, tests/test_fused.py).
+#   cost more. The formula rounds to bf16 wherever the eager kernel writes a bf16 tensor, so that elected
+#   signs stay the eager kernel's (within two bf16 steps, tests/test_fused.py).
 # - Below COMPILED_MIN_ENTRIES the call's fixed cost (guards, the candidate's parameters as tensors) is more
 #   than the work.
 # - Below COMPILED_MIN_MODEL the compile (1-3 s per formula, ~20 s for a process's first on a cold cache) costs
@@ -265,7 +265,8 @@ def compiled_min_entries(device: str | torch.device, compiled: bool | None = Non
     """The smallest chunk (entries) merged by the compiled formula on `device`; None: never.
 
     `compiled`: None follows the policy above for a model of `model_entries` floats; True compiles every
-    float32 chunk, whatever its size (tests: the path a large model takes, on small tensors); False never.
+    chunk in the device's dtypes, whatever its size (tests: the path a large model takes, on small tensors);
+    False never.
     """
     env = os.environ.get("MERGESEARCH_FUSED", "")
     if compiled is False or env == "0":
@@ -376,8 +377,9 @@ def merge_tensor(method: str, base: torch.Tensor, experts: Sequence[torch.Tensor
     lists (per-expert: [expert][chunk]). Example:
         merge_tensor("ties", b, [e1, e2], weight=[0.5, 0.5], density=0.3)
     `block`: entries per kernel block, default the device's policy (`block_entries`); tests pass
-    another device's to run its arithmetic here. `compiled`: the compiled formula for every float32 chunk
-    (True), never (False), or as the device's policy says (None; see `compiled_min_entries`).
+    another device's to run its arithmetic here. `compiled`: the compiled formula for every chunk in the
+    device's compiled dtypes (True), never (False), or as the device's policy says (None; see
+    `compiled_min_entries`).
     """
     op = get(method)
     op.check_experts(len(experts))

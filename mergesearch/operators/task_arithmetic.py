@@ -435,17 +435,18 @@ _SPARSIFIERS = {"none": fused.DENSE, "magnitude": fused.MAGNITUDE, "outliers": f
 
 
 def _on_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small tensor of Python values on `device` without waiting for the device: made on the host and copied
-    non_blocking. A blocking copy from pageable memory synchronises the stream, which would make the host wait
-    for every kernel queued before it, several times per chunk; a non-blocking one is staged at once, so the
-    host tensor may go."""
+    """A small tensor of Python values on `device`, made on the host and copied non_blocking. A blocking copy
+    from pageable memory synchronises the stream (torch's copy_ waits for it), which would make the host wait
+    for every kernel queued before it, several times per chunk. The driver stages a non-blocking pageable copy
+    before it returns, so the host tensor may go; CUDA allows it to wait for the stream first, which small
+    copies usually don't (not yet measured here: no GPU)."""
     return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
 def _merge_compiled(kind: str, rules: _Rules, o, b, ds, state, scratch: Scratch, rows: int) -> bool:
     """Write the merged chunk into o with the compiled formula (operators/fused.py): the same rules, one pass
-    over the sources (with `rescale`, a first pass for the rescaled experts' kept L1). False where it cannot compile
-    here: the eager kernel's turn. `rows`: the chunk's rows (its flat tensors are viewed as rows x cols)."""
+    over the sources (with `rescale`, a first pass for the rescaled experts' kept L1). False where it cannot
+    compile here: the eager kernel's turn. `rows`: the chunk's rows (its flat tensors are viewed as rows x cols)."""
     n, dev, n_exp = b.numel(), b.device, len(ds)
     sp = _SPARSIFIERS[kind]
     srcs = [[state[key][e] for key in sp.sources] for e in range(n_exp)]
