@@ -76,10 +76,8 @@ class Materializer:
                         for t, c in zip(self.tensors, per_tensor_chunks(chunks, len(self.tensors)))]
         # Kernels walk chunks in blocks the device decides (operators.block_entries); tests pass the
         # GPU's block to run its arithmetic on a CPU, and `compiled` to force or forbid the compiled formula.
-        self.scratch = Scratch(block if block is not None else operators.block_entries(self.device),
-                               operators.compiled_min_entries(self.device, compiled,
-                                                              sum(t.numel for t in self.tensors)),
-                               operators.compiled_dtypes(self.device))
+        self.scratch = Scratch.for_device(self.device, block=block, compiled=compiled,
+                                          model_entries=sum(t.numel for t in self.tensors))
         self.timer = PhaseTimer()  # where opening went: read_sources, prepare, model (mergesearch.timings)
         with torch.no_grad():
             self._load_sources()

@@ -303,6 +303,14 @@ class Scratch:
         # making a view costs more than the elementwise op on a small tensor (launch-bound GPUs, small models).
         self._views: dict[tuple, torch.Tensor] = {}
 
+    @classmethod
+    def for_device(cls, device: str | torch.device, *, block: int | None = None, compiled: bool | None = None,
+                   model_entries: int = 0) -> Scratch:
+        """The buffers with `device`'s policies: its block (`block_entries`, or `block`) and which chunks of a
+        model of `model_entries` floats run the compiled formula (`compiled_min_entries`, `compiled_dtypes`)."""
+        return cls(block if block is not None else block_entries(device),
+                   compiled_min_entries(device, compiled, model_entries), compiled_dtypes(device))
+
     def compiled(self, chunk: torch.Tensor, plain: bool = False) -> bool:
         """Whether the family's compiled formula merges `chunk` (the policy: `compiled_min_entries`).
 
@@ -398,8 +406,7 @@ def merge_tensor(method: str, base: torch.Tensor, experts: Sequence[torch.Tensor
                 if not (p.low <= v <= p.high) or math.isnan(v):
                     raise OperatorError(f"{method}: parameter {p.name}={v} is outside [{p.low}, {p.high}]")
     gen = torch.Generator().manual_seed(seed)
-    scratch = Scratch(block if block is not None else block_entries(base.device),
-                      compiled_min_entries(base.device, compiled, base.numel()), compiled_dtypes(base.device))
+    scratch = Scratch.for_device(base.device, block=block, compiled=compiled, model_entries=base.numel())
     for c, (lo, hi) in enumerate(bounds):
         if base.dim():
             b, ds, o = base[lo:hi], [d[lo:hi] for d in deltas], out[lo:hi]

@@ -163,7 +163,6 @@ class _Keep:
         """Write expert e's 0/1 keep mask for flat entries [lo, hi) of the chunk into m."""
         raise NotImplementedError
 
-
     def limits(self, sp: fused.Sparsifier, n: int) -> tuple[float, ...]:
         """This rule as the bounds of the compiled formula's sparsifier `sp` (operators/fused.py) in an n-entry
         chunk."""
@@ -311,17 +310,15 @@ class _Rules:
 
     def factor_vector(self, kept_l1: torch.Tensor, state) -> torch.Tensor:
         """(E,) float32: each rescaled expert's factor that brings its kept entries back to the chunk's L1 norm
-        (mergekit's RescaleNorm.l1: 1 where either norm is below 1e-7), 1 for the other experts.
+        (mergekit's RescaleNorm.l1: 1 where either norm is below 1e-7).
 
-        `kept_l1`: (E,) float64 L1 norms of the kept entries (read for the rescaled experts only). They are
-        summed in float64 on every path (blocks, whole chunk, compiled, any device): sums in another order then
-        round to the same float32 factor, which keeps the elected signs of near-zero votes the same on every
-        path. Computed on the device: no sync."""
+        `kept_l1`: (E,) float64 L1 norms of the kept entries, 0 for the experts that are not rescaled (so
+        their factor is 1). They are summed in float64 on every path (blocks, whole chunk, compiled, any
+        device): sums in another order then round to the same float32 factor, which keeps the elected signs of
+        near-zero votes the same on every path. Computed on the device: no sync."""
         before = torch.stack(state["l1"]).to(torch.float64)
         small = (before < _RESCALE_EPS) | (kept_l1 < _RESCALE_EPS)
-        f = torch.where(small, torch.ones_like(kept_l1), before / kept_l1.clamp_min(_RESCALE_EPS))
-        on = _on_device([e in self.rescaled for e in range(len(self.keep))], torch.bool, f.device)
-        return torch.where(on, f, torch.ones_like(f)).float()
+        return torch.where(small, torch.ones_like(kept_l1), before / kept_l1.clamp_min(_RESCALE_EPS)).float()
 
     def rescale_factors(self, ds, state, scratch: Scratch, block: int) -> dict[int, torch.Tensor]:
         """Per rescaled expert its 0-d factor (`factor_vector`), the kept L1 summed block by block."""
