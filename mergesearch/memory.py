@@ -7,7 +7,9 @@ What the materialiser, evaluator and fit hold on the merge device, in bytes:
              uniforms and row ranks float32); with streaming they stay in host memory and only the
              largest tensor's are on the device at a time
   model      the one preallocated model the candidates are written into
-  scratch    the kernels' reusable buffers: a dozen blocks of min(largest chunk, the device's block)
+  scratch    the kernels' reusable buffers: a dozen blocks of min(largest chunk, the device's block),
+             and for DELLA one buffer per expert the size of the largest tensor in the merge dtype (the
+             compiled formula writes each expert's kept entries there)
   evaluator  one batch: logits (batch x tokens x vocab, float32) and the hidden states of a layer
   fit        with a fit: one gradient at a time, activations kept for the backward pass, and the
              linear parts of methods whose parts are not the task vectors themselves
@@ -65,10 +67,11 @@ def estimate(tensors: Sequence[TensorInfo], n_experts: int, method: str, dtype: 
     floats = [t for t in tensors if t.dtype.is_floating_point]
     n = sum(t.numel for t in floats)
     largest = max((t.numel for t in floats), default=0)
-    per_entry = size * (1 + n_experts) + operators.get(method).state_bytes * n_experts
+    op = operators.get(method)
+    per_entry = size * (1 + n_experts) + op.state_bytes * n_experts
     resident = n * per_entry
     block = operators.block_entries(device)
-    scratch = SCRATCH_BUFFERS * min(largest, block) * 4
+    scratch = SCRATCH_BUFFERS * min(largest, block) * 4 + op.chunk_buffers * n_experts * largest * size
     if vocab is None or hidden is None:  # from the embedding: (vocab, hidden)
         emb = max(floats, key=lambda t: t.numel if len(t.shape) == 2 else 0, default=None)
         vocab, hidden = (emb.shape[0], emb.shape[1]) if emb is not None and len(emb.shape) == 2 else (1, 1)

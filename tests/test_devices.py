@@ -87,6 +87,20 @@ def test_a_7b_model_with_3_experts_fits_80gb_resident_and_a_larger_set_streams()
     assert memory.choose_streaming("auto", five, 0)[0] is True
 
 
+def test_the_della_estimate_counts_the_compiled_formulas_kept_entries():
+    """DELLA's compiled formula writes each expert's kept entries of a chunk into scratch (whole tensors at most):
+    one buffer per expert the size of the largest tensor, in the merge dtype, on top of the blocks."""
+    from mergesearch import memory
+
+    tensors = _llama_tensors(4096, 11008, 32, 32, 32, 32000)
+    largest = max(t.numel for t in tensors)
+    for n_experts, dtype, size in ((3, "bfloat16", 2), (2, "float32", 4)):
+        della = memory.estimate(tensors, n_experts, "della", dtype, device="cuda")
+        dare = memory.estimate(tensors, n_experts, "dare_ties", dtype, device="cuda")
+        assert della.scratch - dare.scratch == n_experts * largest * size
+        assert della.sources - dare.sources == 4 * n_experts * sum(t.numel for t in tensors)  # row ranks
+
+
 def test_the_sources_estimate_is_what_the_materialiser_holds(tiny_family):
     from mergesearch import memory
     from mergesearch.materializer import Materializer

@@ -201,3 +201,21 @@ def test_a_compiler_failure_falls_back_to_the_eager_kernel_once_logged(monkeypat
     assert len(warnings) == 1 and "RuntimeError: no C++ compiler" in warnings[0].getMessage()
     assert "second line" not in warnings[0].getMessage()
     assert torch.equal(got, merge_tensor("dare_ties", base, experts, compiled=False, seed=1, density=0.5))
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "della_linear"])
+def test_the_compiled_formulas_own_sum_still_catches_weights_that_overflow(method, tiny_family):
+    """The compiled formula returns the sum of what it wrote, and the materialiser's NaN/inf check uses it
+    instead of reading the tensor again: an overflow (finite sources, weight 2) must still be refused, by name."""
+    from mergesearch.errors import CandidateError
+
+    base, experts = tiny_family("llama", 2)
+    m = Materializer(base, experts, method, device="cpu", compiled=True)
+    i = next(i for i, t in enumerate(m.tensors) if t.name.endswith("layers.1.mlp.up_proj.weight"))
+    for d in m.sources(i)[1]:
+        d.view(-1)[:64] = 3e38  # finite, but twice it is not
+    params = {"weight": [2.0, 2.0], "density": 1.0} if method != "task_arithmetic" else {"weight": [2.0, 2.0]}
+    before = sum(fused.calls.values())
+    with pytest.raises(CandidateError, match=r"not finite .*layers\.1\.mlp\.up_proj\.weight"):
+        m.materialize(m.plan(**params))
+    assert sum(fused.calls.values()) > before

@@ -15,9 +15,14 @@ tests/test_fused.py checks that for every method.
 Which entries an expert keeps is a `Sparsifier` (one small class per kind: magnitude ranks, DARE's uniforms,
 DELLA's uniforms and row ranks); the formulas are written once for all of them.
 
-The L1 norms that `rescale` needs are summed in float64 on both paths (the eager kernel per block, this one in
-one reduction): float64 sums in different orders round to the same float32 factor, where float32 sums did not
-(a factor one ulp apart flips the elected sign of the rare entries whose vote is ~0).
+With `rescale` (DARE, DELLA) a first pass sums each rescaled expert's kept L1 norm and turns the norms into the
+candidate's coefficients in the same graph; for DELLA it also writes the kept entries into scratch buffers, which
+the merge pass reads instead of the delta, uniforms and row ranks. The norms are summed in float64 on both paths
+(the eager kernel per block, this one in one reduction): float64 sums in different orders round to the same
+float32 factor, where float32 sums did not (a factor one ulp apart flips the elected sign of the rare entries
+whose vote is ~0).
+
+The merge pass also returns the sum of what it wrote, so the materialiser's NaN/inf check reads nothing again.
 
 The policy (which device, dtype, model and chunk size run compiled) is `operators.registry.compiled_min_entries`.
 """
@@ -113,9 +118,10 @@ def _masked(sp: Sparsifier, d: torch.Tensor, srcs, lim) -> torch.Tensor:
     return d if keep is None else d * keep.to(d.dtype)
 
 
-def _merge(sp: Sparsifier, consensus: bool, normalize: bool, out, b, ds, srcs, lim, fc, rs, w, lam) -> None:
+def _merge(sp: Sparsifier, consensus: bool, normalize: bool, out, b, ds, srcs, lim, fc, rs, w, lam) -> torch.Tensor:
     """out = the family's merge of one chunk (flat tensors), computed in float32 and rounded to the chunk's
     dtype (`_round`) wherever the eager kernel writes a bf16/fp16 tensor, so that both elect the same signs.
+    Returns the float32 sum of the written values (in the same loop), which is finite iff they all are.
 
     srcs: each expert's sources of `sp`, lim: (E, 2) or (E, 1) their bounds; fc: (E,) float32 each
     expert's multiplier of its kept entries (consensus: w_e, times the rescale factor; otherwise lambda w_e / W
@@ -130,8 +136,7 @@ def _merge(sp: Sparsifier, consensus: bool, normalize: bool, out, b, ds, srcs, l
         acc = base
         for e, t in enumerate(terms):
             acc = _round(acc + torch.where(rs[e] > 0, _round(t, dt), t), dt)
-        out.copy_(acc)
-        return
+        return _written(out, acc)
     terms = [_round(t, dt) for t in terms]  # eager: the weighted terms are written in the chunk's dtype
     vote = terms[0]
     for t in terms[1:]:
@@ -148,9 +153,15 @@ def _merge(sp: Sparsifier, consensus: bool, normalize: bool, out, b, ds, srcs, l
     mixed = mixed * sg
     if normalize:
         divisor = divisor + (divisor == 0).to(f32)
-        out.copy_(base + lam * mixed / divisor)  # addcdiv's (value * t1) / t2, one rounding
-    else:
-        out.copy_(base + mixed * lam)
+        return _written(out, base + lam * mixed / divisor)  # addcdiv's (value * t1) / t2, one rounding
+    return _written(out, base + mixed * lam)
+
+
+def _written(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Write x (float32) into out and return the float32 sum of what out now holds (x rounded to its dtype: a
+    value past fp16's range is inf there)."""
+    out.copy_(x)
+    return _round(x, out.dtype).sum(dtype=torch.float32)
 
 
 def _round(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -158,18 +169,50 @@ def _round(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x if dtype == torch.float32 else x.to(dtype).to(torch.float32)
 
 
-def _kept_l1(sp: Sparsifier, ds, srcs, lim) -> torch.Tensor:
+def _kept_l1(sp: Sparsifier, kept, ds, srcs, lim) -> torch.Tensor:
     """(E,) float64: each given expert's L1 norm over the entries it keeps (ds, srcs, lim: those experts').
+    With `kept` (a list of buffers like ds), also write each expert's kept entries there (its dropped ones 0),
+    in the chunk's dtype: exact, an entry is d or 0.
 
-    (rows, cols) views, a sum per row, then of the rows. All experts in one call: on a GPU each call costs
-    more host time (guards, the wrapper) than the kernel of a mid-sized tensor."""
-    return torch.stack([_masked(sp, d.abs(), srcs[e], lim[e]).sum(dim=1, dtype=torch.float64).sum()
-                        for e, d in enumerate(ds)])
+    Flat tensors: inductor stores the kept entries in the loop of the expert's own reduction (a full one; it
+    did not fuse a store into a per-row reduction's loop). A mask of one byte per entry was slower on a CPU:
+    inductor wrote it in a loop of its own, which read the sources again. All experts in one call: on a GPU
+    each call costs more host time (guards, the wrapper) than the kernel of a mid-sized tensor."""
+    norms = []
+    for e, d in enumerate(ds):
+        t = _masked(sp, d, srcs[e], lim[e])
+        if kept is not None:
+            kept[e].copy_(t)
+        norms.append(t.abs().sum(dtype=torch.float64))
+    return torch.stack(norms)
+
+
+RESCALE_EPS = 1e-7  # mergekit's rescaled_masked_tensor eps
+
+
+def rescale_factor(before: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """(E,) float32: each expert's factor that brings its kept entries back to its L1 norm (mergekit's
+    RescaleNorm.l1: 1 where either norm is below 1e-7). before, kept: (E,) float64 L1 norms of the whole chunk
+    and of its kept entries (0 for an expert that is not rescaled: factor 1). The eager kernel's rule too."""
+    small = (before < RESCALE_EPS) | (kept < RESCALE_EPS)
+    return torch.where(small, torch.ones_like(kept), before / kept.clamp_min(RESCALE_EPS)).float()
+
+
+def _rescaled_coef(sp: Sparsifier, kept, ds, srcs, lim, before, coef, rs) -> torch.Tensor:
+    """(E,) float32: every expert's coefficient `coef` times its L1 rescale factor, rounded to the chunk's dtype
+    for the rescaled experts (rs > 0), as the eager kernel rounds it. ds, srcs, lim: the rescaled experts' only,
+    in expert order; their kept L1 norms are summed here (`_kept_l1`, which also writes their kept entries into
+    `kept` unless it is None). The factor is computed in the same graph as the norms: no small ops per chunk."""
+    l1 = _kept_l1(sp, kept, ds, srcs, lim)
+    at = (rs.cumsum(0) - 1).clamp_min(0).long()  # expert e's place among the rescaled ones
+    c = rescale_factor(before, torch.where(rs > 0, l1[at], torch.zeros_like(before))) * coef
+    return torch.where(rs > 0, _round(c, ds[0].dtype), c)
 
 
 @functools.cache
-def _compiled(what: str, sp: Sparsifier, consensus: bool = False, normalize: bool = False):
-    """The compiled formula `what` ("merge" | "l1") for one kind of chunk.
+def _compiled(what: str, sp: Sparsifier, *flags: bool):
+    """The compiled formula `what` for one kind of chunk: "merge" (flags: consensus, normalize) or "coef" (flag:
+    whether it writes the kept entries, which the call's arguments say too).
 
     Each gets a code object of its own: dynamo keeps its compiled graphs and their guards per code object
     and checks them one after another on every call, so formulas sharing one (a closure or a partial) made
@@ -177,11 +220,11 @@ def _compiled(what: str, sp: Sparsifier, consensus: bool = False, normalize: boo
     """
     if what == "merge":
         def formula(*args):
-            return _merge(sp, consensus, normalize, *args)
+            return _merge(sp, *flags, *args)
     else:
         def formula(*args):
-            return _kept_l1(sp, *args)
-    name = f"_{what}{type(sp).__name__.lower()}_{int(consensus)}{int(normalize)}"
+            return _rescaled_coef(sp, *args)
+    name = f"_{what}{type(sp).__name__.lower()}_{''.join(str(int(f)) for f in flags)}"
     own = types.FunctionType(formula.__code__.replace(co_name=name, co_qualname=name), formula.__globals__, name,
                              formula.__defaults__, formula.__closure__)
     # emulate_precision_casts: inductor otherwise drops a cast to bf16 and back (`_round`) inside a fused kernel.
@@ -189,7 +232,7 @@ def _compiled(what: str, sp: Sparsifier, consensus: bool = False, normalize: boo
 
 
 _GRAPHS = 128  # compiled graphs kept, all formulas together
-_BROKEN: set[tuple] = set()  # (what, sparsifier, consensus, normalize, dtype, device type) whose compile failed
+_BROKEN: set[tuple] = set()  # (what, sparsifier, *flags, dtype, device type) whose compile failed
 calls: collections.Counter = collections.Counter()  # compiled calls that ran, by (what, sparsifier name)
 
 
@@ -218,12 +261,14 @@ def _call(key: tuple, sample: torch.Tensor, *args) -> tuple[bool, object]:
         return False, None
 
 
-def merge(sp: Sparsifier, consensus: bool, normalize: bool, out, b, ds, srcs, lim, fc, rs, w, lam) -> bool:
-    """Write the merged chunk into `out` (see `_merge`); False where the compiled formula is unavailable."""
-    return _call(("merge", sp, consensus, normalize), b, out, b, ds, srcs, lim, fc, rs, w, lam)[0]
+def merge(sp: Sparsifier, consensus: bool, normalize: bool, out, b, ds, srcs, lim, fc, rs, w, lam
+          ) -> torch.Tensor | None:
+    """Write the merged chunk into `out` and return the float32 sum of what it wrote (see `_merge`); None where
+    the compiled formula is unavailable."""
+    return _call(("merge", sp, consensus, normalize), b, out, b, ds, srcs, lim, fc, rs, w, lam)[1]
 
 
-def kept_l1(sp: Sparsifier, ds, srcs, lim) -> torch.Tensor | None:
-    """(E,) float64 L1 norms of the given experts' kept entries (see `_kept_l1`); None where the compiled
-    formula is unavailable."""
-    return _call(("l1", sp), ds[0], ds, srcs, lim)[1]
+def rescaled_coef(sp: Sparsifier, kept, ds, srcs, lim, before, coef, rs) -> torch.Tensor | None:
+    """(E,) float32 coefficients with the rescaled experts' L1 factors (see `_rescaled_coef`), their kept entries
+    written into `kept` unless it is None; None where the compiled formula is unavailable."""
+    return _call(("coef", sp, kept is not None), ds[0], kept, ds, srcs, lim, before, coef, rs)[1]
