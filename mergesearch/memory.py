@@ -8,8 +8,9 @@ What the materialiser, evaluator and fit hold on the merge device, in bytes:
              largest tensor's are on the device at a time
   model      the one preallocated model the candidates are written into
   scratch    the kernels' reusable buffers: a dozen blocks of min(largest chunk, the device's block),
-             and for DELLA one buffer per expert the size of the largest tensor in the merge dtype (the
-             compiled formula writes each expert's kept entries there)
+             and, for a method that rescales by default (DARE, DELLA) where its compiled formula writes the
+             kept entries (`writes_kept_entries`: DELLA, and DARE in bf16/fp16), one buffer per expert the
+             size of the largest tensor in the merge dtype
   evaluator  one batch: logits (batch x tokens x vocab, float32) and the hidden states of a layer
   fit        with a fit: one gradient at a time, activations kept for the backward pass, and the
              linear parts of methods whose parts are not the task vectors themselves
@@ -28,6 +29,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from mergesearch import operators
+from mergesearch.operators import is_on
+from mergesearch.operators.task_arithmetic import writes_kept_entries
 from mergesearch.checkpoints import TensorInfo, parse_dtype
 
 log = logging.getLogger(__name__)
@@ -71,7 +74,10 @@ def estimate(tensors: Sequence[TensorInfo], n_experts: int, method: str, dtype: 
     per_entry = size * (1 + n_experts) + op.state_bytes * n_experts
     resident = n * per_entry
     block = operators.block_entries(device)
-    scratch = SCRATCH_BUFFERS * min(largest, block) * 4 + op.chunk_buffers * n_experts * largest * size
+    scratch = SCRATCH_BUFFERS * min(largest, block) * 4
+    rescales = "rescale" in op.param_names and is_on(op.param("rescale").default)
+    if rescales and op.state_bytes and writes_kept_entries(op.state_bytes, size):
+        scratch += n_experts * largest * size
     if vocab is None or hidden is None:  # from the embedding: (vocab, hidden)
         emb = max(floats, key=lambda t: t.numel if len(t.shape) == 2 else 0, default=None)
         vocab, hidden = (emb.shape[0], emb.shape[1]) if emb is not None and len(emb.shape) == 2 else (1, 1)

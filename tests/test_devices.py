@@ -87,18 +87,20 @@ def test_a_7b_model_with_3_experts_fits_80gb_resident_and_a_larger_set_streams()
     assert memory.choose_streaming("auto", five, 0)[0] is True
 
 
-def test_the_della_estimate_counts_the_compiled_formulas_kept_entries():
-    """DELLA's compiled formula writes each expert's kept entries of a chunk into scratch (whole tensors at most):
-    one buffer per expert the size of the largest tensor, in the merge dtype, on top of the blocks."""
+def test_the_estimate_counts_the_kept_entries_the_compiled_formula_writes():
+    """DARE/DELLA's compiled first pass writes each expert's kept entries of a chunk into scratch where the mask's
+    sources take more bytes per entry than the delta: one buffer per expert the size of the largest tensor, in
+    the merge dtype, on top of the blocks. TIES (no rescale by default) writes none."""
     from mergesearch import memory
 
     tensors = _llama_tensors(4096, 11008, 32, 32, 32, 32000)
     largest = max(t.numel for t in tensors)
-    for n_experts, dtype, size in ((3, "bfloat16", 2), (2, "float32", 4)):
-        della = memory.estimate(tensors, n_experts, "della", dtype, device="cuda")
+    for n_experts, dtype, size, dare_writes in ((3, "bfloat16", 2, True), (2, "float32", 4, False)):
+        ties = memory.estimate(tensors, n_experts, "ties", dtype, device="cuda")
+        buffers = n_experts * largest * size
+        assert memory.estimate(tensors, n_experts, "della", dtype, device="cuda").scratch - ties.scratch == buffers
         dare = memory.estimate(tensors, n_experts, "dare_ties", dtype, device="cuda")
-        assert della.scratch - dare.scratch == n_experts * largest * size
-        assert della.sources - dare.sources == 4 * n_experts * sum(t.numel for t in tensors)  # row ranks
+        assert dare.scratch - ties.scratch == (buffers if dare_writes else 0)
 
 
 def test_the_sources_estimate_is_what_the_materialiser_holds(tiny_family):

@@ -134,6 +134,26 @@ def test_the_cuda_policys_compiled_bf16_gives_the_eager_bf16_weights(method, mon
     torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -6, atol=1e-2)
 
 
+@pytest.mark.parametrize("method, dtype, writes", [("dare_ties", torch.float32, False),
+                                                    ("dare_ties", torch.bfloat16, True),
+                                                    ("della_linear", torch.float32, True),
+                                                    ("ties", torch.bfloat16, True)])
+def test_the_first_pass_writes_the_kept_entries_where_the_sources_are_wider(method, dtype, writes, monkeypatch):
+    """The rescaled first pass writes the kept entries for the merge pass (instead of its re-reading the delta and
+    the mask's sources) where the sources take more bytes per entry than the delta; both variants give the eager
+    weights (the bf16 ones under the CUDA policy, as above)."""
+    monkeypatch.setitem(operators.registry.COMPILED_DTYPES, "cpu", (torch.float32, torch.bfloat16))
+    base, experts = _sources((256, 512), 3, seed=4)
+    base, experts = base.to(dtype), [e.to(dtype) for e in experts]
+    sp = {"dare_ties": "_Random", "della_linear": "_Della", "ties": "_Magnitude"}[method]
+    before = fused.calls.copy()
+    got, want = _both(method, base, experts, seed=2, chunks=2, **_params(method, 3, rescale=1.0))
+    ran = fused.calls - before
+    assert ran[("coef", sp, writes)] == 2 and ran[("coef", sp, not writes)] == 0
+    tol = {"rtol": 0, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2 ** -6, "atol": 1e-2}
+    torch.testing.assert_close(got.float(), want.float(), **tol)
+
+
 @pytest.mark.parametrize("method", FAMILY)
 def test_the_materialiser_compiled_streamed_and_resident_gives_the_eager_weights(method, tiny_family):
     """Candidate after candidate, with another in between: nothing of one candidate may stick to the next."""

@@ -233,7 +233,7 @@ def _compiled(what: str, sp: Sparsifier, *flags: bool):
 
 _GRAPHS = 128  # compiled graphs kept, all formulas together
 _BROKEN: set[tuple] = set()  # (what, sparsifier, *flags, dtype, device type) whose compile failed
-calls: collections.Counter = collections.Counter()  # compiled calls that ran, by (what, sparsifier name)
+calls: collections.Counter = collections.Counter()  # compiled calls that ran, by (what, sparsifier name, *flags)
 
 
 def _call(key: tuple, sample: torch.Tensor, *args) -> tuple[bool, object]:
@@ -251,7 +251,7 @@ def _call(key: tuple, sample: torch.Tensor, *args) -> tuple[bool, object]:
         with warnings.catch_warnings(), torch._dynamo.config.patch(recompile_limit=_GRAPHS):
             warnings.simplefilter("ignore")  # inductor's own notices, once per graph
             result = _compiled(*key)(*args)
-        calls[key[0], type(key[1]).__name__] += 1
+        calls[(key[0], type(key[1]).__name__, *key[2:])] += 1
         return True, result
     except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to the exact eager kernel
         _BROKEN.add(broken_key)

@@ -108,9 +108,6 @@ class Operator:
     rules: tuple[ParamRule, ...] = ()
     # Bytes of `prepare`'s state per entry and expert (ranks, random fields): what mergesearch.memory counts.
     state_bytes: int = 0
-    # Scratch buffers the size of the largest chunk (in the merge dtype) per expert that the kernel holds (the
-    # compiled DELLA formula's kept entries): what mergesearch.memory counts besides the blocks.
-    chunk_buffers: int = 0
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -143,8 +140,7 @@ def register(name: str, *, params: Sequence[Param], doc: str, min_experts: int =
              max_experts: int | None = None, prepare: Prepare | None = None, reference: str = "",
              ignored_mergekit_keys: Sequence[str] = (),
              linear_parts: Callable[..., list[torch.Tensor]] | None = None,
-             rules: Sequence[ParamRule] = (), state_bytes: int = 0,
-             chunk_buffers: int = 0) -> Callable[[Kernel], Kernel]:
+             rules: Sequence[ParamRule] = (), state_bytes: int = 0) -> Callable[[Kernel], Kernel]:
     """Decorator: register `kernel` as merge method `name` (the one place a method is added)."""
 
     def deco(kernel: Kernel) -> Kernel:
@@ -153,8 +149,7 @@ def register(name: str, *, params: Sequence[Param], doc: str, min_experts: int =
         _REGISTRY[name] = Operator(name=name, kernel=kernel, params=tuple(params), doc=doc,
                                    min_experts=min_experts, max_experts=max_experts, prepare=prepare,
                                    reference=reference, ignored_mergekit_keys=frozenset(ignored_mergekit_keys),
-                                   linear_parts=linear_parts, rules=tuple(rules), state_bytes=state_bytes,
-                                   chunk_buffers=chunk_buffers)
+                                   linear_parts=linear_parts, rules=tuple(rules), state_bytes=state_bytes)
         return kernel
 
     return deco

@@ -437,6 +437,17 @@ def _on_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.
     return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
+def writes_kept_entries(source_bytes: int, entry_bytes: int) -> bool:
+    """Whether the compiled first pass of a rescaled chunk writes each expert's kept entries to scratch for the
+    merge pass to read: where its mask's sources take more bytes per entry than the delta (DELLA's uniforms and
+    row ranks: 8; DARE's uniforms, 4, against a bf16/fp16 delta). Writing the entries and reading them back moves
+    two entry sizes; reading the delta and the sources again moves one entry size and the sources.
+    Measured on a CPU (float32, the 134M benchmark model, 2 threads, A/B runs in one process): DELLA took
+    0.78-0.88x its time with the kept entries written, DARE 1.4-1.7x (a CPU reads a line before it writes it).
+    Unmeasured on CUDA; by bytes, 3 experts of DARE in bf16 move 34 bytes per entry instead of 40."""
+    return source_bytes > entry_bytes
+
+
 def _merge_compiled(kind: str, rules: _Rules, o, b, ds, state, scratch: Scratch) -> torch.Tensor | None:
     """Write the merged chunk into o with the compiled formula (operators/fused.py): the same rules, one pass
     over the sources (with `rescale`, a first pass for the rescaled experts' kept L1). Returns the float32 sum
@@ -453,14 +464,12 @@ def _merge_compiled(kind: str, rules: _Rules, o, b, ds, state, scratch: Scratch)
     coef, rs, w, lam = (numbers[:n_exp], numbers[n_exp:2 * n_exp], numbers[2 * n_exp:3 * n_exp],
                         numbers[3 * n_exp])
     if rules.rescaled:
-        # A first pass sums the rescaled experts' kept L1 norms. Where an expert's mask reads more than one
-        # source (DELLA: uniforms and row ranks), that pass also writes its kept entries into scratch, and the
-        # merge pass reads those with the DENSE formula instead of the delta and its sources again: every other
-        # expert keeps all its entries (dense) or is not merged (coefficient 0). With one source (DARE) writing
-        # them costs more than reading the uniforms again (the CPU reads a line before it writes it):
-        # 1.4-1.7x the candidate's time in an A/B on the 134M benchmark model, against 0.82-0.88x for DELLA.
+        # A first pass sums the rescaled experts' kept L1 norms and makes the coefficients; where
+        # `writes_kept_entries`, it also writes their kept entries into scratch, and the merge pass reads those
+        # with the DENSE formula instead of the delta and its sources again: every other expert keeps all its
+        # entries (dense) or is not merged (coefficient 0).
         some = rules.rescaled
-        keep = len(sp.sources) > 1
+        keep = writes_kept_entries(sum(t.element_size() for t in srcs[some[0]]), b.element_size())
         kept_d = [scratch.get(f"kept{i}", b) for i in range(len(some))] if keep else None
         coef = fused.rescaled_coef(sp, kept_d, [ds[e] for e in some], [srcs[e] for e in some],
                                    [lim[e] for e in some], state["l1"], coef, rs)
@@ -563,7 +572,6 @@ def _register(name: str, kind: str, consensus: bool, normalize: bool, rescale: b
              linear_parts=_make_linear_parts(kind, consensus), rules=(DELLA_RULE,) if kind == "della" else (),
              # int32 ranks; float32 uniforms; della: float32 uniforms and row ranks
              state_bytes={"none": 0, "magnitude": 4, "outliers": 4, "random": 4, "della": 8}[kind],
-             chunk_buffers=1 if kind == "della" else 0,  # the compiled formula's kept entries (_merge_compiled)
              )(_make_kernel(kind, consensus))
 
 
