@@ -461,8 +461,6 @@ def _merge_compiled(kind: str, rules: _Rules, o, b, ds, state, scratch: Scratch)
     numbers = _on_device([rules.coef.get(e, 0.0) for e in range(n_exp)]
                          + [float(e in rules.rescaled) for e in range(n_exp)] + list(rules.weight) + [rules.lam],
                          torch.float32, dev)
-    coef, rs, w, lam = (numbers[:n_exp], numbers[n_exp:2 * n_exp], numbers[2 * n_exp:3 * n_exp],
-                        numbers[3 * n_exp])
     if rules.rescaled:
         # A first pass sums the rescaled experts' kept L1 norms and makes the coefficients; where
         # `writes_kept_entries`, it also writes their kept entries into scratch, and the merge pass reads those
@@ -471,16 +469,16 @@ def _merge_compiled(kind: str, rules: _Rules, o, b, ds, state, scratch: Scratch)
         some = rules.rescaled
         keep = writes_kept_entries(sum(t.element_size() for t in srcs[some[0]]), b.element_size())
         kept_d = [scratch.get(f"kept{i}", b) for i in range(len(some))] if keep else None
-        coef = fused.rescaled_coef(sp, kept_d, [ds[e] for e in some], [srcs[e] for e in some],
-                                   [lim[e] for e in some], state["l1"], coef, rs)
-        if coef is None:
+        numbers = fused.rescaled_coef(sp, kept_d, [ds[e] for e in some], [srcs[e] for e in some],
+                                      [lim[e] for e in some], state["l1"], numbers)
+        if numbers is None:
             return None
         if keep:
             ds = list(ds)
             for i, e in enumerate(some):
                 ds[e] = kept_d[i]
             sp, srcs = fused.DENSE, [[] for _ in range(n_exp)]
-    return fused.merge(sp, rules.consensus, rules.normalize, o, b, ds, srcs, lim, coef, rs, w, lam)
+    return fused.merge(sp, rules.consensus, rules.normalize, o, b, ds, srcs, lim, numbers)
 
 
 def _make_kernel(kind: str, consensus: bool):
