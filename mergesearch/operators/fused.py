@@ -201,23 +201,32 @@ def rescale_factor(before: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     return torch.where(small, torch.ones_like(kept), before / kept.clamp_min(RESCALE_EPS)).float()
 
 
-def _rescaled_coef(sp: Sparsifier, kept, ds, srcs, lim, before, nums) -> torch.Tensor:
-    """`nums` (see `_merge`) with every expert's coefficient times its L1 rescale factor, rounded to the chunk's
-    dtype for the rescaled experts, as the eager kernel rounds it. ds, srcs, lim: the rescaled experts' only, in
-    expert order; their kept L1 norms are summed here (`_kept_l1`, which also writes their kept entries into
-    `kept` unless it is None). The factor is computed in the same graph as the norms: no small ops per chunk."""
-    n_exp = before.shape[0]
+def _rescaled_nums(sp: Sparsifier, kept, ds, srcs, lim, before, nums) -> torch.Tensor:
+    """`nums` (see `_merge`) with the coefficients of the rescaled experts (nums[E:2E] > 0) times their L1 rescale
+    factors, rounded to the chunk's dtype as the eager kernel rounds them. Every expert's kept L1 norm is summed
+    here (`_kept_l1`, which also writes the kept entries into `kept` unless it is None): the experts that are not
+    rescaled keep all their entries or have coefficient 0, so their kept entries (d or 0) are right too.
+    before: (E,) float64 each expert's L1 norm over the chunk."""
+    n_exp = len(ds)
     coef, rs = nums[:n_exp], nums[n_exp:2 * n_exp]
     l1 = _kept_l1(sp, kept, ds, srcs, lim)
-    at = (rs.cumsum(0) - 1).clamp_min(0).long()  # expert e's place among the rescaled ones
-    c = rescale_factor(before, torch.where(rs > 0, l1[at], torch.zeros_like(before))) * coef
+    c = rescale_factor(before, torch.where(rs > 0, l1, torch.zeros_like(l1))) * coef
     return torch.cat([torch.where(rs > 0, _round(c, ds[0].dtype), c), nums[n_exp:]])
+
+
+def _merge_rescaled(sp: Sparsifier, consensus: bool, normalize: bool, out, b, ds, srcs, lim, before, nums
+                    ) -> torch.Tensor:
+    """`_merge` of a chunk with `rescale` in one graph: the kept L1 norms and the coefficients
+    (`_rescaled_nums`), then the merge, which reads the deltas and their mask sources again. One call per chunk
+    instead of two: the host time of a call is more than a mid-sized chunk's merge on a GPU."""
+    return _merge(sp, consensus, normalize, out, b, ds, srcs, lim, _rescaled_nums(sp, None, ds, srcs, lim, before,
+                                                                                  nums))
 
 
 @functools.cache
 def _compiled(what: str, sp: Sparsifier, *flags: bool):
-    """The compiled formula `what` for one kind of chunk: "merge" (flags: consensus, normalize) or "coef" (flag:
-    whether it writes the kept entries, which the call's arguments say too).
+    """The compiled formula `what` for one kind of chunk: "merge" or "rescaled" (flags: consensus, normalize),
+    or "nums" (`_rescaled_nums` writing the kept entries; no flags).
 
     Each gets a code object of its own: dynamo keeps its compiled graphs and their guards per code object
     and checks them one after another on every call, so formulas sharing one (a closure or a partial) made
@@ -226,9 +235,12 @@ def _compiled(what: str, sp: Sparsifier, *flags: bool):
     if what == "merge":
         def formula(*args):
             return _merge(sp, *flags, *args)
+    elif what == "rescaled":
+        def formula(*args):
+            return _merge_rescaled(sp, *flags, *args)
     else:
         def formula(*args):
-            return _rescaled_coef(sp, *args)
+            return _rescaled_nums(sp, *args)
     name = f"_{what}{type(sp).__name__.lower()}_{''.join(str(int(f)) for f in flags)}"
     own = types.FunctionType(formula.__code__.replace(co_name=name, co_qualname=name), formula.__globals__, name,
                              formula.__defaults__, formula.__closure__)
@@ -282,7 +294,16 @@ def merge(sp: Sparsifier, consensus: bool, normalize: bool, out, b, ds, srcs, li
     return _call(("merge", sp, consensus, normalize), b, out, b, ds, srcs, lim, nums)[1]
 
 
-def rescaled_coef(sp: Sparsifier, kept, ds, srcs, lim, before, nums) -> torch.Tensor | None:
-    """`nums` with the rescaled experts' L1 factors applied (see `_rescaled_coef`), their kept entries written
-    into `kept` unless it is None; None where the compiled formula is unavailable."""
-    return _call(("coef", sp, kept is not None), ds[0], kept, ds, srcs, lim, before, nums)[1]
+def merge_rescaled(sp: Sparsifier, consensus: bool, normalize: bool, out, b, ds, srcs, lim, before, nums
+                   ) -> torch.Tensor | None:
+    """Write the merged chunk of a method with `rescale` into `out` in one call and return the float32 sum of what
+    it wrote (see `_merge_rescaled`); None where the compiled formula is unavailable."""
+    return _call(("rescaled", sp, consensus, normalize), b, out, b, ds, srcs, lim, before, nums)[1]
+
+
+def rescaled_nums(sp: Sparsifier, kept, ds, srcs, lim, before, nums) -> torch.Tensor | None:
+    """`nums` with the rescale factors applied, the kept entries written into `kept` (see `_rescaled_nums`): the
+    first of two calls, the merge (DENSE, over `kept`) the second. One graph for both wrote the kept entries twice
+    (inductor keeps them in buffers of its own and copies those into `kept` at the end): 2x the candidate's time.
+    None where the compiled formula is unavailable."""
+    return _call(("nums", sp), ds[0], kept, ds, srcs, lim, before, nums)[1]

@@ -462,22 +462,17 @@ def _merge_compiled(kind: str, rules: _Rules, o, b, ds, state, scratch: Scratch)
                          + [float(e in rules.rescaled) for e in range(n_exp)] + list(rules.weight) + [rules.lam],
                          torch.float32, dev)
     if rules.rescaled:
-        # A first pass sums the rescaled experts' kept L1 norms and makes the coefficients; where
-        # `writes_kept_entries`, it also writes their kept entries into scratch, and the merge pass reads those
-        # with the DENSE formula instead of the delta and its sources again: every other expert keeps all its
-        # entries (dense) or is not merged (coefficient 0).
-        some = rules.rescaled
-        keep = writes_kept_entries(sum(t.element_size() for t in srcs[some[0]]), b.element_size())
-        kept_d = [scratch.get(f"kept{i}", b) for i in range(len(some))] if keep else None
-        numbers = fused.rescaled_coef(sp, kept_d, [ds[e] for e in some], [srcs[e] for e in some],
-                                      [lim[e] for e in some], state["l1"], numbers)
+        # A first pass sums the experts' kept L1 norms and makes the coefficients. Where `writes_kept_entries`,
+        # it also writes the kept entries to scratch (a call of its own), and the merge pass reads those instead
+        # of the deltas and their sources again; otherwise both passes are one call.
+        if not writes_kept_entries(sum(t.element_size() for t in srcs[rules.rescaled[0]]), b.element_size()):
+            return fused.merge_rescaled(sp, rules.consensus, rules.normalize, o, b, ds, srcs, lim, state["l1"],
+                                        numbers)
+        kept = [scratch.get(f"kept{e}", b) for e in range(n_exp)]
+        numbers = fused.rescaled_nums(sp, kept, ds, srcs, lim, state["l1"], numbers)
         if numbers is None:
             return None
-        if keep:
-            ds = list(ds)
-            for i, e in enumerate(some):
-                ds[e] = kept_d[i]
-            sp, srcs = fused.DENSE, [[] for _ in range(n_exp)]
+        sp, ds, srcs = fused.DENSE, kept, [[] for _ in range(n_exp)]
     return fused.merge(sp, rules.consensus, rules.normalize, o, b, ds, srcs, lim, numbers)
 
 
