@@ -7,7 +7,8 @@ fly and written to a temporary folder. For each dtype and method the table gives
   GB/s        bytes the merge must touch, (experts + 2) x model size, divided by that time
   add GB/s    same-run streaming bandwidth of torch.add(a, b, out=c) over the same bytes
   vs add      GB/s / add GB/s  (target: >= 0.60 for linear and task_arithmetic in fp32)
-  vs TA       ms/cand / task_arithmetic's ms/cand (target: <= 3 for every method, in each dtype)
+  vs TA       ms/cand / task_arithmetic's ms/cand, a task-arithmetic candidate timed between each of the
+              method's (slerp: the task_arithmetic row's); target: <= 3 for every method, in each dtype
   prep s      one-off set-up (load sources, task vectors, sorted magnitudes, random fields),
               shared by the methods that need the same precomputation (listed after the first)
   eager ms    where the task-arithmetic family runs its compiled formula (operators/fused.py: float32, a
@@ -161,13 +162,17 @@ class _Materializers:
         return self.m, prep
 
 
-def time_ours(mats: _Materializers, method: str, repeat: int,
-              budget_s: float = 8.0) -> tuple[float, float, float | None, float]:
-    """(median s per candidate, prep s, the eager kernel's median s or None, the first candidate's s).
+def time_ours(mats: _Materializers, method: str, repeat: int, budget_s: float = 8.0,
+              pair_ta: bool = False) -> tuple[float, float, float | None, float, float | None]:
+    """(median s per candidate, prep s, the eager kernel's median s or None, the first candidate's s, task
+    arithmetic's median s interleaved with this method's candidates or None).
 
     Where the materialiser's policy merges this method with the compiled formula (operators/fused.py: float32
     chunks of large models), the eager kernel is timed too, interleaved candidate by candidate with the
-    compiled one so that both see the same machine load; the first candidate's time includes the compile."""
+    compiled one so that both see the same machine load; the first candidate's time includes the compile.
+    `pair_ta`: a task-arithmetic candidate (a method without precomputation runs on any materialiser) is timed
+    between each of this method's, so that "vs TA" compares times taken at the same moments: on a shared
+    machine the load drifts by more than 20% between one method's row and the next."""
     from mergesearch.operators import fused
     from mergesearch.recipe import recipe_from_dict
 
@@ -180,19 +185,26 @@ def time_ours(mats: _Materializers, method: str, repeat: int,
     m.materialize(plan)  # warm-up: grows scratch buffers, compiles the formula
     first = time.perf_counter() - t0
     both = sum(fused.calls.values()) > before  # the policy ran the compiled formula: time the eager one too
-    times: dict[int | None, list[float]] = {policy: [], None: []}
-    paths = (policy, None) if both else (policy,)
+    times: dict[object, list[float]] = {policy: [], None: [], "ta": []}
+    paths: list[object] = [policy, None] if both else [policy]
+    plans = {path: plan for path in paths}
+    if pair_ta:
+        ta = recipe_from_dict(mergekit_recipe("task_arithmetic", mats.base, mats.experts, mats.dtype))
+        plans["ta"] = ta.to_plan(m.tensors, m.num_layers)
+        m.materialize(plans["ta"])
+        paths.append("ta")
     if both:
         m.scratch.compiled_min = None
         m.materialize(plan)  # the eager kernel's warm-up
     while len(times[policy]) < repeat and sum(map(sum, times.values())) < budget_s:  # slow methods: fewer
         for path in paths:
-            m.scratch.compiled_min = path
+            m.scratch.compiled_min = None if path is None else policy
             t0 = time.perf_counter()
-            m.materialize(plan)
+            m.materialize(plans[path])
             times[path].append(time.perf_counter() - t0)
     m.scratch.compiled_min = policy
-    return (statistics.median(times[policy]), prep, statistics.median(times[None]) if both else None, first)
+    med = {k: statistics.median(v) if v else None for k, v in times.items()}
+    return med[policy], prep, med[None] if both else None, first, med["ta"]
 
 
 def time_mergekit(method: str, base: Path, experts: Sequence[Path], root: Path) -> tuple[float, float]:
@@ -257,11 +269,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{'prep s':>7s} {'eager ms':>9s} {'x eager':>8s} {'first s':>8s}")
             mats = _Materializers(base, experts, dtype)
             for method in (methods if dtype == "float32" else [m for m in methods if m in bf16_methods]):
-                sec, prep, eager, first = time_ours(mats, method, args.repeat)
+                row = ours.get((dtype, "task_arithmetic"))
+                # slerp merges one expert: its materialiser cannot run the 3-expert task arithmetic in between
+                paired = method in VS_TA_METHODS and row is not None and method != "slerp"
+                sec, prep, eager, first, ta_sec = time_ours(mats, method, args.repeat, pair_ta=paired)
                 ours[(dtype, method)] = (sec, prep)
                 n_in = 2 if method == "slerp" else len(experts)
                 gbs = (n_in + 2) * model_bytes / sec / 1e9
-                ta = ours.get((dtype, "task_arithmetic"))
+                ta = (ta_sec,) if ta_sec else row  # task arithmetic timed between this method's candidates
                 vs_ta = f"{sec / ta[0]:6.2f}" if ta else f"{'-':>6s}"
                 vs_eager = (f"{eager * 1e3:9.1f} {eager / sec:8.2f}" if eager is not None
                             else f"{'-':>9s} {'-':>8s}")
