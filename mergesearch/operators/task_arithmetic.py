@@ -450,8 +450,8 @@ def writes_kept_entries(source_bytes: int, entry_bytes: int) -> bool:
 
 def _merge_compiled(kind: str, rules: _Rules, o, b, ds, state, scratch: Scratch) -> torch.Tensor | None:
     """Write the merged chunk into o with the compiled formula (operators/fused.py): the same rules, one pass
-    over the sources (with `rescale`, a first pass for the rescaled experts' kept L1). Returns the float32 sum
-    of what it wrote; None where it cannot compile here: the eager kernel's turn."""
+    over the sources (with `rescale`, a first pass for the kept L1 norms). Returns the float32 sum of what it
+    wrote; None where it cannot compile here: the eager kernel's turn."""
     n, dev, n_exp = b.numel(), b.device, len(ds)
     sp = _SPARSIFIERS[kind]
     srcs = [[state[key][e] for key in sp.sources] for e in range(n_exp)]
