@@ -251,7 +251,7 @@ def _compiled(what: str, sp: Sparsifier, *flags: bool):
     return torch.compile(own, dynamic=True, fullgraph=True, options={"emulate_precision_casts": True})
 
 
-_GRAPHS = 128  # compiled graphs kept per formula (dynamo's default: 8)
+_GRAPHS = 128  # compiled graphs kept per formula (dynamo's default: 8; its limit is process-wide, for any code)
 _BROKEN: set[tuple] = set()  # (what, sparsifier, *flags, dtype, device type) whose compile failed
 _RAN: set[tuple] = set()  # the same, for those that ran once
 calls: collections.Counter = collections.Counter()  # compiled calls that ran, by (what, sparsifier name, *flags)
