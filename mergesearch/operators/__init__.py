@@ -5,10 +5,10 @@ An operator merges ONE chunk of ONE tensor. It is a pure tensor function
     kernel(out, base, deltas, params, state, scratch) -> None | Tensor
 
 that writes the merged chunk into `out` in place (and may return the float32 sum of what it wrote,
-computed in the same pass: the materialiser's NaN/inf check then does not read the chunk again), where `base` is the base model's chunk,
-`deltas` the experts' task vectors (expert - base, same shape), `params` the operator's
-declared parameters resolved for this chunk (a tuple of floats, one per expert, for
-per-expert parameters; a float for method-level ones), `state` what the operator's optional
+computed in the same pass: the materialiser's NaN/inf check then does not read the chunk again),
+where `base` is the base model's chunk, `deltas` the experts' task vectors (expert - base, same
+shape), `params` the operator's declared parameters resolved for this chunk (a tuple of floats, one
+per expert, for per-expert parameters; a float for method-level ones), `state` what the operator's optional
 `prepare(base, deltas, generator)` precomputed once per chunk (sorted magnitudes, random
 fields, angles), and `scratch` reusable buffers so the hot path allocates nothing.
 

@@ -20,10 +20,9 @@ coefficients. Where the mask's sources take more bytes per entry than the delta 
 task_arithmetic.writes_kept_entries) that pass also writes the kept entries into scratch buffers, and the merge
 pass, a second call, reads them instead of the delta and its sources; otherwise both passes are one graph, one
 call (`_merge_rescaled`): on a GPU a call's host time is more than a mid-sized chunk's merge. The norms are summed
-in float64 on both paths
-(the eager kernel per block, this one in one reduction): float64 sums in different orders round to the same
-float32 factor, where float32 sums did not (a factor one ulp apart flips the elected sign of the rare entries
-whose vote is ~0).
+in float64 on both paths (the eager kernel per block, this one in one reduction): float64 sums in different
+orders round to the same float32 factor, where float32 sums did not (a factor one ulp apart flips the elected
+sign of the rare entries whose vote is ~0).
 
 The merge pass also returns the sum of what it wrote, so the materialiser's NaN/inf check reads nothing again.
 
@@ -176,9 +175,9 @@ def _round(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _kept_l1(sp: Sparsifier, kept, ds, srcs, lim) -> torch.Tensor:
-    """(E,) float64: each given expert's L1 norm over the entries it keeps (ds, srcs, lim: those experts').
-    With `kept` (a list of buffers like ds), also write each expert's kept entries there (its dropped ones 0),
-    in the chunk's dtype: exact, an entry is d or 0.
+    """(E,) float64: each expert's L1 norm over the entries it keeps. With `kept` (a list of buffers like ds),
+    also write each expert's kept entries there (its dropped ones 0), in the chunk's dtype: exact, an entry is
+    d or 0.
 
     Flat tensors: inductor stores the kept entries in the loop of the expert's own reduction (a full one; it
     did not fuse a store into a per-row reduction's loop). A mask of one byte per entry was slower on a CPU:
