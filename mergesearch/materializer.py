@@ -29,6 +29,7 @@ from mergesearch.checkpoints import (
     save_model,
 )
 from mergesearch.errors import CandidateError, CheckpointError, ConfigError, OperatorError
+from mergesearch.groups import Group, plan_group
 from mergesearch.operators import Scratch, chunk_bounds
 from mergesearch.plan import Plan, per_tensor_chunks
 from mergesearch.recipe import Recipe, load_recipe, recipe_chunk_counts
@@ -51,7 +52,8 @@ class Materializer:
                  method: str, *, dtype: str | torch.dtype = "float32", device: str | torch.device = "auto",
                  chunks: int | Sequence[int] = 1, streaming: bool = False, seed: int = 0,
                  merge_common_vocab: bool = False,
-                 check_finite: bool = True, block: int | None = None, compiled: bool | None = None):
+                 check_finite: bool = True, block: int | None = None, compiled: bool | None = None,
+                 grouped: bool = True):
         self.op = operators.get(method)
         self.op.check_experts(len(experts))
         if min([chunks] if isinstance(chunks, int) else list(chunks) or [1]) < 1:
@@ -78,6 +80,9 @@ class Materializer:
         # GPU's block to run its arithmetic on a CPU, and `compiled` to force or forbid the compiled formula.
         self.scratch = Scratch.for_device(self.device, block=block, compiled=compiled,
                                           model_entries=sum(t.numel for t in self.tensors))
+        # The chunks the compiled formula merges lie in flat buffers, merged in one call per candidate where the
+        # method can (mergesearch.groups); `grouped=False` (or MERGESEARCH_GROUPED=0): chunk by chunk.
+        self._group = self._plan_group() if grouped else None
         self.timer = PhaseTimer()  # where opening went: read_sources, prepare, model (mergesearch.timings)
         with torch.no_grad():
             self._load_sources()
@@ -85,6 +90,18 @@ class Materializer:
                 self.model = self._build_model()
 
     # -- set-up (once) --
+
+    def _plan_group(self) -> Group | None:
+        s = self.scratch
+        if self.streaming or self.op.group is None or s.compiled_min is None or self.dtype not in s.compiled_dtypes:
+            return None
+        rows = [math.prod(t.shape[1:]) for t in self.tensors]
+        wanted = [all((hi - lo) * row >= s.compiled_min for lo, hi in b) for b, row in zip(self._bounds, rows)]
+        return plan_group(self.tensors, self._bounds, wanted)
+
+    def _place(self, slot, i: int, t: torch.Tensor) -> torch.Tensor:
+        """t, or its view in the group's flat buffer `slot` where tensor i is in the group."""
+        return self._group.place(slot, i, t) if self._group is not None and i in self._group else t
 
     def _load_sources(self) -> None:
         with self.timer.phase("read_sources_s"):
@@ -97,10 +114,10 @@ class Materializer:
         names = [t.name for t in self.tensors]
         base_src = self.base.load(names, device=store)  # source precision: deltas are taken before casting
         self._deltas: list[list[torch.Tensor]] = [[] for _ in self.tensors]
-        for ex in self.experts:
+        for e, ex in enumerate(self.experts):
             if same_path(ex.path, self.base.path):
                 for i, n in enumerate(names):
-                    self._deltas[i].append(torch.zeros_like(base_src[n], dtype=self.dtype))
+                    self._deltas[i].append(self._place(("delta", e), i, torch.zeros_like(base_src[n], dtype=self.dtype)))
                 continue
             src = ex.load(names, device=store)
             for i, n in enumerate(names):
@@ -111,9 +128,9 @@ class Materializer:
                 # exact differences (as mergekit, which casts first), float32 ones merged in bf16 are
                 # rounded once, after the subtraction.
                 wide = torch.promote_types(b.dtype, self.dtype)
-                self._deltas[i].append((x.to(wide) - b.to(wide)).to(self.dtype))
+                self._deltas[i].append(self._place(("delta", e), i, (x.to(wide) - b.to(wide)).to(self.dtype)))
             del src
-        self._base = [base_src.pop(n).to(self.dtype) for n in names]
+        self._base = [self._place("base", i, base_src.pop(n).to(self.dtype)) for i, n in enumerate(names)]
         if self.streaming and self.device.type == "cuda":  # page-locked: asynchronous host-to-device copies
             self._base = [t.pin_memory() for t in self._base]
             self._deltas = [[d.pin_memory() for d in ds] for ds in self._deltas]
@@ -132,16 +149,21 @@ class Materializer:
         self._state: list[list[dict]] = []
         for i, t in enumerate(self.tensors):
             per_chunk = []
-            for lo, hi in self._bounds[i]:
+            for c, (lo, hi) in enumerate(self._bounds[i]):
                 if self.op.prepare is None:
                     per_chunk.append({})
                     continue
                 b = self._slice(self._base[i], lo, hi).to(self.device)
                 ds = [self._slice(d, lo, hi).to(self.device) for d in self._deltas[i]]
                 state = self.op.prepare(b, ds, gen)
-                per_chunk.append(_to_device(state, self._store, pin=self.device.type == "cuda") if self.streaming
-                                 else state)
+                if self.streaming:
+                    state = _to_device(state, self._store, pin=self.device.type == "cuda")
+                elif self._group is not None and i in self._group:
+                    state = self._group.add_state(i, c, state)
+                per_chunk.append(state)
             self._state.append(per_chunk)
+        if self._group is not None:
+            self._group.finish_state(len(self.experts), self.device)
 
     @staticmethod
     def _slice(x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
@@ -165,11 +187,8 @@ class Materializer:
         with no_init_weights():  # every weight is overwritten by each candidate
             model = AutoModelForCausalLM.from_config(cfg, dtype=self.dtype)
         model.tie_weights()  # no_init_weights also skips tying (GPT-2's lm_head = wte)
-        model.to(self.device).eval().requires_grad_(False)
         named = dict(model.named_parameters(remove_duplicate=False))
         named.update(dict(model.named_buffers()))
-        self._targets: list[torch.Tensor | None] = []
-        written: set[int] = set()
         for t in self.tensors:
             target = named.get(t.name)
             if target is None:
@@ -177,6 +196,22 @@ class Materializer:
                                       f"{type(model).__name__}; is config.json the one these weights were saved with?")
             if tuple(target.shape) != t.shape:
                 raise CheckpointError(f"{t.name}: model expects {tuple(target.shape)}, checkpoint has {t.shape}")
+        if self._group is not None:
+            # The group's parameters become views of its flat output, on the device, before the model moves there:
+            # the rest moves, these are not copied twice (a second copy of a 7B model would not fit beside it).
+            bound: set[int] = set()
+            for i, t in enumerate(self.tensors):
+                param = named[t.name]
+                if i in self._group and id(param) not in bound:  # a tied weight: bound once, through its first name
+                    bound.add(id(param))
+                    param.data = self._group.view("out", i, self._base[i])
+        model.to(self.device).eval().requires_grad_(False)
+        named = dict(model.named_parameters(remove_duplicate=False))
+        named.update(dict(model.named_buffers()))
+        self._targets: list[torch.Tensor | None] = []
+        written: set[int] = set()
+        for t in self.tensors:
+            target = named[t.name]
             ptr = target.data_ptr()
             self._targets.append(None if ptr in written else target.data)  # tied weights are written once
             written.add(ptr)
@@ -221,10 +256,17 @@ class Materializer:
         vals = {p.name: plan.params[p.name].tolist() for p in op.params}
         per_expert = {p.name: p.per_expert for p in op.params}
         sums = []
+
+        def chunk_params(i: int, c: int) -> dict:
+            return {name: (tuple(row[c] for row in v[i]) if per_expert[name] else v[i][0][c]) for name, v in vals.items()}
+
         with torch.no_grad():
+            grouped = self._merge_group(op, own_state, chunk_params)
+            if grouped is not None and self.check_finite:
+                sums.append(grouped)
             for i, t in enumerate(self.tensors):
                 target = self._targets[i]
-                if target is None:
+                if target is None or (grouped is not None and i in self._group):
                     continue
                 base, deltas = self._base[i], self._deltas[i]
                 states = self._state[i] if own_state else [{}] * len(self._bounds[i])
@@ -234,8 +276,7 @@ class Materializer:
                     states = [_to_device(s, self.device) for s in states]
                 written = []  # the sums of the chunks a kernel returned (it computed them as it wrote them)
                 for c, (lo, hi) in enumerate(self._bounds[i]):
-                    p = {name: (tuple(row[c] for row in v[i]) if per_expert[name] else v[i][0][c])
-                         for name, v in vals.items()}
+                    p = chunk_params(i, c)
                     try:
                         written.append(op.kernel(self._slice(target, lo, hi), self._slice(base, lo, hi),
                                                  [self._slice(d, lo, hi) for d in deltas], p, states[c], self.scratch))
@@ -247,10 +288,24 @@ class Materializer:
                     else:
                         sums.append(target.sum(dtype=torch.float32))
             if sums and not bool(torch.isfinite(torch.stack(sums)).all()):  # the one host sync
-                bad = next(t.name for t, s in zip([t for t, g in zip(self.tensors, self._targets) if g is not None],
-                                                  sums) if not math.isfinite(float(s)))
+                bad = next((t.name for t, w in zip(self.tensors, self._targets)
+                            if w is not None and not math.isfinite(float(w.sum(dtype=torch.float32)))), "the sum")
                 raise CandidateError(f"merged weights are not finite (NaN/inf) in {bad}")
         return self.model
+
+    def _merge_group(self, op, own_state: bool, chunk_params) -> torch.Tensor | None:
+        """The group's chunks merged in one call (op.group); the float32 sum it wrote, or None: no group here,
+        or the method cannot merge it at this candidate (then each chunk runs alone, as any other)."""
+        g = self._group
+        if g is None or op.group is None or not (own_state or op.prepare is None):
+            return None
+        params = [chunk_params(i, c) for i in g.members for c in range(len(self._bounds[i]))]
+        try:
+            return op.group(g.blocks(g.buffers["out"]), g.blocks(g.buffers["base"]),
+                            [g.blocks(g.buffers["delta", e]) for e in range(len(self.experts))], g.state, g.sizes,
+                            params, self.scratch)
+        except CandidateError:
+            return None  # merged chunk by chunk, whose error names the tensor
 
     def sources(self, i: int) -> tuple[torch.Tensor, list[torch.Tensor], list[tuple[int, int]], list[dict]]:
         """Tensor i's cached base, task vectors, chunk row bounds and per-chunk precomputed state

@@ -72,7 +72,7 @@ class _Magnitude(Sparsifier):
     sources, integer = ("rank",), True
 
     def keep(self, srcs, lim):
-        return (srcs[0] >= lim[0]) & (srcs[0] < lim[1])
+        return (srcs[0] >= _col(lim, 0)) & (srcs[0] < _col(lim, 1))
 
     def keep_all(self, n):
         return (0, n)
@@ -87,7 +87,7 @@ class _Random(Sparsifier):
     sources = ("u",)
 
     def keep(self, srcs, lim):
-        return srcs[0] < lim[0]
+        return srcs[0] < _col(lim, 0)
 
     def keep_all(self, n):
         return (2.0,)  # u < 2 always
@@ -102,7 +102,7 @@ class _Della(Sparsifier):
     sources = ("u", "rn")
 
     def keep(self, srcs, lim):
-        return srcs[0] < (srcs[1] * lim[0] + lim[1])
+        return srcs[0] < (srcs[1] * _col(lim, 0) + _col(lim, 1))
 
     def keep_all(self, n):
         return (0.0, 2.0)
@@ -112,6 +112,12 @@ class _Della(Sparsifier):
 
 
 DENSE, MAGNITUDE, RANDOM, DELLA = _Dense(), _Magnitude(), _Random(), _Della()
+
+
+def _col(x: torch.Tensor, i: int) -> torch.Tensor:
+    """Number i of a chunk's (K,) numbers (0-d), or of a group's (blocks, K) rows as a (blocks, 1) column that
+    broadcasts over each block's entries (`merge_group`)."""
+    return x[i] if x.dim() == 1 else x[:, i:i + 1]
 
 
 def _masked(sp: Sparsifier, d: torch.Tensor, srcs, lim) -> torch.Tensor:
@@ -133,7 +139,8 @@ def _merge(sp: Sparsifier, consensus: bool, normalize: bool, out, b, ds, srcs, l
     them; w = nums[2E:3E] the weights for the consensus divisor; lam = nums[3E] lambda.
     """
     n_exp = len(ds)
-    fc, rs, w, lam = nums[:n_exp], nums[n_exp:2 * n_exp], nums[2 * n_exp:3 * n_exp], nums[3 * n_exp]
+    fc, rs, w = ([_col(nums, k * n_exp + e) for e in range(n_exp)] for k in range(3))
+    lam = _col(nums, 3 * n_exp)
     dt, f32 = b.dtype, torch.float32
     base = b.to(f32)
     terms = [_masked(sp, d.to(f32), srcs[e], lim[e]) * fc[e] for e, d in enumerate(ds)]
@@ -174,10 +181,11 @@ def _round(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x if dtype == torch.float32 else x.to(dtype).to(torch.float32)
 
 
-def _kept_l1(sp: Sparsifier, kept, ds, srcs, lim) -> torch.Tensor:
+def _kept_l1(sp: Sparsifier, kept, ds, srcs, lim, cob=None, n_chunks=None) -> torch.Tensor:
     """(E,) float64: each expert's L1 norm over the entries it keeps. With `kept` (a list of buffers like ds),
     also write each expert's kept entries there (its dropped ones 0), in the chunk's dtype: exact, an entry is
-    d or 0.
+    d or 0. A group's (`merge_group`: (blocks, B) tensors, cob (blocks,) each block's chunk): (n_chunks, E), each
+    chunk's norms, summed per block and then per chunk.
 
     Flat tensors: inductor stores the kept entries in the loop of the expert's own reduction (a full one; it
     did not fuse a store into a per-row reduction's loop). A mask of one byte per entry was slower on a CPU:
@@ -188,8 +196,12 @@ def _kept_l1(sp: Sparsifier, kept, ds, srcs, lim) -> torch.Tensor:
         t = _masked(sp, d, srcs[e], lim[e])
         if kept is not None:
             kept[e].copy_(t)
-        norms.append(t.abs().sum(dtype=torch.float64))
-    return torch.stack(norms)
+        if cob is None:
+            norms.append(t.abs().sum(dtype=torch.float64))
+        else:
+            per_block = t.abs().sum(dim=1, dtype=torch.float64)
+            norms.append(per_block.new_zeros(n_chunks).index_add(0, cob, per_block))
+    return torch.stack(norms, dim=-1)
 
 
 RESCALE_EPS = 1e-7  # mergekit's rescaled_masked_tensor eps
@@ -203,17 +215,18 @@ def rescale_factor(before: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     return torch.where(small, torch.ones_like(kept), before / kept.clamp_min(RESCALE_EPS)).float()
 
 
-def _rescaled_nums(sp: Sparsifier, kept, ds, srcs, lim, before, nums) -> torch.Tensor:
+def _rescaled_nums(sp: Sparsifier, kept, ds, srcs, lim, before, nums, cob=None) -> torch.Tensor:
     """`nums` (see `_merge`) with the coefficients of the rescaled experts (nums[E:2E] > 0) times their L1 rescale
     factors, rounded to the chunk's dtype as the eager kernel rounds them. Every expert's kept L1 norm is summed
     here (`_kept_l1`, which also writes the kept entries into `kept` unless it is None): the experts that are not
     rescaled keep all their entries or have coefficient 0, so their kept entries (d or 0) are right too.
-    before: (E,) float64 each expert's L1 norm over the chunk."""
+    before: (E,) float64 each expert's L1 norm over the chunk. A group's (cob given): nums is the (chunks, 3E + 1)
+    table, before (chunks, E), lim (E, blocks, K) the bounds gathered per block."""
     n_exp = len(ds)
-    coef, rs = nums[:n_exp], nums[n_exp:2 * n_exp]
-    l1 = _kept_l1(sp, kept, ds, srcs, lim)
+    coef, rs = nums[..., :n_exp], nums[..., n_exp:2 * n_exp]
+    l1 = _kept_l1(sp, kept, ds, srcs, lim, cob, nums.shape[0])
     c = rescale_factor(before, torch.where(rs > 0, l1, torch.zeros_like(l1))) * coef
-    return torch.cat([torch.where(rs > 0, _round(c, ds[0].dtype), c), nums[n_exp:]])
+    return torch.cat([torch.where(rs > 0, _round(c, ds[0].dtype), c), nums[..., n_exp:]], dim=-1)
 
 
 def _merge_rescaled(sp: Sparsifier, consensus: bool, normalize: bool, out, b, ds, srcs, lim, before, nums
@@ -225,24 +238,50 @@ def _merge_rescaled(sp: Sparsifier, consensus: bool, normalize: bool, out, b, ds
                                                                                   nums))
 
 
+# --- a group: many chunks in one call ------------------------------------------------------------------------------
+# The materialiser lays the sources of a model's large chunks out in flat buffers (materializer.py, `_Group`),
+# every chunk a whole number of blocks of B entries, so that one call merges them all: the tensors are viewed as
+# (blocks, B), the candidate's numbers are a (chunks, 3E + 1) table and each block reads its chunk's row (cob:
+# (blocks,) int64, each block's chunk). On a GPU a call's host time (~0.1 ms) is more than the kernel of a
+# mid-sized chunk: per chunk, the host bounded a 0.5B model's candidate, not the memory.
+
+
+def _group_merge(sp: Sparsifier, consensus: bool, normalize: bool, out, b, ds, srcs, lim, table, cob) -> torch.Tensor:
+    """`_merge` of a group: lim (E, chunks, K) each chunk's bounds, table (chunks, 3E + 1) its numbers."""
+    return _merge(sp, consensus, normalize, out, b, ds, srcs, lim[:, cob], table[cob])
+
+
+def _group_rescaled(sp: Sparsifier, consensus: bool, normalize: bool, out, b, ds, srcs, lim, before, table, cob
+                    ) -> torch.Tensor:
+    """`_merge_rescaled` of a group (before: (chunks, E) float64 each chunk's L1 norms)."""
+    lim = lim[:, cob]
+    table = _rescaled_nums(sp, None, ds, srcs, lim, before, table, cob)
+    return _merge(sp, consensus, normalize, out, b, ds, srcs, lim, table[cob])
+
+
+def _group_nums(sp: Sparsifier, kept, ds, srcs, lim, before, table, cob) -> torch.Tensor:
+    """`_rescaled_nums` of a group: the (chunks, 3E + 1) table with the rescale factors applied."""
+    return _rescaled_nums(sp, kept, ds, srcs, lim[:, cob], before, table, cob)
+
+
+_FORMULAS = {"merge": _merge, "rescaled": _merge_rescaled, "nums": _rescaled_nums,
+             "group_merge": _group_merge, "group_rescaled": _group_rescaled, "group_nums": _group_nums}
+
+
 @functools.cache
 def _compiled(what: str, sp: Sparsifier, *flags: bool):
-    """The compiled formula `what` for one kind of chunk: "merge" or "rescaled" (flags: consensus, normalize),
-    or "nums" (`_rescaled_nums` writing the kept entries; no flags).
+    """The compiled formula `what` (a key of _FORMULAS) for one kind of chunk: "merge" or "rescaled" (flags:
+    consensus, normalize), or "nums" (`_rescaled_nums` writing the kept entries; no flags); "group_" the same for
+    a group of chunks.
 
     Each gets a code object of its own: dynamo keeps its compiled graphs and their guards per code object
     and checks them one after another on every call, so formulas sharing one (a closure or a partial) made
     each call test every other formula's guards first (~0.2 ms a call on a CPU, a third of a DELLA candidate).
     """
-    if what == "merge":
-        def formula(*args):
-            return _merge(sp, *flags, *args)
-    elif what == "rescaled":
-        def formula(*args):
-            return _merge_rescaled(sp, *flags, *args)
-    else:
-        def formula(*args):
-            return _rescaled_nums(sp, *args)
+    body = _FORMULAS[what]
+
+    def formula(*args):
+        return body(sp, *flags, *args)
     name = f"_{what}{type(sp).__name__.lower()}_{''.join(str(int(f)) for f in flags)}"
     own = types.FunctionType(formula.__code__.replace(co_name=name, co_qualname=name), formula.__globals__, name,
                              formula.__defaults__, formula.__closure__)
@@ -309,3 +348,21 @@ def rescaled_nums(sp: Sparsifier, kept, ds, srcs, lim, before, nums) -> torch.Te
     (inductor keeps them in buffers of its own and copies those into `kept` at the end): 2x the candidate's time.
     None where the compiled formula is unavailable."""
     return _call(("nums", sp), ds[0], kept, ds, srcs, lim, before, nums)[1]
+
+
+def merge_group(sp: Sparsifier, consensus: bool, normalize: bool, out, b, ds, srcs, lim, table, cob
+                ) -> torch.Tensor | None:
+    """`merge` of a group of chunks in one call (see `_group_merge`); None where the formula is unavailable."""
+    return _call(("group_merge", sp, consensus, normalize), b, out, b, ds, srcs, lim, table, cob)[1]
+
+
+def merge_group_rescaled(sp: Sparsifier, consensus: bool, normalize: bool, out, b, ds, srcs, lim, before, table, cob
+                         ) -> torch.Tensor | None:
+    """`merge_rescaled` of a group of chunks in one call; None where the formula is unavailable."""
+    return _call(("group_rescaled", sp, consensus, normalize), b, out, b, ds, srcs, lim, before, table, cob)[1]
+
+
+def group_rescaled_nums(sp: Sparsifier, kept, ds, srcs, lim, before, table, cob) -> torch.Tensor | None:
+    """`rescaled_nums` of a group of chunks: the table with the rescale factors applied, the kept entries written
+    into `kept`; None where the formula is unavailable."""
+    return _call(("group_nums", sp), ds[0], kept, ds, srcs, lim, before, table, cob)[1]

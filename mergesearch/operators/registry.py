@@ -108,6 +108,9 @@ class Operator:
     rules: tuple[ParamRule, ...] = ()
     # Bytes of `prepare`'s state per entry and expert (ranks, random fields): what mergesearch.memory counts.
     state_bytes: int = 0
+    # group(out, base, deltas, state, sizes, params, scratch) -> None | Tensor: many chunks merged in one call
+    # (see the package docstring); None: the method merges chunk by chunk only.
+    group: Callable[..., torch.Tensor | None] | None = None
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -140,7 +143,8 @@ def register(name: str, *, params: Sequence[Param], doc: str, min_experts: int =
              max_experts: int | None = None, prepare: Prepare | None = None, reference: str = "",
              ignored_mergekit_keys: Sequence[str] = (),
              linear_parts: Callable[..., list[torch.Tensor]] | None = None,
-             rules: Sequence[ParamRule] = (), state_bytes: int = 0) -> Callable[[Kernel], Kernel]:
+             rules: Sequence[ParamRule] = (), state_bytes: int = 0,
+             group: Callable[..., torch.Tensor | None] | None = None) -> Callable[[Kernel], Kernel]:
     """Decorator: register `kernel` as merge method `name` (the one place a method is added)."""
 
     def deco(kernel: Kernel) -> Kernel:
@@ -149,7 +153,8 @@ def register(name: str, *, params: Sequence[Param], doc: str, min_experts: int =
         _REGISTRY[name] = Operator(name=name, kernel=kernel, params=tuple(params), doc=doc,
                                    min_experts=min_experts, max_experts=max_experts, prepare=prepare,
                                    reference=reference, ignored_mergekit_keys=frozenset(ignored_mergekit_keys),
-                                   linear_parts=linear_parts, rules=tuple(rules), state_bytes=state_bytes)
+                                   linear_parts=linear_parts, rules=tuple(rules), state_bytes=state_bytes,
+                                   group=group)
         return kernel
 
     return deco

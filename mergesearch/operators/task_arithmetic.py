@@ -35,6 +35,8 @@ takes noise out of comparisons between candidates.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from mergesearch.errors import CandidateError
@@ -448,6 +450,19 @@ def writes_kept_entries(source_bytes: int, entry_bytes: int) -> bool:
     return source_bytes > entry_bytes
 
 
+def _numbers(rules: _Rules, sp: fused.Sparsifier, n: int, n_exp: int) -> tuple[list, list[float]]:
+    """A chunk's rules as the compiled formula's inputs: each expert's bounds of `sp` (E, k), and the (3E + 1,)
+    numbers: coefficients, rescaled flags, weights, lambda (fused._merge)."""
+    lim = [rules.keep[e].limits(sp, n) if sp.sources else (0.0,) for e in range(n_exp)]
+    numbers = ([rules.coef.get(e, 0.0) for e in range(n_exp)] + [float(e in rules.rescaled) for e in range(n_exp)]
+               + list(rules.weight) + [rules.lam])
+    return lim, numbers
+
+
+def _lim_dtype(sp: fused.Sparsifier, srcs) -> torch.dtype:
+    return srcs[0][0].dtype if sp.integer else torch.float32  # ranks' bounds are integers
+
+
 def _merge_compiled(kind: str, rules: _Rules, o, b, ds, state, scratch: Scratch) -> torch.Tensor | None:
     """Write the merged chunk into o with the compiled formula (operators/fused.py): the same rules, one pass
     over the sources (with `rescale`, a first pass for the kept L1 norms). Returns the float32 sum of what it
@@ -455,12 +470,9 @@ def _merge_compiled(kind: str, rules: _Rules, o, b, ds, state, scratch: Scratch)
     n, dev, n_exp = b.numel(), b.device, len(ds)
     sp = _SPARSIFIERS[kind]
     srcs = [[state[key][e] for key in sp.sources] for e in range(n_exp)]
-    lim = _on_device([rules.keep[e].limits(sp, n) if sp.sources else (0.0,) for e in range(n_exp)],  # (E, k)
-                     srcs[0][0].dtype if sp.integer else torch.float32, dev)
-    # The candidate's numbers in one copy: coefficients, rescaled flags, weights, lambda.
-    numbers = _on_device([rules.coef.get(e, 0.0) for e in range(n_exp)]
-                         + [float(e in rules.rescaled) for e in range(n_exp)] + list(rules.weight) + [rules.lam],
-                         torch.float32, dev)
+    lim, numbers = _numbers(rules, sp, n, n_exp)
+    lim = _on_device(lim, _lim_dtype(sp, srcs), dev)  # (E, k)
+    numbers = _on_device(numbers, torch.float32, dev)  # the candidate's numbers in one copy
     if rules.rescaled:
         # A first pass sums the experts' kept L1 norms and makes the coefficients. Where `writes_kept_entries`,
         # it also writes the kept entries to scratch (a call of its own), and the merge pass reads those instead
@@ -500,6 +512,80 @@ def _make_kernel(kind: str, consensus: bool):
         return None
 
     return kernel
+
+
+def _segments(state: dict, sizes: list[int], block: int) -> list[tuple[int, int, int, int, torch.Tensor]]:
+    """The group cut at chunk boundaries into runs of at most its largest chunk's entries: (first block, end
+    block, first chunk, end chunk, the run's cob). Where a first pass writes the experts' kept entries, it writes
+    one run at a time, so their scratch stays E x the largest chunk, as chunk by chunk (mergesearch.memory).
+    Made once per group (kept in its state)."""
+    if "segments" not in state:
+        cap, runs, start, total, b0 = max(sizes), [], 0, 0, 0
+        for c, n in enumerate(sizes + [None]):
+            if n is None or (total and total + n > cap):
+                b1 = b0 + total // block
+                runs.append((b0, b1, start, c, state["cob"][b0:b1] - start))
+                b0, start, total = b1, c, 0
+            if n is not None:
+                total += n
+        state["segments"] = runs
+    return state["segments"]
+
+
+def _run_of(x: torch.Tensor, b0: int, b1: int, flat: bool) -> torch.Tensor:
+    """Blocks [b0, b1) of a group's (blocks, B) tensor; `flat`: as one flat chunk."""
+    return x[b0:b1].reshape(-1) if flat else x[b0:b1]
+
+
+def _make_group_kernel(kind: str, consensus: bool):
+    def group(out, base, deltas, state, sizes, params, scratch) -> torch.Tensor | None:
+        """Merge the group's chunks (see operators' `group` contract) with the compiled formula in one call, or
+        one run at a time where the kept entries are written (`_segments`); the same rules chunk by chunk as the
+        kernel, so the same weights. None where the formula does not serve these chunks here."""
+        n_exp, dev = len(deltas), base.device
+        if len(sizes) < 2:  # one chunk: its own formula (a group of one tripped inductor's scatter of one row)
+            return None
+        rules = [_Rules(kind, consensus, n, p) for n, p in zip(sizes, params)]
+        plain = all(r.plain or not r.live for r in rules)
+        if not scratch.compiled(base, plain) or (consensus and len({r.normalize for r in rules}) > 1):
+            return None
+        sp = fused.DENSE if plain else _SPARSIFIERS[kind]
+        srcs = [[state[key][e] for key in sp.sources] for e in range(n_exp)]
+        parts = [_numbers(r, sp, n, n_exp) for r, n in zip(rules, sizes)]
+        lim = _on_device([[lim[e] for lim, _ in parts] for e in range(n_exp)], _lim_dtype(sp, srcs), dev)  # (E, C, k)
+        table = _on_device([numbers for _, numbers in parts], torch.float32, dev)  # (C, 3E + 1)
+        normalize = rules[0].normalize
+        if not any(r.rescaled for r in rules):
+            return fused.merge_group(sp, consensus, normalize, out, base, deltas, srcs, lim, table, state["cob"])
+        if not writes_kept_entries(sum(t.element_size() for t in srcs[0]), base.element_size()):
+            return fused.merge_group_rescaled(sp, consensus, normalize, out, base, deltas, srcs, lim, state["l1"],
+                                              table, state["cob"])
+        total = None
+        dense_lim = torch.zeros(n_exp, len(sizes), 1, device=dev)
+        for b0, b1, c0, c1, cob in _segments(state, sizes, base.shape[1]):
+            # A run of one chunk (the largest ones) takes the chunk's formulas, on flat views.
+            one = c1 - c0 == 1
+            cut = functools.partial(_run_of, b0=b0, b1=b1, flat=one)
+            kept = [scratch.get(f"kept{e}", cut(base)) for e in range(n_exp)]
+            nothing = [[] for _ in range(n_exp)]
+            if one:
+                nums = fused.rescaled_nums(sp, kept, [cut(d) for d in deltas], [[cut(x) for x in xs] for xs in srcs],
+                                           lim[:, c0], state["l1"][c0], table[c0])
+                written = None if nums is None else fused.merge(fused.DENSE, consensus, normalize, cut(out),
+                                                                cut(base), kept, nothing, dense_lim[:, c0], nums)
+            else:
+                nums = fused.group_rescaled_nums(sp, kept, [cut(d) for d in deltas],
+                                                 [[cut(x) for x in xs] for xs in srcs], lim[:, c0:c1],
+                                                 state["l1"][c0:c1], table[c0:c1], cob)
+                written = None if nums is None else fused.merge_group(fused.DENSE, consensus, normalize, cut(out),
+                                                                      cut(base), kept, nothing, dense_lim[:, c0:c1],
+                                                                      nums, cob)
+            if written is None:
+                return None
+            total = written if total is None else total + written
+        return total
+
+    return group
 
 
 def _make_linear_parts(kind: str, consensus: bool):
@@ -565,7 +651,7 @@ def _register(name: str, kind: str, consensus: bool, normalize: bool, rescale: b
              linear_parts=_make_linear_parts(kind, consensus), rules=(DELLA_RULE,) if kind == "della" else (),
              # int32 ranks; float32 uniforms; della: float32 uniforms and row ranks
              state_bytes={"none": 0, "magnitude": 4, "outliers": 4, "random": 4, "della": 8}[kind],
-             )(_make_kernel(kind, consensus))
+             group=_make_group_kernel(kind, consensus))(_make_kernel(kind, consensus))
 
 
 _register("task_arithmetic", "none", False, False, False,
