@@ -143,7 +143,8 @@ def _merge(sp: Sparsifier, consensus: bool, normalize: bool, out, b, ds, srcs, l
     lam = _col(nums, 3 * n_exp)
     dt, f32 = b.dtype, torch.float32
     base = b.to(f32)
-    terms = [_masked(sp, d.to(f32), srcs[e], lim[e]) * fc[e] for e, d in enumerate(ds)]
+    # An expert at coefficient 0 adds nothing, as in the eager kernel, which leaves it out: not even a NaN of its own.
+    terms = [torch.where(fc[e] != 0, _masked(sp, d.to(f32), srcs[e], lim[e]) * fc[e], 0.0) for e, d in enumerate(ds)]
     if not consensus:  # eager: acc = b + c_e t_e, one rounding per add (a rescaled term rounded before)
         acc = base
         for e, t in enumerate(terms):

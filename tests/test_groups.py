@@ -1,0 +1,144 @@
+"""A candidate's large chunks merged in one call (mergesearch.groups, operators' `group` contract).
+
+The group path must give exactly the weights of the same compiled formula run chunk by chunk (which
+test_fused.py checks against the eager kernel, itself checked against mergekit), for every method of the
+task-arithmetic family, with parameters that differ from chunk to chunk, in float32 and under the CUDA policy's
+bf16 (run here on the CPU: CI has no GPU). Every test checks which calls ran (`fused.calls`).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_fused import FAMILY, PARAMS
+
+from mergesearch import operators
+from mergesearch.errors import CandidateError
+from mergesearch.groups import MIN_BLOCK, plan_group
+from mergesearch.materializer import Materializer
+from mergesearch.operators import fused
+from mergesearch.operators.task_arithmetic import _segments
+
+
+def _varied(m: Materializer, values: dict):
+    """A plan whose weights and densities differ by tensor and chunk (and stay inside DELLA's band)."""
+    plan = m.plan(**values)
+    g = torch.Generator().manual_seed(5)
+    for name in ("weight", "density"):
+        if name in plan.params:
+            p = plan.params[name]
+            lo, hi = (0.2, 0.8) if name == "density" else (-0.5, 1.0)
+            p.copy_(lo + (hi - lo) * torch.rand(p.shape, generator=g))
+    return plan
+
+
+def _run(m: Materializer, plan) -> tuple[dict, dict]:
+    before = fused.calls.copy()
+    m.materialize(plan)
+    return {k: v.clone() for k, v in m.state_dict().items()}, dict(fused.calls - before)
+
+
+@pytest.mark.parametrize("method", FAMILY)
+def test_one_call_gives_the_chunk_by_chunk_weights(method, tiny_family):
+    base, experts = tiny_family("llama", 3)
+    values = {k: (v + [0.5] if isinstance(v, list) else v) for k, v in PARAMS[method].items()}
+    got = {}
+    for grouped in (True, False):
+        m = Materializer(base, experts, method, device="cpu", chunks=2, seed=3, compiled=True, grouped=grouped)
+        plan = _varied(m, values)
+        got[grouped], ran = _run(m, plan)
+        groups = {k for k in ran if k[0].startswith("group_")}
+        assert bool(groups) is grouped, ran
+        if grouped:
+            # one call; DELLA two per run of chunks (its kept entries written run by run), against two per chunk
+            chunks = sum(len(b) for b in m._bounds)
+            assert sum(ran.values()) == 1 if "della" not in method else sum(ran.values()) < 2 * chunks, ran
+            again, _ = _run(m, m.plan())  # another candidate in between: nothing sticks
+            assert not all(torch.equal(again[k], got[True][k]) for k in again)
+            assert all(torch.equal(v, _run(m, plan)[0][k]) for k, v in got[True].items())
+    for k, v in got[True].items():
+        assert torch.equal(v, got[False][k]), k
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "della", "dare_linear"])
+def test_the_cuda_policys_bf16_group_gives_the_chunk_by_chunk_weights(method, tiny_family, monkeypatch):
+    """bf16 under the CUDA policy: DARE and DELLA write their kept entries run by run (`_segments`), a run of one
+    chunk by the chunk's own formulas."""
+    monkeypatch.setitem(operators.registry.COMPILED_DTYPES, "cpu", (torch.float32, torch.bfloat16))
+    base, experts = tiny_family("llama", 3)
+    values = {k: (v + [0.5] if isinstance(v, list) else v) for k, v in PARAMS[method].items()}
+    values = {**values, "rescale": 1.0} if "rescale" in operators.get(method).param_names else values
+    got = {}
+    for grouped in (True, False):
+        m = Materializer(base, experts, method, device="cpu", dtype="bfloat16", chunks=2, seed=3, compiled=True,
+                         grouped=grouped)
+        got[grouped], ran = _run(m, _varied(m, values))
+        if grouped and method in ("dare_ties", "della"):
+            assert ran.get(("group_nums", "_Random" if method == "dare_ties" else "_Della"), 0) > 0, ran
+    for k, v in got[True].items():
+        assert torch.equal(v, got[False][k]), k
+
+
+def test_the_models_parameters_are_views_of_the_group_and_tied_weights_stay_tied(tiny_family):
+    base, experts = tiny_family("gpt2", 2)
+    ids = torch.tensor([[1, 5, 7, 9, 2]])
+    logits = {}
+    for grouped in (True, False):
+        m = Materializer(base, experts, "ties", device="cpu", compiled=True, grouped=grouped)
+        _, ran = _run(m, m.plan(weight=[0.7, 0.4], density=0.5))
+        model = m.model
+        assert model.lm_head.weight is model.transformer.wte.weight or (
+            model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr())
+        if grouped:
+            out = m._group.buffers["out"]
+            inside = [p for p in model.parameters()
+                      if out.data_ptr() <= p.data_ptr() < out.data_ptr() + out.numel() * out.element_size()]
+            assert len(inside) == len(m._group.members)
+        with torch.no_grad():
+            logits[grouped] = model(ids).logits
+    assert torch.equal(logits[True], logits[False])
+
+
+def test_a_candidate_the_group_refuses_is_refused_chunk_by_chunk_by_name(tiny_family):
+    """An overflow inside the group is found by the group's own sum, and named."""
+    base, experts = tiny_family("llama", 2)
+    m = Materializer(base, experts, "ties", device="cpu", compiled=True)
+    i = next(i for i, t in enumerate(m.tensors) if t.name.endswith("layers.1.mlp.up_proj.weight"))
+    assert i in m._group
+    for d in m.sources(i)[1]:
+        d.view(-1)[:64] = 3e38
+    with pytest.raises(CandidateError, match=r"not finite .*layers\.1\.mlp\.up_proj\.weight"):
+        m.materialize(m.plan(weight=[2.0, 2.0], density=1.0))
+
+
+class _Info:
+    def __init__(self, shape):
+        self.shape = shape
+
+
+def test_which_tensors_form_the_group(tiny_family, monkeypatch):
+    base, experts = tiny_family("llama", 2)
+    m = Materializer(base, experts, "ties", device="cpu", chunks=2, compiled=True)
+    assert m._group is not None and len(m._group.members) == len(m.tensors)
+    assert all(n % m._group.block == 0 for n in m._group.sizes) and m._group.block >= MIN_BLOCK
+    assert Materializer(base, experts, "ties", device="cpu", compiled=False)._group is None  # eager: no group
+    assert Materializer(base, experts, "ties", device="cpu", compiled=True, streaming=True)._group is None
+    assert Materializer(base, experts, "model_stock", device="cpu", compiled=True)._group is None  # no group kernel
+    monkeypatch.setenv("MERGESEARCH_GROUPED", "0")
+    assert Materializer(base, experts, "ties", device="cpu", compiled=True)._group is None
+    bounds = [[(0, 3)], [(0, 5)]]
+    monkeypatch.delenv("MERGESEARCH_GROUPED")
+    assert plan_group([_Info((3, 7)), _Info((5, 7))], bounds, [True, True]) is None  # gcd 7 < MIN_BLOCK
+    assert plan_group([_Info((3, 64)), _Info((5, 64))], bounds, [True, True]).block == 64
+    assert plan_group([_Info((3, 64)), _Info((5, 64))], bounds, [False, True]).members == [1]
+
+
+def test_runs_are_cut_at_chunk_boundaries_within_the_largest_chunk():
+    block = 4
+    sizes = [8, 4, 4, 16, 4, 8]
+    cob = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor([n // block for n in sizes]))
+    runs = _segments({"cob": cob}, sizes, block)
+    assert [(c0, c1) for _, _, c0, c1, _ in runs] == [(0, 3), (3, 4), (4, 6)]
+    assert [(b0, b1) for b0, b1, _, _, _ in runs] == [(0, 4), (4, 8), (8, 11)]
+    assert all(int(cob_run.min()) == 0 and int(cob_run.max()) == c1 - c0 - 1 for _, _, c0, c1, cob_run in runs)
