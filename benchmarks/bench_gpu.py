@@ -7,7 +7,8 @@
    For each dtype and EVERY method, ms per candidate, GB/s = (experts + 2) x model bytes / time against
    the same run's device add bandwidth (torch.add(a, b, out=c) over the same bytes), and the time
    against task arithmetic's, and where the task-arithmetic family ran its compiled formula
-   (operators/fused.py) the eager block kernel's time beside it; task arithmetic with `streaming`
+   (operators/fused.py) the eager block kernel's time beside it, and where it merged the candidate in one call
+   (mergesearch.groups) the same formula's time chunk by chunk ("chunks ms"); task arithmetic with `streaming`
    (sources in pinned host memory, (experts + 1) x model bytes copied per candidate) against the same
    run's pinned host-to-device copy.
 3. Evaluator throughput: the calibration evaluator against batched HF `generate` on the same model,
@@ -222,12 +223,17 @@ def merge_rows(base: Path, experts: list[Path], n_params: int, device: torch.dev
             else:
                 prep = 0.0
             plan = m.plan(**{k: v[:len(exps)] if isinstance(v, list) else v for k, v in PARAMS[name].items()})
-            before = sum(fused.calls.values())
+            before = fused.calls.copy()
             s = timed(lambda: m.materialize(plan), device, repeat)
             gbs = (len(exps) + 2) * nbytes / s / 1e9
             row = {"dtype": dtype, "method": method, "ms": s * 1e3, "gbs": gbs, "add": add, "vs_add": gbs / add,
-                   "prep_s": prep, "eager_ms": None}
-            if sum(fused.calls.values()) > before:  # the compiled formula ran: the eager kernel beside it
+                   "prep_s": prep, "eager_ms": None, "chunks_ms": None}
+            ran = fused.calls - before
+            if ran:  # the compiled formula ran: the eager kernel beside it
+                if any(k[0].startswith("group_") for k in ran):  # in one call per candidate: chunk by chunk too
+                    m.grouped = False
+                    row["chunks_ms"] = timed(lambda: m.materialize(plan), device, repeat) * 1e3
+                    m.grouped = True
                 policy, m.scratch.compiled_min = m.scratch.compiled_min, None
                 row["eager_ms"] = timed(lambda: m.materialize(plan), device, repeat) * 1e3
                 m.scratch.compiled_min = policy
@@ -246,13 +252,14 @@ def merge_rows(base: Path, experts: list[Path], n_params: int, device: torch.dev
 def print_merge_table(rows: list[dict], n_params: int, n_experts: int) -> None:
     print(f"\n2. merge: Llama-shaped, {n_params / 1e6:.0f}M parameters, {n_experts} experts (bf16 checkpoints)")
     print(f"{'dtype':9} {'method':28} {'ms/cand':>8} {'GB/s':>8} {'add GB/s':>9} {'vs add':>7} {'vs TA':>6} "
-          f"{'H2D GB/s':>9} {'vs H2D':>7} {'prep s':>7} {'eager ms':>9}")
+          f"{'H2D GB/s':>9} {'vs H2D':>7} {'prep s':>7} {'eager ms':>9} {'chunks ms':>9}")
     for r in rows:
         vs_ta = f"{r['vs_ta']:.2f}" if r["vs_ta"] else "-"
         h2d = f"{r['h2d']:9.1f} {r['vs_h2d']:7.2f}" if "h2d" in r else f"{'-':>9} {'-':>7}"
         eager = f"{r['eager_ms']:.2f}" if r.get("eager_ms") else "-"  # the eager kernel, where compiled ran
+        chunks = f"{r['chunks_ms']:.2f}" if r.get("chunks_ms") else "-"  # the compiled formula chunk by chunk
         print(f"{r['dtype']:9} {r['method']:28} {r['ms']:8.2f} {r['gbs']:8.1f} {r['add']:9.1f} {r['vs_add']:7.2f} "
-              f"{vs_ta:>6} {h2d} {r['prep_s']:7.1f} {eager:>9}", flush=True)
+              f"{vs_ta:>6} {h2d} {r['prep_s']:7.1f} {eager:>9} {chunks:>9}", flush=True)
 
 
 def check_merge(checks, rows: list[dict]) -> None:

@@ -15,6 +15,9 @@ fly and written to a temporary folder. For each dtype and method the table gives
               model of >= COMPILED_MIN_MODEL entries; MERGESEARCH_FUSED=0/1 forces it off/on), the eager
               block kernel's time for the same candidate, interleaved with the compiled one's
   x eager     eager ms / ms/cand (target: >= 1/1.10, i.e. the compiled path is never slower)
+  chunks ms   where the candidate's compiled chunks ran in one call (mergesearch.groups), the same formula's time
+              chunk by chunk, interleaved (MERGESEARCH_GROUPED=0 turns the group off)
+  x chunks    chunks ms / ms/cand (target: >= 1/1.10)
   first s     the first candidate (with the compiled path: the compile, ~1-3 s per formula, more on a
               cold cache)
 
@@ -163,9 +166,10 @@ class _Materializers:
 
 
 def time_ours(mats: _Materializers, method: str, repeat: int, budget_s: float = 8.0,
-              pair_ta: bool = False) -> tuple[float, float, float | None, float, float | None]:
+              pair_ta: bool = False) -> tuple[float, float, float | None, float, float | None, float | None]:
     """(median s per candidate, prep s, the eager kernel's median s or None, the first candidate's s, task
-    arithmetic's median s interleaved with this method's candidates or None).
+    arithmetic's median s interleaved with this method's candidates or None, the compiled formula's median s
+    chunk by chunk where the candidate ran in one call (mergesearch.groups), or None).
 
     Where the materialiser's policy merges this method with the compiled formula (operators/fused.py: float32
     chunks of large models), the eager kernel is timed too, interleaved candidate by candidate with the
@@ -180,13 +184,19 @@ def time_ours(mats: _Materializers, method: str, repeat: int, budget_s: float = 
     recipe = recipe_from_dict(mergekit_recipe(method, mats.base, mats.experts, mats.dtype))
     plan = recipe.to_plan(m.tensors, m.num_layers)
     policy = m.scratch.compiled_min
-    before = sum(fused.calls.values())
+    before = fused.calls.copy()
     t0 = time.perf_counter()
     m.materialize(plan)  # warm-up: grows scratch buffers, compiles the formula
     first = time.perf_counter() - t0
-    both = sum(fused.calls.values()) > before  # the policy ran the compiled formula: time the eager one too
-    times: dict[object, list[float]] = {policy: [], None: [], "ta": []}
+    ran = fused.calls - before
+    both = bool(ran)  # the policy ran the compiled formula: time the eager one too
+    times: dict[object, list[float]] = {policy: [], None: [], "ta": [], "chunks": []}
     paths: list[object] = [policy, None] if both else [policy]
+    if any(k[0].startswith("group_") for k in ran):  # one call per candidate: the same formula chunk by chunk too
+        paths.append("chunks")
+        m.grouped = False
+        m.materialize(plan)  # its warm-up (the chunks' own graphs)
+        m.grouped = True
     plans = {path: plan for path in paths}
     if pair_ta:
         ta = recipe_from_dict(mergekit_recipe("task_arithmetic", mats.base, mats.experts, mats.dtype))
@@ -199,12 +209,13 @@ def time_ours(mats: _Materializers, method: str, repeat: int, budget_s: float = 
     while len(times[policy]) < repeat and sum(map(sum, times.values())) < budget_s:  # slow methods: fewer
         for path in paths:
             m.scratch.compiled_min = None if path is None else policy
+            m.grouped = path != "chunks"
             t0 = time.perf_counter()
             m.materialize(plans[path])
             times[path].append(time.perf_counter() - t0)
-    m.scratch.compiled_min = policy
+    m.scratch.compiled_min, m.grouped = policy, True
     med = {k: statistics.median(v) if v else None for k, v in times.items()}
-    return med[policy], prep, med[None] if both else None, first, med["ta"]
+    return med[policy], prep, med[None] if both else None, first, med["ta"], med["chunks"]
 
 
 def time_mergekit(method: str, base: Path, experts: Sequence[Path], root: Path) -> tuple[float, float]:
@@ -266,13 +277,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             add_bw = add_bandwidth(n_params, dt, max(3, args.repeat))
             print(f"\n{dtype}: model {model_bytes / 1e9:.2f} GB; torch.add(out=) streams {add_bw:.1f} GB/s")
             print(f"{'method':18s} {'ms/cand':>9s} {'GB/s':>7s} {'add GB/s':>9s} {'vs add':>7s} {'vs TA':>6s} "
-                  f"{'prep s':>7s} {'eager ms':>9s} {'x eager':>8s} {'first s':>8s}")
+                  f"{'prep s':>7s} {'eager ms':>9s} {'x eager':>8s} {'chunks ms':>9s} {'x chunks':>8s} {'first s':>8s}")
             mats = _Materializers(base, experts, dtype)
             for method in (methods if dtype == "float32" else [m for m in methods if m in bf16_methods]):
                 row = ours.get((dtype, "task_arithmetic"))
                 # slerp merges one expert: its materialiser cannot run the 3-expert task arithmetic in between
                 paired = method in VS_TA_METHODS and row is not None and method != "slerp"
-                sec, prep, eager, first, ta_sec = time_ours(mats, method, args.repeat, pair_ta=paired)
+                sec, prep, eager, first, ta_sec, chunks = time_ours(mats, method, args.repeat, pair_ta=paired)
                 ours[(dtype, method)] = (sec, prep)
                 n_in = 2 if method == "slerp" else len(experts)
                 gbs = (n_in + 2) * model_bytes / sec / 1e9
@@ -280,8 +291,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 vs_ta = f"{sec / ta[0]:6.2f}" if ta else f"{'-':>6s}"
                 vs_eager = (f"{eager * 1e3:9.1f} {eager / sec:8.2f}" if eager is not None
                             else f"{'-':>9s} {'-':>8s}")
+                vs_chunks = (f"{chunks * 1e3:9.1f} {chunks / sec:8.2f}" if chunks is not None
+                             else f"{'-':>9s} {'-':>8s}")
                 print(f"{method:18s} {sec * 1e3:9.1f} {gbs:7.1f} {add_bw:9.1f} {gbs / add_bw:7.2f} {vs_ta} "
-                      f"{prep:7.1f} {vs_eager} {first:8.1f}", flush=True)
+                      f"{prep:7.1f} {vs_eager} {vs_chunks} {first:8.1f}", flush=True)
+                if chunks is not None:
+                    checks.check(f"{method} {dtype}: one call per candidate takes {sec / chunks:.2f}x the same "
+                                 f"formula's time chunk by chunk (target <= {VS_EAGER_TARGET:g})",
+                                 sec <= VS_EAGER_TARGET * chunks)
                 if eager is not None:
                     checks.check(f"{method} {dtype}: the compiled formula takes {sec / eager:.2f}x the eager "
                                  f"kernel's time (target <= {VS_EAGER_TARGET:g}: nothing slower than before)",

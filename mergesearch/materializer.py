@@ -83,6 +83,7 @@ class Materializer:
         # The chunks the compiled formula merges lie in flat buffers, merged in one call per candidate where the
         # method can (mergesearch.groups); `grouped=False` (or MERGESEARCH_GROUPED=0): chunk by chunk.
         self._group = self._plan_group() if grouped else None
+        self.grouped = self._group is not None  # False: chunk by chunk (benchmarks time both on one materialiser)
         self.timer = PhaseTimer()  # where opening went: read_sources, prepare, model (mergesearch.timings)
         with torch.no_grad():
             self._load_sources()
@@ -297,7 +298,7 @@ class Materializer:
         """The group's chunks merged in one call (op.group); the float32 sum it wrote, or None: no group here,
         or the method cannot merge it at this candidate (then each chunk runs alone, as any other)."""
         g = self._group
-        if g is None or op.group is None or not (own_state or op.prepare is None):
+        if not self.grouped or g is None or op.group is None or not (own_state or op.prepare is None):
             return None
         params = [chunk_params(i, c) for i in g.members for c in range(len(self._bounds[i]))]
         try:

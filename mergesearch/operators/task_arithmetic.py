@@ -547,7 +547,9 @@ def _make_group_kernel(kind: str, consensus: bool):
             return None
         rules = [_Rules(kind, consensus, n, p) for n, p in zip(sizes, params)]
         plain = all(r.plain or not r.live for r in rules)
-        if not scratch.compiled(base, plain) or (consensus and len({r.normalize for r in rules}) > 1):
+        # Plain task arithmetic too, also on the CPU, where chunk by chunk it stays eager: in one call it took 0.69x
+        # the eager kernel's time (134M Llama, 3 experts, float32, 2 threads; 0.79x the compiled chunks').
+        if not scratch.compiled(base) or (consensus and len({r.normalize for r in rules}) > 1):
             return None
         sp = fused.DENSE if plain else _SPARSIFIERS[kind]
         srcs = [[state[key][e] for key in sp.sources] for e in range(n_exp)]
