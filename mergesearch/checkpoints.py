@@ -318,11 +318,12 @@ def save_model(model_or_state_dict, out_dir: str | os.PathLike, *, base: Checkpo
         if isinstance(model_or_state_dict, Mapping):
             from huggingface_hub import save_torch_state_dict
 
-            state = {k: v.detach().contiguous().cpu() for k, v in model_or_state_dict.items()}
+            state = _own_storage({k: v.detach().contiguous().cpu() for k, v in model_or_state_dict.items()})
             save_torch_state_dict(state, tmp, max_shard_size=max_shard_size)
             shutil.copy2(base.path / "config.json", tmp / "config.json")
         else:
-            model_or_state_dict.save_pretrained(tmp, max_shard_size=max_shard_size)
+            model_or_state_dict.save_pretrained(tmp, max_shard_size=max_shard_size,
+                                                state_dict=_own_storage(model_or_state_dict.state_dict()))
         for name in ("generation_config.json", *TOKENIZER_FILES):
             src = base.path / name
             if src.is_file():
@@ -340,6 +341,22 @@ def save_model(model_or_state_dict, out_dir: str | os.PathLike, *, base: Checkpo
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return out
+
+
+def _own_storage(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with each view of a larger buffer copied to the host into a tensor of its own. The materialiser's
+    parameters are views of one flat buffer (mergesearch.groups), which safetensors refuses to save ("None is
+    covering the entire storage"). A tied weight stays one tensor under its names, saved once by transformers."""
+    out, copies = {}, {}
+    for k, v in state.items():
+        if v.untyped_storage().nbytes() == v.numel() * v.element_size():
+            out[k] = v
+            continue
+        key = (v.data_ptr(), tuple(v.shape))
+        if key not in copies:
+            copies[key] = v.detach().to("cpu", copy=True)
+        out[k] = copies[key]
     return out
 
 

@@ -142,3 +142,24 @@ def test_runs_are_cut_at_chunk_boundaries_within_the_largest_chunk():
     assert [(c0, c1) for _, _, c0, c1, _ in runs] == [(0, 3), (3, 4), (4, 6)]
     assert [(b0, b1) for b0, b1, _, _, _ in runs] == [(0, 4), (4, 8), (8, 11)]
     assert all(int(cob_run.min()) == 0 and int(cob_run.max()) == c1 - c0 - 1 for _, _, c0, c1, cob_run in runs)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_grouped_model_saves_as_the_chunk_by_chunk_one(arch, tiny_family, tmp_path):
+    """safetensors refuses views of one buffer: the export copies them out, a tied weight saved once."""
+    from safetensors.torch import load_file
+
+    from mergesearch.checkpoints import save_model
+
+    base, experts = tiny_family(arch, 2)
+    saved = {}
+    for grouped in (True, False):
+        m = Materializer(base, experts, "ties", device="cpu", compiled=True, grouped=grouped)
+        assert (m._group is not None) is grouped
+        m.materialize(m.plan(weight=[0.7, 0.4], density=0.5))
+        out = save_model(m.model, tmp_path / f"{arch}-{grouped}", base=m.base, provenance={})
+        saved[grouped] = load_file(out / "model.safetensors")
+        state = save_model(m.state_dict(), tmp_path / f"{arch}-{grouped}-state", base=m.base, provenance={})
+        assert set(load_file(state / "model.safetensors")) >= set(saved[grouped])
+    assert set(saved[True]) == set(saved[False])
+    assert all(torch.equal(v, saved[False][k]) for k, v in saved[True].items())
