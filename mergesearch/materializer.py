@@ -45,7 +45,9 @@ class Materializer:
     `streaming`, kept in CPU memory and copied per tensor to the device); the method's state
     (sorted magnitudes, random fields, angles) is computed once per tensor chunk. Then
     `materialize(plan)` costs about the memory traffic of reading the sources once and
-    writing the model once.
+    writing the model once. The chunks the compiled formula merges (operators.compiled_min_entries) have
+    their sources, state and model parameters laid out in flat buffers and are merged in one call per
+    candidate where the method can (mergesearch.groups; `grouped=False`: chunk by chunk).
     """
 
     def __init__(self, base: str | os.PathLike | Checkpoint, experts: Sequence[str | os.PathLike | Checkpoint],

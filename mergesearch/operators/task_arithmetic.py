@@ -545,7 +545,11 @@ def _make_group_kernel(kind: str, consensus: bool):
         n_exp, dev = len(deltas), base.device
         if len(sizes) < 2:  # one chunk: its own formula (a group of one tripped inductor's scatter of one row)
             return None
-        rules = [_Rules(kind, consensus, n, p) for n, p in zip(sizes, params)]
+        # The host time of a candidate is this loop: chunks of one size at the same parameters (every layer's
+        # q_proj in a global search) share their rules.
+        memo: dict[tuple, _Rules] = {}
+        rules = [memo.get(key) or memo.setdefault(key, _Rules(kind, consensus, n, p))
+                 for n, p in zip(sizes, params) for key in [(n, *p.values())]]
         plain = all(r.plain or not r.live for r in rules)
         # Plain task arithmetic too, also on the CPU, where chunk by chunk it stays eager: in one call it took 0.69x
         # the eager kernel's time (134M Llama, 3 experts, float32, 2 threads; 0.79x the compiled chunks').
@@ -553,7 +557,8 @@ def _make_group_kernel(kind: str, consensus: bool):
             return None
         sp = fused.DENSE if plain else _SPARSIFIERS[kind]
         srcs = [[state[key][e] for key in sp.sources] for e in range(n_exp)]
-        parts = [_numbers(r, sp, n, n_exp) for r, n in zip(rules, sizes)]
+        numbers = {id(r): _numbers(r, sp, key[0], n_exp) for key, r in memo.items()}
+        parts = [numbers[id(r)] for r in rules]
         lim = _on_device([[lim[e] for lim, _ in parts] for e in range(n_exp)], _lim_dtype(sp, srcs), dev)  # (E, C, k)
         table = _on_device([numbers for _, numbers in parts], torch.float32, dev)  # (C, 3E + 1)
         normalize = rules[0].normalize
