@@ -96,7 +96,8 @@ class Materializer:
 
     def _plan_group(self) -> Group | None:
         s = self.scratch
-        if self.streaming or self.op.group is None or s.compiled_min is None or self.dtype not in s.compiled_dtypes:
+        # Whatever the method: a plan of another, state-free one (task arithmetic on a linear materialiser) may use it.
+        if self.streaming or s.compiled_min is None or self.dtype not in s.compiled_dtypes:
             return None
         rows = [math.prod(t.shape[1:]) for t in self.tensors]
         wanted = [all((hi - lo) * row >= s.compiled_min for lo, hi in b) for b, row in zip(self._bounds, rows)]
@@ -161,8 +162,8 @@ class Materializer:
                 state = self.op.prepare(b, ds, gen)
                 if self.streaming:
                     state = _to_device(state, self._store, pin=self.device.type == "cuda")
-                elif self._group is not None and i in self._group:
-                    state = self._group.add_state(i, c, state)
+                elif self._group is not None and i in self._group and self.op.group is not None:
+                    state = self._group.add_state(i, c, state)  # laid out for the method's group kernel
                 per_chunk.append(state)
             self._state.append(per_chunk)
         if self._group is not None:

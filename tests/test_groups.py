@@ -19,6 +19,7 @@ from mergesearch.groups import MIN_BLOCK, plan_group
 from mergesearch.materializer import Materializer
 from mergesearch.operators import fused
 from mergesearch.operators.task_arithmetic import _segments
+from mergesearch.plan import Plan
 
 
 def _varied(m: Materializer, values: dict):
@@ -124,7 +125,13 @@ def test_which_tensors_form_the_group(tiny_family, monkeypatch):
     assert all(n % m._group.block == 0 for n in m._group.sizes) and m._group.block >= MIN_BLOCK
     assert Materializer(base, experts, "ties", device="cpu", compiled=False)._group is None  # eager: no group
     assert Materializer(base, experts, "ties", device="cpu", compiled=True, streaming=True)._group is None
-    assert Materializer(base, experts, "model_stock", device="cpu", compiled=True)._group is None  # no group kernel
+    # a method without a group kernel keeps the layout for the plans of state-free ones (task arithmetic)
+    other = Materializer(base, experts, "model_stock", device="cpu", compiled=True)
+    assert other._group is not None
+    _, ran = _run(other, other.plan())
+    assert ran == {}  # model_stock itself: its own kernel, chunk by chunk
+    _, ran = _run(other, Plan.full("task_arithmetic", other.tensors, 2, weight=[0.5, 0.5]))
+    assert set(ran) == {("group_merge", "_Dense", False, False)}
     monkeypatch.setenv("MERGESEARCH_GROUPED", "0")
     assert Materializer(base, experts, "ties", device="cpu", compiled=True)._group is None
     bounds = [[(0, 3)], [(0, 5)]]
