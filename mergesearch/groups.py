@@ -94,7 +94,8 @@ class Group:
 
     def finish_state(self, n_experts: int, device: torch.device) -> None:
         """Make the group's state: each per-entry state as (blocks, B) views per expert, each per-chunk (E,) state
-        stacked to (chunks, E), and "cob" (blocks,) int64, each block's chunk."""
+        stacked to (chunks, E) (norms, the uniforms' keys), "cob" (blocks,) int64 each block's chunk, and "at"
+        (blocks, 1) int64 each block's first entry in its chunk."""
         for slot, buf in self.buffers.items():
             if isinstance(slot, tuple) and slot[0] == "state":
                 _, key, e = slot
@@ -102,7 +103,11 @@ class Group:
         for key, rows in self._norms.items():
             self.state[key] = torch.stack(rows)
         counts = torch.tensor([n // self.block for n in self.sizes])
-        self.state["cob"] = torch.repeat_interleave(torch.arange(len(self.sizes)), counts).to(device)
+        cob = torch.repeat_interleave(torch.arange(len(self.sizes)), counts)
+        self.state["cob"] = cob.to(device)
+        # (blocks, 1) int64: each block's first entry within its chunk (hashed uniforms count entries per chunk)
+        first = torch.cumsum(counts, 0) - counts
+        self.state["at"] = ((torch.arange(len(cob)) - first[cob]) * self.block).view(-1, 1).to(device)
         self._norms = {}
 
     def blocks(self, buf: torch.Tensor) -> torch.Tensor:

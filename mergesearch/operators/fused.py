@@ -39,6 +39,8 @@ import warnings
 
 import torch
 
+from mergesearch.operators import counter
+
 log = logging.getLogger(__name__)
 
 
@@ -50,9 +52,13 @@ class Sparsifier:
 
     sources: tuple[str, ...] = ()
     integer = False  # bounds in the sources' integer dtype (ranks), else float32
+    # The uniforms are computed in the kernel (operators/counter.py), not read: srcs = [key, at, *sources], the
+    # expert's key for the chunk and the position of the first entry in its chunk (0-d for a chunk; a group's
+    # (blocks, 1), each block's first entry).
+    hashed = False
 
-    def keep(self, srcs: list[torch.Tensor], lim: torch.Tensor) -> torch.Tensor | None:
-        """(n,) bool: the kept entries of one expert; None: every entry (nothing is dropped)."""
+    def keep(self, srcs: list[torch.Tensor], lim: torch.Tensor, d: torch.Tensor) -> torch.Tensor | None:
+        """(n,) bool: the kept entries of one expert (d: its delta, for the shape); None: every entry."""
         return None
 
     def keep_all(self, n: int) -> tuple[float, ...]:
@@ -71,7 +77,7 @@ class _Magnitude(Sparsifier):
 
     sources, integer = ("rank",), True
 
-    def keep(self, srcs, lim):
+    def keep(self, srcs, lim, d):
         return (srcs[0] >= _col(lim, 0)) & (srcs[0] < _col(lim, 1))
 
     def keep_all(self, n):
@@ -86,7 +92,7 @@ class _Random(Sparsifier):
 
     sources = ("u",)
 
-    def keep(self, srcs, lim):
+    def keep(self, srcs, lim, d):
         return srcs[0] < _col(lim, 0)
 
     def keep_all(self, n):
@@ -101,7 +107,7 @@ class _Della(Sparsifier):
 
     sources = ("u", "rn")
 
-    def keep(self, srcs, lim):
+    def keep(self, srcs, lim, d):
         return srcs[0] < (srcs[1] * _col(lim, 0) + _col(lim, 1))
 
     def keep_all(self, n):
@@ -111,7 +117,33 @@ class _Della(Sparsifier):
         return (0.0, 0.0)
 
 
+def _uniforms(srcs, d: torch.Tensor) -> torch.Tensor:
+    """The uniforms of a hashed sparsifier's entries: key srcs[0], entry positions srcs[1] + 0, 1, ... along d's
+    last dimension. int64 arithmetic off CUDA, int32 on it: the same numbers (operators/counter.py)."""
+    index = srcs[1] + torch.arange(d.shape[-1], device=d.device)
+    return counter.uniform(index, srcs[0], wide=d.device.type != "cuda")
+
+
+class _HashedRandom(_Random):
+    """DARE with its uniforms computed in the kernel (no field read)."""
+
+    sources, hashed = (), True
+
+    def keep(self, srcs, lim, d):
+        return _uniforms(srcs, d) < _col(lim, 0)
+
+
+class _HashedDella(_Della):
+    """DELLA with its uniforms computed in the kernel; the row ranks are read."""
+
+    sources, hashed = ("rn",), True
+
+    def keep(self, srcs, lim, d):
+        return _uniforms(srcs, d) < (srcs[2] * _col(lim, 0) + _col(lim, 1))
+
+
 DENSE, MAGNITUDE, RANDOM, DELLA = _Dense(), _Magnitude(), _Random(), _Della()
+HASHED_RANDOM, HASHED_DELLA = _HashedRandom(), _HashedDella()
 
 
 def _col(x: torch.Tensor, i: int) -> torch.Tensor:
@@ -122,7 +154,7 @@ def _col(x: torch.Tensor, i: int) -> torch.Tensor:
 
 def _masked(sp: Sparsifier, d: torch.Tensor, srcs, lim) -> torch.Tensor:
     """d (float32) with the entries `sp` drops set to 0."""
-    keep = sp.keep(srcs, lim)
+    keep = sp.keep(srcs, lim, d)
     return d if keep is None else d * keep.to(d.dtype)
 
 
@@ -250,22 +282,27 @@ def _merge_rescaled(sp: Sparsifier, consensus: bool, normalize: bool, out, b, ds
 # mid-sized chunk: per chunk, the host bounded a 0.5B model's candidate, not the memory.
 
 
+def _per_block(sp: Sparsifier, srcs, cob):
+    """A hashed sparsifier's keys, (chunks,) per expert, gathered per block: (blocks, 1)."""
+    return [[x[0][cob][:, None], *x[1:]] for x in srcs] if sp.hashed else srcs
+
+
 def _group_merge(sp: Sparsifier, consensus: bool, normalize: bool, out, b, ds, srcs, lim, table, cob) -> torch.Tensor:
     """`_merge` of a group: lim (E, chunks, K) each chunk's bounds, table (chunks, 3E + 1) its numbers."""
-    return _merge(sp, consensus, normalize, out, b, ds, srcs, lim[:, cob], table[cob])
+    return _merge(sp, consensus, normalize, out, b, ds, _per_block(sp, srcs, cob), lim[:, cob], table[cob])
 
 
 def _group_rescaled(sp: Sparsifier, consensus: bool, normalize: bool, out, b, ds, srcs, lim, before, table, cob
                     ) -> torch.Tensor:
     """`_merge_rescaled` of a group (before: (chunks, E) float64 each chunk's L1 norms)."""
-    lim = lim[:, cob]
+    lim, srcs = lim[:, cob], _per_block(sp, srcs, cob)
     table = _rescaled_nums(sp, None, ds, srcs, lim, before, table, cob)
     return _merge(sp, consensus, normalize, out, b, ds, srcs, lim, table[cob])
 
 
 def _group_nums(sp: Sparsifier, kept, ds, srcs, lim, before, table, cob) -> torch.Tensor:
     """`_rescaled_nums` of a group: the (chunks, 3E + 1) table with the rescale factors applied."""
-    return _rescaled_nums(sp, kept, ds, srcs, lim[:, cob], before, table, cob)
+    return _rescaled_nums(sp, kept, ds, _per_block(sp, srcs, cob), lim[:, cob], before, table, cob)
 
 
 _FORMULAS = {"merge": _merge, "rescaled": _merge_rescaled, "nums": _rescaled_nums,

@@ -261,6 +261,10 @@ def block_entries(device: str | torch.device) -> int:
 # MERGESEARCH_FUSED=0 runs the eager kernel everywhere; MERGESEARCH_FUSED=1 compiles every chunk of any model
 # in the device's dtypes (benchmarks: the two paths side by side).
 COMPILED_DTYPES = {"cpu": (torch.float32,), "cuda": (torch.float32, torch.bfloat16, torch.float16)}
+# Where the compiled formula computes DARE's and DELLA's uniforms in the kernel instead of reading them
+# (operators/counter.py): a GPU has arithmetic to spare and reads a bf16 delta in half the bytes of its uniforms;
+# a CPU's integer hash cost more than the read.
+HASHED_DEVICES = {"cuda"}
 COMPILED_MIN_ENTRIES = 1 << 16
 COMPILED_MIN_MODEL = {"cpu": 1 << 26, "cuda": 1 << 24}  # 67M entries (268 MB float32); 16.8M
 
@@ -297,12 +301,13 @@ class Scratch:
     """
 
     def __init__(self, block: int = BLOCK_ENTRIES["cpu"], compiled_min: int | None = None,
-                 compiled_dtypes: Sequence[torch.dtype] = COMPILED_DTYPES["cpu"]) -> None:
+                 compiled_dtypes: Sequence[torch.dtype] = COMPILED_DTYPES["cpu"], hashed: bool = False) -> None:
         if block < 1:
             raise ValueError(f"block must be >= 1 entries, got {block}")
         self.block = block
         self.compiled_min = compiled_min  # `compiled_min_entries` of the device: chunks this large run compiled
         self.compiled_dtypes = tuple(compiled_dtypes)  # ... in these dtypes (COMPILED_DTYPES of the device)
+        self.hashed = hashed  # ... computing DARE's and DELLA's uniforms in the kernel (HASHED_DEVICES)
         self._bufs: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
         # The views handed out, by slot and shape: a candidate asks for the same few shapes every time, and
         # making a view costs more than the elementwise op on a small tensor (launch-bound GPUs, small models).
@@ -312,9 +317,11 @@ class Scratch:
     def for_device(cls, device: str | torch.device, *, block: int | None = None, compiled: bool | None = None,
                    model_entries: int = 0) -> Scratch:
         """The buffers with `device`'s policies: its block (`block_entries`, or `block`) and which chunks of a
-        model of `model_entries` floats run the compiled formula (`compiled_min_entries`, `compiled_dtypes`)."""
+        model of `model_entries` floats run the compiled formula (`compiled_min_entries`, `compiled_dtypes`), and
+        whether it computes the uniforms of DARE and DELLA in the kernel (HASHED_DEVICES)."""
         return cls(block if block is not None else block_entries(device),
-                   compiled_min_entries(device, compiled, model_entries), compiled_dtypes(device))
+                   compiled_min_entries(device, compiled, model_entries), compiled_dtypes(device),
+                   torch.device(device).type in HASHED_DEVICES)
 
     def compiled(self, chunk: torch.Tensor, plain: bool = False) -> bool:
         """Whether the family's compiled formula merges `chunk` (the policy: `compiled_min_entries`).

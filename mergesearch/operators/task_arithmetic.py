@@ -27,10 +27,11 @@ All of mergekit's `GeneralizedTaskArithmeticMerge` methods, with its semantics:
 Speed: sparsification never sorts on the hot path. `prepare` sorts each chunk's |d| once and
 keeps each entry's rank in that order (int32, 0 = largest), so a density's mask is one integer
 comparison (rank < k; breadcrumbs: two), exact at ties, with no threshold to look up.
-DARE/DELLA draw their uniform numbers once per chunk from the seeded generator (float32
-fields, kept iff u < p): the same candidate and seed give the same
-weights, and candidates at different densities share the random numbers (nested masks), which
-takes noise out of comparisons between candidates.
+DARE/DELLA's uniform numbers are a hash of each entry's position in its chunk under a key per expert and chunk,
+drawn from the seeded generator (operators/counter.py; float32 fields, kept iff u < p). The CPU stores them once;
+the compiled formula on CUDA computes them in the kernel instead of reading them (the same numbers, bit for bit).
+The same candidate and seed give the same weights on every device and path, and candidates at different
+densities share the random numbers (nested masks), which takes noise out of comparisons between candidates.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import functools
 import torch
 
 from mergesearch.errors import CandidateError
-from mergesearch.operators import fused
+from mergesearch.operators import counter, fused
 from mergesearch.operators.registry import (
     DENSITY,
     LAMBDA,
@@ -123,15 +124,17 @@ def _prepare_magnitude(base, deltas, gen) -> dict:
     return {"rank": [magnitude_rank(d) for d in deltas], "l1": _l1(deltas)}
 
 
-def _uniform_field(n: int, gen: torch.Generator, device) -> torch.Tensor:
-    # (n,) float32 uniforms in [0, 1): entry kept iff u < p, i.e. with probability p. Drawn on the
-    # CPU so a seed gives the same masks on every device; float32 because comparing int16 fields
-    # is ~3x slower on CPU.
-    return torch.rand(n, dtype=torch.float32, generator=gen).to(device)
+def _uniform_fields(deltas, gen: torch.Generator) -> dict:
+    """Each expert's (n,) float32 uniforms in [0, 1) (entry kept iff u < p, i.e. with probability p) and "key" (E,)
+    int64 the keys they are a hash of (operators/counter.py: the same numbers on every device, and the compiled
+    formula on CUDA computes them instead of reading them). Stored: the eager kernel and the CPU read them."""
+    keys = [counter.draw_key(gen) for _ in deltas]
+    return {"u": [counter.field(d.numel(), k, d.device) for d, k in zip(deltas, keys)],
+            "key": torch.tensor(keys, dtype=torch.int64, device=deltas[0].device if deltas else "cpu")}
 
 
 def _prepare_random(base, deltas, gen) -> dict:
-    return {"u": [_uniform_field(d.numel(), gen, d.device) for d in deltas], "l1": _l1(deltas)}
+    return {**_uniform_fields(deltas, gen), "l1": _l1(deltas)}
 
 
 def _rows(d: torch.Tensor) -> torch.Tensor:
@@ -148,7 +151,7 @@ def _prepare_della(base, deltas, gen) -> dict:
         ranks.scatter_(1, order, torch.arange(mags.shape[1], device=d.device).expand_as(order))
         # (rank - 1) / (ncols - 1) with 1-based ranks; a one-column row gets 0 (mergekit: NaN).
         rn.append((ranks.float() / max(1, mags.shape[1] - 1)).reshape(-1))
-    return {"u": [_uniform_field(d.numel(), gen, d.device) for d in deltas], "rn": rn, "l1": _l1(deltas)}
+    return {**_uniform_fields(deltas, gen), "rn": rn, "l1": _l1(deltas)}
 
 
 # --- the family's rules at one chunk and candidate (written once: the kernel and the linear parts read them) --
@@ -430,6 +433,40 @@ _SPARSIFIERS = {"none": fused.DENSE, "magnitude": fused.MAGNITUDE, "outliers": f
                 "random": fused.RANDOM, "della": fused.DELLA}
 
 
+_HASHED = {fused.RANDOM: fused.HASHED_RANDOM, fused.DELLA: fused.HASHED_DELLA}
+
+
+def _sparsifier(kind: str, scratch: Scratch) -> fused.Sparsifier:
+    """The compiled formula's sparsifier of `kind` on this device: where `scratch.hashed` (CUDA), DARE's and DELLA's
+    uniforms are computed in the kernel from their keys instead of read (operators/counter.py): 4 bytes per entry
+    and expert less to read, the same masks."""
+    sp = _SPARSIFIERS[kind]
+    return _HASHED.get(sp, sp) if scratch.hashed else sp
+
+
+_ZERO: dict[torch.device, torch.Tensor] = {}
+
+
+def _zero(device: torch.device) -> torch.Tensor:
+    """A 0-d int64 zero on `device`, made once: a chunk's first entry for a hashed sparsifier."""
+    zero = _ZERO.get(device)
+    if zero is None:
+        zero = _ZERO[device] = torch.zeros((), dtype=torch.int64, device=device)
+    return zero
+
+
+def _chunk_sources(sp: fused.Sparsifier, state: dict, e: int, device: torch.device) -> list[torch.Tensor]:
+    """Expert e's sources of `sp` in a chunk's state: hashed, its key and the chunk's first entry (0) first."""
+    if not sp.hashed:
+        return [state[key][e] for key in sp.sources]
+    return [state["key"][e], _zero(device), *(state[key][e] for key in sp.sources)]
+
+
+def _entry_bytes(sp: fused.Sparsifier, state: dict) -> int:
+    """Bytes per entry of an expert's per-entry sources of `sp` (`writes_kept_entries`)."""
+    return sum(state[key][0].element_size() for key in sp.sources)
+
+
 def _on_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A small tensor of Python values on `device`, made on the host and copied non_blocking. A blocking copy
     from pageable memory synchronises the stream (torch's copy_ waits for it), which would make the host wait
@@ -453,7 +490,7 @@ def writes_kept_entries(source_bytes: int, entry_bytes: int) -> bool:
 def _numbers(rules: _Rules, sp: fused.Sparsifier, n: int, n_exp: int) -> tuple[list, list[float]]:
     """A chunk's rules as the compiled formula's inputs: each expert's bounds of `sp` (E, k), and the (3E + 1,)
     numbers: coefficients, rescaled flags, weights, lambda (fused._merge)."""
-    lim = [rules.keep[e].limits(sp, n) if sp.sources else (0.0,) for e in range(n_exp)]
+    lim = [rules.keep[e].limits(sp, n) if sp is not fused.DENSE else (0.0,) for e in range(n_exp)]
     numbers = ([rules.coef.get(e, 0.0) for e in range(n_exp)] + [float(e in rules.rescaled) for e in range(n_exp)]
                + list(rules.weight) + [rules.lam])
     return lim, numbers
@@ -468,8 +505,8 @@ def _merge_compiled(kind: str, rules: _Rules, o, b, ds, state, scratch: Scratch)
     over the sources (with `rescale`, a first pass for the kept L1 norms). Returns the float32 sum of what it
     wrote; None where it cannot compile here: the eager kernel's turn."""
     n, dev, n_exp = b.numel(), b.device, len(ds)
-    sp = _SPARSIFIERS[kind]
-    srcs = [[state[key][e] for key in sp.sources] for e in range(n_exp)]
+    sp = _sparsifier(kind, scratch)
+    srcs = [_chunk_sources(sp, state, e, dev) for e in range(n_exp)]
     lim, numbers = _numbers(rules, sp, n, n_exp)
     lim = _on_device(lim, _lim_dtype(sp, srcs), dev)  # (E, k)
     numbers = _on_device(numbers, torch.float32, dev)  # the candidate's numbers in one copy
@@ -477,7 +514,7 @@ def _merge_compiled(kind: str, rules: _Rules, o, b, ds, state, scratch: Scratch)
         # A first pass sums the experts' kept L1 norms and makes the coefficients. Where `writes_kept_entries`,
         # it also writes the kept entries to scratch (a call of its own), and the merge pass reads those instead
         # of the deltas and their sources again; otherwise both passes are one call.
-        if not writes_kept_entries(sum(t.element_size() for t in srcs[rules.rescaled[0]]), b.element_size()):
+        if not writes_kept_entries(_entry_bytes(sp, state), b.element_size()):
             return fused.merge_rescaled(sp, rules.consensus, rules.normalize, o, b, ds, srcs, lim, state["l1"],
                                         numbers)
         kept = [scratch.get(f"kept{e}", b) for e in range(n_exp)]
@@ -537,6 +574,16 @@ def _run_of(x: torch.Tensor, b0: int, b1: int, flat: bool) -> torch.Tensor:
     return x[b0:b1].reshape(-1) if flat else x[b0:b1]
 
 
+def _run_sources(sp: fused.Sparsifier, xs: list, cut, b0: int, c0: int, c1: int, device) -> list:
+    """One expert's sources cut to a run: a hashed sparsifier's keys to its chunks (a run of one: that chunk's key,
+    whose first entry is 0), the rest to its blocks."""
+    if not sp.hashed:
+        return [cut(x) for x in xs]
+    if c1 - c0 == 1:
+        return [xs[0][c0], _zero(device), *(cut(x) for x in xs[2:])]
+    return [xs[0][c0:c1], cut(xs[1]), *(cut(x) for x in xs[2:])]
+
+
 def _make_group_kernel(kind: str, consensus: bool):
     def group(out, base, deltas, state, sizes, params, scratch) -> torch.Tensor | None:
         """Merge the group's chunks (see operators' `group` contract) with the compiled formula in one call, or
@@ -555,8 +602,10 @@ def _make_group_kernel(kind: str, consensus: bool):
         # the eager kernel's time (134M Llama, 3 experts, float32, 2 threads; 0.79x the compiled chunks').
         if not scratch.compiled(base) or (consensus and len({r.normalize for r in rules}) > 1):
             return None
-        sp = fused.DENSE if plain else _SPARSIFIERS[kind]
-        srcs = [[state[key][e] for key in sp.sources] for e in range(n_exp)]
+        sp = fused.DENSE if plain else _sparsifier(kind, scratch)
+        # a hashed sparsifier's keys (chunks,) and each block's first entry in its chunk, then per-entry sources
+        srcs = [([state["key"][:, e], state["at"]] if sp.hashed else []) + [state[key][e] for key in sp.sources]
+                for e in range(n_exp)]
         numbers = {id(r): _numbers(r, sp, key[0], n_exp) for key, r in memo.items()}
         parts = [numbers[id(r)] for r in rules]
         lim = _on_device([[lim[e] for lim, _ in parts] for e in range(n_exp)], _lim_dtype(sp, srcs), dev)  # (E, C, k)
@@ -564,7 +613,7 @@ def _make_group_kernel(kind: str, consensus: bool):
         normalize = rules[0].normalize
         if not any(r.rescaled for r in rules):
             return fused.merge_group(sp, consensus, normalize, out, base, deltas, srcs, lim, table, state["cob"])
-        if not writes_kept_entries(sum(t.element_size() for t in srcs[0]), base.element_size()):
+        if not writes_kept_entries(_entry_bytes(sp, state), base.element_size()):
             return fused.merge_group_rescaled(sp, consensus, normalize, out, base, deltas, srcs, lim, state["l1"],
                                               table, state["cob"])
         total = None
@@ -575,14 +624,14 @@ def _make_group_kernel(kind: str, consensus: bool):
             cut = functools.partial(_run_of, b0=b0, b1=b1, flat=one)
             kept = [scratch.get(f"kept{e}", cut(base)) for e in range(n_exp)]
             nothing = [[] for _ in range(n_exp)]
+            run_srcs = [_run_sources(sp, xs, cut, b0, c0, c1, dev) for xs in srcs]
             if one:
-                nums = fused.rescaled_nums(sp, kept, [cut(d) for d in deltas], [[cut(x) for x in xs] for xs in srcs],
+                nums = fused.rescaled_nums(sp, kept, [cut(d) for d in deltas], run_srcs,
                                            lim[:, c0], state["l1"][c0], table[c0])
                 written = None if nums is None else fused.merge(fused.DENSE, consensus, normalize, cut(out),
                                                                 cut(base), kept, nothing, dense_lim[:, c0], nums)
             else:
-                nums = fused.group_rescaled_nums(sp, kept, [cut(d) for d in deltas],
-                                                 [[cut(x) for x in xs] for xs in srcs], lim[:, c0:c1],
+                nums = fused.group_rescaled_nums(sp, kept, [cut(d) for d in deltas], run_srcs, lim[:, c0:c1],
                                                  state["l1"][c0:c1], table[c0:c1], cob)
                 written = None if nums is None else fused.merge_group(fused.DENSE, consensus, normalize, cut(out),
                                                                       cut(base), kept, nothing, dense_lim[:, c0:c1],

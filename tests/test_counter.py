@@ -1,0 +1,84 @@
+"""DARE's and DELLA's counter-based uniforms (operators/counter.py): the int32 arithmetic a GPU runs gives the int64
+numbers the CPU stores, the numbers are uniform and independent across keys, and the compiled formula that
+computes them in the kernel (the CUDA policy, run here on the CPU) gives the weights of the stored fields, bitwise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_fused import PARAMS
+
+from mergesearch.materializer import Materializer
+from mergesearch.operators import counter, fused, registry
+from mergesearch.operators.task_arithmetic import _prepare_della, _prepare_random
+
+
+def test_int32_arithmetic_gives_the_int64_numbers():
+    g = torch.Generator().manual_seed(0)
+    index = torch.cat([torch.arange(70_000), torch.randint(0, 2 ** 31, (70_000,), generator=g),
+                       torch.tensor([2 ** 31 - 1, 2 ** 31 - 2, 2 ** 16, 2 ** 16 - 1])])
+    for key in [0, 1, 65_535, 2 ** 31 - 1, *torch.randint(0, 2 ** 31, (5,), generator=g).tolist()]:
+        wide = counter.uniform(index, key, wide=True)
+        assert torch.equal(counter.uniform(index, key, wide=False), wide), key
+        assert torch.equal(counter.uniform(index.int(), torch.tensor(key), wide=False), wide), key
+        assert float(wide.min()) >= 0.0 and float(wide.max()) < 1.0
+        assert torch.equal(wide, torch.round(wide * 2 ** 24) / 2 ** 24)  # torch.rand's grid
+
+
+def test_the_numbers_are_uniform_and_independent_across_keys():
+    n = 1 << 20
+    a, b = counter.field(n, 7, "cpu"), counter.field(n, 8, "cpu")
+    for u in (a, b):
+        assert abs(float(u.mean()) - 0.5) < 2e-3
+        for p in (0.01, 0.3, 0.9):  # a DARE density keeps a fraction p, within 5 standard deviations
+            assert abs(float((u < p).float().mean()) - p) < 5 * (p * (1 - p) / n) ** 0.5
+        counts = torch.histc(u, bins=64, min=0, max=1)
+        assert float(((counts - n / 64) ** 2 / (n / 64)).sum()) < 150  # chi-square, 63 degrees of freedom
+    assert abs(float(torch.corrcoef(torch.stack([a, b]))[0, 1])) < 5 / n ** 0.5
+    assert abs(float(torch.corrcoef(torch.stack([a[1:], a[:-1]]))[0, 1])) < 5 / n ** 0.5  # neighbours too
+
+
+def test_the_compiled_hash_is_the_eager_one():
+    index, key = torch.arange(50_000), torch.tensor(123_456_789)
+    compiled = torch.compile(lambda i, k: counter.uniform(i, k), dynamic=True)
+    assert torch.equal(compiled(index, key), counter.uniform(index, key))
+
+
+@pytest.mark.parametrize("prepare", [_prepare_random, _prepare_della])
+def test_prepare_stores_the_hash_of_each_experts_key(prepare):
+    base = torch.randn(40, 30)
+    deltas = [0.1 * torch.randn(40, 30) for _ in range(3)]
+    state = prepare(base, deltas, torch.Generator().manual_seed(3))
+    keys = state["key"].tolist()
+    assert len(set(keys)) == 3 and all(0 <= k < 2 ** counter.KEY_BITS for k in keys)
+    for u, k in zip(state["u"], keys):
+        assert torch.equal(u, counter.uniform(torch.arange(1200), k))
+    again = prepare(base, deltas, torch.Generator().manual_seed(3))
+    assert again["key"].tolist() == keys  # a seed gives the same fields
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties", "della", "della_linear"])
+def test_uniforms_computed_in_the_kernel_give_the_stored_fields_weights(method, dtype, tiny_family, monkeypatch):
+    """The CUDA policy (bf16 compiled, uniforms hashed in the kernel) on the CPU, chunk by chunk and in one call,
+    against the stored fields: the same weights bit for bit."""
+    monkeypatch.setitem(registry.COMPILED_DTYPES, "cpu", (torch.float32, torch.bfloat16))
+    base, experts = tiny_family("llama", 3)
+    values = {k: (v + [0.5] if isinstance(v, list) else v) for k, v in PARAMS[method].items()}
+    values["rescale"] = 1.0
+    got = {}
+    for hashed in (False, True):
+        monkeypatch.setattr(registry, "HASHED_DEVICES", {"cuda", "cpu"} if hashed else {"cuda"})
+        for grouped in (False, True):
+            m = Materializer(base, experts, method, device="cpu", dtype=dtype, chunks=2, seed=3, compiled=True,
+                             grouped=grouped)
+            assert m.scratch.hashed is hashed
+            before = fused.calls.copy()
+            m.materialize(m.plan(**values))
+            ran = fused.calls - before
+            assert any(k[1].startswith("_Hashed") for k in ran) is hashed, ran
+            got[hashed, grouped] = {k: v.clone() for k, v in m.state_dict().items()}
+    want = got[False, False]
+    for key, state in got.items():
+        assert all(torch.equal(v, want[k]) for k, v in state.items()), key
