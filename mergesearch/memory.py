@@ -71,12 +71,13 @@ def estimate(tensors: Sequence[TensorInfo], n_experts: int, method: str, dtype: 
     n = sum(t.numel for t in floats)
     largest = max((t.numel for t in floats), default=0)
     op = operators.get(method)
-    per_entry = size * (1 + n_experts) + op.state_bytes * n_experts
+    state_bytes = op.stored_state_bytes(device)  # DARE's and DELLA's uniforms are not stored on CUDA
+    per_entry = size * (1 + n_experts) + state_bytes * n_experts
     resident = n * per_entry
     block = operators.block_entries(device)
     scratch = SCRATCH_BUFFERS * min(largest, block) * 4
     rescales = "rescale" in op.param_names and is_on(op.param("rescale").default)
-    if rescales and op.state_bytes and writes_kept_entries(op.state_bytes, size):
+    if rescales and state_bytes and writes_kept_entries(state_bytes, size):
         scratch += n_experts * largest * size
     if vocab is None or hidden is None:  # from the embedding: (vocab, hidden)
         emb = max(floats, key=lambda t: t.numel if len(t.shape) == 2 else 0, default=None)

@@ -82,3 +82,30 @@ def test_uniforms_computed_in_the_kernel_give_the_stored_fields_weights(method, 
     want = got[False, False]
     for key, state in got.items():
         assert all(torch.equal(v, want[k]) for k, v in state.items()), key
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "della"])
+def test_a_hashed_device_stores_no_uniforms_and_its_eager_kernel_hashes_them(method, tiny_family, monkeypatch):
+    """Where the device computes the uniforms (CUDA; here the CPU made one) prepare keeps only the keys, the eager
+    kernel (streaming, a dtype the compiled formula does not take) hashes each block's positions, and the weights
+    are those of the stored fields bit for bit; the memory estimate counts the state the materialiser holds."""
+    from mergesearch import memory
+
+    base, experts = tiny_family("llama", 3)
+    values = {k: (v + [0.5] if isinstance(v, list) else v) for k, v in PARAMS[method].items()}
+    values["rescale"] = 1.0
+    got, held = {}, {}
+    for hashed in (False, True):
+        monkeypatch.setattr(registry, "HASHED_DEVICES", {"cuda", "cpu"} if hashed else {"cuda"})
+        m = Materializer(base, experts, method, device="cpu", dtype="float32", chunks=2, seed=3, compiled=False)
+        states = [s for i in range(len(m.tensors)) for s in m.sources(i)[3]]
+        assert all(("u" in s) is not hashed and len(s["key"]) == 3 for s in states if "key" in s)
+        held[hashed] = sum(v.nbytes for s in states for xs in s.values() if isinstance(xs, list)
+                           for v in xs if isinstance(v, torch.Tensor) and v.dim())
+        est = memory.estimate(m.tensors, 3, method, "float32", device="cpu")
+        assert est.sources - memory.estimate(m.tensors, 3, "task_arithmetic", "float32", device="cpu").sources \
+            == held[hashed]
+        m.materialize(m.plan(**values))
+        got[hashed] = {k: v.clone() for k, v in m.state_dict().items()}
+    assert held[False] - held[True] == 4 * 3 * sum(t.numel for t in m.tensors if t.dtype.is_floating_point)
+    assert all(torch.equal(v, got[False][k]) for k, v in got[True].items())

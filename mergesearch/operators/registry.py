@@ -108,9 +108,15 @@ class Operator:
     rules: tuple[ParamRule, ...] = ()
     # Bytes of `prepare`'s state per entry and expert (ranks, random fields): what mergesearch.memory counts.
     state_bytes: int = 0
+    # ... of which not stored on a device that computes them (HASHED_DEVICES: DARE's and DELLA's uniforms).
+    hashed_bytes: int = 0
     # group(out, base, deltas, state, sizes, params, scratch) -> None | Tensor: many chunks merged in one call
     # (see the package docstring); None: the method merges chunk by chunk only.
     group: Callable[..., torch.Tensor | None] | None = None
+
+    def stored_state_bytes(self, device: str | torch.device) -> int:
+        """Bytes of `prepare`'s state per entry and expert that `device` stores (see `hashed_bytes`)."""
+        return self.state_bytes - (self.hashed_bytes if torch.device(device).type in HASHED_DEVICES else 0)
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -143,7 +149,7 @@ def register(name: str, *, params: Sequence[Param], doc: str, min_experts: int =
              max_experts: int | None = None, prepare: Prepare | None = None, reference: str = "",
              ignored_mergekit_keys: Sequence[str] = (),
              linear_parts: Callable[..., list[torch.Tensor]] | None = None,
-             rules: Sequence[ParamRule] = (), state_bytes: int = 0,
+             rules: Sequence[ParamRule] = (), state_bytes: int = 0, hashed_bytes: int = 0,
              group: Callable[..., torch.Tensor | None] | None = None) -> Callable[[Kernel], Kernel]:
     """Decorator: register `kernel` as merge method `name` (the one place a method is added)."""
 
@@ -154,7 +160,7 @@ def register(name: str, *, params: Sequence[Param], doc: str, min_experts: int =
                                    min_experts=min_experts, max_experts=max_experts, prepare=prepare,
                                    reference=reference, ignored_mergekit_keys=frozenset(ignored_mergekit_keys),
                                    linear_parts=linear_parts, rules=tuple(rules), state_bytes=state_bytes,
-                                   group=group)
+                                   hashed_bytes=hashed_bytes, group=group)
         return kernel
 
     return deco

@@ -41,7 +41,7 @@ import functools
 import torch
 
 from mergesearch.errors import CandidateError
-from mergesearch.operators import counter, fused
+from mergesearch.operators import counter, fused, registry
 from mergesearch.operators.registry import (
     DENSITY,
     LAMBDA,
@@ -125,12 +125,16 @@ def _prepare_magnitude(base, deltas, gen) -> dict:
 
 
 def _uniform_fields(deltas, gen: torch.Generator) -> dict:
-    """Each expert's (n,) float32 uniforms in [0, 1) (entry kept iff u < p, i.e. with probability p) and "key" (E,)
-    int64 the keys they are a hash of (operators/counter.py: the same numbers on every device, and the compiled
-    formula on CUDA computes them instead of reading them). Stored: the eager kernel and the CPU read them."""
+    """"key" (E,) int64, each expert's key for this chunk, and "u" the (n,) float32 uniforms in [0, 1) they hash to
+    (operators/counter.py; entry kept iff u < p, i.e. with probability p). On a device that computes them
+    (registry.HASHED_DEVICES: CUDA) they are not stored: the compiled formula hashes them in the kernel and the
+    eager kernel per block (`_uniforms`), which saves 4 bytes per entry and expert of device memory."""
+    device = deltas[0].device if deltas else torch.device("cpu")
     keys = [counter.draw_key(gen) for _ in deltas]
-    return {"u": [counter.field(d.numel(), k, d.device) for d, k in zip(deltas, keys)],
-            "key": torch.tensor(keys, dtype=torch.int64, device=deltas[0].device if deltas else "cpu")}
+    state = {"key": torch.tensor(keys, dtype=torch.int64, device=device)}
+    if device.type not in registry.HASHED_DEVICES:
+        state["u"] = [counter.field(d.numel(), k, d.device) for d, k in zip(deltas, keys)]
+    return state
 
 
 def _prepare_random(base, deltas, gen) -> dict:
@@ -224,7 +228,7 @@ class _Random(_Keep):
         self.p = p
 
     def mask(self, e, lo, hi, state, scratch, m) -> None:
-        torch.lt(state["u"][e][lo:hi], self.p, out=m)
+        torch.lt(_uniforms(state, e, lo, hi), self.p, out=m)
 
     def limits(self, sp, n):
         return (self.p,)
@@ -240,10 +244,19 @@ class _Della(_Keep):
         q = scratch.get("q", m, torch.float32)
         torch.mul(state["rn"][e][lo:hi], self.slope, out=q)
         q.add_(self.offset)
-        torch.lt(state["u"][e][lo:hi], q, out=m)
+        torch.lt(_uniforms(state, e, lo, hi), q, out=m)
 
     def limits(self, sp, n):
         return (self.slope, self.offset)
+
+
+def _uniforms(state: dict, e: int, lo: int, hi: int) -> torch.Tensor:
+    """Expert e's uniforms of entries [lo, hi) of a chunk: stored, or (where the device computes them, see
+    `_uniform_fields`) the hash of their positions under its key."""
+    if "u" in state:
+        return state["u"][e][lo:hi]
+    key = state["key"][e]
+    return counter.uniform(torch.arange(lo, hi, device=key.device), key)
 
 
 def _keep(kind: str, e: int, n: int, p: dict) -> _Keep:
@@ -707,6 +720,7 @@ def _register(name: str, kind: str, consensus: bool, normalize: bool, rescale: b
              linear_parts=_make_linear_parts(kind, consensus), rules=(DELLA_RULE,) if kind == "della" else (),
              # int32 ranks; float32 uniforms; della: float32 uniforms and row ranks
              state_bytes={"none": 0, "magnitude": 4, "outliers": 4, "random": 4, "della": 8}[kind],
+             hashed_bytes=4 if kind in ("random", "della") else 0,
              group=_make_group_kernel(kind, consensus))(_make_kernel(kind, consensus))
 
 
