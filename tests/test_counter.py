@@ -23,16 +23,18 @@ def test_int32_arithmetic_gives_the_int64_numbers():
         assert torch.equal(counter.uniform(index, key, wide=False), wide), key
         assert torch.equal(counter.uniform(index.int(), torch.tensor(key), wide=False), wide), key
         assert float(wide.min()) >= 0.0 and float(wide.max()) < 1.0
-        assert torch.equal(wide, torch.round(wide * 2 ** 24) / 2 ** 24)  # torch.rand's grid
+        assert torch.equal(wide, torch.round(wide * 2 ** 16) / 2 ** 16)  # a grid of 2**-16
 
 
 def test_the_numbers_are_uniform_and_independent_across_keys():
     n = 1 << 20
-    a, b = counter.field(n, 7, "cpu"), counter.field(n, 8, "cpu")
+    a, b = counter.uniform(torch.arange(n), 7), counter.uniform(torch.arange(n), 8)
     for u in (a, b):
         assert abs(float(u.mean()) - 0.5) < 2e-3
-        for p in (0.01, 0.3, 0.9):  # a DARE density keeps a fraction p, within 5 standard deviations
-            assert abs(float((u < p).float().mean()) - p) < 5 * (p * (1 - p) / n) ** 0.5
+        for p in (0.01, 0.3, 0.9, 0.123456):  # a DARE density keeps a fraction p, within 5 standard deviations
+            p16 = -(-p * 2 ** 16 // 1) / 2 ** 16  # and 2**-16 (the grid)
+            assert abs(float((u < p).float().mean()) - p16) < 5 * (p * (1 - p) / n) ** 0.5
+            assert abs(p16 - p) <= 2 ** -16
         counts = torch.histc(u, bins=64, min=0, max=1)
         assert float(((counts - n / 64) ** 2 / (n / 64)).sum()) < 150  # chi-square, 63 degrees of freedom
     assert abs(float(torch.corrcoef(torch.stack([a, b]))[0, 1])) < 5 / n ** 0.5
@@ -53,7 +55,9 @@ def test_prepare_stores_the_hash_of_each_experts_key(prepare):
     keys = state["key"].tolist()
     assert len(set(keys)) == 3 and all(0 <= k < 2 ** counter.KEY_BITS for k in keys)
     for u, k in zip(state["u"], keys):
-        assert torch.equal(u, counter.uniform(torch.arange(1200), k))
+        assert u.dtype == torch.int16  # 2 bytes per entry; decoded exactly to the hash's uniforms
+        assert torch.equal(counter.stored(u), counter.uniform(torch.arange(1200), k))
+        assert torch.equal(counter.stored(u, out=torch.empty(1200)), counter.uniform(torch.arange(1200), k))
     again = prepare(base, deltas, torch.Generator().manual_seed(3))
     assert again["key"].tolist() == keys  # a seed gives the same fields
 
@@ -107,5 +111,20 @@ def test_a_hashed_device_stores_no_uniforms_and_its_eager_kernel_hashes_them(met
             == held[hashed]
         m.materialize(m.plan(**values))
         got[hashed] = {k: v.clone() for k, v in m.state_dict().items()}
-    assert held[False] - held[True] == 4 * 3 * sum(t.numel for t in m.tensors if t.dtype.is_floating_point)
+    assert held[False] - held[True] == 2 * 3 * sum(t.numel for t in m.tensors if t.dtype.is_floating_point)
     assert all(torch.equal(v, got[False][k]) for k, v in got[True].items())
+
+
+@pytest.mark.parametrize("ncols", [1, 2, 7, 4096, 32_769, 70_000])
+def test_dellas_row_ranks_are_stored_in_16_bits_and_decoded_exactly(ncols):
+    """rank / (ncols - 1) on a grid of 2**-15: 0 and 1 exact at the ends of a row, within half a step elsewhere,
+    still distinct up to 32,769 columns; the eager (out=) and the formula's decoding give the same floats."""
+    ranks = torch.arange(ncols)
+    codes = fused.rank_codes(ranks, ncols)
+    assert codes.dtype == torch.int16
+    got = fused.row_ranks(codes)
+    assert torch.equal(got, fused.row_ranks(codes, out=torch.empty(ncols)))
+    want = ranks.double() / max(1, ncols - 1)
+    assert float(got[0]) == 0.0 and float(got[-1]) == (1.0 if ncols > 1 else 0.0)
+    assert float((got.double() - want).abs().max()) <= 2 ** -16
+    assert bool((got[1:] > got[:-1]).all()) is (ncols <= 32_769) or ncols == 1

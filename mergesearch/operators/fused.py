@@ -16,8 +16,8 @@ Which entries an expert keeps is a `Sparsifier` (one small class per kind: magni
 DELLA's uniforms and row ranks); the formulas are written once for all of them.
 
 With `rescale` (DARE, DELLA) a first pass sums each expert's kept L1 norm and turns the norms into the candidate's
-coefficients. Where the mask's sources take more bytes per entry than the delta (DELLA; DARE in bf16/fp16:
-task_arithmetic.writes_kept_entries) that pass also writes the kept entries into scratch buffers, and the merge
+coefficients. Where the mask's sources take more bytes per entry than the delta (DELLA's stored uniforms and ranks
+against a bf16/fp16 delta: task_arithmetic.writes_kept_entries) that pass also writes the kept entries into scratch buffers, and the merge
 pass, a second call, reads them instead of the delta and its sources; otherwise both passes are one graph, one
 call (`_merge_rescaled`): on a GPU a call's host time is more than a mid-sized chunk's merge. The norms are summed
 in float64 on both paths (the eager kernel per block, this one in one reduction): float64 sums in different
@@ -88,12 +88,12 @@ class _Magnitude(Sparsifier):
 
 
 class _Random(Sparsifier):
-    """DARE: uniforms below the keep probability."""
+    """DARE: uniforms below the keep probability (stored: counter.field's int16 codes)."""
 
     sources = ("u",)
 
     def keep(self, srcs, lim, d):
-        return srcs[0] < _col(lim, 0)
+        return counter.stored(srcs[0]) < _col(lim, 0)
 
     def keep_all(self, n):
         return (2.0,)  # u < 2 always
@@ -103,18 +103,38 @@ class _Random(Sparsifier):
 
 
 class _Della(Sparsifier):
-    """DELLA's MAGPRUNE: u < row rank * slope + offset, two float32 roundings as the eager kernel's mul, add_."""
+    """DELLA's MAGPRUNE: u < row rank * slope + offset, two float32 roundings as the eager kernel's mul, add_
+    (the row ranks decoded from their int16 codes exactly: `row_ranks`)."""
 
     sources = ("u", "rn")
 
     def keep(self, srcs, lim, d):
-        return srcs[0] < (srcs[1] * _col(lim, 0) + _col(lim, 1))
+        return counter.stored(srcs[0]) < (row_ranks(srcs[1]) * _col(lim, 0) + _col(lim, 1))
 
     def keep_all(self, n):
         return (0.0, 2.0)
 
     def keep_none(self):
         return (0.0, 0.0)
+
+
+RANK_STEPS = 2 ** 15  # DELLA's row ranks r / (ncols - 1) in [0, 1], stored as round(r * 2**15) - 2**14 (int16)
+
+
+def rank_codes(ranks: torch.Tensor, ncols: int) -> torch.Tensor:
+    """int16 codes of 0-based row ranks (int64) in rows of `ncols` entries: their fraction of the row on a grid of
+    2**-15, rounded to nearest (ranks stay distinct in rows up to 32,769 entries; a keep probability moves by at
+    most 2**-16 times DELLA's 2 epsilon in longer ones). 2 bytes per entry instead of float32's 4."""
+    m = max(1, ncols - 1)  # a one-column row's rank 0 is 0 (mergekit: NaN)
+    return ((ranks * RANK_STEPS + m // 2) // m - RANK_STEPS // 2).to(torch.int16)
+
+
+def row_ranks(codes: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The float32 row ranks in [0, 1] of `rank_codes`, exactly (an integer plus 2**14, times a power of two), so
+    that the eager kernel and the compiled formula round the same products. `out`: write them there."""
+    if out is None:
+        return (codes.to(torch.float32) + RANK_STEPS // 2) * (1.0 / RANK_STEPS)
+    return torch.add(codes, float(RANK_STEPS // 2), out=out).mul_(1.0 / RANK_STEPS)
 
 
 def _uniforms(srcs, d: torch.Tensor) -> torch.Tensor:
@@ -139,7 +159,7 @@ class _HashedDella(_Della):
     sources, hashed = ("rn",), True
 
     def keep(self, srcs, lim, d):
-        return _uniforms(srcs, d) < (srcs[2] * _col(lim, 0) + _col(lim, 1))
+        return _uniforms(srcs, d) < (row_ranks(srcs[2]) * _col(lim, 0) + _col(lim, 1))
 
 
 DENSE, MAGNITUDE, RANDOM, DELLA = _Dense(), _Magnitude(), _Random(), _Della()

@@ -125,10 +125,10 @@ def _prepare_magnitude(base, deltas, gen) -> dict:
 
 
 def _uniform_fields(deltas, gen: torch.Generator) -> dict:
-    """"key" (E,) int64, each expert's key for this chunk, and "u" the (n,) float32 uniforms in [0, 1) they hash to
-    (operators/counter.py; entry kept iff u < p, i.e. with probability p). On a device that computes them
+    """"key" (E,) int64, each expert's key for this chunk, and "u" the (n,) uniforms in [0, 1) they hash to, stored
+    as int16 codes (operators/counter.py; entry kept iff u < p, i.e. with probability p). On a device that computes them
     (registry.HASHED_DEVICES: CUDA) they are not stored: the compiled formula hashes them in the kernel and the
-    eager kernel per block (`_uniforms`), which saves 4 bytes per entry and expert of device memory."""
+    eager kernel per block (`_uniforms`), which saves 2 bytes per entry and expert of device memory."""
     device = deltas[0].device if deltas else torch.device("cpu")
     keys = [counter.draw_key(gen) for _ in deltas]
     state = {"key": torch.tensor(keys, dtype=torch.int64, device=device)}
@@ -153,8 +153,8 @@ def _prepare_della(base, deltas, gen) -> dict:
         order = torch.argsort(mags, dim=1, stable=True)  # ties by index: the same ranks on every device
         ranks = torch.empty_like(order)
         ranks.scatter_(1, order, torch.arange(mags.shape[1], device=d.device).expand_as(order))
-        # (rank - 1) / (ncols - 1) with 1-based ranks; a one-column row gets 0 (mergekit: NaN).
-        rn.append((ranks.float() / max(1, mags.shape[1] - 1)).reshape(-1))
+        # (rank - 1) / (ncols - 1) with 1-based ranks, as int16 codes (fused.rank_codes).
+        rn.append(fused.rank_codes(ranks, mags.shape[1]).reshape(-1))
     return {**_uniform_fields(deltas, gen), "rn": rn, "l1": _l1(deltas)}
 
 
@@ -228,7 +228,7 @@ class _Random(_Keep):
         self.p = p
 
     def mask(self, e, lo, hi, state, scratch, m) -> None:
-        torch.lt(_uniforms(state, e, lo, hi), self.p, out=m)
+        torch.lt(_uniforms(state, e, lo, hi, scratch, m), self.p, out=m)
 
     def limits(self, sp, n):
         return (self.p,)
@@ -242,19 +242,18 @@ class _Della(_Keep):
 
     def mask(self, e, lo, hi, state, scratch, m) -> None:
         q = scratch.get("q", m, torch.float32)
-        torch.mul(state["rn"][e][lo:hi], self.slope, out=q)
-        q.add_(self.offset)
-        torch.lt(_uniforms(state, e, lo, hi), q, out=m)
+        fused.row_ranks(state["rn"][e][lo:hi], out=q).mul_(self.slope).add_(self.offset)
+        torch.lt(_uniforms(state, e, lo, hi, scratch, m), q, out=m)
 
     def limits(self, sp, n):
         return (self.slope, self.offset)
 
 
-def _uniforms(state: dict, e: int, lo: int, hi: int) -> torch.Tensor:
-    """Expert e's uniforms of entries [lo, hi) of a chunk: stored, or (where the device computes them, see
-    `_uniform_fields`) the hash of their positions under its key."""
+def _uniforms(state: dict, e: int, lo: int, hi: int, scratch: Scratch, m: torch.Tensor) -> torch.Tensor:
+    """Expert e's uniforms of entries [lo, hi) of a chunk: stored (decoded into a block buffer like m), or (where
+    the device computes them, see `_uniform_fields`) the hash of their positions under its key."""
     if "u" in state:
-        return state["u"][e][lo:hi]
+        return counter.stored(state["u"][e][lo:hi], out=scratch.get("u", m, torch.float32))
     key = state["key"][e]
     return counter.uniform(torch.arange(lo, hi, device=key.device), key)
 
@@ -491,12 +490,12 @@ def _on_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.
 
 def writes_kept_entries(source_bytes: int, entry_bytes: int) -> bool:
     """Whether the compiled first pass of a rescaled chunk writes each expert's kept entries to scratch for the
-    merge pass to read: where its mask's sources take more bytes per entry than the delta (DELLA's uniforms and
-    row ranks: 8; DARE's uniforms, 4, against a bf16/fp16 delta). Writing the entries and reading them back moves
+    merge pass to read: where its mask's sources take more bytes per entry than the delta (DELLA's stored
+    uniforms and row ranks, 2 + 2, against a bf16/fp16 delta). Writing the entries and reading them back moves
     two entry sizes; reading the delta and the sources again moves one entry size and the sources.
-    Measured on a CPU (float32, the 134M benchmark model, 2 threads, A/B runs in one process): DELLA took
-    0.78-0.88x its time with the kept entries written, DARE 1.4-1.7x (a CPU reads a line before it writes it).
-    Unmeasured on CUDA; by bytes, 3 experts of DARE in bf16 move 34 bytes per entry instead of 40."""
+    Measured on a CPU (float32, the 134M benchmark model, 2 threads, A/B runs in one process, float32 uniforms and
+    ranks then): DELLA took 0.78-0.88x its time with the kept entries written, DARE 1.4-1.7x (a CPU reads a line
+    before it writes it). With equal bytes nothing is written: the same traffic, one call, no scratch."""
     return source_bytes > entry_bytes
 
 
@@ -718,9 +717,9 @@ def _register(name: str, kind: str, consensus: bool, normalize: bool, rescale: b
     ignored = {"int8_mask"} | ({"rescale"} if kind == "none" else set())
     register(name, params=params, doc=doc, prepare=prepare, reference=ref, ignored_mergekit_keys=ignored,
              linear_parts=_make_linear_parts(kind, consensus), rules=(DELLA_RULE,) if kind == "della" else (),
-             # int32 ranks; float32 uniforms; della: float32 uniforms and row ranks
-             state_bytes={"none": 0, "magnitude": 4, "outliers": 4, "random": 4, "della": 8}[kind],
-             hashed_bytes=4 if kind in ("random", "della") else 0,
+             # int32 ranks; 16-bit uniforms; della: 16-bit uniforms and row ranks
+             state_bytes={"none": 0, "magnitude": 4, "outliers": 4, "random": 2, "della": 4}[kind],
+             hashed_bytes=2 if kind in ("random", "della") else 0,
              group=_make_group_kernel(kind, consensus))(_make_kernel(kind, consensus))
 
 
