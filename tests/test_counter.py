@@ -54,10 +54,21 @@ def test_prepare_stores_the_hash_of_each_experts_key(prepare):
     state = prepare(base, deltas, torch.Generator().manual_seed(3))
     keys = state["key"].tolist()
     assert len(set(keys)) == 3 and all(0 <= k < 2 ** counter.KEY_BITS for k in keys)
-    for u, k in zip(state["u"], keys):
-        assert u.dtype == torch.int16  # 2 bytes per entry; decoded exactly to the hash's uniforms
-        assert torch.equal(counter.stored(u), counter.uniform(torch.arange(1200), k))
-        assert torch.equal(counter.stored(u, out=torch.empty(1200)), counter.uniform(torch.arange(1200), k))
+    for e, k in enumerate(keys):
+        want = counter.uniform(torch.arange(1200), k)
+        if "u" in state:
+            assert torch.equal(state["u"][e], want)
+        else:  # DELLA: uniform and row rank in one int32, decoded exactly by the formula and the eager kernel
+            ur = state["ur"][e]
+            assert ur.dtype == torch.int32
+            assert torch.equal(fused.packed_uniforms(ur), want)
+            out, tmp = torch.empty(1200), torch.empty(1200, dtype=torch.int32)
+            assert torch.equal(fused.packed_uniforms(ur, out=out, tmp=tmp), want)
+            ranks = fused.packed_ranks(ur).view(40, 30)
+            assert torch.equal(fused.packed_ranks(ur, out=out, tmp=tmp).view(40, 30), ranks)
+            order = deltas[e].abs().argsort(dim=1, stable=True)
+            assert torch.equal(ranks.gather(1, order), torch.round(torch.arange(30) / 29 * 2 ** 15).expand(40, 30)
+                               / 2 ** 15)
     again = prepare(base, deltas, torch.Generator().manual_seed(3))
     assert again["key"].tolist() == keys  # a seed gives the same fields
 
@@ -103,7 +114,7 @@ def test_a_hashed_device_stores_no_uniforms_and_its_eager_kernel_hashes_them(met
         monkeypatch.setattr(registry, "HASHED_DEVICES", {"cuda", "cpu"} if hashed else {"cuda"})
         m = Materializer(base, experts, method, device="cpu", dtype="float32", chunks=2, seed=3, compiled=False)
         states = [s for i in range(len(m.tensors)) for s in m.sources(i)[3]]
-        assert all(("u" in s) is not hashed and len(s["key"]) == 3 for s in states if "key" in s)
+        assert all(("u" in s or "ur" in s) is not hashed and len(s["key"]) == 3 for s in states if "key" in s)
         held[hashed] = sum(v.nbytes for s in states for xs in s.values() if isinstance(xs, list)
                            for v in xs if isinstance(v, torch.Tensor) and v.dim())
         est = memory.estimate(m.tensors, 3, method, "float32", device="cpu")
@@ -111,19 +122,27 @@ def test_a_hashed_device_stores_no_uniforms_and_its_eager_kernel_hashes_them(met
             == held[hashed]
         m.materialize(m.plan(**values))
         got[hashed] = {k: v.clone() for k, v in m.state_dict().items()}
-    assert held[False] - held[True] == 2 * 3 * sum(t.numel for t in m.tensors if t.dtype.is_floating_point)
+    saved = {"dare_ties": 4, "della": 2}[method]  # float32 uniforms; DELLA: int32 packed -> int16 ranks
+    assert held[False] - held[True] == saved * 3 * sum(t.numel for t in m.tensors if t.dtype.is_floating_point)
     assert all(torch.equal(v, got[False][k]) for k, v in got[True].items())
 
 
 @pytest.mark.parametrize("ncols", [1, 2, 7, 4096, 32_769, 70_000])
-def test_dellas_row_ranks_are_stored_in_16_bits_and_decoded_exactly(ncols):
+def test_dellas_row_ranks_take_16_bits_and_decode_exactly(ncols):
     """rank / (ncols - 1) on a grid of 2**-15: 0 and 1 exact at the ends of a row, within half a step elsewhere,
-    still distinct up to 32,769 columns; the eager (out=) and the formula's decoding give the same floats."""
+    still distinct up to 32,769 columns; packed with a uniform (int32) and alone (int16), decoded by the formula
+    and by the eager kernel (out=), they are the same floats."""
     ranks = torch.arange(ncols)
-    codes = fused.rank_codes(ranks, ncols)
-    assert codes.dtype == torch.int16
+    steps = fused.rank_steps(ranks, ncols)
+    codes, u_bits = fused.rank_codes(steps), torch.randint(0, 2 ** 16, (ncols,))
+    u_bits[:2] = torch.tensor([0, 2 ** 16 - 1])[:ncols]  # the sign bit of the packed int32
+    packed = fused.pack(u_bits, steps)
+    assert codes.dtype == torch.int16 and packed.dtype == torch.int32
     got = fused.row_ranks(codes)
-    assert torch.equal(got, fused.row_ranks(codes, out=torch.empty(ncols)))
+    out, tmp = torch.empty(ncols), torch.empty(ncols, dtype=torch.int32)
+    assert torch.equal(got, fused.row_ranks(codes, out=out.clone()))
+    assert torch.equal(got, fused.packed_ranks(packed)) and torch.equal(got, fused.packed_ranks(packed, out, tmp))
+    assert torch.equal(fused.packed_uniforms(packed), u_bits.float() / 2 ** 16)
     want = ranks.double() / max(1, ncols - 1)
     assert float(got[0]) == 0.0 and float(got[-1]) == (1.0 if ncols > 1 else 0.0)
     assert float((got.double() - want).abs().max()) <= 2 ** -16

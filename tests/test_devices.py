@@ -90,16 +90,17 @@ def test_a_7b_model_with_3_experts_fits_80gb_resident_and_a_larger_set_streams()
 def test_the_estimate_counts_the_kept_entries_the_compiled_formula_writes():
     """DARE/DELLA's compiled first pass writes each expert's kept entries of a chunk into scratch where the mask's
     stored sources take more bytes per entry than the delta: one buffer per expert the size of the largest tensor,
-    in the merge dtype, on top of the blocks. Uniforms and DELLA's row ranks are stored in 2 bytes each; on CUDA the
-    uniforms are computed in the kernel, not stored: DARE reads no per-entry source there (no buffers, no state),
-    DELLA its row ranks (2 bytes). TIES writes none."""
+    in the merge dtype, on top of the blocks: DARE's float32 uniforms (4 bytes), DELLA's 16-bit uniform and row
+    rank (4 bytes) against a bf16 delta. On CUDA the uniforms are computed in the kernel, not stored: DARE reads
+    no per-entry source there (no buffers, no state), DELLA its row ranks (int16, 2 bytes: no buffers either).
+    TIES writes none."""
     from mergesearch import memory
 
     tensors = _llama_tensors(4096, 11008, 32, 32, 32, 32000)
     largest = max(t.numel for t in tensors)
     n = sum(t.numel for t in tensors)
     cases = (("cuda", 3, "bfloat16", 2, False, False), ("cuda", 2, "float32", 4, False, False),
-             ("cpu", 3, "bfloat16", 2, True, False), ("cpu", 2, "float32", 4, False, False))
+             ("cpu", 3, "bfloat16", 2, True, True), ("cpu", 2, "float32", 4, False, False))
     for device, n_experts, dtype, size, della_writes, dare_writes in cases:
         ties = memory.estimate(tensors, n_experts, "ties", dtype, device=device)
         buffers = n_experts * largest * size
@@ -109,7 +110,7 @@ def test_the_estimate_counts_the_kept_entries_the_compiled_formula_writes():
         assert dare.scratch - ties.scratch == (buffers if dare_writes else 0), (device, dtype)
         # per entry and expert: the delta, plus the stored state (DARE: uniforms on the CPU only; DELLA: + ranks)
         ta = memory.estimate(tensors, n_experts, "task_arithmetic", dtype, device=device)
-        assert dare.sources - ta.sources == n * n_experts * (2 if device == "cpu" else 0), (device, dtype)
+        assert dare.sources - ta.sources == n * n_experts * (4 if device == "cpu" else 0), (device, dtype)
         assert della.sources - ta.sources == n * n_experts * (4 if device == "cpu" else 2), (device, dtype)
 
 

@@ -135,7 +135,7 @@ def test_the_cuda_policys_compiled_bf16_gives_the_eager_bf16_weights(method, mon
 
 
 @pytest.mark.parametrize("method, dtype, writes", [("dare_ties", torch.float32, False),
-                                                    ("dare_ties", torch.bfloat16, False),
+                                                    ("dare_ties", torch.bfloat16, True),
                                                     ("della_linear", torch.float32, False),
                                                     ("della_linear", torch.bfloat16, True),
                                                     ("ties", torch.bfloat16, True)])

@@ -64,8 +64,8 @@ def test_one_call_gives_the_chunk_by_chunk_weights(method, tiny_family):
 
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "della", "dare_linear"])
 def test_the_cuda_policys_bf16_group_gives_the_chunk_by_chunk_weights(method, tiny_family, monkeypatch):
-    """bf16 under the CUDA policy: DELLA, its uniforms stored (4 bytes of mask sources per 2-byte entry), writes its
-    kept entries run by run (`_segments`), a run of one chunk by the chunk's own formulas."""
+    """bf16 under the CUDA policy: DARE and DELLA write their kept entries run by run (`_segments`), a run of one
+    chunk by the chunk's own formulas."""
     monkeypatch.setitem(operators.registry.COMPILED_DTYPES, "cpu", (torch.float32, torch.bfloat16))
     base, experts = tiny_family("llama", 3)
     values = {k: (v + [0.5] if isinstance(v, list) else v) for k, v in PARAMS[method].items()}
@@ -75,8 +75,8 @@ def test_the_cuda_policys_bf16_group_gives_the_chunk_by_chunk_weights(method, ti
         m = Materializer(base, experts, method, device="cpu", dtype="bfloat16", chunks=2, seed=3, compiled=True,
                          grouped=grouped)
         got[grouped], ran = _run(m, _varied(m, values))
-        if grouped and method == "della":
-            assert ran.get(("group_nums", "_Della"), 0) > 0, ran
+        if grouped and method in ("dare_ties", "della"):
+            assert ran.get(("group_nums", "_Random" if method == "dare_ties" else "_Della"), 0) > 0, ran
     for k, v in got[True].items():
         assert torch.equal(v, got[False][k]), k
 

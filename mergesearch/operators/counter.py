@@ -4,7 +4,7 @@ Why not torch.rand: a field drawn from a generator must be stored (4 bytes per e
 candidate; on a GPU that read is most of a DARE candidate's bytes (a bf16 delta is 2). A hash of the entry's index
 is computed where it is used: the compiled formula on CUDA computes it in the kernel and reads nothing
 (operators/fused.py), while the CPU, where integer arithmetic costs more than the read, keeps the field stored
-(`prepare`), 16 bits per entry. Both give the same numbers bit for bit, so a seed gives the same masks on every
+(`prepare`). Both give the same numbers bit for bit, so a seed gives the same masks on every
 device and path.
 
 The hash is two rounds of a 32-bit integer mix (a "hash prospector" triple by C. Wellons, both multipliers below
@@ -37,11 +37,11 @@ def _mix(x: torch.Tensor, wide: bool) -> torch.Tensor:
     return x ^ ((x >> 15) & 0x1FFFF)
 
 
-UNIT = 2.0 ** -16  # the uniforms' grid: 16 bits, so that the CPU stores 2 bytes per entry (`field`)
-_HALF = 32768  # a stored field holds v - 2**15 (int16) for the 16-bit value v
+UNIT = 2.0 ** -16  # the uniforms' grid: 16 bits, so that DELLA stores a uniform and a row rank in one int32
 
 
-def _bits(index: torch.Tensor, key: torch.Tensor | int, wide: bool) -> torch.Tensor:
+def bits(index: torch.Tensor, key: torch.Tensor | int, wide: bool = True) -> torch.Tensor:
+    """The 16-bit values (0 .. 2**16 - 1, in index's int64 or int32) behind `uniform`."""
     dtype = torch.int64 if wide else torch.int32
     h = _mix(_mix(index.to(dtype), wide) ^ (key.to(dtype) if isinstance(key, torch.Tensor) else key), wide)
     return (h >> 16) & 0xFFFF
@@ -51,10 +51,9 @@ def uniform(index: torch.Tensor, key: torch.Tensor | int, wide: bool = True) -> 
     """float32 uniforms in [0, 1) on a grid of 2**-16, one per entry of `index` (the entries' positions in their
     chunk, >= 0 and < 2**31) under `key` (< 2**31; a tensor broadcasting with index, or an int). `wide`: int64
     arithmetic, else wrapping int32 (see the module docstring); the same numbers. An entry kept iff u < p is kept
-    with probability ceil(p * 2**16) / 2**16, within 2**-16 of p: 16 bits, not torch.rand's 24, so that a stored
-    field takes 2 bytes per entry instead of 4 (a DELLA candidate on the CPU reads 2.8x task arithmetic's bytes
-    instead of 3.4x)."""
-    return _bits(index, key, wide).to(torch.float32) * UNIT
+    with probability ceil(p * 2**16) / 2**16, within 2**-16 of p: 16 bits, not torch.rand's 24, so that DELLA
+    stores its uniform and its row rank in 4 bytes (operators/fused.py, `pack`)."""
+    return bits(index, key, wide).to(torch.float32) * UNIT
 
 
 def draw_key(gen: torch.Generator) -> int:
@@ -63,14 +62,5 @@ def draw_key(gen: torch.Generator) -> int:
 
 
 def field(n: int, key: int, device) -> torch.Tensor:
-    """(n,) int16: the stored form of the uniforms of a chunk's n entries under `key` (int64 arithmetic: exact
-    everywhere); `stored` gives them back, bitwise `uniform`'s."""
-    return (_bits(torch.arange(n, device=device), key, wide=True) - _HALF).to(torch.int16)
-
-
-def stored(codes: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The float32 uniforms of a stored field (`field`); exact: (v - 2**15) + 2**15, times a power of two. `out`:
-    write them there (the eager kernel's block buffer)."""
-    if out is None:
-        return (codes.to(torch.float32) + _HALF) * UNIT
-    return torch.add(codes, float(_HALF), out=out).mul_(UNIT)
+    """(n,) the uniforms of a chunk's n entries under `key`, computed on `device` (int64: exact everywhere)."""
+    return uniform(torch.arange(n, device=device), key, wide=True)

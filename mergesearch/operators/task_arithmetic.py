@@ -124,21 +124,29 @@ def _prepare_magnitude(base, deltas, gen) -> dict:
     return {"rank": [magnitude_rank(d) for d in deltas], "l1": _l1(deltas)}
 
 
-def _uniform_fields(deltas, gen: torch.Generator) -> dict:
-    """"key" (E,) int64, each expert's key for this chunk, and "u" the (n,) uniforms in [0, 1) they hash to, stored
-    as int16 codes (operators/counter.py; entry kept iff u < p, i.e. with probability p). On a device that computes them
-    (registry.HASHED_DEVICES: CUDA) they are not stored: the compiled formula hashes them in the kernel and the
-    eager kernel per block (`_uniforms`), which saves 2 bytes per entry and expert of device memory."""
-    device = deltas[0].device if deltas else torch.device("cpu")
-    keys = [counter.draw_key(gen) for _ in deltas]
-    state = {"key": torch.tensor(keys, dtype=torch.int64, device=device)}
-    if device.type not in registry.HASHED_DEVICES:
-        state["u"] = [counter.field(d.numel(), k, d.device) for d, k in zip(deltas, keys)]
-    return state
+def _keys(deltas, gen: torch.Generator) -> list[int]:
+    """Each expert's key for this chunk's uniforms (operators/counter.py), drawn from the seeded generator."""
+    return [counter.draw_key(gen) for _ in deltas]
+
+
+def _hashed(deltas) -> bool:
+    """Whether the device computes the uniforms instead of storing them (registry.HASHED_DEVICES: CUDA): the
+    compiled formula hashes them in the kernel, the eager kernel per block (`_hash`)."""
+    return (deltas[0].device.type if deltas else "cpu") in registry.HASHED_DEVICES
+
+
+def _key_tensor(keys: list[int], deltas) -> torch.Tensor:
+    return torch.tensor(keys, dtype=torch.int64, device=deltas[0].device if deltas else "cpu")
 
 
 def _prepare_random(base, deltas, gen) -> dict:
-    return {**_uniform_fields(deltas, gen), "l1": _l1(deltas)}
+    """"key" (E,) int64 each expert's key, and (unless the device hashes them) "u" the (n,) float32 uniforms they
+    hash to (entry kept iff u < p, i.e. with probability p)."""
+    keys = _keys(deltas, gen)
+    state = {"key": _key_tensor(keys, deltas), "l1": _l1(deltas)}
+    if not _hashed(deltas):
+        state["u"] = [counter.field(d.numel(), k, d.device) for d, k in zip(deltas, keys)]
+    return state
 
 
 def _rows(d: torch.Tensor) -> torch.Tensor:
@@ -147,18 +155,23 @@ def _rows(d: torch.Tensor) -> torch.Tensor:
 
 
 def _prepare_della(base, deltas, gen) -> dict:
-    rn = []
-    for d in deltas:
+    """"key" as DARE's, and each entry's row rank r / (ncols - 1) with its uniform: "ur" (n,) int32 both packed
+    (fused.pack), or where the device hashes the uniforms, "rn" (n,) int16 the ranks alone."""
+    keys, hashed = _keys(deltas, gen), _hashed(deltas)
+    fields = []
+    for d, key in zip(deltas, keys):
         mags = _rows(d).abs().float()
         order = torch.argsort(mags, dim=1, stable=True)  # ties by index: the same ranks on every device
         ranks = torch.empty_like(order)
         ranks.scatter_(1, order, torch.arange(mags.shape[1], device=d.device).expand_as(order))
-        # (rank - 1) / (ncols - 1) with 1-based ranks, as int16 codes (fused.rank_codes).
-        rn.append(fused.rank_codes(ranks, mags.shape[1]).reshape(-1))
-    return {**_uniform_fields(deltas, gen), "rn": rn, "l1": _l1(deltas)}
-
-
-# --- the family's rules at one chunk and candidate (written once: the kernel and the linear parts read them) --
+        # (rank - 1) / (ncols - 1) with 1-based ranks
+        steps = fused.rank_steps(ranks, mags.shape[1]).reshape(-1)
+        del order, ranks
+        if hashed:
+            fields.append(fused.rank_codes(steps))
+        else:
+            fields.append(fused.pack(counter.bits(torch.arange(d.numel(), device=d.device), key), steps))
+    return {"key": _key_tensor(keys, deltas), "rn" if hashed else "ur": fields, "l1": _l1(deltas)}
 
 
 class _Keep:
@@ -228,7 +241,8 @@ class _Random(_Keep):
         self.p = p
 
     def mask(self, e, lo, hi, state, scratch, m) -> None:
-        torch.lt(_uniforms(state, e, lo, hi, scratch, m), self.p, out=m)
+        u = state["u"][e][lo:hi] if "u" in state else _hash(state, e, lo, hi)
+        torch.lt(u, self.p, out=m)
 
     def limits(self, sp, n):
         return (self.p,)
@@ -242,18 +256,23 @@ class _Della(_Keep):
 
     def mask(self, e, lo, hi, state, scratch, m) -> None:
         q = scratch.get("q", m, torch.float32)
-        fused.row_ranks(state["rn"][e][lo:hi], out=q).mul_(self.slope).add_(self.offset)
-        torch.lt(_uniforms(state, e, lo, hi, scratch, m), q, out=m)
+        if "ur" in state:
+            ur, tmp = state["ur"][e][lo:hi], scratch.get("i", m, torch.int32)
+            fused.packed_ranks(ur, out=q, tmp=tmp)
+            u = fused.packed_uniforms(ur, out=scratch.get("u", m, torch.float32), tmp=tmp)
+        else:
+            fused.row_ranks(state["rn"][e][lo:hi], out=q)
+            u = _hash(state, e, lo, hi)
+        q.mul_(self.slope).add_(self.offset)
+        torch.lt(u, q, out=m)
 
     def limits(self, sp, n):
         return (self.slope, self.offset)
 
 
-def _uniforms(state: dict, e: int, lo: int, hi: int, scratch: Scratch, m: torch.Tensor) -> torch.Tensor:
-    """Expert e's uniforms of entries [lo, hi) of a chunk: stored (decoded into a block buffer like m), or (where
-    the device computes them, see `_uniform_fields`) the hash of their positions under its key."""
-    if "u" in state:
-        return counter.stored(state["u"][e][lo:hi], out=scratch.get("u", m, torch.float32))
+def _hash(state: dict, e: int, lo: int, hi: int) -> torch.Tensor:
+    """Expert e's uniforms of entries [lo, hi) of a chunk on a device that computes them (`_hashed`): the hash of
+    their positions under its key."""
     key = state["key"][e]
     return counter.uniform(torch.arange(lo, hi, device=key.device), key)
 
@@ -450,7 +469,7 @@ _HASHED = {fused.RANDOM: fused.HASHED_RANDOM, fused.DELLA: fused.HASHED_DELLA}
 
 def _sparsifier(kind: str, scratch: Scratch) -> fused.Sparsifier:
     """The compiled formula's sparsifier of `kind` on this device: where `scratch.hashed` (CUDA), DARE's and DELLA's
-    uniforms are computed in the kernel from their keys instead of read (operators/counter.py): 4 bytes per entry
+    uniforms are computed in the kernel from their keys instead of read (operators/counter.py): 4 (DELLA: 2) bytes per entry
     and expert less to read, the same masks."""
     sp = _SPARSIFIERS[kind]
     return _HASHED.get(sp, sp) if scratch.hashed else sp
@@ -717,9 +736,9 @@ def _register(name: str, kind: str, consensus: bool, normalize: bool, rescale: b
     ignored = {"int8_mask"} | ({"rescale"} if kind == "none" else set())
     register(name, params=params, doc=doc, prepare=prepare, reference=ref, ignored_mergekit_keys=ignored,
              linear_parts=_make_linear_parts(kind, consensus), rules=(DELLA_RULE,) if kind == "della" else (),
-             # int32 ranks; 16-bit uniforms; della: 16-bit uniforms and row ranks
-             state_bytes={"none": 0, "magnitude": 4, "outliers": 4, "random": 2, "della": 4}[kind],
-             hashed_bytes=2 if kind in ("random", "della") else 0,
+             # int32 ranks; float32 uniforms; della: 16-bit uniform and row rank in one int32 (CUDA: the rank alone)
+             state_bytes={"none": 0, "magnitude": 4, "outliers": 4, "random": 4, "della": 4}[kind],
+             hashed_bytes={"random": 4, "della": 2}.get(kind, 0),
              group=_make_group_kernel(kind, consensus))(_make_kernel(kind, consensus))
 
 
