@@ -34,6 +34,7 @@ from __future__ import annotations
 import collections
 import functools
 import logging
+import math
 import types
 import warnings
 
@@ -267,27 +268,55 @@ def _round(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x if dtype == torch.float32 else x.to(dtype).to(torch.float32)
 
 
-def _kept_l1(sp: Sparsifier, kept, ds, srcs, lim, cob=None, n_chunks=None) -> torch.Tensor:
-    """(E,) float64: each expert's L1 norm over the entries it keeps. With `kept` (a list of buffers like ds),
-    also write each expert's kept entries there (its dropped ones 0), in the chunk's dtype: exact, an entry is
-    d or 0. A group's (`merge_group`: (blocks, B) tensors, cob (blocks,) each block's chunk): (n_chunks, E), each
-    chunk's norms, summed per block and then per chunk.
+# L1 norms in fixed point: |entry| * 2**k (k per expert and chunk, `l1_scale`) truncated to int64 and summed in
+# int64. Integer sums are exact in any order, so the eager kernel's block sums, the compiled reduction and a
+# group's per-block sums all give the same norms, hence the same rescale factors and elected signs, on every
+# device. float64 sums did too (rounded to the same float32 factor), but cost 2x a float32 sum on a CPU (a DARE or
+# DELLA candidate's first pass: 1.45x task arithmetic's time instead of 1.2x by bytes); int64 ones cost ~1.1x.
+# k puts the chunk's largest |entry| just below 2**(62 - ceil(log2 n)): the sum cannot overflow, and each entry
+# loses less than 2**-(62 - ceil(log2 n)) of the largest (2**-33 in a 2**29-entry chunk).
+
+
+def l1_scale(d: torch.Tensor) -> float:
+    """2**k for the fixed-point L1 norm of `d` (see above); 1 for an all-zero d."""
+    amax = float(d.abs().max()) if d.numel() else 0.0
+    if amax == 0.0 or not math.isfinite(amax):
+        return 1.0
+    k = 62 - max(1, d.numel() - 1).bit_length() - math.frexp(amax)[1]
+    return 2.0 ** max(-126, min(126, k))
+
+
+def fixed_l1(a: torch.Tensor, scale: torch.Tensor | float, dim: int | None = None) -> torch.Tensor:
+    """int64: the fixed-point sum of `a` (>= 0; float32, or cast to it) at `scale` (float32: |a| * scale is
+    exact), along `dim` (None: all)."""
+    x = (a.to(torch.float32) * scale).to(torch.int64)
+    return x.sum() if dim is None else x.sum(dim=dim)
+
+
+def _kept_l1(sp: Sparsifier, kept, ds, srcs, lim, l1, cob=None, n_chunks=None) -> torch.Tensor:
+    """(E,) float64: each expert's L1 norm over the entries it keeps, in fixed point at its scale (l1: (2, E),
+    row 1 the scales; see `l1_scale`). With `kept` (a list of buffers like ds), also write each expert's kept
+    entries there (its dropped ones 0), in the chunk's dtype: exact, an entry is d or 0. A group's (`merge_group`:
+    (blocks, B) tensors, cob (blocks,) each block's chunk, l1 (chunks, 2, E)): (n_chunks, E), each chunk's norms,
+    summed per block and then per chunk.
 
     Flat tensors: inductor stores the kept entries in the loop of the expert's own reduction (a full one; it
     did not fuse a store into a per-row reduction's loop). A mask of one byte per entry was slower on a CPU:
     inductor wrote it in a loop of its own, which read the sources again. All experts in one call: on a GPU
     each call costs more host time (guards, the wrapper) than the kernel of a mid-sized tensor."""
+    scale = l1[..., 1, :]
+    per_block = scale.to(torch.float32) if cob is None else scale.to(torch.float32)[cob]  # (E,) or (blocks, E)
     norms = []
     for e, d in enumerate(ds):
         t = _masked(sp, d, srcs[e], lim[e])
         if kept is not None:
             kept[e].copy_(t)
         if cob is None:
-            norms.append(t.abs().sum(dtype=torch.float64))
+            norms.append(fixed_l1(t.abs(), per_block[e]))
         else:
-            per_block = t.abs().sum(dim=1, dtype=torch.float64)
-            norms.append(per_block.new_zeros(n_chunks).index_add(0, cob, per_block))
-    return torch.stack(norms, dim=-1)
+            sums = fixed_l1(t.abs(), per_block[:, e:e + 1], dim=1)
+            norms.append(sums.new_zeros(n_chunks).index_add(0, cob, sums))
+    return torch.stack(norms, dim=-1).to(torch.float64) / scale
 
 
 RESCALE_EPS = 1e-7  # mergekit's rescaled_masked_tensor eps
@@ -301,26 +330,27 @@ def rescale_factor(before: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     return torch.where(small, torch.ones_like(kept), before / kept.clamp_min(RESCALE_EPS)).float()
 
 
-def _rescaled_nums(sp: Sparsifier, kept, ds, srcs, lim, before, nums, cob=None) -> torch.Tensor:
+def _rescaled_nums(sp: Sparsifier, kept, ds, srcs, lim, l1, nums, cob=None) -> torch.Tensor:
     """`nums` (see `_merge`) with the coefficients of the rescaled experts (nums[E:2E] > 0) times their L1 rescale
     factors, rounded to the chunk's dtype as the eager kernel rounds them. Every expert's kept L1 norm is summed
     here (`_kept_l1`, which also writes the kept entries into `kept` unless it is None): the experts that are not
     rescaled keep all their entries or have coefficient 0, so their kept entries (d or 0) are right too.
-    before: (E,) float64 each expert's L1 norm over the chunk. A group's (cob given): nums is the (chunks, 3E + 1)
-    table, before (chunks, E), lim (E, blocks, K) the bounds gathered per block."""
+    l1: (2, E) float64, each expert's fixed-point L1 norm over the chunk and its scale (prepare's "l1"). A group's
+    (cob given): nums is the (chunks, 3E + 1) table, l1 (chunks, 2, E), lim (E, blocks, K) the bounds gathered per
+    block."""
     n_exp = len(ds)
     coef, rs = nums[..., :n_exp], nums[..., n_exp:2 * n_exp]
-    l1 = _kept_l1(sp, kept, ds, srcs, lim, cob, nums.shape[0])
-    c = rescale_factor(before, torch.where(rs > 0, l1, torch.zeros_like(l1))) * coef
+    kept_l1 = _kept_l1(sp, kept, ds, srcs, lim, l1, cob, nums.shape[0])
+    c = rescale_factor(l1[..., 0, :], torch.where(rs > 0, kept_l1, torch.zeros_like(kept_l1))) * coef
     return torch.cat([torch.where(rs > 0, _round(c, ds[0].dtype), c), nums[..., n_exp:]], dim=-1)
 
 
-def _merge_rescaled(sp: Sparsifier, consensus: bool, normalize: bool, out, b, ds, srcs, lim, before, nums
+def _merge_rescaled(sp: Sparsifier, consensus: bool, normalize: bool, out, b, ds, srcs, lim, l1, nums
                     ) -> torch.Tensor:
     """`_merge` of a chunk with `rescale` in one graph: the kept L1 norms and the coefficients
     (`_rescaled_nums`), then the merge, which reads the deltas and their mask sources again. One call per chunk
     instead of two: the host time of a call is more than a mid-sized chunk's merge on a GPU."""
-    return _merge(sp, consensus, normalize, out, b, ds, srcs, lim, _rescaled_nums(sp, None, ds, srcs, lim, before,
+    return _merge(sp, consensus, normalize, out, b, ds, srcs, lim, _rescaled_nums(sp, None, ds, srcs, lim, l1,
                                                                                   nums))
 
 
@@ -342,17 +372,17 @@ def _group_merge(sp: Sparsifier, consensus: bool, normalize: bool, out, b, ds, s
     return _merge(sp, consensus, normalize, out, b, ds, _per_block(sp, srcs, cob), lim[:, cob], table[cob])
 
 
-def _group_rescaled(sp: Sparsifier, consensus: bool, normalize: bool, out, b, ds, srcs, lim, before, table, cob
+def _group_rescaled(sp: Sparsifier, consensus: bool, normalize: bool, out, b, ds, srcs, lim, l1, table, cob
                     ) -> torch.Tensor:
-    """`_merge_rescaled` of a group (before: (chunks, E) float64 each chunk's L1 norms)."""
+    """`_merge_rescaled` of a group (l1: (chunks, 2, E) float64 each chunk's L1 norms and scales)."""
     lim, srcs = lim[:, cob], _per_block(sp, srcs, cob)
-    table = _rescaled_nums(sp, None, ds, srcs, lim, before, table, cob)
+    table = _rescaled_nums(sp, None, ds, srcs, lim, l1, table, cob)
     return _merge(sp, consensus, normalize, out, b, ds, srcs, lim, table[cob])
 
 
-def _group_nums(sp: Sparsifier, kept, ds, srcs, lim, before, table, cob) -> torch.Tensor:
+def _group_nums(sp: Sparsifier, kept, ds, srcs, lim, l1, table, cob) -> torch.Tensor:
     """`_rescaled_nums` of a group: the (chunks, 3E + 1) table with the rescale factors applied."""
-    return _rescaled_nums(sp, kept, ds, _per_block(sp, srcs, cob), lim[:, cob], before, table, cob)
+    return _rescaled_nums(sp, kept, ds, _per_block(sp, srcs, cob), lim[:, cob], l1, table, cob)
 
 
 _FORMULAS = {"merge": _merge, "rescaled": _merge_rescaled, "nums": _rescaled_nums,
@@ -426,19 +456,19 @@ def merge(sp: Sparsifier, consensus: bool, normalize: bool, out, b, ds, srcs, li
     return _call(("merge", sp, consensus, normalize), b, out, b, ds, srcs, lim, nums)[1]
 
 
-def merge_rescaled(sp: Sparsifier, consensus: bool, normalize: bool, out, b, ds, srcs, lim, before, nums
+def merge_rescaled(sp: Sparsifier, consensus: bool, normalize: bool, out, b, ds, srcs, lim, l1, nums
                    ) -> torch.Tensor | None:
     """Write the merged chunk of a method with `rescale` into `out` in one call and return the float32 sum of what
     it wrote (see `_merge_rescaled`); None where the compiled formula is unavailable."""
-    return _call(("rescaled", sp, consensus, normalize), b, out, b, ds, srcs, lim, before, nums)[1]
+    return _call(("rescaled", sp, consensus, normalize), b, out, b, ds, srcs, lim, l1, nums)[1]
 
 
-def rescaled_nums(sp: Sparsifier, kept, ds, srcs, lim, before, nums) -> torch.Tensor | None:
+def rescaled_nums(sp: Sparsifier, kept, ds, srcs, lim, l1, nums) -> torch.Tensor | None:
     """`nums` with the rescale factors applied, the kept entries written into `kept` (see `_rescaled_nums`): the
     first of two calls, the merge (DENSE, over `kept`) the second. One graph for both wrote the kept entries twice
     (inductor keeps them in buffers of its own and copies those into `kept` at the end): 2x the candidate's time.
     None where the compiled formula is unavailable."""
-    return _call(("nums", sp), ds[0], kept, ds, srcs, lim, before, nums)[1]
+    return _call(("nums", sp), ds[0], kept, ds, srcs, lim, l1, nums)[1]
 
 
 def merge_group(sp: Sparsifier, consensus: bool, normalize: bool, out, b, ds, srcs, lim, table, cob
@@ -447,13 +477,13 @@ def merge_group(sp: Sparsifier, consensus: bool, normalize: bool, out, b, ds, sr
     return _call(("group_merge", sp, consensus, normalize), b, out, b, ds, srcs, lim, table, cob)[1]
 
 
-def merge_group_rescaled(sp: Sparsifier, consensus: bool, normalize: bool, out, b, ds, srcs, lim, before, table, cob
+def merge_group_rescaled(sp: Sparsifier, consensus: bool, normalize: bool, out, b, ds, srcs, lim, l1, table, cob
                          ) -> torch.Tensor | None:
     """`merge_rescaled` of a group of chunks in one call; None where the formula is unavailable."""
-    return _call(("group_rescaled", sp, consensus, normalize), b, out, b, ds, srcs, lim, before, table, cob)[1]
+    return _call(("group_rescaled", sp, consensus, normalize), b, out, b, ds, srcs, lim, l1, table, cob)[1]
 
 
-def group_rescaled_nums(sp: Sparsifier, kept, ds, srcs, lim, before, table, cob) -> torch.Tensor | None:
+def group_rescaled_nums(sp: Sparsifier, kept, ds, srcs, lim, l1, table, cob) -> torch.Tensor | None:
     """`rescaled_nums` of a group of chunks: the table with the rescale factors applied, the kept entries written
     into `kept`; None where the formula is unavailable."""
-    return _call(("group_nums", sp), ds[0], kept, ds, srcs, lim, before, table, cob)[1]
+    return _call(("group_nums", sp), ds[0], kept, ds, srcs, lim, l1, table, cob)[1]

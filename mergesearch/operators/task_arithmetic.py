@@ -98,13 +98,21 @@ DELLA_RULE = ParamRule(("density", "epsilon"), della_out_of_range, della_range_m
 # --- precomputation (once per chunk) ---------------------------------------------------------------
 
 
-def _acc_dtype(d: torch.Tensor) -> torch.dtype:
-    return torch.float64 if d.dtype == torch.float64 else torch.float32  # never narrower than the input
+_L1_BLOCK = 1 << 24  # entries per step of `_l1` (a chunk's int64 copy at once would be 2x its float32 size)
 
 
 def _l1(deltas) -> torch.Tensor:
-    """(E,) float64: each task vector's L1 norm (summed in float32, or float64 for float64 deltas)."""
-    return torch.stack([torch.linalg.vector_norm(d, 1, dtype=_acc_dtype(d)).double() for d in deltas])
+    """(2, E) float64: each task vector's L1 norm (row 0) in fixed point at its scale (row 1): the sums the rescale
+    of DARE and DELLA compares its kept entries' against (fused.l1_scale: exact in any order, on every path)."""
+    if not deltas:
+        return torch.zeros(2, 0, dtype=torch.float64)
+    rows = []
+    for d in deltas:
+        scale, flat = fused.l1_scale(d), d.reshape(-1)
+        total = sum(int(fused.fixed_l1(flat[lo:lo + _L1_BLOCK].abs(), scale))
+                    for lo in range(0, flat.numel(), _L1_BLOCK))
+        rows.append((total / scale, scale))  # total < 2**62: exact in Python, one rounding to float64
+    return torch.tensor(rows, dtype=torch.float64, device=deltas[0].device).T.contiguous()
 
 
 def magnitude_rank(d: torch.Tensor) -> torch.Tensor:
@@ -348,10 +356,10 @@ class _Rules:
         (mergekit's RescaleNorm.l1: 1 where either norm is below 1e-7).
 
         `kept_l1`: (E,) float64 L1 norms of the kept entries, 0 for the experts that are not rescaled (so
-        their factor is 1). They are summed in float64 on every path (blocks, whole chunk, compiled, any
-        device): sums in another order then round to the same float32 factor, which keeps the elected signs of
-        near-zero votes the same on every path. Computed on the device: no sync."""
-        return fused.rescale_factor(state["l1"], kept_l1)
+        their factor is 1). They are summed in fixed point on every path (blocks, whole chunk, compiled, any
+        device: fused.l1_scale), so every path gets the same factor bit for bit, which keeps the elected signs of
+        near-zero votes the same. Computed on the device: no sync."""
+        return fused.rescale_factor(state["l1"][0], kept_l1)
 
     def rescale_factors(self, ds, state, scratch: Scratch, block: int) -> dict[int, torch.Tensor]:
         """Per rescaled expert its 0-d factor (`factor_vector`), the kept L1 summed block by block."""
@@ -359,7 +367,8 @@ class _Rules:
         if not sparse:
             return {}
         n = ds[0].numel()
-        acc = torch.zeros(len(self.keep), dtype=torch.float64, device=ds[0].device)
+        acc = torch.zeros(len(self.keep), dtype=torch.int64, device=ds[0].device)
+        scale = state["l1"][1].float()
         for lo in range(0, n, block):
             hi = min(n, lo + block)
             for e in sparse:
@@ -368,8 +377,8 @@ class _Rules:
                 self.keep[e].mask(e, lo, hi, state, scratch, m)
                 a = scratch.get("abs", d)
                 torch.abs(d, out=a)
-                acc[e] += a.mul_(m).sum(dtype=torch.float64)
-        f = self.factor_vector(acc, state)
+                acc[e] += fused.fixed_l1(a.mul_(m), scale[e])
+        f = self.factor_vector(acc.double() / state["l1"][1], state)
         return {e: f[e] for e in sparse}
 
     def terms(self, ds, lo: int, hi: int, state, scratch: Scratch, factors: dict, unit: bool = False):
