@@ -61,14 +61,13 @@ def test_prepare_stores_the_hash_of_each_experts_key(prepare):
         else:  # DELLA: uniform and row rank in one int32, decoded exactly by the formula and the eager kernel
             ur = state["ur"][e]
             assert ur.dtype == torch.int32
-            assert torch.equal(fused.packed_uniforms(ur), want)
+            assert torch.equal(fused.packed_uniforms(ur) / 2 ** 16, want)
             out, tmp = torch.empty(1200), torch.empty(1200, dtype=torch.int32)
-            assert torch.equal(fused.packed_uniforms(ur, out=out, tmp=tmp), want)
-            ranks = fused.packed_ranks(ur).view(40, 30)
-            assert torch.equal(fused.packed_ranks(ur, out=out, tmp=tmp).view(40, 30), ranks)
+            assert torch.equal(fused.packed_uniforms(ur, out=out, tmp=tmp) / 2 ** 16, want)
+            steps = fused.packed_ranks(ur).view(40, 30)
+            assert torch.equal(fused.packed_ranks(ur, out=out, tmp=tmp).view(40, 30), steps)
             order = deltas[e].abs().argsort(dim=1, stable=True)
-            assert torch.equal(ranks.gather(1, order), torch.round(torch.arange(30) / 29 * 2 ** 15).expand(40, 30)
-                               / 2 ** 15)
+            assert torch.equal(steps.gather(1, order), torch.round(torch.arange(30) / 29 * 2 ** 14).expand(40, 30))
     again = prepare(base, deltas, torch.Generator().manual_seed(3))
     assert again["key"].tolist() == keys  # a seed gives the same fields
 
@@ -127,23 +126,38 @@ def test_a_hashed_device_stores_no_uniforms_and_its_eager_kernel_hashes_them(met
     assert all(torch.equal(v, got[False][k]) for k, v in got[True].items())
 
 
-@pytest.mark.parametrize("ncols", [1, 2, 7, 4096, 32_769, 70_000])
+@pytest.mark.parametrize("ncols", [1, 2, 7, 4096, 16_385, 70_000])
 def test_dellas_row_ranks_take_16_bits_and_decode_exactly(ncols):
-    """rank / (ncols - 1) on a grid of 2**-15: 0 and 1 exact at the ends of a row, within half a step elsewhere,
-    still distinct up to 32,769 columns; packed with a uniform (int32) and alone (int16), decoded by the formula
-    and by the eager kernel (out=), they are the same floats."""
+    """rank / (ncols - 1) on a grid of 2**-14: 0 and 1 exact at the ends of a row, within half a step elsewhere,
+    still distinct up to 16,385 columns; packed with a uniform (int32) and alone (int16), read by the formula and
+    by the eager kernel (out=), they are the same steps, and so are the uniforms' 16 bits."""
     ranks = torch.arange(ncols)
     steps = fused.rank_steps(ranks, ncols)
     codes, u_bits = fused.rank_codes(steps), torch.randint(0, 2 ** 16, (ncols,))
-    u_bits[:2] = torch.tensor([0, 2 ** 16 - 1])[:ncols]  # the sign bit of the packed int32
+    u_bits[:2] = torch.tensor([0, 2 ** 16 - 1])[:ncols]  # the ends of the uniform's bits
     packed = fused.pack(u_bits, steps)
-    assert codes.dtype == torch.int16 and packed.dtype == torch.int32
+    assert codes.dtype == torch.int16 and packed.dtype == torch.int32 and int(packed.min()) >= 0
     got = fused.row_ranks(codes)
     out, tmp = torch.empty(ncols), torch.empty(ncols, dtype=torch.int32)
     assert torch.equal(got, fused.row_ranks(codes, out=out.clone()))
     assert torch.equal(got, fused.packed_ranks(packed)) and torch.equal(got, fused.packed_ranks(packed, out, tmp))
-    assert torch.equal(fused.packed_uniforms(packed), u_bits.float() / 2 ** 16)
-    want = ranks.double() / max(1, ncols - 1)
+    assert torch.equal(fused.packed_uniforms(packed), u_bits.float())
+    assert torch.equal(fused.packed_uniforms(packed, out, tmp), u_bits.float())
+    got, want = got.double() / 2 ** 14, ranks.double() / max(1, ncols - 1)
     assert float(got[0]) == 0.0 and float(got[-1]) == (1.0 if ncols > 1 else 0.0)
-    assert float((got.double() - want).abs().max()) <= 2 ** -16
-    assert bool((got[1:] > got[:-1]).all()) is (ncols <= 32_769) or ncols == 1
+    assert float((got - want).abs().max()) <= 2 ** -15
+    assert bool((got[1:] > got[:-1]).all()) is (ncols <= 16_385) or ncols == 1
+
+
+def test_dellas_rule_in_integer_units_is_the_real_valued_rule():
+    """u16 < k (4 slope) + 2**16 offset (float32, as the formula and the eager kernel compute it) keeps exactly the
+    entries of u < (k / 2**14) slope + offset computed in float32, u = u16 / 2**16: scaling by powers of two commutes
+    with the roundings."""
+    g = torch.Generator().manual_seed(0)
+    u16 = torch.randint(0, 2 ** 16, (200_000,), generator=g).float()
+    k = torch.randint(0, 2 ** 14 + 1, (200_000,), generator=g).float()
+    for slope, offset in [(0.2, 0.4), (0.0123, 0.3456), (2 * 0.07, 0.93 - 0.07), (1e-3, 1e-3)]:
+        s32, o32 = torch.tensor(slope), torch.tensor(offset)  # the float32 numbers both rules start from
+        real = (u16 / 2 ** 16) < (k / 2 ** 14) * s32 + o32
+        units = u16 < k * torch.tensor(slope * fused.DELLA_UNITS[0]) + torch.tensor(offset * fused.DELLA_UNITS[1])
+        assert torch.equal(units, real), (slope, offset)

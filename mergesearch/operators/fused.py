@@ -105,7 +105,7 @@ class _Random(Sparsifier):
 
 class _Della(Sparsifier):
     """DELLA's MAGPRUNE: u < row rank * slope + offset, two float32 roundings as the eager kernel's mul, add_; the
-    uniform and the row rank read from one int32 (`pack`)."""
+    uniform and the row rank read from one int32 (`pack`), compared in integer units (`DELLA_UNITS`)."""
 
     sources = ("ur",)
 
@@ -113,66 +113,70 @@ class _Della(Sparsifier):
         return packed_uniforms(srcs[0]) < (packed_ranks(srcs[0]) * _col(lim, 0) + _col(lim, 1))
 
     def keep_all(self, n):
-        return (0.0, 2.0)
+        return (0.0, 2.0 ** 17)  # u < 2 always
 
     def keep_none(self):
         return (0.0, 0.0)
 
 
-# DELLA's row ranks r / (ncols - 1) in [0, 1] on a grid of 2**-15: round(r * 2**15 / (ncols - 1)), exact at both ends
-# of a row, distinct in rows up to 32,769 entries (in longer ones a keep probability moves by at most 2**-16 times
+# DELLA's row ranks r / (ncols - 1) in [0, 1] on a grid of 2**-14: round(r * 2**14 / (ncols - 1)), exact at both ends
+# of a row, distinct in rows up to 16,385 entries (in longer ones a keep probability moves by at most 2**-15 times
 # DELLA's 2 epsilon). Stored with the entry's 16-bit uniform in one int32 (`pack`) where the uniforms are stored,
 # else (CUDA: uniforms hashed in the kernel) alone as int16 (`rank_codes`): 4 or 2 bytes per entry and expert
 # instead of float32 uniforms and ranks' 8, so that a DELLA candidate reads 2.8x task arithmetic's bytes instead of
 # 3.4x. Not int16 on the CPU: inductor's C++ does not vectorise int16 (a kernel reading int16 ran 4.5x slower).
-# Every decoding below is exact (integers times powers of two), so every path rounds the same products.
-RANK_STEPS = 2 ** 15
+# The formula compares the integers themselves, the uniform's 16 bits u16 and the rank's steps k, as float32:
+# u16 < k * (4 slope) + 2**16 offset is u < rank * slope + offset with both sides times 2**16, and scaling by a power
+# of two commutes with every rounding, so the masks are those of the real-valued rule (and the eager kernel's), with
+# no decoding (a mask, a shift and two conversions per entry fewer: DELLA's first pass was compute-bound on a CPU).
+RANK_STEPS = 2 ** 14
+DELLA_UNITS = (2 ** 16 / RANK_STEPS, 2.0 ** 16)  # the slope's and the offset's factors (`_Della.limits`)
 
 
 def rank_steps(ranks: torch.Tensor, ncols: int) -> torch.Tensor:
-    """int64 0 .. 2**15: 0-based row ranks (int64) of rows of `ncols` entries on the grid, rounded to nearest."""
+    """int64 0 .. 2**14: 0-based row ranks (int64) of rows of `ncols` entries on the grid, rounded to nearest."""
     m = max(1, ncols - 1)  # a one-column row's rank 0 is 0 (mergekit: NaN)
     return (ranks * RANK_STEPS + m // 2) // m
 
 
 def pack(u_bits: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    """int32: a uniform's 16 bits (counter.bits) above a row rank's steps (<= 2**15)."""
-    x = (u_bits << 16) | steps
-    return torch.where(x >= 2 ** 31, x - 2 ** 32, x).to(torch.int32)
+    """int32 (>= 0): a row rank's steps (<= 2**14) above a uniform's 16 bits (counter.bits)."""
+    return ((steps << 16) | u_bits).to(torch.int32)
 
 
 def packed_uniforms(x: torch.Tensor, out: torch.Tensor | None = None, tmp: torch.Tensor | None = None
                     ) -> torch.Tensor:
-    """float32 uniforms of `pack`ed entries (`out`, `tmp`: the eager kernel's float32 and int32 block buffers)."""
+    """float32 0 .. 2**16 - 1: the uniforms of `pack`ed entries in units of 2**-16 (`out`, `tmp`: the eager
+    kernel's float32 and int32 block buffers)."""
     if out is None:
-        return ((x >> 16) & 0xFFFF).to(torch.float32) * counter.UNIT
-    return torch.mul(torch.bitwise_right_shift(x, 16, out=tmp).bitwise_and_(0xFFFF), counter.UNIT, out=out)
+        return (x & 0xFFFF).to(torch.float32)
+    return out.copy_(torch.bitwise_and(x, 0xFFFF, out=tmp))
 
 
 def packed_ranks(x: torch.Tensor, out: torch.Tensor | None = None, tmp: torch.Tensor | None = None) -> torch.Tensor:
-    """float32 row ranks in [0, 1] of `pack`ed entries."""
+    """float32 0 .. 2**14: the row ranks of `pack`ed entries in steps."""
     if out is None:
-        return (x & 0xFFFF).to(torch.float32) * (1.0 / RANK_STEPS)
-    return torch.mul(torch.bitwise_and(x, 0xFFFF, out=tmp), 1.0 / RANK_STEPS, out=out)
+        return (x >> 16).to(torch.float32)
+    return out.copy_(torch.bitwise_right_shift(x, 16, out=tmp))
 
 
 def rank_codes(steps: torch.Tensor) -> torch.Tensor:
     """int16: row ranks' steps alone (a device that computes the uniforms)."""
-    return (steps - RANK_STEPS // 2).to(torch.int16)
+    return steps.to(torch.int16)
 
 
 def row_ranks(codes: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """float32 row ranks in [0, 1] of `rank_codes`."""
-    if out is None:
-        return (codes.to(torch.float32) + RANK_STEPS // 2) * (1.0 / RANK_STEPS)
-    return torch.add(codes, float(RANK_STEPS // 2), out=out).mul_(1.0 / RANK_STEPS)
+    """float32 0 .. 2**14: the row ranks of `rank_codes` in steps."""
+    return codes.to(torch.float32) if out is None else out.copy_(codes)
 
 
-def _uniforms(srcs, d: torch.Tensor) -> torch.Tensor:
+def _uniforms(srcs, d: torch.Tensor, units: bool = False) -> torch.Tensor:
     """The uniforms of a hashed sparsifier's entries: key srcs[0], entry positions srcs[1] + 0, 1, ... along d's
-    last dimension. int64 arithmetic off CUDA, int32 on it: the same numbers (operators/counter.py)."""
+    last dimension. int64 arithmetic off CUDA, int32 on it: the same numbers (operators/counter.py). `units`: in
+    units of 2**-16 (DELLA's comparison)."""
     index = srcs[1] + torch.arange(d.shape[-1], device=d.device)
-    return counter.uniform(index, srcs[0], wide=d.device.type != "cuda")
+    wide = d.device.type != "cuda"
+    return counter.bits(index, srcs[0], wide).to(torch.float32) if units else counter.uniform(index, srcs[0], wide)
 
 
 class _HashedRandom(_Random):
@@ -190,7 +194,7 @@ class _HashedDella(_Della):
     sources, hashed = ("rn",), True
 
     def keep(self, srcs, lim, d):
-        return _uniforms(srcs, d) < (row_ranks(srcs[2]) * _col(lim, 0) + _col(lim, 1))
+        return _uniforms(srcs, d, units=True) < (row_ranks(srcs[2]) * _col(lim, 0) + _col(lim, 1))
 
 
 DENSE, MAGNITUDE, RANDOM, DELLA = _Dense(), _Magnitude(), _Random(), _Della()

@@ -257,10 +257,11 @@ class _Random(_Keep):
 
 
 class _Della(_Keep):
-    """DELLA's MAGPRUNE: keep probability offset + slope * (row rank / (ncols - 1))."""
+    """DELLA's MAGPRUNE: keep probability offset + slope * (row rank / (ncols - 1)), compared as the compiled
+    formula compares it: in integer units (fused.DELLA_UNITS), the same masks."""
 
     def __init__(self, slope: float, offset: float):
-        self.slope, self.offset = slope, offset
+        self.slope, self.offset = slope * fused.DELLA_UNITS[0], offset * fused.DELLA_UNITS[1]
 
     def mask(self, e, lo, hi, state, scratch, m) -> None:
         q = scratch.get("q", m, torch.float32)
@@ -270,7 +271,8 @@ class _Della(_Keep):
             u = fused.packed_uniforms(ur, out=scratch.get("u", m, torch.float32), tmp=tmp)
         else:
             fused.row_ranks(state["rn"][e][lo:hi], out=q)
-            u = _hash(state, e, lo, hi)
+            key = state["key"][e]
+            u = counter.bits(torch.arange(lo, hi, device=key.device), key).to(torch.float32)
         q.mul_(self.slope).add_(self.offset)
         torch.lt(u, q, out=m)
 
