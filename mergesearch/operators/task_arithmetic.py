@@ -182,6 +182,9 @@ def _prepare_della(base, deltas, gen) -> dict:
     return {"key": _key_tensor(keys, deltas), "rn" if hashed else "ur": fields, "l1": _l1(deltas)}
 
 
+# --- the family's rules at one chunk and candidate (written once: the kernel and the linear parts read them) --
+
+
 class _Keep:
     """How one expert's task vector is sparsified in a chunk: which entries survive (a 0/1 mask)."""
 
