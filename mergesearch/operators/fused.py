@@ -16,13 +16,13 @@ Which entries an expert keeps is a `Sparsifier` (one small class per kind: magni
 DELLA's uniforms and row ranks); the formulas are written once for all of them.
 
 With `rescale` (DARE, DELLA) a first pass sums each expert's kept L1 norm and turns the norms into the candidate's
-coefficients. Where the mask's sources take more bytes per entry than the delta (DELLA's stored uniforms and ranks
-against a bf16/fp16 delta: task_arithmetic.writes_kept_entries) that pass also writes the kept entries into scratch buffers, and the merge
+coefficients. Where the mask's sources take more bytes per entry than the delta (stored uniforms against a bf16/fp16
+delta: task_arithmetic.writes_kept_entries) that pass also writes the kept entries into scratch buffers, and the merge
 pass, a second call, reads them instead of the delta and its sources; otherwise both passes are one graph, one
 call (`_merge_rescaled`): on a GPU a call's host time is more than a mid-sized chunk's merge. The norms are summed
-in float64 on both paths (the eager kernel per block, this one in one reduction): float64 sums in different
-orders round to the same float32 factor, where float32 sums did not (a factor one ulp apart flips the elected
-sign of the rare entries whose vote is ~0).
+in fixed point on both paths (the eager kernel per block, this one in one reduction; `l1_scale`): integer sums are
+the same in any order, where float32 sums were not (a factor one ulp apart flips the elected sign of the rare
+entries whose vote is ~0).
 
 The merge pass also returns the sum of what it wrote, so the materialiser's NaN/inf check reads nothing again.
 

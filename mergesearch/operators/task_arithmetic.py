@@ -483,8 +483,8 @@ _HASHED = {fused.RANDOM: fused.HASHED_RANDOM, fused.DELLA: fused.HASHED_DELLA}
 
 def _sparsifier(kind: str, scratch: Scratch) -> fused.Sparsifier:
     """The compiled formula's sparsifier of `kind` on this device: where `scratch.hashed` (CUDA), DARE's and DELLA's
-    uniforms are computed in the kernel from their keys instead of read (operators/counter.py): 4 (DELLA: 2) bytes per entry
-    and expert less to read, the same masks."""
+    uniforms are computed in the kernel from their keys instead of read (operators/counter.py): 4 (DELLA: 2) bytes
+    per entry and expert less to read, the same masks."""
     sp = _SPARSIFIERS[kind]
     return _HASHED.get(sp, sp) if scratch.hashed else sp
 
