@@ -9,7 +9,7 @@ What the materialiser, evaluator and fit hold on the merge device, in bytes:
   model      the one preallocated model the candidates are written into
   scratch    the kernels' reusable buffers: a dozen blocks of min(largest chunk, the device's block),
              and, for a method that rescales by default (DARE, DELLA) where its compiled formula writes the
-             kept entries (`writes_kept_entries`: DELLA in bf16/fp16 off CUDA), one buffer per expert the
+             kept entries (`writes_kept_entries`: DARE and DELLA in bf16/fp16 off CUDA), one buffer per expert the
              size of the largest tensor in the merge dtype
   evaluator  one batch: logits (batch x tokens x vocab, float32) and the hidden states of a layer
   fit        with a fit: one gradient at a time, activations kept for the backward pass, and the

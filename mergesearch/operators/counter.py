@@ -4,8 +4,7 @@ Why not torch.rand: a field drawn from a generator must be stored (4 bytes per e
 candidate; on a GPU that read is most of a DARE candidate's bytes (a bf16 delta is 2). A hash of the entry's index
 is computed where it is used: the compiled formula on CUDA computes it in the kernel and reads nothing
 (operators/fused.py), while the CPU, where integer arithmetic costs more than the read, keeps the field stored
-(`prepare`). Both give the same numbers bit for bit, so a seed gives the same masks on every
-device and path.
+(`prepare`). Both give the same numbers bit for bit, so a seed gives the same masks on every device and path.
 
 The hash is two rounds of a 32-bit integer mix (a "hash prospector" triple by C. Wellons, both multipliers below
 2**31) with the key between them. Computed in int64 holding 32-bit values (every product fits: the CPU's C++ and

@@ -283,7 +283,7 @@ def _round(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def l1_scale(d: torch.Tensor) -> float:
     """2**k for the fixed-point L1 norm of `d` (see above); 1 for an all-zero d."""
-    amax = float(d.abs().max()) if d.numel() else 0.0
+    amax = float(torch.linalg.vector_norm(d, math.inf)) if d.numel() else 0.0  # no |d| copy of the chunk
     if amax == 0.0 or not math.isfinite(amax):
         return 1.0
     k = 62 - max(1, d.numel() - 1).bit_length() - math.frexp(amax)[1]

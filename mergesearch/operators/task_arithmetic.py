@@ -274,8 +274,7 @@ class _Della(_Keep):
             u = fused.packed_uniforms(ur, out=scratch.get("u", m, torch.float32), tmp=tmp)
         else:
             fused.row_ranks(state["rn"][e][lo:hi], out=q)
-            key = state["key"][e]
-            u = counter.bits(torch.arange(lo, hi, device=key.device), key).to(torch.float32)
+            u = _hash(state, e, lo, hi, units=True)
         q.mul_(self.slope).add_(self.offset)
         torch.lt(u, q, out=m)
 
@@ -283,11 +282,12 @@ class _Della(_Keep):
         return (self.slope, self.offset)
 
 
-def _hash(state: dict, e: int, lo: int, hi: int) -> torch.Tensor:
+def _hash(state: dict, e: int, lo: int, hi: int, units: bool = False) -> torch.Tensor:
     """Expert e's uniforms of entries [lo, hi) of a chunk on a device that computes them (`_hashed`): the hash of
-    their positions under its key."""
+    their positions under its key. `units`: in units of 2**-16 (DELLA's comparison, fused.DELLA_UNITS)."""
     key = state["key"][e]
-    return counter.uniform(torch.arange(lo, hi, device=key.device), key)
+    index = torch.arange(lo, hi, device=key.device)
+    return counter.bits(index, key).to(torch.float32) if units else counter.uniform(index, key)
 
 
 def _keep(kind: str, e: int, n: int, p: dict) -> _Keep:
@@ -523,9 +523,10 @@ def _on_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.
 
 def writes_kept_entries(source_bytes: int, entry_bytes: int) -> bool:
     """Whether the compiled first pass of a rescaled chunk writes each expert's kept entries to scratch for the
-    merge pass to read: where its mask's sources take more bytes per entry than the delta (DELLA's stored
-    uniforms and row ranks, 2 + 2, against a bf16/fp16 delta). Writing the entries and reading them back moves
-    two entry sizes; reading the delta and the sources again moves one entry size and the sources.
+    merge pass to read: where its mask's sources take more bytes per entry than the delta (stored uniforms,
+    DARE's float32 and DELLA's packed with its row ranks, 4 bytes, against a bf16/fp16 delta). Writing the
+    entries and reading them back moves two entry sizes; reading the delta and the sources again moves one entry
+    size and the sources.
     Measured on a CPU (float32, the 134M benchmark model, 2 threads, A/B runs in one process, float32 uniforms and
     ranks then): DELLA took 0.78-0.88x its time with the kept entries written, DARE 1.4-1.7x (a CPU reads a line
     before it writes it). With equal bytes nothing is written: the same traffic, one call, no scratch."""
