@@ -15,6 +15,11 @@ then, for every demo zoo, the targets of issue 4 (in accuracy points on the test
   each expert beats the base on its skill by >= 15; best single model's mean >= 15 below the mean
   of the experts' own-skill scores; best simple merge >= best single model and >= 10 below that mean.
 
+and issue 19's composition question, on the chain skill's test split: task arithmetic of the experts of the
+chain's one-step parts alone (reverse, uppercase; the chain's own expert left out, the scale chosen on calib)
+against each of those experts (zoo._report.composition_report); target: at least COMPOSITION_TARGET (5)
+points above the best of them.
+
 The `test` preset is weak on purpose (mergesearch/zoo/presets.py): its report is printed, its merge
 targets are not checked. Each target checked prints an `ok` or `MISS` line; exit code 1 on a MISS.
 
@@ -43,7 +48,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mergesearch.zoo import build_zoo, get_preset  # noqa: E402
-from mergesearch.zoo._report import format_report  # noqa: E402
+from mergesearch.zoo._report import composition_report, format_composition, format_report  # noqa: E402
 from mergesearch.zoo.skills import train_stream  # noqa: E402
 from mergesearch.zoo.tokenizer import build_char_tokenizer  # noqa: E402
 from mergesearch.zoo.train import CharCodec, make_model, mixed_pairs  # noqa: E402
@@ -57,6 +62,7 @@ EXPERT_GAIN_TARGET = 15.0  # each expert over the base on its own skill, at leas
 SINGLE_GAP_TARGET = 15.0  # experts' own-skill mean - best single model's mean, at least
 MERGE_OVER_SINGLE_TARGET = 0.0  # best simple merge's mean - best single model's mean, at least
 MERGE_HEADROOM_TARGET = 10.0  # experts' own-skill mean - best simple merge's mean, at least
+COMPOSITION_TARGET = 5.0  # chain: task arithmetic of its parts' experts - the best of those experts, at least
 
 
 def reference_seconds(preset: str, steps: int = 20) -> float:
@@ -118,9 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 load1 = os.getloadavg()[0]
                 man = json.loads((out / "zoo.json").read_text())
                 report = json.loads((out / man["report"]).read_text()) if "report" in man else None
+                comp = composition_report(out, man, progress=False) if preset in MERGE_TARGET_PRESETS else {}
                 results.append({"preset": preset, "seed": seed, "wall_s": wall, "cpu_s": cpu, "ref_s": ref,
                                 "load": [load0, load1], "threads": man["threads"],
-                                "train_seconds": man["train_seconds"], "report": report})
+                                "train_seconds": man["train_seconds"], "report": report, "composition": comp})
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
@@ -143,6 +150,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for name, got, need in targets(r["report"]):
                     checks.check(f"{r['preset']} seed {r['seed']}: {name} {got:+.1f} points (target >= {need:g})",
                                  got >= need)
+        if r["composition"]:
+            print(format_composition(r["composition"]))
+            for chain, c in r["composition"].items():
+                got = 100 * c["margin"]
+                checks.check(f"{r['preset']} seed {r['seed']}: {chain}: merge of {' + '.join(c['parts'])} - best "
+                             f"part expert {got:+.1f} points (target >= {COMPOSITION_TARGET:g})",
+                             got >= COMPOSITION_TARGET)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     print()

@@ -204,6 +204,29 @@ def test_report_rows_and_summary(zoo_test):
         assert row["mean"] == pytest.approx(sum(row[s] for s in man["skills"]) / len(man["skills"]))
 
 
+def test_composition_report_merges_the_chains_parts_alone(zoo_test):
+    """On the shipped demo zoo: the chain's parts' experts, each alone and merged by task arithmetic at the scale
+    its calib grid chose (not test's), against the chain's own expert; a zoo without a chain has no such table."""
+    from mergesearch.zoo import shipped_zoo
+    from mergesearch.zoo._report import composition_report, format_composition
+
+    assert composition_report(zoo_test, load_manifest(zoo_test), progress=False) == {}
+    demo = shipped_zoo("demo")
+    comp = composition_report(demo, load_manifest(demo), progress=False)
+    c = comp["chain"]
+    assert c["parts"] == ["reverse", "uppercase"]
+    grid = {float(k): v for k, v in c["calib_grid"].items()}
+    scale = max(grid, key=grid.get)
+    assert c["merge"] == f"task_arithmetic(reverse+uppercase)@{scale:g}"
+    assert list(c["rows"]) == ["base", "expert-reverse", "expert-uppercase", c["merge"]]
+    assert all(0.0 <= v <= 1.0 for v in c["rows"].values())
+    parts = [c["rows"]["expert-reverse"], c["rows"]["expert-uppercase"]]
+    assert c["margin"] == pytest.approx(c["rows"][c["merge"]] - max(parts))
+    # the chain's own expert (97.5% in the shipped report) is far above either part's: it is not in the merge
+    assert c["own_expert"] > max(parts) + 0.2
+    assert "merge of the part experts - best part expert" in format_composition(comp)
+
+
 def test_bad_input_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="did you mean 'demo'"):
         get_preset("dem")
@@ -321,6 +344,25 @@ def test_demo_studies_use_every_demo_skill_with_its_decoding_keys(study):
         assert {k: t[k] for k in keys if k in t} == get_skill(t["name"]).task_settings(), t["name"]
     cfg = load_config(path)  # validates (paths are not opened)
     assert cfg.objectives.tasks[-1].extract == r"The answer is (\S+)\."
+
+
+def test_the_composition_study_merges_only_the_chains_parts():
+    """studies/demo_compose.yaml merges the experts of the chain's parts (not the chain's own expert) and scores
+    the chain with the zoo's decoding keys."""
+    import yaml
+    from pathlib import Path
+
+    from mergesearch.config import load_config
+
+    path = Path(__file__).resolve().parent.parent / "studies" / "demo_compose.yaml"
+    raw = yaml.safe_load(path.read_text())
+    chain = get_skill("chain")
+    assert chain.parts == ("reverse", "uppercase") and set(chain.parts) <= set(get_preset("demo").skills)
+    assert list(raw["models"]["experts"]) == list(chain.parts)
+    (task,) = raw["objectives"]["tasks"]
+    assert task["name"] == "chain"
+    assert {k: task[k] for k in ("until", "max_new_tokens", "extract")} == chain.task_settings()
+    assert load_config(path).fit is not None
 
 
 def test_length_groups_give_the_unsplit_loss():

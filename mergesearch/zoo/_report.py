@@ -78,6 +78,84 @@ def zoo_report(zoo: Path, manifest: dict, *, progress: bool = True, device: str 
     }
 
 
+def composition_report(zoo: Path, manifest: dict, *, progress: bool = True, device: str = "auto") -> dict:
+    """For each chain skill of the zoo whose `parts` (the one-step skills it is made of) all have experts: the
+    chain's test accuracy of the base, each part's expert, the chain's own expert, and task arithmetic of the
+    part experts ALONE (no chain expert), its global scale chosen on the chain's calib split. `margin` is that
+    merge minus the best part expert, in accuracy (> 0: merging the single-step experts does the chain better
+    than each of them). Empty where the zoo has no such skill (the `test` preset)."""
+    from transformers import AutoTokenizer
+
+    from mergesearch.evaluate import Evaluator, load_task
+    from mergesearch.materializer import Materializer
+    from mergesearch.zoo.skills import get_skill
+
+    zoo = Path(zoo)
+    skills = manifest["skills"]
+    chains = [s for s in skills if get_skill(s).parts and set(get_skill(s).parts) <= set(skills)]
+    if not chains:
+        return {}
+    base = zoo / manifest["base"]
+    tok = AutoTokenizer.from_pretrained(base, local_files_only=True)
+    scales = list(manifest["config"]["ta_scales"])
+    out = {}
+    for chain in chains:
+        parts = list(get_skill(chain).parts)
+        split = {k: load_task(zoo / manifest["data"][chain][k], name=chain, **get_skill(chain).task_settings())
+                 for k in ("calib", "test")}
+        mat = Materializer(base, [zoo / manifest["experts"][s] for s in parts], "task_arithmetic", dtype="float32",
+                           device=device)
+        evals = {k: Evaluator(mat.model, tok, [t]) for k, t in split.items()}
+
+        def score(k: str, weight: list[float]) -> float:
+            mat.materialize(mat.plan(weight=weight))
+            return evals[k].evaluate().primary(chain)
+
+        bar = tqdm(total=1 + len(parts) + len(scales) + 1, desc=f"composition: {chain}", disable=not progress,
+                   leave=False)
+        rows = {"base": score("test", [0.0] * len(parts))}
+        bar.update()
+        for i, s in enumerate(parts):
+            rows[f"expert-{s}"] = score("test", [1.0 if j == i else 0.0 for j in range(len(parts))])
+            bar.update()
+        grid = {}
+        for lam in scales:
+            grid[f"{lam:g}"] = score("calib", [lam] * len(parts))
+            bar.update()
+        best = max(scales, key=lambda lam: grid[f"{lam:g}"])  # first of equals: the smallest scale
+        merge = f"task_arithmetic({'+'.join(parts)})@{best:g}"
+        rows[merge] = score("test", [best] * len(parts))
+        bar.update()
+        bar.close()
+        del mat, evals
+        own = None
+        if chain in manifest["experts"]:  # the chain's own expert, for reference (it is not in the merge)
+            own_mat = Materializer(base, [zoo / manifest["experts"][chain]], "task_arithmetic", dtype="float32",
+                                   device=device)
+            own_mat.materialize(own_mat.plan(weight=[1.0]))
+            own = Evaluator(own_mat.model, tok, [split["test"]]).evaluate().primary(chain)
+            del own_mat
+        best_part = max(parts, key=lambda s: rows[f"expert-{s}"])
+        out[chain] = {"parts": parts, "rows": rows, "own_expert": own, "merge": merge, "calib_grid": grid,
+                      "best_part": best_part, "margin": rows[merge] - rows[f"expert-{best_part}"]}
+    return out
+
+
+def format_composition(comp: dict) -> str:
+    """`composition_report`'s result as text (percent on the chain's test split)."""
+    lines = []
+    for chain, c in comp.items():
+        lines.append(f"composition: {chain} = {' then '.join(c['parts'])}, test accuracy on {chain}:")
+        w = max(len(k) for k in c["rows"]) + 2
+        for name, acc in c["rows"].items():
+            lines.append(f"  {name.ljust(w)}{100 * acc:6.1f}%")
+        if c["own_expert"] is not None:
+            lines.append(f"  {('expert-' + chain + ' (not merged)').ljust(w)}{100 * c['own_expert']:6.1f}%")
+        lines.append(f"  merge of the part experts - best part expert (expert-{c['best_part']}): "
+                     f"{100 * c['margin']:+.1f} points")
+    return "\n".join(lines)
+
+
 def _summary(rows: dict[str, dict], skills: list[str]) -> dict:
     """The margins the zoo's targets are about: experts on their own skill, the best single model, the best merge."""
     n = len(skills)

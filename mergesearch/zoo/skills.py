@@ -27,7 +27,8 @@ class Skill:
 
     With `extract`, the answer is a chain and the scored answer is the regex's group 1 in it (in the
     generated chain and in the gold one alike); such a skill is scored by generating up to
-    `max_new_tokens` tokens, never by the one-pass shortcut.
+    `max_new_tokens` tokens, never by the one-pass shortcut. `parts`: the one-step skills a chain is made
+    of, in order (a merge of their experts alone is measured on the chain: `zoo._report.composition_report`).
     """
 
     name: str
@@ -35,6 +36,7 @@ class Skill:
     draw: Callable[[random.Random], tuple[str, str]]
     extract: str | None = None
     max_new_tokens: int | None = None
+    parts: tuple[str, ...] = ()
 
     def example(self, rng: random.Random) -> tuple[str, str]:
         return self.draw(rng)
@@ -100,7 +102,7 @@ SKILLS: dict[str, Skill] = {
         Skill("sort", "sort the letters of a word of 3-5 lowercase letters", _sort),
         Skill("larger", "the larger of two distinct integers in 0-999", _larger),
         Skill("chain", "reverse then uppercase a word of 3 letters, step by step, ending 'The answer is X.'",
-              _reverse_uppercase_chain, extract=CHAIN_EXTRACT, max_new_tokens=32),
+              _reverse_uppercase_chain, extract=CHAIN_EXTRACT, max_new_tokens=32, parts=("reverse", "uppercase")),
     )
 }
 
