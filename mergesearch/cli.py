@@ -334,7 +334,8 @@ def _cmd_validate(args) -> int:
         print(f"fitted coefficients: {f['coefficients']} ({f['granularity']}, {f['objective']}, up to {f['steps']} "
               f"steps per trial); fit knobs searched: {', '.join(f['knobs']) or 'none'}")
     print(f"calibration examples: {v['calib_examples']}")
-    print(f"estimated time per trial: {est['total_s']:.2f} s (merge {est['merge_s']:.2f} s, "
+    fit = f"fit up to {est['fit_s']:.1f} s, " if est.get("fit_s") else ""
+    print(f"estimated time per trial: {est['total_s']:.2f} s ({fit}merge {est['merge_s']:.2f} s, "
           f"evaluation {est['eval_s']:.2f} s; {est['note']})")
     from mergesearch.memory import format_estimate
 

@@ -2,8 +2,9 @@
 
 Opening phases are timed where they run (`PhaseTimer`, held by the materialiser and the workbench),
 logged as they end and stored in the study's meta ("timings"). Each trial's record already holds
-`merge_s` and `eval_s`; the rest of its wall time (sampler, storage writes, bookkeeping) is its
-duration minus both. `study_timings` gathers all of it for `status`; `format_timings` prints it.
+`merge_s` and `eval_s`, and a fitted trial's `fit_s` (its coefficients' fit); the rest of its wall time
+(sampler, storage writes, bookkeeping) is its duration minus those. `study_timings` gathers all of it for
+`status`; `format_timings` prints it.
 """
 
 from __future__ import annotations
@@ -41,13 +42,15 @@ def _median(xs: Sequence[float]) -> float | None:
 
 
 def trial_times(records: Sequence[Mapping], durations: Sequence[float | None]) -> dict:
-    """Median merge / evaluation / other seconds of trials (their records and wall durations), and totals."""
+    """Median merge / evaluation / fit / other seconds of trials (their records and wall durations), and totals.
+    `fit_s` is None where no trial was fitted."""
     merge = [float(r["merge_s"]) for r in records if "merge_s" in r]
     ev = [float(r["eval_s"]) for r in records if "eval_s" in r]
-    other = [d - float(r.get("merge_s", 0.0)) - float(r.get("eval_s", 0.0))
+    fit = [float(r["fit_s"]) for r in records if r.get("fit_s") is not None]
+    other = [d - float(r.get("merge_s", 0.0)) - float(r.get("eval_s", 0.0)) - float(r.get("fit_s") or 0.0)
              for r, d in zip(records, durations) if d is not None and "merge_s" in r]
-    return {"n": len(records), "merge_s": _median(merge), "eval_s": _median(ev), "other_s": _median(other),
-            "total_s": sum(d for d in durations if d is not None)}
+    return {"n": len(records), "merge_s": _median(merge), "eval_s": _median(ev), "fit_s": _median(fit),
+            "other_s": _median(other), "total_s": sum(d for d in durations if d is not None)}
 
 
 def study_timings(meta: Mapping, baseline_records: Sequence[Mapping], trial_records: Sequence[Mapping],
@@ -69,6 +72,7 @@ def format_timings(t: Mapping) -> list[str]:
         lines.append(f"baselines: {b['n']} x {b['each_s']:.2f} s (median) = {b['total_s']:.1f} s")
     tr = t.get("trials") or {}
     if tr.get("n") and tr.get("merge_s") is not None:
+        fit = f"fit {tr['fit_s']:.1f} s, " if tr.get("fit_s") is not None else ""
         other = f", other (sampler, storage) {tr['other_s']:.3f} s" if tr.get("other_s") is not None else ""
-        lines.append(f"per trial (median): merge {tr['merge_s']:.3f} s, evaluation {tr['eval_s']:.3f} s{other}")
+        lines.append(f"per trial (median): {fit}merge {tr['merge_s']:.3f} s, evaluation {tr['eval_s']:.3f} s{other}")
     return lines

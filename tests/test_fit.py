@@ -262,6 +262,15 @@ def test_fitted_study_exports_the_merge_it_scored(zoo_test, tmp_path):
     for t in searched:
         rec = records.record(t)[records.FIT_KEY]
         assert rec["granularity"] == "per_tensor" and len(rec["coef"]) == len(records.meta(study)["fit"]["per_tensor"])
+        # the fit's seconds are the trial's own line, not lumped into "other (sampler, storage)"
+        fit_s = records.record(t)["fit_s"]
+        assert 0 < fit_s < t.duration.total_seconds() - records.record(t)["eval_s"]
+    from mergesearch.study import study_status
+    from mergesearch.timings import format_timings
+
+    timings = study_status(path)["timings"]["trials"]
+    assert timings["fit_s"] == pytest.approx(sum(records.record(t)["fit_s"] for t in searched) / 2)  # median of 2
+    assert "per trial (median): fit " in format_timings({"trials": timings})[-1]
     best = max(searched, key=lambda t: t.values[0])
     out = export_trial(path, best.number, tmp_path / "merged")
     model = AutoModelForCausalLM.from_pretrained(out)

@@ -30,6 +30,25 @@ def test_trial_times_are_medians_and_the_rest_is_duration_minus_merge_and_eval()
     assert t["other_s"] == pytest.approx(0.3) and t["total_s"] == pytest.approx(7.5) and t["n"] == 3
 
 
+def test_a_fitted_trials_fit_is_its_own_line_not_other():
+    recs = [{"merge_s": 0.1, "eval_s": 1.0, "fit_s": 20.0}, {"merge_s": 0.1, "eval_s": 1.0, "fit_s": 30.0}]
+    t = trial_times(recs, [21.5, 31.5])
+    assert t["fit_s"] == pytest.approx(25.0) and t["other_s"] == pytest.approx(0.4)
+    assert format_timings({"trials": t}) == [
+        "per trial (median): fit 25.0 s, merge 0.100 s, evaluation 1.000 s, other (sampler, storage) 0.400 s"]
+    assert trial_times([{"merge_s": 0.1, "eval_s": 1.0}], [1.5])["fit_s"] is None  # no fitted trial
+
+
+def test_the_estimate_prices_a_fit_by_its_steps():
+    from mergesearch.study.estimate import estimate_trial_seconds
+
+    plain = estimate_trial_seconds(10 ** 6, 3, "float32", 100)
+    assert plain["fit_s"] == 0 and plain["total_s"] == pytest.approx(plain["merge_s"] + plain["eval_s"])
+    fitted = estimate_trial_seconds(10 ** 6, 3, "float32", 100, fit_steps=300, fit_batch=64)
+    assert fitted["fit_s"] > 0 and fitted["total_s"] == pytest.approx(fitted["merge_s"] + fitted["eval_s"]
+                                                                      + fitted["fit_s"])
+
+
 def test_status_shows_where_the_time_went(zoo_test, tmp_path, capsys):
     path = write_study(zoo_test, tmp_path, n_trials=2, top_k_test=0)
     study = run_study(load_config(path), progress=False)

@@ -528,17 +528,18 @@ class TimingInfo:
     labels: list[str]  # "baseline:<name>", "complete", "pruned", "fail"
     merge_s: np.ndarray  # (n,)
     eval_s: np.ndarray  # (n,)
-    other_s: np.ndarray  # (n,) wall time outside merge + evaluation (sampler, storage); NaN if unknown
+    other_s: np.ndarray  # (n,) wall time outside fit + merge + evaluation (sampler, storage); NaN if unknown
+    fit_s: np.ndarray  # (n,) a fitted trial's fit of its coefficients; 0 for the others
 
 
 def timing_info(study: optuna.Study) -> TimingInfo:
-    numbers, labels, merge, ev, other = [], [], [], [], []
+    numbers, labels, merge, ev, other, fit = [], [], [], [], [], []
     finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
     for t in records.baseline_trials(study) + finished:
         m, e = records.record(t).get("merge_s"), records.record(t).get("eval_s")
         if m is None and e is None:
             continue
-        m, e = float(m or 0.0), float(e or 0.0)
+        m, e, f = float(m or 0.0), float(e or 0.0), float(records.record(t).get("fit_s") or 0.0)
         # A baseline's stored times span its scoring only: the wall time outside it is not known.
         wall = t.duration.total_seconds() if (t.duration is not None and records.is_search_trial(t)) else float("nan")
         numbers.append(t.number)
@@ -546,5 +547,6 @@ def timing_info(study: optuna.Study) -> TimingInfo:
         labels.append(f"baseline:{name}" if name else t.state.name.lower())
         merge.append(m)
         ev.append(e)
-        other.append(max(0.0, wall - m - e) if math.isfinite(wall) else float("nan"))
-    return TimingInfo(numbers, labels, np.array(merge), np.array(ev), np.array(other))
+        fit.append(f)
+        other.append(max(0.0, wall - m - e - f) if math.isfinite(wall) else float("nan"))
+    return TimingInfo(numbers, labels, np.array(merge), np.array(ev), np.array(other), np.array(fit))

@@ -24,6 +24,7 @@ BASELINE = "#d9480f"
 BEST = "#2b8a3e"
 PRUNED = "#f59f00"
 FAILED = "#c92a2a"
+FIT = "#7048e8"  # a fitted trial's fit of its coefficients (time per trial)
 _FONT = dict(family="system-ui, -apple-system, Segoe UI, Roboto, sans-serif", size=13)
 
 
@@ -332,8 +333,10 @@ def plot_timing(info: TimingInfo) -> go.Figure:
     x = info.numbers
     text = info.labels
     other = np.nan_to_num(info.other_s, nan=0.0)
-    for name, y, colour in (("merge", info.merge_s, FRONT), ("evaluation", info.eval_s, BEST),
+    for name, y, colour in (("fit", info.fit_s, FIT), ("merge", info.merge_s, FRONT), ("evaluation", info.eval_s, BEST),
                             ("other (sampler, storage)", other, SEARCH)):
+        if name == "fit" and not info.fit_s.any():
+            continue  # not a fitted study
         fig.add_trace(go.Bar(x=x, y=y, name=name, marker_color=colour, text=text, textposition="none",
                              hovertemplate="trial %{x} (%{text})<br>" + name + " %{y:.3f} s<extra></extra>"))
     return _layout(fig, 380, barmode="stack", xaxis_title="trial", yaxis_title="seconds", bargap=0.1)

@@ -10,6 +10,7 @@ ten failures in a row stop the study, since the cause is then not the candidates
 from __future__ import annotations
 
 import logging
+import time
 import math
 
 import optuna
@@ -34,11 +35,13 @@ class StudyRunner(Workbench):
         values_in = self.space.suggest(trial)
         if self.fit_stage is not None:
             values_in.update(self.fit_stage.suggest(trial))
-        fitted = None
+        fitted, fit_s = None, None
         try:
             plan = self.plan_for(values_in)
             if self.fit_stage is not None:
+                t0 = time.perf_counter()
                 _, plan, fitted = self.fit_stage.run(plan, values_in)
+                fit_s = time.perf_counter() - t0
             values, rec = self.score_plan(plan, trial)
         except optuna.TrialPruned as exc:
             trial.set_user_attr(records.TRIAL_KEY, exc.record if isinstance(exc, PrunedWithRecord) else {})
@@ -50,6 +53,7 @@ class StudyRunner(Workbench):
             raise CandidateError(reason) from exc
         if fitted is not None:
             rec[records.FIT_KEY] = fitted
+            rec["fit_s"] = fit_s
         trial.set_user_attr(records.TRIAL_KEY, rec)
         if self.fault_hook:
             self.fault_hook("store")

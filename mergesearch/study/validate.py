@@ -26,7 +26,12 @@ def validate_study(path: str | Path) -> dict:
     tasks = load_tasks(cfg, "calib")
     load_tasks(cfg, "test")
     n_examples = sum(len(t) for t in tasks if t.kind != "lmeval")
-    est = estimate_trial_seconds(base.num_parameters, len(experts), cfg.merge.dtype, n_examples)
+    steps = 0
+    if cfg.fit is not None:  # the most steps a trial may take: the searched range's top where steps is searched
+        knob = cfg.fit.search.get("steps")
+        steps = max(cfg.fit.steps, int(knob.high) if knob is not None and knob.high is not None else 0)
+    est = estimate_trial_seconds(base.num_parameters, len(experts), cfg.merge.dtype, n_examples, fit_steps=steps,
+                                 fit_batch=cfg.fit.batch_size if cfg.fit is not None else 0)
     fit = None
     if cfg.fit is not None:
         from mergesearch.study.fitting import fit_space_config
