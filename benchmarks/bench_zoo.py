@@ -17,8 +17,8 @@ then, for every demo zoo, the targets of issue 4 (in accuracy points on the test
 
 and issue 19's composition question, on the chain skill's test split: task arithmetic of the experts of the
 chain's one-step parts alone (reverse, uppercase; the chain's own expert left out, the scale chosen on calib)
-against each of those experts (zoo._report.composition_report); target: at least COMPOSITION_TARGET (5)
-points above the best of them.
+against each of those experts (zoo._report.composition_report); target: above the best of them (the issue's
+question: does a merge of the single-step experts do the chain better than each of them?).
 
 The `test` preset is weak on purpose (mergesearch/zoo/presets.py): its report is printed, its merge
 targets are not checked. Each target checked prints an `ok` or `MISS` line; exit code 1 on a MISS.
@@ -62,7 +62,7 @@ EXPERT_GAIN_TARGET = 15.0  # each expert over the base on its own skill, at leas
 SINGLE_GAP_TARGET = 15.0  # experts' own-skill mean - best single model's mean, at least
 MERGE_OVER_SINGLE_TARGET = 0.0  # best simple merge's mean - best single model's mean, at least
 MERGE_HEADROOM_TARGET = 10.0  # experts' own-skill mean - best simple merge's mean, at least
-COMPOSITION_TARGET = 5.0  # chain: task arithmetic of its parts' experts - the best of those experts, at least
+COMPOSITION_TARGET = 0.0  # chain: task arithmetic of its parts' experts - the best of those experts, above
 
 
 def reference_seconds(preset: str, steps: int = 20) -> float:
@@ -155,8 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for chain, c in r["composition"].items():
                 got = 100 * c["margin"]
                 checks.check(f"{r['preset']} seed {r['seed']}: {chain}: merge of {' + '.join(c['parts'])} - best "
-                             f"part expert {got:+.1f} points (target >= {COMPOSITION_TARGET:g})",
-                             got >= COMPOSITION_TARGET)
+                             f"part expert {got:+.1f} points (target > {COMPOSITION_TARGET:g})",
+                             got > COMPOSITION_TARGET)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     print()
