@@ -10,8 +10,8 @@ ten failures in a row stop the study, since the cause is then not the candidates
 from __future__ import annotations
 
 import logging
-import time
 import math
+import time
 
 import optuna
 from optuna.trial import TrialState

@@ -26,15 +26,13 @@ def validate_study(path: str | Path) -> dict:
     tasks = load_tasks(cfg, "calib")
     load_tasks(cfg, "test")
     n_examples = sum(len(t) for t in tasks if t.kind != "lmeval")
-    steps = 0
-    if cfg.fit is not None:  # the most steps a trial may take: the searched range's top where steps is searched
-        knob = cfg.fit.search.get("steps")
-        steps = max(cfg.fit.steps, int(knob.high) if knob is not None and knob.high is not None else 0)
-    est = estimate_trial_seconds(base.num_parameters, len(experts), cfg.merge.dtype, n_examples, fit_steps=steps,
-                                 fit_batch=cfg.fit.batch_size if cfg.fit is not None else 0)
-    fit = None
+    fit, fit_steps, fit_batch = None, 0, 0
     if cfg.fit is not None:
         from mergesearch.study.fitting import fit_space_config
+
+        knob = cfg.fit.search.get("steps")  # the most steps a trial may take: a searched range's top
+        fit_steps = max(cfg.fit.steps, int(knob.high) if knob is not None and knob.high is not None else 0)
+        fit_batch = cfg.fit.batch_size
 
         coef = build_space(cfg, base, experts, fit_space_config(cfg.fit, cfg.merge.method))
         knobs = sorted(cfg.fit.search)
@@ -42,6 +40,8 @@ def validate_study(path: str | Path) -> dict:
         fit = {"objective": cfg.fit.objective, "granularity": cfg.fit.granularity, "coefficients": coef.n_params,
                "steps": cfg.fit.steps, "knobs": knobs, "n_knobs": n_knobs}
     n_params = space.n_params + (fit["n_knobs"] if fit else 0)
+    est = estimate_trial_seconds(base.num_parameters, len(experts), cfg.merge.dtype, n_examples, fit_steps=fit_steps,
+                                 fit_batch=fit_batch)
     from mergesearch.memory import study_estimates
 
     mem = study_estimates(cfg, [t for t in base.tensors.values() if t.dtype.is_floating_point], len(experts))

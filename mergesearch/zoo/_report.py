@@ -101,40 +101,37 @@ def composition_report(zoo: Path, manifest: dict, *, progress: bool = True, devi
     out = {}
     for chain in chains:
         parts = list(get_skill(chain).parts)
+        # the chain's own expert, for reference, is the last source where the zoo has it: weight 0 in every merge
+        names = parts + ([chain] if chain in manifest["experts"] else [])
         split = {k: load_task(zoo / manifest["data"][chain][k], name=chain, **get_skill(chain).task_settings())
                  for k in ("calib", "test")}
-        mat = Materializer(base, [zoo / manifest["experts"][s] for s in parts], "task_arithmetic", dtype="float32",
+        mat = Materializer(base, [zoo / manifest["experts"][s] for s in names], "task_arithmetic", dtype="float32",
                            device=device)
         evals = {k: Evaluator(mat.model, tok, [t]) for k, t in split.items()}
 
-        def score(k: str, weight: list[float]) -> float:
-            mat.materialize(mat.plan(weight=weight))
+        def score(k: str, **weights: float) -> float:  # weights by expert name; the others 0
+            mat.materialize(mat.plan(weight=[weights.get(s, 0.0) for s in names]))
             return evals[k].evaluate().primary(chain)
 
-        bar = tqdm(total=1 + len(parts) + len(scales) + 1, desc=f"composition: {chain}", disable=not progress,
+        bar = tqdm(total=len(parts) + len(scales) + 3, desc=f"composition: {chain}", disable=not progress,
                    leave=False)
-        rows = {"base": score("test", [0.0] * len(parts))}
+        rows = {"base": score("test")}
         bar.update()
-        for i, s in enumerate(parts):
-            rows[f"expert-{s}"] = score("test", [1.0 if j == i else 0.0 for j in range(len(parts))])
+        for s in parts:
+            rows[f"expert-{s}"] = score("test", **{s: 1.0})
             bar.update()
         grid = {}
         for lam in scales:
-            grid[f"{lam:g}"] = score("calib", [lam] * len(parts))
+            grid[f"{lam:g}"] = score("calib", **{s: lam for s in parts})
             bar.update()
         best = max(scales, key=lambda lam: grid[f"{lam:g}"])  # first of equals: the smallest scale
         merge = f"task_arithmetic({'+'.join(parts)})@{best:g}"
-        rows[merge] = score("test", [best] * len(parts))
+        rows[merge] = score("test", **{s: best for s in parts})
+        bar.update()
+        own = score("test", **{chain: 1.0}) if chain in names else None
         bar.update()
         bar.close()
         del mat, evals
-        own = None
-        if chain in manifest["experts"]:  # the chain's own expert, for reference (it is not in the merge)
-            own_mat = Materializer(base, [zoo / manifest["experts"][chain]], "task_arithmetic", dtype="float32",
-                                   device=device)
-            own_mat.materialize(own_mat.plan(weight=[1.0]))
-            own = Evaluator(own_mat.model, tok, [split["test"]]).evaluate().primary(chain)
-            del own_mat
         best_part = max(parts, key=lambda s: rows[f"expert-{s}"])
         out[chain] = {"parts": parts, "rows": rows, "own_expert": own, "merge": merge, "calib_grid": grid,
                       "best_part": best_part, "margin": rows[merge] - rows[f"expert-{best_part}"]}
