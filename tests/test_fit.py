@@ -335,7 +335,11 @@ def test_fit_refuses_a_method_without_fittable_weights(zoo_test, tmp_path):
     raw["merge"]["method"] = "ties"
     path.write_text(yaml.safe_dump(raw))
     v = validate_study(path)
-    assert v["fit"]["coefficients"] > 0 and v["fit"]["knobs"] == ["lr"]
+    assert v["fit"]["coefficients"] > 0 and v["fit"]["knobs"] == ["lr"] and v["fit"]["steps"] == 6
+    raw["fit"]["search"]["steps"] = {"low": 4, "high": 20}
+    path.write_text(yaml.safe_dump(raw))
+    v = validate_study(path)  # "up to N steps per trial": a searched range's top, not fit.steps
+    assert v["fit"]["steps"] == 20 and v["fit"]["knobs"] == ["lr", "steps"]
 
 
 def adam_path_bound(opts: FitOptions) -> float:

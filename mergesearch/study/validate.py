@@ -38,7 +38,7 @@ def validate_study(path: str | Path) -> dict:
         knobs = sorted(cfg.fit.search)
         n_knobs = len(knobs) + (len(cfg.objectives.tasks) - 1 if "task_weights" in knobs else 0)
         fit = {"objective": cfg.fit.objective, "granularity": cfg.fit.granularity, "coefficients": coef.n_params,
-               "steps": cfg.fit.steps, "knobs": knobs, "n_knobs": n_knobs}
+               "steps": fit_steps, "knobs": knobs, "n_knobs": n_knobs}
     n_params = space.n_params + (fit["n_knobs"] if fit else 0)
     est = estimate_trial_seconds(base.num_parameters, len(experts), cfg.merge.dtype, n_examples, fit_steps=fit_steps,
                                  fit_batch=fit_batch)
