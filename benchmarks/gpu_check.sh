@@ -6,7 +6,7 @@
 #
 #   [BENCH_GPU_ARGS="--skip study"] bash benchmarks/gpu_check.sh   # exit 0: every step passed; 1: a step failed or missed a
 #                                           # target; 77: no CUDA device here (nothing was measured)
-# Fetch the wheels once, on any machine with pip (Python 3.12 manylinux wheels, see README "GPU check").
+# Fetch the wheels once, on any machine with pip: bash benchmarks/gpu_wheels.sh (Python 3.12 manylinux wheels).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$(mktemp -d -t gpu-check.XXXX)}"
