@@ -49,7 +49,8 @@ def _parser(name: str, sub, help: str, description: str | None = None,
 def _add_threads(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch threads for this process (default: a fair share, the cores divided among the "
-                        "mergesearch run/worker/demo processes on this machine, re-checked before each trial)")
+                        "mergesearch run/worker/demo processes and zoo builds on this machine, re-checked before each "
+                        "evaluation and fit step)")
 
 
 # --- inspect -----------------------------------------------------------------------------------

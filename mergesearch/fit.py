@@ -39,6 +39,7 @@ from mergesearch.evaluate.tasks import Task
 from mergesearch.materializer import Materializer
 from mergesearch.plan import Plan
 from mergesearch.space import SearchSpace
+from mergesearch.threads import rebalance
 
 log = logging.getLogger(__name__)
 
@@ -346,6 +347,7 @@ class CoefficientFitter:
             bar = tqdm(total=opts.steps, desc="fit", unit="step", disable=not self.progress, leave=False,
                        dynamic_ncols=True)
             for step in range(1, opts.steps + 1):
+                rebalance()  # a fit is minutes long: follow the fair share of the cores step by step, as trials do
                 loss, g = sess.grad(sampler.next(), weights, opts)
                 if opts.pull > 0:
                     g = g + opts.pull * (theta.detach() - theta0)

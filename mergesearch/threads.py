@@ -5,12 +5,14 @@ then run six busy threads, and OpenMP threads that wait for each other spin: dem
 0.35 s to 8.8 s. So `run`, `worker` and `demo` register themselves (a pid file in a folder under the
 temp dir) and take `cores // live registered processes` threads (at least 1), re-checked before each
 evaluation (`rebalance`), so that the processes already running shrink when a worker joins and grow
-back when it leaves. `--threads N` fixes the count instead.
+back when it leaves. `--threads N` fixes the count instead. A zoo build keeps its preset's fixed count (its
+weights depend on it) but is counted all the same (`occupying`): a study beside a build shrinks to its share.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import tempfile
@@ -134,6 +136,25 @@ def apply_threads(threads: int | None = None, *, registry: Path = REGISTRY) -> i
         f"a fair share of {cores()} cores among {max(1, live_processes(registry))} mergesearch processes"
     log.debug("torch threads: %d (%s)", n, how)
     return n
+
+
+@contextlib.contextmanager
+def occupying(n: int, *, registry: Path = REGISTRY):
+    """Run the block with exactly `n` torch threads (a result that depends on the reduction order stays the
+    same) while the fair-share processes count this one (its pid file; left as it was if already there)."""
+    old = torch.get_num_threads()
+    pid_file = registry / str(os.getpid())
+    mine = os.name == "posix" and not pid_file.exists()
+    if mine:
+        registry.mkdir(parents=True, exist_ok=True)
+        pid_file.touch()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+        if mine:
+            pid_file.unlink(missing_ok=True)
 
 
 def rebalance() -> int | None:

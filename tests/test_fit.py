@@ -203,12 +203,15 @@ def _noisy_zoo(zoo, out, scale=0.5):
     return out
 
 
-def test_fit_is_seeded_improves_its_loss_and_stays_clamped(zoo_test, tmp_path):
+def test_fit_is_seeded_improves_its_loss_and_stays_clamped(zoo_test, tmp_path, monkeypatch):
     fitter, space, mat, _ = _setup(_noisy_zoo(zoo_test, tmp_path))
     plan = _plan(mat, "task_arithmetic")
     # 2 of each task's 4 training examples per step: the seed decides the batches, hence the coefficients
     opts = FitOptions(steps=12, eval_every=4, patience=10, lr=0.05, clamp=(0.5, 0.9), batch_size=8, seed=5)
+    looks = []
+    monkeypatch.setattr("mergesearch.fit.rebalance", lambda: looks.append(1))
     a = fitter.fit(plan, space, opts)
+    assert len(looks) == a.steps_run > 0  # the fair share of the cores is followed step by step (threads.rebalance)
     b = fitter.fit(plan, space, opts)
     assert torch.equal(a.coef, b.coef) and a.history == b.history
     val = [h["val_loss"] for h in a.history]

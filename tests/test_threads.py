@@ -67,6 +67,41 @@ def test_apply_threads_fixed_and_fair_share(tmp_path, monkeypatch):
         threads.apply_threads(0, registry=reg)
 
 
+def test_a_zoo_build_keeps_its_threads_but_counts_for_the_fair_share(tmp_path, monkeypatch):
+    """`occupying`: the build runs at exactly its preset's threads (its weights depend on them) while a
+    fair-share process beside it (a study) sees one more process and shrinks; both undone afterwards."""
+    import os
+
+    reg = tmp_path / "reg"
+    monkeypatch.setattr(threads, "cores", lambda: 4)
+    monkeypatch.setattr(threads, "RECHECK_S", 0.0)
+    me = reg / str(os.getpid())
+    torch.set_num_threads(3)
+    with threads.occupying(1, registry=reg):
+        assert torch.get_num_threads() == 1 and me.is_file() and threads.live_processes(reg) == 1
+    assert torch.get_num_threads() == 3 and not me.exists()
+    # a process that already has its fair share (demo building its zoo) keeps its registration
+    threads.apply_threads(None, registry=reg)
+    with threads.occupying(2, registry=reg):
+        assert torch.get_num_threads() == 2
+    assert me.is_file() and threads.live_processes(reg) == 1
+    threads.release()
+    # another process's build: this fair-share process halves while it runs
+    threads.apply_threads(None, registry=reg)
+    assert torch.get_num_threads() == 4
+    code = ("import sys, time; from pathlib import Path; from mergesearch import threads; "
+            "ctx = threads.occupying(1, registry=Path(sys.argv[1])); ctx.__enter__(); print('in', flush=True); "
+            "time.sleep(60)")
+    build = subprocess.Popen([sys.executable, "-c", code, str(reg)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert build.stdout.readline().strip() == "in"
+        assert threads.rebalance() == 2 and torch.get_num_threads() == 2
+    finally:
+        build.kill()
+        build.wait()
+    assert threads.rebalance() == 4
+
+
 def test_rebalance_is_a_noop_with_fixed_threads_or_unset():
     assert threads.rebalance() is None
     threads.apply_threads(2)

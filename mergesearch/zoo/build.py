@@ -18,6 +18,7 @@ import torch
 
 from mergesearch.errors import ConfigError
 from mergesearch.fileio import atomic_write
+from mergesearch.threads import occupying
 from mergesearch.zoo.presets import ZooPreset, get_preset
 from mergesearch.zoo.skills import eval_splits, format_prompt, get_skill, train_stream
 from mergesearch.zoo.tokenizer import build_bpe_tokenizer, build_char_tokenizer
@@ -38,17 +39,6 @@ def _write_json(path: Path, obj) -> None:
 
 def _write_jsonl(path: Path, rows) -> None:
     atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
-
-
-@contextlib.contextmanager
-def _threads(n: int):
-    """Fix torch's intra-op threads for the build (the reduction order, hence the weights, depends on it)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 @contextlib.contextmanager
@@ -250,7 +240,9 @@ def build_zoo(out: str | os.PathLike, preset: str | ZooPreset = "demo", seed: in
 
 def _build_with_manifest(tmp: Path, p: ZooPreset, seed: int, progress: bool) -> dict:
     """Train the zoo into the (temporary) folder `tmp` and write its manifest, each file's sha256 included."""
-    with _threads(p.threads), _quiet_transformers():
+    # the preset's fixed threads (the reduction order, hence the weights, depends on them), counted by the
+    # fair-share processes (run, worker, demo) so that a study beside the build shrinks to its share
+    with occupying(p.threads), _quiet_transformers():
         manifest = _build_into(tmp, p, seed, progress)
     manifest["files"] = file_hashes(tmp)
     _write_json(tmp / MANIFEST, manifest)
