@@ -24,7 +24,7 @@ The `test` preset is weak on purpose (mergesearch/zoo/presets.py): its report is
 targets are not checked. Each target checked prints an `ok` or `MISS` line; exit code 1 on a MISS.
 
 Usage:
-    .venv/bin/python benchmarks/bench_zoo.py                    # test and demo presets (~6 min)
+    .venv/bin/python benchmarks/bench_zoo.py                    # test and demo presets (~9 min on 2 idle cores)
     .venv/bin/python benchmarks/bench_zoo.py --presets test     # ~20 s
     .venv/bin/python benchmarks/bench_zoo.py --presets demo --seeds 0,1,2
 """
