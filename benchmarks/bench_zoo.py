@@ -20,6 +20,11 @@ chain's one-step parts alone (reverse, uppercase; the chain's own expert left ou
 against each of those experts (zoo._report.composition_report); target: above the best of them (the issue's
 question: does a merge of the single-step experts do the chain better than each of them?).
 
+With --fit, also the fitted composition (README "Composition"): studies/demo_compose.yaml's fit (312 coefficients,
+on the chain's calib split) over the parts' experts, and the same fit over two unrelated experts (the control: what
+the fit learns from the labels by itself), one trial each (~80 s each on 2 idle cores); targets: the fitted merge
+above the best part expert and above the control, on the chain's test split.
+
 The `test` preset is weak on purpose (mergesearch/zoo/presets.py): its report is printed, its merge
 targets are not checked. Each target checked prints an `ok` or `MISS` line; exit code 1 on a MISS.
 
@@ -27,6 +32,7 @@ Usage:
     .venv/bin/python benchmarks/bench_zoo.py                    # test and demo presets (~9 min on 2 idle cores)
     .venv/bin/python benchmarks/bench_zoo.py --presets test     # ~20 s
     .venv/bin/python benchmarks/bench_zoo.py --presets demo --seeds 0,1,2
+    .venv/bin/python benchmarks/bench_zoo.py --presets demo --fit   # + the fitted composition (~3 min more)
 """
 
 from __future__ import annotations
@@ -43,13 +49,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mergesearch.zoo import build_zoo, get_preset  # noqa: E402
+from mergesearch.config import load_config  # noqa: E402
+from mergesearch.study import records, run_study  # noqa: E402
+from mergesearch.zoo import build_zoo, get_preset, study_inputs  # noqa: E402
 from mergesearch.zoo._report import composition_report, format_composition, format_report  # noqa: E402
-from mergesearch.zoo.skills import train_stream  # noqa: E402
+from mergesearch.zoo.skills import get_skill, train_stream  # noqa: E402
 from mergesearch.zoo.tokenizer import build_char_tokenizer  # noqa: E402
 from mergesearch.zoo.train import CharCodec, make_model, mixed_pairs  # noqa: E402
 
@@ -63,6 +72,8 @@ SINGLE_GAP_TARGET = 15.0  # experts' own-skill mean - best single model's mean, 
 MERGE_OVER_SINGLE_TARGET = 0.0  # best simple merge's mean - best single model's mean, at least
 MERGE_HEADROOM_TARGET = 10.0  # experts' own-skill mean - best simple merge's mean, at least
 COMPOSITION_TARGET = 0.0  # chain: task arithmetic of its parts' experts - the best of those experts, above
+FITTED_COMPOSITION_TARGET = 0.0  # --fit: the fit over the parts' experts - the best part expert, and - the control
+COMPOSE_STUDY = Path(__file__).resolve().parent.parent / "studies" / "demo_compose.yaml"
 
 
 def reference_seconds(preset: str, steps: int = 20) -> float:
@@ -102,12 +113,36 @@ def targets(report: dict) -> list[tuple[str, float, float]]:
     return out
 
 
+def fitted_composition(zoo: Path, workdir: Path) -> dict:
+    """Per chain skill: the chain's test accuracy of studies/demo_compose.yaml's plain fit (trial 0) over the
+    experts of the chain's parts ("fitted") and over as many experts of unrelated skills ("control")."""
+    raw = yaml.safe_load(COMPOSE_STUDY.read_text())
+    models, tasks = study_inputs(zoo)
+    skills = list(models["experts"])
+    out = {}
+    for chain in [s for s in skills if get_skill(s).parts]:
+        parts = get_skill(chain).parts
+        control = tuple(s for s in skills if s != chain and s not in parts)[:len(parts)]
+        out[chain] = {"parts": parts, "control_experts": control}
+        for label, experts in (("fitted", parts), ("control", control)):
+            cfg = {**raw, "models": {"base": models["base"], "experts": {e: models["experts"][e] for e in experts}},
+                   "objectives": {**raw["objectives"], "tasks": [t for t in tasks if t["name"] == chain]},
+                   "study": {**raw["study"], "name": f"{chain}-{label}", "n_trials": 1}}
+            path = workdir / f"{chain}-{label}.yaml"
+            path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+            study = run_study(load_config(path), progress=False)
+            out[chain][label] = records.test_scores(study)["0"]["test"][chain]
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", default="test,demo", help="comma-separated presets to build")
     ap.add_argument("--seeds", default="0", help="comma-separated seeds (each builds once)")
     ap.add_argument("--keep", help="keep the built zoos under this folder instead of a temporary one")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--fit", action="store_true",
+                    help="also fit the chain's composition on each demo zoo (two ~80 s fits per zoo; see above)")
     args = ap.parse_args(argv)
     presets = [p for p in args.presets.split(",") if p]
     seeds = [int(s) for s in args.seeds.split(",") if s]
@@ -125,6 +160,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 man = json.loads((out / "zoo.json").read_text())
                 report = json.loads((out / man["report"]).read_text()) if "report" in man else None
                 comp = composition_report(out, man, progress=False) if preset in MERGE_TARGET_PRESETS else {}
+                if comp and args.fit:
+                    work = root / f"{preset}-s{seed}-compose"
+                    work.mkdir(exist_ok=True)
+                    for chain, fitted in fitted_composition(out, work).items():
+                        comp[chain]["fit"] = fitted
                 results.append({"preset": preset, "seed": seed, "wall_s": wall, "cpu_s": cpu, "ref_s": ref,
                                 "load": [load0, load1], "threads": man["threads"],
                                 "train_seconds": man["train_seconds"], "report": report, "composition": comp})
@@ -157,6 +197,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 checks.check(f"{r['preset']} seed {r['seed']}: {chain}: merge of {' + '.join(c['parts'])} - best "
                              f"part expert {got:+.1f} points (target > {COMPOSITION_TARGET:g})",
                              got > COMPOSITION_TARGET)
+                if "fit" in c:
+                    f, best_part = c["fit"], max(c["rows"][f"expert-{p}"] for p in c["parts"])
+                    print(f"  fitted ({' + '.join(c['parts'])}) {100 * f['fitted']:.1f}%; control, the "
+                          f"same fit over {' + '.join(f['control_experts'])}: {100 * f['control']:.1f}%")
+                    for what, other in (("best part expert", best_part), ("control", f["control"])):
+                        got = 100 * (f["fitted"] - other)
+                        checks.check(f"{r['preset']} seed {r['seed']}: {chain}: fitted merge of {' + '.join(c['parts'])}"
+                                     f" - {what} {got:+.1f} points (target > {FITTED_COMPOSITION_TARGET:g})",
+                                     got > FITTED_COMPOSITION_TARGET)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     print()
