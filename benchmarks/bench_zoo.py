@@ -58,7 +58,7 @@ from mergesearch.config import load_config  # noqa: E402
 from mergesearch.study import records, run_study  # noqa: E402
 from mergesearch.zoo import build_zoo, get_preset, study_inputs  # noqa: E402
 from mergesearch.zoo._report import composition_report, format_composition, format_report  # noqa: E402
-from mergesearch.zoo.skills import get_skill, train_stream  # noqa: E402
+from mergesearch.zoo.skills import train_stream  # noqa: E402
 from mergesearch.zoo.tokenizer import build_char_tokenizer  # noqa: E402
 from mergesearch.zoo.train import CharCodec, make_model, mixed_pairs  # noqa: E402
 
@@ -113,25 +113,25 @@ def targets(report: dict) -> list[tuple[str, float, float]]:
     return out
 
 
-def fitted_composition(zoo: Path, workdir: Path) -> dict:
-    """Per chain skill: the chain's test accuracy of studies/demo_compose.yaml's plain fit (trial 0) over the
-    experts of the chain's parts ("fitted") and over as many experts of unrelated skills ("control")."""
+def fitted_composition(zoo: Path, comp: dict, workdir: Path) -> dict:
+    """Per chain of `composition_report`'s result: the chain's test accuracy of studies/demo_compose.yaml's plain
+    fit (the study's first trial) over the experts of the chain's parts ("fitted") and over as many experts of
+    unrelated skills ("control")."""
     raw = yaml.safe_load(COMPOSE_STUDY.read_text())
     models, tasks = study_inputs(zoo)
-    skills = list(models["experts"])
     out = {}
-    for chain in [s for s in skills if get_skill(s).parts]:
-        parts = get_skill(chain).parts
-        control = tuple(s for s in skills if s != chain and s not in parts)[:len(parts)]
-        out[chain] = {"parts": parts, "control_experts": control}
-        for label, experts in (("fitted", parts), ("control", control)):
+    for chain, c in comp.items():
+        control = tuple(s for s in models["experts"] if s != chain and s not in c["parts"])[:len(c["parts"])]
+        out[chain] = {"control_experts": control}
+        for label, experts in (("fitted", c["parts"]), ("control", control)):
             cfg = {**raw, "models": {"base": models["base"], "experts": {e: models["experts"][e] for e in experts}},
                    "objectives": {**raw["objectives"], "tasks": [t for t in tasks if t["name"] == chain]},
                    "study": {**raw["study"], "name": f"{chain}-{label}", "n_trials": 1}}
             path = workdir / f"{chain}-{label}.yaml"
             path.write_text(yaml.safe_dump(cfg, sort_keys=False))
             study = run_study(load_config(path), progress=False)
-            out[chain][label] = records.test_scores(study)["0"]["test"][chain]
+            first = min(records.search_trials(study), key=lambda t: t.number)
+            out[chain][label] = records.test_score(study, first)["test"][chain]
     return out
 
 
@@ -163,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if comp and args.fit:
                     work = root / f"{preset}-s{seed}-compose"
                     work.mkdir(exist_ok=True)
-                    for chain, fitted in fitted_composition(out, work).items():
+                    for chain, fitted in fitted_composition(out, comp, work).items():
                         comp[chain]["fit"] = fitted
                 results.append({"preset": preset, "seed": seed, "wall_s": wall, "cpu_s": cpu, "ref_s": ref,
                                 "load": [load0, load1], "threads": man["threads"],
@@ -198,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              f"part expert {got:+.1f} points (target > {COMPOSITION_TARGET:g})",
                              got > COMPOSITION_TARGET)
                 if "fit" in c:
-                    f, best_part = c["fit"], max(c["rows"][f"expert-{p}"] for p in c["parts"])
+                    f, best_part = c["fit"], c["rows"][f"expert-{c['best_part']}"]
                     print(f"  fitted ({' + '.join(c['parts'])}) {100 * f['fitted']:.1f}%; control, the "
                           f"same fit over {' + '.join(f['control_experts'])}: {100 * f['control']:.1f}%")
                     for what, other in (("best part expert", best_part), ("control", f["control"])):

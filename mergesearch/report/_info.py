@@ -536,10 +536,11 @@ def timing_info(study: optuna.Study) -> TimingInfo:
     numbers, labels, merge, ev, other, fit = [], [], [], [], [], []
     finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
     for t in records.baseline_trials(study) + finished:
-        m, e = records.record(t).get("merge_s"), records.record(t).get("eval_s")
+        rec = records.record(t)
+        m, e = rec.get("merge_s"), rec.get("eval_s")
         if m is None and e is None:
             continue
-        m, e, f = float(m or 0.0), float(e or 0.0), float(records.record(t).get("fit_s") or 0.0)
+        m, e, f = float(m or 0.0), float(e or 0.0), float(rec.get("fit_s") or 0.0)
         # A baseline's stored times span its scoring only: the wall time outside it is not known.
         wall = t.duration.total_seconds() if (t.duration is not None and records.is_search_trial(t)) else float("nan")
         numbers.append(t.number)
