@@ -62,6 +62,8 @@ sys.path.insert(0, str(ROOT))
 
 from _checks import Checks  # noqa: E402
 
+from mergesearch.fileio import atomic_write  # noqa: E402
+
 NO_DEVICE = 77
 BUDGET_S = 300.0  # the whole script, seconds, at most
 TARGETS = {"vs_ta": 3.0,  # every method's time / task arithmetic's, at most
@@ -200,6 +202,7 @@ def merge_rows(base: Path, experts: list[Path], n_params: int, device: torch.dev
     from mergesearch import operators
     from mergesearch.materializer import Materializer
     from mergesearch.operators import fused
+    from mergesearch.plan import Plan
 
     rows = []
     for dtype in dtypes:
@@ -222,11 +225,14 @@ def merge_rows(base: Path, experts: list[Path], n_params: int, device: torch.dev
                 prep, key = time.perf_counter() - t0, want
             else:
                 prep = 0.0
-            plan = m.plan(**{k: v[:len(exps)] if isinstance(v, list) else v for k, v in PARAMS[name].items()})
+            # the row's own method on the shared materialiser (m.plan would build the plan of the method
+            # the materialiser was made for: task arithmetic timed as linear, dare_ties as dare_linear, ...)
+            plan = Plan.full(name, m.tensors, len(exps), chunks=m.chunks,
+                             **{k: v[:len(exps)] if isinstance(v, list) else v for k, v in PARAMS[name].items()})
             before = fused.calls.copy()
             s = timed(lambda: m.materialize(plan), device, repeat)
             gbs = (len(exps) + 2) * nbytes / s / 1e9
-            row = {"dtype": dtype, "method": method, "ms": s * 1e3, "gbs": gbs, "add": add, "vs_add": gbs / add,
+            row = {"dtype": dtype, "method": method, "ran": plan.method, "ms": s * 1e3, "gbs": gbs, "add": add, "vs_add": gbs / add,
                    "prep_s": prep, "eager_ms": None, "chunks_ms": None}
             ran = fused.calls - before
             if ran:  # the compiled formula ran: the eager kernel beside it
@@ -508,25 +514,32 @@ def main(argv=None) -> int:
     checks = Checks()
     out: dict = {"device": name, "torch": torch.__version__}
 
+    def save() -> None:  # after every section: a run cut short by its time limit keeps what it measured
+        if args.json:
+            atomic_write(args.json, json.dumps(out, indent=1, default=str))
+
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
         folder = Path(tmp)
         if not args.skip_tests:
             with section(checks, "gpu tests"):
                 tests_section(checks, out, folder, t_start)
+            save()
         if "merge" not in skip:
             with section(checks, "merge table"):
                 merge_section(checks, out, folder, device, args)
+            save()
         if "eval" not in skip:
             with section(checks, "evaluator vs generate"):
                 eval_section(checks, out, folder, device, args)
+            save()
         if "study" not in skip:
             with section(checks, "1B study and fit step"):
                 study_section(checks, out, folder, device, args)
 
     total = time.perf_counter() - t_start
     out["total_s"] = total
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1, default=str))
+    out["compile_failures"] = compile_failures(checks)
+    save()
     print()
     checks.check(f"whole script {total:.0f} s (budget {BUDGET_S:.0f} s)", total <= BUDGET_S)
     return checks.finish()
@@ -543,6 +556,20 @@ def section(checks: Checks, name: str):
         checks.check(f"{name}: crashed ({type(exc).__name__}: {first})", False)
     finally:
         free(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+
+
+def compile_failures(checks: Checks) -> list[str]:
+    """The compiled formulas that failed in this process and fell back to the eager kernel (operators/fused.py
+    logs each once, and this script silences warnings): on a GPU each is a Triton failure to fix, a MISS."""
+    from mergesearch.operators import fused
+
+    def name(part) -> str:  # a sparsifier by its class, the rest (kind, flags, dtype, device type) as it prints
+        return str(part) if isinstance(part, (str, bool, int, torch.dtype)) else type(part).__name__.strip("_")
+
+    broken = sorted(" ".join(map(name, sig)) for sig in fused._BROKEN)
+    checks.check(f"compiled formulas that fell back to the eager kernel: {len(broken)}"
+                 + (f" ({'; '.join(broken)})" if broken else "") + " (target: none)", not broken)
+    return broken
 
 
 def tests_section(checks: Checks, out: dict, folder: Path, t_start: float) -> None:

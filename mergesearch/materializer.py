@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from mergesearch.checkpoints import (
 from mergesearch.errors import CandidateError, CheckpointError, ConfigError, OperatorError
 from mergesearch.groups import Group, plan_group
 from mergesearch.operators import Scratch, chunk_bounds
+from mergesearch.pinned import PinnedArena
 from mergesearch.plan import Plan, per_tensor_chunks
 from mergesearch.recipe import Recipe, load_recipe, recipe_chunk_counts
 from mergesearch.timings import PhaseTimer
@@ -115,13 +116,17 @@ class Materializer:
 
     def _read_sources(self) -> None:
         store = self._store
+        # Streaming to a GPU: each source is copied into page-locked slabs as soon as it exists (asynchronous
+        # copies to the device; mergesearch.pinned), so the host never holds a pageable and a pinned copy of all.
+        self._pinned = PinnedArena() if self.streaming and _pins(self.device) else None
         names = [t.name for t in self.tensors]
         base_src = self.base.load(names, device=store)  # source precision: deltas are taken before casting
         self._deltas: list[list[torch.Tensor]] = [[] for _ in self.tensors]
         for e, ex in enumerate(self.experts):
             if same_path(ex.path, self.base.path):
                 for i, n in enumerate(names):
-                    self._deltas[i].append(self._place(("delta", e), i, torch.zeros_like(base_src[n], dtype=self.dtype)))
+                    zeros = torch.zeros_like(base_src[n], dtype=self.dtype)
+                    self._deltas[i].append(self._pin(self._place(("delta", e), i, zeros)))
                 continue
             src = ex.load(names, device=store)
             for i, n in enumerate(names):
@@ -132,12 +137,14 @@ class Materializer:
                 # exact differences (as mergekit, which casts first), float32 ones merged in bf16 are
                 # rounded once, after the subtraction.
                 wide = torch.promote_types(b.dtype, self.dtype)
-                self._deltas[i].append(self._place(("delta", e), i, (x.to(wide) - b.to(wide)).to(self.dtype)))
+                delta = self._place(("delta", e), i, (x.to(wide) - b.to(wide)).to(self.dtype))
+                self._deltas[i].append(self._pin(delta))
             del src
-        self._base = [self._place("base", i, base_src.pop(n).to(self.dtype)) for i, n in enumerate(names)]
-        if self.streaming and self.device.type == "cuda":  # page-locked: asynchronous host-to-device copies
-            self._base = [t.pin_memory() for t in self._base]
-            self._deltas = [[d.pin_memory() for d in ds] for ds in self._deltas]
+        self._base = [self._pin(self._place("base", i, base_src.pop(n).to(self.dtype))) for i, n in enumerate(names)]
+
+    def _pin(self, t: torch.Tensor) -> torch.Tensor:
+        """t, or with streaming to a GPU its page-locked copy."""
+        return t if self._pinned is None else self._pinned.copy(t)
 
     @property
     def _store(self) -> torch.device:
@@ -161,7 +168,7 @@ class Materializer:
                 ds = [self._slice(d, lo, hi).to(self.device) for d in self._deltas[i]]
                 state = self.op.prepare(b, ds, gen)
                 if self.streaming:
-                    state = _to_device(state, self._store, pin=self.device.type == "cuda")
+                    state = _to_device(state, self._store, pin=self._pin)
                 elif self._group is not None and i in self._group and self.op.group is not None:
                     state = self._group.add_state(i, c, state)  # laid out for the method's group kernel
                 per_chunk.append(state)
@@ -327,13 +334,18 @@ class Materializer:
         return {t.name: named[t.name].data for t in self.tensors}
 
 
-def _to_device(state: Any, device: torch.device, pin: bool = False) -> Any:
-    """Every tensor of a precomputed state moved to `device` (`pin`: into page-locked host memory)."""
+def _pins(device: torch.device) -> bool:
+    """Whether streamed sources are page-locked for this merge device (a GPU's asynchronous copies)."""
+    return device.type == "cuda"
+
+
+def _to_device(state: Any, device: torch.device, pin: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Any:
+    """Every tensor of a precomputed state moved to `device` (then passed through `pin`: page-locked)."""
     if isinstance(state, torch.Tensor):
         # Asynchronous only towards an accelerator: a non-blocking copy to the host may still be in flight
-        # when the host reads it (here: pin_memory right after).
+        # when the host reads it (here: the pinned copy right after).
         moved = state.to(device, non_blocking=device.type != "cpu")
-        return moved.pin_memory() if pin else moved
+        return pin(moved) if pin else moved
     if isinstance(state, dict):
         return {k: _to_device(v, device, pin) for k, v in state.items()}
     if isinstance(state, list):

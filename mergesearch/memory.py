@@ -11,7 +11,10 @@ What the materialiser, evaluator and fit hold on the merge device, in bytes:
              and, for a method that rescales by default (DARE, DELLA) where its compiled formula writes the
              kept entries (`writes_kept_entries`: DARE and DELLA in bf16/fp16 off CUDA), one buffer per expert the
              size of the largest tensor in the merge dtype
-  evaluator  one batch: logits (batch x tokens x vocab, float32) and the hidden states of a layer
+  evaluator  the larger of one-pass scoring, one batch of logits (batch x tokens x vocab, float32) and the
+             hidden states of a layer, and generation: the engine's preallocated KV cache (batch slots x
+             the generated tokens plus a prompt, keys and values of every layer; the few-shot prefix shared
+             by a batch is held once and not counted) and the prefill's hidden states
   fit        with a fit: one gradient at a time, activations kept for the backward pass, and the
              linear parts of methods whose parts are not the task vectors themselves
 
@@ -38,6 +41,10 @@ log = logging.getLogger(__name__)
 HEADROOM = 0.10  # share of the free memory left for the CUDA context, allocator rounding, cuBLAS workspaces
 SCRATCH_BUFFERS = 12  # blocks the task-arithmetic family's kernel may hold at once (operators/task_arithmetic.py)
 GiB = 1 << 30
+# A row's prompt past the shared few-shot prefix, in tokens, for the KV cache of generation: a guess (the
+# estimate does not read the tasks), on top of the most tokens a task generates.
+PROMPT_TOKENS = 128
+LMEVAL_GEN_TOKENS = 256  # lm-eval's default max_gen_toks, for an lm-eval task (its YAML may say otherwise)
 
 
 @dataclass(frozen=True)
@@ -63,9 +70,11 @@ class MemoryEstimate:
 
 def estimate(tensors: Sequence[TensorInfo], n_experts: int, method: str, dtype: str | torch.dtype, *,
              device: str | torch.device = "cuda", streaming: bool = False, batch_size: int = 64,
-             tokens: int = 256, vocab: int | None = None, hidden: int | None = None,
+             tokens: int = 256, gen_tokens: int | None = None, vocab: int | None = None, hidden: int | None = None,
              fit: bool = False) -> MemoryEstimate:
-    """The memory a study on these tensors needs on `device` (shapes only: a meta-device model will do)."""
+    """The memory a study on these tensors needs on `device` (shapes only: a meta-device model will do).
+    `tokens`: a scored row's length; `gen_tokens`: the KV cache's length per slot when generating (default:
+    short answers, `generated_tokens` of a study whose tasks set no `max_new_tokens`)."""
     size = torch.finfo(parse_dtype(dtype)).bits // 8
     floats = [t for t in tensors if t.dtype.is_floating_point]
     n = sum(t.numel for t in floats)
@@ -82,7 +91,11 @@ def estimate(tensors: Sequence[TensorInfo], n_experts: int, method: str, dtype: 
     if vocab is None or hidden is None:  # from the embedding: (vocab, hidden)
         emb = max(floats, key=lambda t: t.numel if len(t.shape) == 2 else 0, default=None)
         vocab, hidden = (emb.shape[0], emb.shape[1]) if emb is not None and len(emb.shape) == 2 else (1, 1)
-    evaluator = batch_size * tokens * (vocab * 4 + 8 * hidden * size)
+    scoring = batch_size * tokens * (vocab * 4 + 8 * hidden * size)
+    gen = PROMPT_TOKENS + _default_new_tokens() if gen_tokens is None else gen_tokens
+    generation = batch_size * gen * (kv_bytes_per_token(floats, hidden, size) + 8 * hidden * size) \
+        + batch_size * vocab * 4
+    evaluator = max(scoring, generation)
     fit_bytes = 0
     if fit:
         layers = max(1, sum(1 for t in floats if t.name.endswith(("input_layernorm.weight", "ln_1.weight"))))
@@ -92,6 +105,35 @@ def estimate(tensors: Sequence[TensorInfo], n_experts: int, method: str, dtype: 
                           sources=largest * per_entry if streaming else resident,
                           host_sources=resident if streaming else 0, model=n * size, scratch=scratch,
                           evaluator=evaluator, fit=fit_bytes)
+
+
+def kv_bytes_per_token(tensors: Sequence[TensorInfo], hidden: int, size: int) -> int:
+    """Bytes of keys and values one token takes in a KV cache of every layer: 2 x the key projection's
+    output width (grouped-query attention: the key-value heads only) per layer; a model without `k_proj`
+    tensors (GPT-2's fused `c_attn`) counts `hidden` per layer."""
+    kv = [t.shape[0] for t in tensors if t.name.endswith("k_proj.weight") and len(t.shape) == 2]
+    if kv:
+        return 2 * sum(kv) * size
+    layers = max(1, sum(1 for t in tensors if t.name.endswith(("input_layernorm.weight", "ln_1.weight"))))
+    return 2 * layers * hidden * size
+
+
+def _default_new_tokens() -> int:
+    from mergesearch.evaluate.tasks import DEFAULT_MAX_NEW_TOKENS
+
+    return DEFAULT_MAX_NEW_TOKENS
+
+
+def generated_tokens(cfg) -> int:
+    """The KV cache's length per slot a study's evaluator needs, estimated from its tasks: the most tokens
+    any of them generates (`max_new_tokens`; else 32, or lm-eval's 256 for an lm-eval task) + PROMPT_TOKENS."""
+    def most(t) -> int:
+        if t.max_new_tokens is not None:
+            return t.max_new_tokens
+        lmeval = t.calib.startswith("lmeval:") or t.calib.endswith((".yaml", ".yml"))
+        return LMEVAL_GEN_TOKENS if lmeval else _default_new_tokens()
+
+    return PROMPT_TOKENS + max((most(t) for t in cfg.objectives.tasks), default=_default_new_tokens())
 
 
 def free_bytes(device: str | torch.device) -> int:
@@ -133,7 +175,8 @@ def study_estimates(cfg, tensors: Sequence[TensorInfo], n_experts: int) -> dict:
         dev, missing = resolve_device(cfg.merge.device), None
     except CheckpointError as exc:  # validating on another machine than the one that will run it
         dev, missing = torch.device(cfg.merge.device), str(exc)
-    kw = {"device": dev, "batch_size": cfg.objectives.batch_size, "fit": cfg.fit is not None}
+    kw = {"device": dev, "batch_size": cfg.objectives.batch_size, "fit": cfg.fit is not None,
+          "gen_tokens": generated_tokens(cfg)}
     resident = estimate(tensors, n_experts, cfg.merge.method, cfg.merge.dtype, streaming=False, **kw)
     streamed = estimate(tensors, n_experts, cfg.merge.method, cfg.merge.dtype, streaming=True, **kw)
     if missing:

@@ -3,6 +3,7 @@ every required test ran, and the locked install (requirements.lock, whose versio
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -190,11 +191,19 @@ def test_gpu_bench_says_it_needs_a_gpu():
 
 
 @pytest.mark.slow
-def test_gpu_bench_script_runs_end_to_end_on_the_cpu():
+def test_gpu_bench_script_runs_end_to_end_on_the_cpu(tmp_path):
     """The GPU check must not break on its first GPU run: its merge and evaluator parts run on the CPU
-    (tiny model; the targets are for a GPU, so MISS lines are expected here)."""
-    res = _bench_gpu("--device", "cpu", "--size", "tiny", "--skip-tests", "--examples", "32", "--repeat", "2")
+    (tiny model; the targets are for a GPU, so MISS lines are expected here). Each row of the merge table
+    times its own method, though methods share a materialiser (its plan was once the materialiser's:
+    task arithmetic timed as linear), and no compiled formula fell back to the eager kernel."""
+    res = _bench_gpu("--device", "cpu", "--size", "tiny", "--skip-tests", "--examples", "32", "--repeat", "2",
+                     "--json", str(tmp_path / "gpu.json"))
     assert res.returncode in (0, 1), res.stderr[-3000:]
     out = res.stdout
     assert "2. merge" in out and "task_arithmetic (streaming)" in out and "dare_ties" in out
     assert "3. evaluator: 32 exact-match prompts" in out and "same decision on 32/32" in out
+    got = json.loads((tmp_path / "gpu.json").read_text())
+    rows = got["merge"]
+    assert {r["method"] for r in rows} >= {"task_arithmetic", "dare_ties", "breadcrumbs_ties", "della_linear"}
+    assert all(r["ran"] == r["method"].split(" ")[0] for r in rows), [(r["method"], r["ran"]) for r in rows]
+    assert got["compile_failures"] == [] and "fell back to the eager kernel: 0 (target: none)" in out

@@ -87,6 +87,43 @@ def test_a_7b_model_with_3_experts_fits_80gb_resident_and_a_larger_set_streams()
     assert memory.choose_streaming("auto", five, 0)[0] is True
 
 
+def test_generation_counts_its_kv_cache_and_a_long_chain_study_of_7b_streams():
+    """The engine preallocates keys and values for every slot of a batch (CUDA graphs need fixed shapes): at
+    batch 64, 256 generated tokens of Llama-2-7B are 64 x 384 x 32 layers x 2 x 4096 x 2 bytes = 12 GiB, which
+    short answers do not need; grouped-query attention (Llama-3-8B's 8 key-value heads) stores a quarter."""
+    from types import SimpleNamespace
+
+    from mergesearch import memory
+
+    def task(calib, max_new_tokens=None):
+        return SimpleNamespace(calib=calib, max_new_tokens=max_new_tokens)
+
+    def study(*tasks):
+        return SimpleNamespace(objectives=SimpleNamespace(tasks=list(tasks)))
+
+    short = memory.generated_tokens(study(task("a.jsonl"), task("b.json")))
+    assert short == memory.PROMPT_TOKENS + 32
+    assert memory.generated_tokens(study(task("a.jsonl"), task("lmeval:gsm8k_cot"))) == memory.PROMPT_TOKENS + 256
+    chain = memory.generated_tokens(study(task("a.jsonl", 256), task("b.yaml", 64)))
+    assert chain == memory.PROMPT_TOKENS + 256
+
+    tensors = _llama_tensors(4096, 11008, 32, 32, 32, 32000)
+    assert memory.kv_bytes_per_token(tensors, 4096, 2) == 32 * 2 * 4096 * 2
+    gqa = _llama_tensors(4096, 14336, 32, 32, 8, 128256)  # Llama-3-8B's shapes
+    assert memory.kv_bytes_per_token(gqa, 4096, 2) == 32 * 2 * 1024 * 2
+    gpu80 = 80 * memory.GiB
+    three = memory.estimate(tensors, 3, "task_arithmetic", "bfloat16", device="cuda", gen_tokens=short)
+    assert three == memory.estimate(tensors, 3, "task_arithmetic", "bfloat16", device="cuda")  # the default
+    long = memory.estimate(tensors, 3, "task_arithmetic", "bfloat16", device="cuda", gen_tokens=chain)
+    kv = 64 * chain * 32 * 2 * 4096 * 2
+    assert long.evaluator >= kv and long.total - three.total >= kv - three.evaluator
+    assert memory.fits(three, gpu80) and not memory.fits(long, gpu80)
+    assert memory.choose_streaming("auto", long, gpu80)[0] is True
+    halved = memory.estimate(tensors, 3, "task_arithmetic", "bfloat16", device="cuda", gen_tokens=chain,
+                             batch_size=32)
+    assert memory.fits(halved, gpu80)  # or a smaller batch keeps the sources resident
+
+
 def test_the_estimate_counts_the_kept_entries_the_compiled_formula_writes():
     """DARE/DELLA's compiled first pass writes each expert's kept entries of a chunk into scratch where the mask's
     stored sources take more bytes per entry than the delta: one buffer per expert the size of the largest tensor,

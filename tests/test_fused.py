@@ -224,6 +224,20 @@ def test_a_compiler_failure_falls_back_to_the_eager_kernel_once_logged(monkeypat
     assert torch.equal(got, merge_tensor("dare_ties", base, experts, compiled=False, seed=1, density=0.5))
 
 
+def test_out_of_memory_in_the_compiled_formula_is_raised_and_does_not_retire_it(monkeypatch):
+    """A merge that runs out of (device) memory is the user's error to see, not a compiler failure: the formula
+    must stay available for the next call, which may fit."""
+    def oom(*key):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(fused, "_compiled", oom)
+    monkeypatch.setattr(fused, "_BROKEN", set())
+    base, experts = _sources((64, 64), 2)
+    with pytest.raises(torch.OutOfMemoryError):
+        merge_tensor("ties", base, experts, compiled=True, density=0.5)
+    assert fused._BROKEN == set()
+
+
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties", "della_linear"])
 def test_the_compiled_formulas_own_sum_still_catches_weights_that_overflow(method, tiny_family):
     """The compiled formula returns the sum of what it wrote, and the materialiser's NaN/inf check uses it

@@ -120,6 +120,54 @@ def test_streaming_matches_resident_sources_on_cpu(method, values, tiny_family):
     assert all(torch.equal(got[False][k], got[True][k]) for k in got[False])
 
 
+@pytest.mark.parametrize("method, values", STREAMED, ids=[m for m, _ in STREAMED])
+def test_streaming_through_page_locked_slabs_matches_resident_sources(method, values, tiny_family, monkeypatch):
+    """Streaming to a GPU copies every source (base, task vectors, precomputed state) into page-locked slabs
+    as soon as it exists (mergesearch.pinned: torch pins each tensor in a power-of-two allocation). The same
+    code on the CPU, with plain memory standing in for pinned and small slabs, so that tensors share slabs and
+    the largest get allocations of their own: every source lies in the arena's memory and the weights are the
+    resident sources' weights."""
+    from mergesearch import materializer, pinned
+
+    allocated = []
+
+    def plain(n: int) -> torch.Tensor:
+        allocated.append(torch.empty(n, dtype=torch.uint8))
+        return allocated[-1]
+
+    monkeypatch.setattr(materializer, "_pins", lambda device: True)
+    monkeypatch.setattr(pinned, "_pinned_bytes", plain)
+    monkeypatch.setattr(pinned, "SLAB_BYTES", 4 << 10)
+    base, experts = tiny_family("llama", 1 if method == "slerp" else 2)
+    got = {}
+    for streaming in (False, True):
+        m = Materializer(base, experts, method, device="cpu", chunks=2, seed=3, streaming=streaming)
+        m.materialize(m.plan(**values))
+        got[streaming] = {k: v.clone() for k, v in m.state_dict().items()}
+    assert all(torch.equal(got[False][k], got[True][k]) for k in got[False])
+    slabs = [a for a in allocated if a.numel() == 4 << 10]
+    assert 1 < len(slabs) < len(allocated)  # tensors share slabs; the largest have their own memory
+    spans = [(a.data_ptr(), a.data_ptr() + a.numel()) for a in allocated]
+
+    def inside(t: torch.Tensor) -> bool:
+        return any(lo <= t.data_ptr() and t.data_ptr() + t.numel() * t.element_size() <= hi for lo, hi in spans)
+
+    sources = [t for i in range(len(m.tensors)) for t in (m.sources(i)[0], *m.sources(i)[1])]
+    states = [t for per_chunk in m._state for st in per_chunk for t in _tensors_of(st)]
+    assert sources and all(inside(t) for t in sources + states)
+    spans = sorted({(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in sources + states})
+    assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))  # no two share a byte
+    assert all((t.data_ptr() - s.data_ptr()) % pinned.ALIGN == 0 for t in sources + states for s in slabs
+               if s.data_ptr() <= t.data_ptr() < s.data_ptr() + s.numel())
+
+
+def _tensors_of(state) -> list[torch.Tensor]:
+    if isinstance(state, torch.Tensor):
+        return [state]
+    items = state.values() if isinstance(state, dict) else state if isinstance(state, (list, tuple)) else []
+    return [t for v in items for t in _tensors_of(v)]
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("method, values", STREAMED, ids=[m for m, _ in STREAMED])
 def test_the_gpu_block_policy_gives_the_cpu_weights(method, values, dtype, tiny_family):

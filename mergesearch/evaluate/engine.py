@@ -252,21 +252,29 @@ class GenerationEngine:
             logits = self._forward(cache, tok_buf, pos_buf, self._mask(pos_buf, cache.length), False)
             return logits.argmax(-1)
 
-        try:
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # warm-up writes only position length - 1, overwritten before it is read
-                    step()
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out_buf = step()
-            self._graph = (graph, tok_buf, pos_buf, out_buf)
-        except Exception as exc:  # capture fails for many reasons (host syncs in a model's forward, ...)
-            self.graph_failed = f"{type(exc).__name__}: {exc}"
-            log.warning("CUDA graph capture failed (%s); decoding eagerly with fixed shapes", self.graph_failed)
-            self._graph = None
+        # Everything on the model's device, the capture stream included: torch.cuda.graph's own side stream
+        # is the current device's, and on cuda:1 of a process whose current device is cuda:0 the model's
+        # kernels would go to cuda:1's stream, outside the capture (an empty graph that replays nothing).
+        with torch.cuda.device(self.device):
+            main = torch.cuda.current_stream(self.device)
+            try:
+                stream = torch.cuda.Stream(self.device)
+                stream.wait_stream(main)
+                with torch.cuda.stream(stream):
+                    for _ in range(2):  # warm-up writes only position length - 1, overwritten before it is read
+                        step()
+                main.wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=stream):
+                    out_buf = step()
+                self._graph = (graph, tok_buf, pos_buf, out_buf)
+            except Exception as exc:  # capture fails for many reasons (host syncs in a model's forward, ...)
+                # a capture that failed inside CUDA leaves its stream current (torch.cuda.graph ends the
+                # capture before it restores the stream): back to the device's own for the eager decode
+                torch.cuda.set_stream(main)
+                self.graph_failed = f"{type(exc).__name__}: {exc}"
+                log.warning("CUDA graph capture failed (%s); decoding eagerly with fixed shapes", self.graph_failed)
+                self._graph = None
 
     def _cache_for(self, slots: int, length: int) -> SlotCache:
         """The run's cache: kept (with its captured graph) while the shapes fit, else built anew."""

@@ -446,6 +446,8 @@ def _call(key: tuple, sample: torch.Tensor, *args) -> tuple[bool, object]:
             _RAN.add(sig)
         calls[(key[0], type(key[1]).__name__, *key[2:])] += 1
         return True, result
+    except torch.OutOfMemoryError:
+        raise  # the merge itself is out of memory, not the compiler: no reason to give the formula up for good
     except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to the exact eager kernel
         _BROKEN.add(sig)
         first = str(exc).splitlines()[0] if str(exc) else ""

@@ -41,7 +41,7 @@ def validate_study(path: str | Path) -> dict:
                "steps": fit_steps, "knobs": knobs, "n_knobs": n_knobs}
     n_params = space.n_params + (fit["n_knobs"] if fit else 0)
     est = estimate_trial_seconds(base.num_parameters, len(experts), cfg.merge.dtype, n_examples, fit_steps=fit_steps,
-                                 fit_batch=fit_batch)
+                                 fit_batch=fit_batch, device=cfg.merge.device)
     from mergesearch.memory import study_estimates
 
     mem = study_estimates(cfg, [t for t in base.tensors.values() if t.dtype.is_floating_point], len(experts))
