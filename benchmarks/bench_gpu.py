@@ -65,6 +65,7 @@ from _checks import Checks  # noqa: E402
 from mergesearch.fileio import atomic_write  # noqa: E402
 
 NO_DEVICE = 77
+GPU_TEST_WORKERS = 4
 BUDGET_S = 300.0  # the whole script, seconds, at most
 TARGETS = {"vs_ta": 3.0,  # every method's time / task arithmetic's, at most
            "ta_vs_add": 0.5, "stream_vs_h2d": 0.85, "eval_vs_generate": 2.0,  # each: at least
@@ -120,9 +121,14 @@ def gpu_test_files() -> list[str]:
 
 
 def run_gpu_tests(folder: Path) -> tuple[dict[str, int], str]:
+    """The gpu tests in a pytest of their own; in GPU_TEST_WORKERS processes where pytest-xdist is installed (a
+    fresh machine compiles each Triton formula the tests force, and a process lowers one graph at a time)."""
+    import importlib.util
+
     xml = folder / "gpu-tests.xml"
+    workers = ["-n", str(GPU_TEST_WORKERS)] if importlib.util.find_spec("xdist") else []
     res = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider",
-                          f"--junitxml={xml}", *gpu_test_files()], cwd=ROOT, capture_output=True, text=True)
+                          *workers, f"--junitxml={xml}", *gpu_test_files()], cwd=ROOT, capture_output=True, text=True)
     counts = {"passed": 0, "failed": 0, "skipped": 0}
     if xml.exists():
         for case in ET.parse(xml).getroot().iter("testcase"):
