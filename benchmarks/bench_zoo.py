@@ -15,24 +15,28 @@ then, for every demo zoo, the targets of issue 4 (in accuracy points on the test
   each expert beats the base on its skill by >= 15; best single model's mean >= 15 below the mean
   of the experts' own-skill scores; best simple merge >= best single model and >= 10 below that mean.
 
-and issue 19's composition question, on the chain skill's test split: task arithmetic of the experts of the
-chain's one-step parts alone (reverse, uppercase; the chain's own expert left out, the scale chosen on calib)
-against each of those experts (zoo._report.composition_report); target: above the best of them (the issue's
-question: does a merge of the single-step experts do the chain better than each of them?).
+and issue 19's composition question on every demo zoo, on the chain skill's test split: does a merge of the
+single-step experts (reverse, uppercase; the chain's own expert left out) do the chain better than each of them?
 
-With --fit, also the fitted composition (README "Composition"): studies/demo_compose.yaml's fit (312 coefficients,
-on the chain's calib split) over the parts' experts, and the same fit over two unrelated experts (the control: what
-the fit learns from the labels by itself), one trial each (~80 s each on 2 idle cores); targets: the fitted merge
-above the best part expert and above the control, on the chain's test split.
+  task arithmetic  of the parts' experts, the scale chosen on calib (zoo._report.composition_report), minus the
+                   best part expert: printed, not a target. The issue asks to show a zoo where it is above, if
+                   one is found; on the demo preset it is above only where the base already knows the chain's
+                   format, which float rounding decides (README "Composition": +9.7, +2.0, +0.0, -0.5, -0.8
+                   points on five zoos). Until 2026-12-07 this was a target, and it stopped `make bench` here.
+  fitted           studies/demo_compose.yaml's fit (312 coefficients, on the chain's calib split) over the parts'
+                   experts, and the same fit over two unrelated experts (the control: what the fit learns from
+                   the labels by itself), one trial each (~80 s each on 2 idle cores); targets: the fitted merge
+                   above the best part expert and above the control (the claim the README makes; met on all five
+                   zoos measured). --no-fit skips them.
 
 The `test` preset is weak on purpose (mergesearch/zoo/presets.py): its report is printed, its merge
 targets are not checked. Each target checked prints an `ok` or `MISS` line; exit code 1 on a MISS.
 
 Usage:
-    .venv/bin/python benchmarks/bench_zoo.py                    # test and demo presets (~9 min on 2 idle cores)
+    .venv/bin/python benchmarks/bench_zoo.py                    # test and demo presets (~10 min on 2 idle cores)
     .venv/bin/python benchmarks/bench_zoo.py --presets test     # ~20 s
     .venv/bin/python benchmarks/bench_zoo.py --presets demo --seeds 0,1,2
-    .venv/bin/python benchmarks/bench_zoo.py --presets demo --fit   # + the fitted composition (~3 min more)
+    .venv/bin/python benchmarks/bench_zoo.py --presets demo --no-fit   # build and issue 4 only (~3 min less)
 """
 
 from __future__ import annotations
@@ -71,8 +75,7 @@ EXPERT_GAIN_TARGET = 15.0  # each expert over the base on its own skill, at leas
 SINGLE_GAP_TARGET = 15.0  # experts' own-skill mean - best single model's mean, at least
 MERGE_OVER_SINGLE_TARGET = 0.0  # best simple merge's mean - best single model's mean, at least
 MERGE_HEADROOM_TARGET = 10.0  # experts' own-skill mean - best simple merge's mean, at least
-COMPOSITION_TARGET = 0.0  # chain: task arithmetic of its parts' experts - the best of those experts, above
-FITTED_COMPOSITION_TARGET = 0.0  # --fit: the fit over the parts' experts - the best part expert, and - the control
+FITTED_COMPOSITION_TARGET = 0.0  # the fit over the parts' experts - the best part expert, and - the control
 COMPOSE_STUDY = Path(__file__).resolve().parent.parent / "studies" / "demo_compose.yaml"
 
 
@@ -141,8 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seeds", default="0", help="comma-separated seeds (each builds once)")
     ap.add_argument("--keep", help="keep the built zoos under this folder instead of a temporary one")
     ap.add_argument("--json", help="also write the results here")
-    ap.add_argument("--fit", action="store_true",
-                    help="also fit the chain's composition on each demo zoo (two ~80 s fits per zoo; see above)")
+    ap.add_argument("--no-fit", dest="fit", action="store_false",
+                    help="skip the fitted composition on each demo zoo (two ~80 s fits per zoo; see above)")
     args = ap.parse_args(argv)
     presets = [p for p in args.presets.split(",") if p]
     seeds = [int(s) for s in args.seeds.split(",") if s]
@@ -193,10 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if r["composition"]:
             print(format_composition(r["composition"]))
             for chain, c in r["composition"].items():
-                got = 100 * c["margin"]
-                checks.check(f"{r['preset']} seed {r['seed']}: {chain}: merge of {' + '.join(c['parts'])} - best "
-                             f"part expert {got:+.1f} points (target > {COMPOSITION_TARGET:g})",
-                             got > COMPOSITION_TARGET)
+                print(f"  task arithmetic of {' + '.join(c['parts'])} - best part expert {100 * c['margin']:+.1f} "
+                      "points (measured, not a target: see above)")
                 if "fit" in c:
                     f, best_part = c["fit"], c["rows"][f"expert-{c['best_part']}"]
                     print(f"  fitted ({' + '.join(c['parts'])}) {100 * f['fitted']:.1f}%; control, the "
