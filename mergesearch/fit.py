@@ -36,7 +36,7 @@ from mergesearch.errors import ConfigError, TaskError
 from mergesearch.evaluate._scoring import encode, encode_pair, n_ctx
 from mergesearch.evaluate.engine import GenerationEngine, GenRequest
 from mergesearch.evaluate.tasks import Task
-from mergesearch.materializer import Materializer
+from mergesearch.materializer import Materializer, move_state
 from mergesearch.plan import Plan
 from mergesearch.space import SearchSpace
 from mergesearch.threads import rebalance
@@ -286,7 +286,8 @@ class CoefficientFitter:
                     p = {name: (tuple(row[c] for row in v[i]) if per_expert[name] else v[i][0][c])
                          for name, v in vals.items()}
                     sl = (lambda x: x[lo:hi] if x.dim() else x)
-                    st = states[c] if own_state else {}
+                    # streamed sources keep their state in host memory (the materialiser moves it per merge)
+                    st = move_state(states[c], self.device) if own_state else {}
                     chunks.append(op.linear_parts(sl(base), [sl(d) for d in deltas], p, st))
                 out.append(chunks)
         return out

@@ -168,7 +168,7 @@ class Materializer:
                 ds = [self._slice(d, lo, hi).to(self.device) for d in self._deltas[i]]
                 state = self.op.prepare(b, ds, gen)
                 if self.streaming:
-                    state = _to_device(state, self._store, pin=self._pin)
+                    state = move_state(state, self._store, pin=self._pin)
                 elif self._group is not None and i in self._group and self.op.group is not None:
                     state = self._group.add_state(i, c, state)  # laid out for the method's group kernel
                 per_chunk.append(state)
@@ -284,7 +284,7 @@ class Materializer:
                 if self.streaming:
                     base = base.to(self.device, non_blocking=True)
                     deltas = [d.to(self.device, non_blocking=True) for d in deltas]
-                    states = [_to_device(s, self.device) for s in states]
+                    states = [move_state(s, self.device) for s in states]
                 written = []  # the sums of the chunks a kernel returned (it computed them as it wrote them)
                 for c, (lo, hi) in enumerate(self._bounds[i]):
                     p = chunk_params(i, c)
@@ -339,7 +339,7 @@ def _pins(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def _to_device(state: Any, device: torch.device, pin: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Any:
+def move_state(state: Any, device: torch.device, pin: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Any:
     """Every tensor of a precomputed state moved to `device` (then passed through `pin`: page-locked)."""
     if isinstance(state, torch.Tensor):
         # Asynchronous only towards an accelerator: a non-blocking copy to the host may still be in flight
@@ -347,9 +347,9 @@ def _to_device(state: Any, device: torch.device, pin: Callable[[torch.Tensor], t
         moved = state.to(device, non_blocking=device.type != "cpu")
         return pin(moved) if pin else moved
     if isinstance(state, dict):
-        return {k: _to_device(v, device, pin) for k, v in state.items()}
+        return {k: move_state(v, device, pin) for k, v in state.items()}
     if isinstance(state, list):
-        return [_to_device(v, device, pin) for v in state]
+        return [move_state(v, device, pin) for v in state]
     return state
 
 

@@ -298,6 +298,31 @@ def test_one_pass_exact_match_equals_generation_and_hf_generate(tmp_path, nl_mod
         assert f["logprob"] == pytest.approx(s["logprob"], abs=1e-5)
 
 
+def test_bf16_one_pass_decides_most_examples_and_equals_generation():
+    """In bf16 the tie guard is 16 eps of the top logit (`_scoring.tie_tolerance`); at 64 eps, as in float32,
+    half the top logit, no example of these experts was decided by one pass. The shipped demo zoo's experts
+    on their own calib questions: every one-pass decision equals generation's, and most are one-pass (182
+    of 300 for the five skills, 60 each, when this was written)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mergesearch.zoo import load_manifest
+    from mergesearch.zoo.shipped import shipped_zoo
+
+    zoo = shipped_zoo("demo")
+    m = load_manifest(zoo)
+    tok = AutoTokenizer.from_pretrained(zoo / m["base"])
+    decided = total = 0
+    for skill in ("reverse", "sort", "chain"):
+        model = AutoModelForCausalLM.from_pretrained(zoo / m["experts"][skill], dtype=torch.bfloat16).eval()
+        task = load_task(str(zoo / m["data"][skill]["calib"]), name=skill, limit=40)
+        fast = Evaluator(model, tok, [task], batch_size=16).evaluate().records[skill]
+        slow = Evaluator(model, tok, [task], batch_size=16, shortcut=False).evaluate().records[skill]
+        assert [r["exact_match"] for r in fast] == [r["exact_match"] for r in slow], skill
+        decided += sum(r["decided_by"] == "one-pass" for r in fast)
+        total += len(fast)
+    assert decided >= total // 3, f"{decided}/{total} decided by one pass in bf16"
+
+
 def test_gold_logprob_matches_plain_forward(tmp_path, nl_model):
     model, tok = nl_model
     task = load_task(own_answer_jsonl(tmp_path / "own.jsonl", model, tok, n=12))

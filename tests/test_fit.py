@@ -362,6 +362,62 @@ def adam_path_bound(opts: FitOptions) -> float:
     return total
 
 
+def _streamed_fit(zoo, method, device, fitter, space, opts):
+    """The same fit as `fitter`'s over a streaming materialiser on `device`."""
+    m = load_manifest(zoo)
+    smat = Materializer(zoo / m["base"], [zoo / m["experts"][s] for s in m["skills"]], method, device=device,
+                        chunks=space.want_chunks, streaming=True)
+    sfit = CoefficientFitter(smat, fitter.tokenizer, fitter.train_tasks, fitter.val_tasks)
+    return sfit.fit(_plan(smat, method, density=0.5), space, opts)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_a_fit_over_streamed_sources_is_the_resident_fit(zoo_test, method):
+    """With streaming the sources and the method's prepared state stay in host memory and the materialiser
+    moves them per merge; the fit's linear parts must be built from the same state, on the merge device
+    (on CUDA the state stayed on the host: a device mismatch in every trial). Here on the CPU: same result."""
+    opts = FitOptions(steps=3, eval_every=1, patience=10, lr=0.05)
+    fitter, space, mat, _ = _setup(zoo_test, method)
+    resident = fitter.fit(_plan(mat, method, density=0.5), space, opts)
+    streamed = _streamed_fit(zoo_test, method, "cpu", fitter, space, opts)
+    assert torch.equal(streamed.coef, resident.coef) and streamed.best_step == resident.best_step
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_a_fit_over_streamed_sources_on_cuda_is_the_resident_fit(zoo_test, method):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    opts = FitOptions(steps=3, eval_every=1, patience=10, lr=0.05)
+    fitter, space, _, _ = _setup(zoo_test, method)
+    m = load_manifest(zoo_test)
+    gmat = Materializer(zoo_test / m["base"], [zoo_test / m["experts"][s] for s in m["skills"]], method,
+                        device="cuda", chunks=space.want_chunks)
+    resident = CoefficientFitter(gmat, fitter.tokenizer, fitter.train_tasks, fitter.val_tasks).fit(
+        _plan(gmat, method, density=0.5), space, opts)
+    streamed = _streamed_fit(zoo_test, method, "cuda", fitter, space, opts)
+    torch.testing.assert_close(streamed.coef, resident.coef, rtol=0, atol=1e-5)
+
+
+def _moving_fit(zoo):
+    """The CUDA comparison's fit: validated on its training rows, so that early stopping keeps the last step (on
+    held-out rows the shipped test zoo's validation loss rises from step 0, both fits return their start and
+    the comparison compares nothing)."""
+    opts = FitOptions(steps=8, eval_every=4, patience=10, lr=0.05)
+    fitter, space, mat, _ = _setup(zoo)
+    fitter = CoefficientFitter(mat, fitter.tokenizer, fitter.train_tasks, fitter.train_tasks)
+    return fitter, space, mat, opts
+
+
+def test_the_cuda_comparisons_fit_moves_every_coefficient_on_the_cpu(zoo_test):
+    """The premise of `test_fit_on_cuda_matches_the_cpu_fit`, checked where CI runs: the fit runs to its last
+    step and moves the coefficients away from their start."""
+    fitter, space, mat, opts = _moving_fit(zoo_test)
+    res = fitter.fit(_plan(mat, "task_arithmetic"), space, opts)
+    assert res.best_step == opts.steps
+    assert float((res.coef - 0.7).abs().min()) > 0 and float((res.coef - 0.7).abs().mean()) > opts.lr
+
+
 @pytest.mark.gpu
 def test_fit_on_cuda_matches_the_cpu_fit(zoo_test):
     """The same fit on CUDA (model float32 and bfloat16) lands near the CPU's coefficients.
@@ -369,15 +425,16 @@ def test_fit_on_cuda_matches_the_cpu_fit(zoo_test):
     float32: within 2e-3 (the gradients differ in reduction order only). bfloat16 is not a defect when
     it lands further: Adam normalises each coordinate's gradient, so a coefficient whose gradient is
     below the bf16 model's rounding noise takes a step of about lr in a direction that noise decides,
-    and the CPU's float32 fit may step the other way: one such step apart is 2 lr_t (0.055 was seen on 1
-    of 168 coefficients, with lr 0.05). What bounds it is the Adam path (`adam_path_bound`: two fits can
-    be at most twice that apart), and most coefficients, whose gradients are well above the noise,
-    agree within one step (lr)."""
+    and the CPU's float32 fit may step the other way. On the CPU, a bf16 fit against a float32 one: 1 of
+    168 coefficients 0.0975 apart, every other within lr (0.05); an earlier H200 run saw 0.055 on 1 of
+    168. What bounds it is the Adam path (`adam_path_bound`: two fits can be at most twice that apart), and
+    most coefficients, whose gradients are well above the noise, agree within one step (lr). Both fits must
+    run to their last step (`_moving_fit`), or they would be compared at their start."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    opts = FitOptions(steps=8, eval_every=4, patience=10, lr=0.05)
-    fitter, space, mat, _ = _setup(zoo_test)
+    fitter, space, mat, opts = _moving_fit(zoo_test)
     cpu = fitter.fit(_plan(mat, "task_arithmetic"), space, opts)
+    assert cpu.best_step == opts.steps
     bound = 2 * adam_path_bound(opts)
     assert 0.3 < bound < 0.6  # 0.47 for 8 steps at lr 0.05
     for dtype in (torch.float32, torch.bfloat16):
@@ -387,6 +444,7 @@ def test_fit_on_cuda_matches_the_cpu_fit(zoo_test):
         gfit = CoefficientFitter(gmat, fitter.tokenizer, fitter.train_tasks, fitter.val_tasks)
         res = gfit.fit(_plan(gmat, "task_arithmetic"), space, opts)
         assert gmat.device.type == "cuda" and res.coef.dtype == torch.float32
+        assert res.best_step == cpu.best_step, f"{dtype}: best step {res.best_step}, the CPU's {cpu.best_step}"
         if dtype == torch.float32:
             torch.testing.assert_close(res.coef, cpu.coef, rtol=0, atol=2e-3)
             continue

@@ -10,6 +10,8 @@ declare the killed trial dead within seconds.
 from __future__ import annotations
 
 import datetime as dt
+import gc
+import logging
 import os
 import pwd
 import random
@@ -540,6 +542,39 @@ def test_failing_candidates_become_failed_trials_and_the_study_goes_on(zoo_test,
     runner.fault_hook = None
     last = complete[-1]
     assert runner.score_plan(runner.plan_for(last.params))[0][0] == pytest.approx(last.values[0], abs=1e-9)
+
+
+def test_a_failed_trials_tensors_are_freed_before_the_next_trial(zoo_test, tmp_path):
+    """A failed candidate's error (chained in the CandidateError, with its traceback's frames) holds the
+    trial's tensors in a reference cycle with Optuna's trial machinery: they must be gone when the next
+    trial starts (on a GPU, an out-of-memory trial would otherwise leave the next one without the memory)."""
+    import weakref
+
+    cfg = load_config(write_study(zoo_test, tmp_path, n_trials=3, baselines=False, top_k_test=0, limit=4))
+    runner = StudyRunner(cfg)
+    held, alive_at_start = [], []
+    real_plan_for = runner.plan_for
+
+    def plan_for(values):
+        alive_at_start.append([r() is not None for r in held])
+        activations = torch.ones(1 << 16)  # what a failing merge or evaluation had allocated
+        held.append(weakref.ref(activations))
+        if len(held) == 1:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        return real_plan_for(values)
+
+    runner.plan_for = plan_for
+    # pytest's log capture keeps Optuna's record of the failure, traceback and all; and the automatic cyclic
+    # collector, off here, runs whenever allocations tell it to: the cycle, promoted to an old generation
+    # by the trial's own collections, can outlive many trials
+    logging.disable(logging.WARNING)
+    gc.disable()
+    try:
+        run_study(cfg, runner=runner, progress=False)
+    finally:
+        gc.enable()
+        logging.disable(logging.NOTSET)
+    assert len(alive_at_start) == 4 and not any(any(a) for a in alive_at_start)  # nothing of a trial lived on
 
 
 def test_a_broken_setup_stops_the_study_instead_of_failing_every_trial(zoo_test, tmp_path):

@@ -29,10 +29,20 @@ import torch
 from mergesearch.errors import TaskError
 from mergesearch.evaluate.tasks import BIGBENCH_DEFAULT_REGEX, Example, Task
 
-# Two top logits closer than this many units of the logits' dtype precision (relative to their size)
-# are a tie that floating-point noise between a full pass and cached decoding could flip: the
-# one-pass decision is then left to real generation. 64 eps: ~8e-6 in float32, ~0.5 in bfloat16.
-TIE_EPS = 64
+# Two top logits closer than this many units of the logits' dtype precision (relative to their size,
+# at least 1) are a tie that floating-point noise between a full pass and cached decoding could flip:
+# the one-pass decision is then left to real generation. float32: 64 eps, ~8e-6. 16-bit floats: 16
+# eps (bf16: 0.125 of the top logit). Measured on the demo zoo's five experts in bf16 (CPU, 120 prompts,
+# 12 greedy tokens): the full pass and cached decoding differ by at most 3.4 eps x |top| at any position
+# (median over prompts 0.7). 64 eps in bf16, half the top logit, left 36% of positions decidable and
+# every example to generation (bench_gpu's 1B study on an H200: 4 of 256 decided by one pass).
+TIE_EPS = {torch.float32: 64, torch.float64: 64}
+TIE_EPS_16BIT = 16
+
+
+def tie_tolerance(dtype: torch.dtype) -> float:
+    """Relative gap (x max(|top logit|, 1)) below which two top logits count as a tie."""
+    return TIE_EPS.get(dtype, TIE_EPS_16BIT) * torch.finfo(dtype).eps
 
 
 def n_ctx(model) -> int | None:
@@ -443,8 +453,13 @@ def build_choice_batch(items: list[ChoiceItem], device, pad: int) -> ChoiceBatch
 # --- scoring --------------------------------------------------------------------------------------
 
 
-def _logprobs(logits: torch.Tensor) -> torch.Tensor:
-    return torch.log_softmax(logits.float(), dim=-1)
+def _logprobs(logits: torch.Tensor, *index: torch.Tensor) -> torch.Tensor:
+    """log p(token) at `logits[index[:-1]]` for the tokens `index[-1]` (index tensors broadcast together): the
+    read positions are picked out before the float32 log-softmax, which on the whole (batch, length, vocab)
+    would take a float32 copy and output of every position (~29 GB at batch 64, 300 tokens, 152k vocab)."""
+    *where, tok = index
+    picked = logits[tuple(where)].float()
+    return torch.log_softmax(picked, dim=-1).gather(-1, tok.expand(picked.shape[:-1]).unsqueeze(-1)).squeeze(-1)
 
 
 def score_choice_batch(model, batch: ChoiceBatch) -> list[list[float]]:
@@ -456,18 +471,16 @@ def score_choice_batch(model, batch: ChoiceBatch) -> list[list[float]]:
     else:
         # causal mask alone, as in score_gen_batch: the shared part is right-padded after a real prefix
         out = forward(model, cache, input_ids=batch.shared_ids, position_ids=batch.shared_pos, use_cache=True)
-    lp = _logprobs(out.logits)  # (B, S, V)
-    flat = torch.zeros(b * batch.n_choices, dtype=torch.float32, device=lp.device)
+    flat = torch.zeros(b * batch.n_choices, dtype=torch.float32, device=out.logits.device)
     si = batch.shared_idx
-    flat.index_add_(0, batch.shared_dst, lp[si[:, 0], si[:, 1], si[:, 2]])
+    flat.index_add_(0, batch.shared_dst, _logprobs(out.logits, si[:, 0], si[:, 1], si[:, 2]))
     if batch.tail_ids is not None:
         cache = cache_of(out)
         cache.reorder_cache(batch.row_example)  # (R, heads, P + S, head_dim): one copy per tail
         tail_out = forward(model, cache, input_ids=batch.tail_ids, attention_mask=batch.tail_mask,
                            position_ids=batch.tail_pos, use_cache=False)
-        tlp = _logprobs(tail_out.logits)  # (R, T, V)
         ti = batch.tail_idx
-        flat.index_add_(0, batch.tail_dst, tlp[ti[:, 0], ti[:, 1], ti[:, 2]])
+        flat.index_add_(0, batch.tail_dst, _logprobs(tail_out.logits, ti[:, 0], ti[:, 1], ti[:, 2]))
     flat = flat.view(b, batch.n_choices).tolist()
     return [row[: len(it.wholes)] for row, it in zip(flat, batch.items)]
 
@@ -491,14 +504,13 @@ def score_gen_batch(model, batch: GenBatch, max_new_tokens: int, stop_ids: set[i
         # tokens, so the causal mask alone is exact (and lets attention take its fast causal path)
         logits = forward(model, cache, input_ids=batch.input_ids, position_ids=batch.position_ids,
                          use_cache=False).logits
-    lp = _logprobs(logits)
-    rows = torch.arange(len(batch.items), device=lp.device)[:, None]
-    ll = (lp[rows, batch.ll_pos, batch.ll_tok] * batch.ll_mask).sum(-1).tolist()
+    rows = torch.arange(len(batch.items), device=logits.device)[:, None]
+    ll = (_logprobs(logits, rows, batch.ll_pos, batch.ll_tok) * batch.ll_mask).sum(-1).tolist()
     if batch.g_pos is None:
         return ll, [None] * len(batch.items)
     top2 = logits[rows, batch.g_pos].topk(2, dim=-1)  # (B, G+1, 2)
     # the largest difference noise could explain at each position
-    tol = TIE_EPS * torch.finfo(logits.dtype).eps * top2.values[..., 0].float().abs().clamp(min=1.0)
+    tol = tie_tolerance(logits.dtype) * top2.values[..., 0].float().abs().clamp(min=1.0)
     gap = ((top2.values[..., 0] - top2.values[..., 1]).float() - tol).tolist()
     best = top2.indices[..., 0].tolist()
     proven: list[tuple[list[int], bool] | None] = []

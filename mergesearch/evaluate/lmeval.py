@@ -128,8 +128,11 @@ class LmEvalRunner:
                 raise TaskError(f"{t.source}: lm-eval has no task {t.lmeval.task_name!r}"
                                 f"{did_you_mean(t.lmeval.task_name, known)}")
         if engine is None:
+            # softmax in float32, as our path computes it: HFLM's default (None) takes the model's dtype, and a
+            # bf16 model's log-likelihoods then come out rounded to bf16 (0.149 apart on a zoo expert's request,
+            # -54.63 against -54.75), which would make the check disagree with the path it checks
             self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device),
-                           max_length=n_ctx(model))
+                           max_length=n_ctx(model), softmax_dtype="float32")
         else:
             from mergesearch.evaluate.lmeval_lm import MergesearchLM
 

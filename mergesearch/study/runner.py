@@ -9,11 +9,13 @@ ten failures in a row stop the study, since the cause is then not the candidates
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import time
 
 import optuna
+import torch
 from optuna.trial import TrialState
 
 from mergesearch.errors import CandidateError, StudyError
@@ -59,6 +61,17 @@ class StudyRunner(Workbench):
             self.fault_hook("store")
         return values if self.per_task else values[0]
 
+    def release_failed_trial(self) -> None:
+        """Free what a failed trial left behind before the next one starts. The CandidateError chains the
+        original error, whose traceback frames hold the trial's tensors (activations, a fit's autograd
+        graph) in a reference cycle with Optuna's trial machinery: alive until the cyclic collector runs,
+        which the study leaves to itself (gc_after_trial=False: a collection costs every trial). After an
+        out-of-memory on a GPU the next trial would start without that memory; the allocator's cached
+        blocks go back to the device too."""
+        gc.collect()
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
     def optimize(self, study: optuna.Study, target: int | None, *, timeout: float | None = None,
                  progress: bool = True) -> None:
         """Run trials until `target` searched trials are counted in the storage (all workers together)."""
@@ -82,6 +95,8 @@ class StudyRunner(Workbench):
 
         def callback(st: optuna.Study, ft: optuna.trial.FrozenTrial) -> None:
             state["failed_in_a_row"] = state["failed_in_a_row"] + 1 if ft.state == TrialState.FAIL else 0
+            if ft.state == TrialState.FAIL:
+                self.release_failed_trial()
             if state["failed_in_a_row"] >= MAX_FAILURES_IN_A_ROW:
                 raise StudyError(f"the last {state['failed_in_a_row']} candidates all failed (last: "
                                  f"{records.record(ft).get('fail_reason', 'no reason stored')}): fix the cause, then "

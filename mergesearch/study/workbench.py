@@ -19,7 +19,7 @@ import optuna
 import torch
 
 from mergesearch import memory
-from mergesearch.checkpoints import check_compatible, open_checkpoint, task_vector_stats
+from mergesearch.checkpoints import check_compatible, open_checkpoint, resolve_device, task_vector_stats
 from mergesearch.config import Config, SpaceConfig
 from mergesearch.errors import CandidateError, StudyError
 from mergesearch.fit import require_fittable
@@ -123,6 +123,11 @@ class Workbench:
             plans = memory.study_estimates(cfg, tensors, len(experts))
             streaming = plans["streams"]
             log.info(plans["why"])
+        dev = resolve_device(cfg.merge.device)
+        if dev.type == "cuda":
+            # this process's GPU: what a bare torch.cuda call means (streams, synchronize, pinned memory's
+            # context), or `worker --device cuda:1` would also open a context on GPU 0
+            torch.cuda.set_device(dev)
         self.mat = Materializer(base, experts, cfg.merge.method, dtype=cfg.merge.dtype, device=cfg.merge.device,
                                 chunks=self.want_chunks, streaming=streaming, seed=cfg.merge.seed,
                                 merge_common_vocab=cfg.models.merge_common_vocab)
