@@ -73,6 +73,21 @@ class FitOptions:
                       **knobs})
 
 
+DOT_BLOCK = 1 << 24  # entries of a 16-bit gradient or part cast to float32 at a time (64 MiB)
+
+
+def dot_in(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """a . b in `dtype` (float32): one dot where both are in it already; else cast and summed block by block,
+    so that a bf16 model's largest chunk (a 128k x 4096 lm_head: 2 GiB per float32 copy, two copies) never
+    has a whole float32 copy. Chunks up to DOT_BLOCK entries are one dot either way."""
+    if a.dtype == b.dtype == dtype or a.numel() <= DOT_BLOCK:
+        return torch.dot(a.to(dtype), b.to(dtype))
+    total = torch.zeros((), dtype=dtype, device=a.device)
+    for start in range(0, a.numel(), DOT_BLOCK):
+        total += torch.dot(a[start:start + DOT_BLOCK].to(dtype), b[start:start + DOT_BLOCK].to(dtype))
+    return total
+
+
 @dataclass
 class FitResult:
     """Fitted coefficients (one per slot of the coefficient space, float32) and the fit's history."""
@@ -490,9 +505,7 @@ class _Session:
             for (lo, hi), ps in zip(bounds, per_chunk):
                 gc = rows[lo:hi].reshape(-1)
                 for part in ps:
-                    pc = part.reshape(-1)
-                    dots.append(torch.dot(gc, pc) if gc.dtype == pc.dtype == grad_table.dtype
-                                else torch.dot(gc.to(grad_table.dtype), pc.to(grad_table.dtype)))
+                    dots.append(dot_in(gc, part.reshape(-1), grad_table.dtype))
             # (chunks * experts,) chunk-major -> (experts, chunks)
             grad_table[w, :, : len(bounds)] = torch.stack(dots).view(len(bounds), n_exp).T
             p.grad = None

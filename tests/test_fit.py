@@ -65,6 +65,22 @@ def test_task_arithmetic_parts_are_the_task_vectors_themselves():
     assert all(p.data_ptr() == d.data_ptr() for p, d in zip(parts, deltas))  # no copy of the sources
 
 
+def test_the_gradient_contraction_casts_16_bit_chunks_block_by_block(monkeypatch):
+    """A bf16 model's gradient and parts are contracted in float32 a block at a time (no whole float32 copy of
+    a chunk): the same dot as one float32 pass up to summation order; float32 inputs take one dot, unchanged."""
+    from mergesearch import fit
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(10_000, generator=g), torch.randn(10_000, generator=g)
+    exact = float(torch.dot(a.bfloat16().double(), b.bfloat16().double()))
+    whole = fit.dot_in(a.bfloat16(), b.bfloat16(), torch.float32)
+    monkeypatch.setattr(fit, "DOT_BLOCK", 1_000)
+    blocks = fit.dot_in(a.bfloat16(), b.bfloat16(), torch.float32)
+    assert blocks.dtype == torch.float32 and float(blocks) == pytest.approx(exact, abs=1e-3)
+    assert float(whole) == pytest.approx(exact, abs=1e-3)
+    assert torch.equal(fit.dot_in(a, b, torch.float32), torch.dot(a, b))
+
+
 # --- the fitter on the test zoo -------------------------------------------------------------------
 
 

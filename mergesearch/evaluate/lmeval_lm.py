@@ -120,13 +120,16 @@ class MergesearchLM(TemplateLM):
                     ids[r, : len(items[k][0])] = torch.tensor(items[k][0])
                 # right padding: the causal mask alone is exact for every real position
                 logits = self.model(input_ids=ids.to(self._device)).logits  # (B, L, V)
+                lls, greedies = [], []
                 for r, k in enumerate(chunk):
                     inp, cont = items[k]
                     end = len(inp)
                     lp = torch.log_softmax(logits[r, end - len(cont): end].float(), dim=-1)  # (C, V)
                     target = torch.tensor(cont, device=lp.device)
-                    ll = float(lp.gather(-1, target[:, None]).sum())
-                    greedy = bool((lp.argmax(-1) == target).all())
+                    lls.append(lp.gather(-1, target[:, None]).sum())
+                    greedies.append((lp.argmax(-1) == target).all())
+                # one read back per batch (on a GPU each float()/bool() per request waited for the device)
+                for k, ll, greedy in zip(chunk, torch.stack(lls).tolist(), torch.stack(greedies).tolist()):
                     results[k] = (ll, greedy)
         out = []
         for (ctx_cont, _, _), k in zip(requests, keys):
