@@ -43,6 +43,8 @@ class StudyRunner(Workbench):
             if self.fit_stage is not None:
                 t0 = time.perf_counter()
                 _, plan, fitted = self.fit_stage.run(plan, values_in)
+                if self.device.startswith("cuda"):  # the fit's last weight write may still be queued
+                    torch.cuda.synchronize(self.device)
                 fit_s = time.perf_counter() - t0
             values, rec = self.score_plan(plan, trial)
         except optuna.TrialPruned as exc:
