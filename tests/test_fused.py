@@ -134,6 +134,19 @@ def test_the_cuda_policys_compiled_bf16_gives_the_eager_bf16_weights(method, mon
     torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -6, atol=1e-2)
 
 
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "della"])
+def test_the_cuda_policys_compiled_fp16_gives_the_eager_fp16_weights(method, monkeypatch):
+    """CUDA compiles float16 chunks as well, and no other test runs that formula on any device: here on the
+    CPU against the eager fp16 kernel, within two fp16 steps (rtol 2**-9) or 1e-3."""
+    monkeypatch.setitem(operators.registry.COMPILED_DTYPES, "cpu", (torch.float32, torch.float16))
+    base, experts = _sources((256, 512), 3, seed=5)
+    base, experts = base.half(), [e.half() for e in experts]
+    got, want = _both(method, base, experts, seed=2, chunks=2, **_params(method, 3, rescale=1.0)
+                      if "rescale" in operators.get(method).param_names else _params(method, 3))
+    assert got.dtype == want.dtype == torch.float16
+    torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -9, atol=1e-3)
+
+
 @pytest.mark.parametrize("method, dtype, writes", [("dare_ties", torch.float32, False),
                                                     ("dare_ties", torch.bfloat16, True),
                                                     ("della_linear", torch.float32, False),
