@@ -16,7 +16,8 @@ What the materialiser, evaluator and fit hold on the merge device, in bytes:
              the generated tokens plus a prompt, keys and values of every layer; the few-shot prefix shared
              by a batch is held once and not counted) and the prefill's hidden states
   fit        with a fit: one gradient at a time, activations kept for the backward pass, and the
-             linear parts of methods whose parts are not the task vectors themselves
+             linear parts of methods whose parts are not the task vectors themselves (with streaming, of
+             every method: the fit copies them to the device)
 
 `choose_streaming` turns `merge.streaming: auto` into a decision against the free memory, saying why.
 The numbers are estimates (allocator rounding, CUDA context, library workspaces come on top: `HEADROOM`).
@@ -99,7 +100,9 @@ def estimate(tensors: Sequence[TensorInfo], n_experts: int, method: str, dtype: 
     fit_bytes = 0
     if fit:
         layers = max(1, sum(1 for t in floats if t.name.endswith(("input_layernorm.weight", "ln_1.weight"))))
-        parts = 0 if method in ("task_arithmetic", "linear") else n * n_experts * size
+        # task arithmetic's parts are the task vectors themselves, unless they are streamed: the fit then holds
+        # a device copy of every one for its session (CoefficientFitter.linear_parts)
+        parts = 0 if method in ("task_arithmetic", "linear") and not streaming else n * n_experts * size
         fit_bytes = largest * size + batch_size * tokens * hidden * layers * 16 * size + parts
     return MemoryEstimate(device=str(device), streaming=streaming,
                           sources=largest * per_entry if streaming else resident,

@@ -124,6 +124,21 @@ def test_generation_counts_its_kv_cache_and_a_long_chain_study_of_7b_streams():
     assert memory.fits(halved, gpu80)  # or a smaller batch keeps the sources resident
 
 
+def test_a_fit_over_streamed_sources_counts_every_task_vector_on_the_device():
+    """A fit builds its linear parts on the merge device: for task arithmetic those are the resident task
+    vectors themselves (no copy), but streamed ones are copied there for the fit's session."""
+    from mergesearch import memory
+
+    tensors = _llama_tensors(4096, 11008, 32, 32, 32, 32000)
+    n = sum(t.numel for t in tensors)
+    kw = {"device": "cuda", "fit": True}
+    resident = memory.estimate(tensors, 3, "task_arithmetic", "bfloat16", **kw)
+    streamed = memory.estimate(tensors, 3, "task_arithmetic", "bfloat16", streaming=True, **kw)
+    assert streamed.fit - resident.fit == 3 * n * 2
+    ties = memory.estimate(tensors, 3, "ties", "bfloat16", streaming=True, **kw)
+    assert ties.fit == streamed.fit
+
+
 def test_the_estimate_counts_the_kept_entries_the_compiled_formula_writes():
     """DARE/DELLA's compiled first pass writes each expert's kept entries of a chunk into scratch where the mask's
     stored sources take more bytes per entry than the delta: one buffer per expert the size of the largest tensor,
