@@ -36,6 +36,7 @@ from mergesearch import operators
 from mergesearch.operators import is_on
 from mergesearch.operators.task_arithmetic import writes_kept_entries
 from mergesearch.checkpoints import TensorInfo, parse_dtype
+from mergesearch.evaluate.tasks import DEFAULT_MAX_NEW_TOKENS, is_lmeval_spec
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +94,13 @@ def estimate(tensors: Sequence[TensorInfo], n_experts: int, method: str, dtype: 
         emb = max(floats, key=lambda t: t.numel if len(t.shape) == 2 else 0, default=None)
         vocab, hidden = (emb.shape[0], emb.shape[1]) if emb is not None and len(emb.shape) == 2 else (1, 1)
     scoring = batch_size * tokens * (vocab * 4 + 8 * hidden * size)
-    gen = PROMPT_TOKENS + _default_new_tokens() if gen_tokens is None else gen_tokens
+    gen = PROMPT_TOKENS + DEFAULT_MAX_NEW_TOKENS if gen_tokens is None else gen_tokens
     generation = batch_size * gen * (kv_bytes_per_token(floats, hidden, size) + 8 * hidden * size) \
         + batch_size * vocab * 4
     evaluator = max(scoring, generation)
     fit_bytes = 0
     if fit:
-        layers = max(1, sum(1 for t in floats if t.name.endswith(("input_layernorm.weight", "ln_1.weight"))))
+        layers = _layers(floats)
         # task arithmetic's parts are the task vectors themselves, unless they are streamed: the fit then holds
         # a device copy of every one for its session (CoefficientFitter.linear_parts)
         parts = 0 if method in ("task_arithmetic", "linear") and not streaming else n * n_experts * size
@@ -117,14 +118,12 @@ def kv_bytes_per_token(tensors: Sequence[TensorInfo], hidden: int, size: int) ->
     kv = [t.shape[0] for t in tensors if t.name.endswith("k_proj.weight") and len(t.shape) == 2]
     if kv:
         return 2 * sum(kv) * size
-    layers = max(1, sum(1 for t in tensors if t.name.endswith(("input_layernorm.weight", "ln_1.weight"))))
-    return 2 * layers * hidden * size
+    return 2 * _layers(tensors) * hidden * size
 
 
-def _default_new_tokens() -> int:
-    from mergesearch.evaluate.tasks import DEFAULT_MAX_NEW_TOKENS
-
-    return DEFAULT_MAX_NEW_TOKENS
+def _layers(tensors: Sequence[TensorInfo]) -> int:
+    """Decoder layers, counted by their input norms (Llama/Qwen2/Mistral, GPT-2); at least 1."""
+    return max(1, sum(1 for t in tensors if t.name.endswith(("input_layernorm.weight", "ln_1.weight"))))
 
 
 def generated_tokens(cfg) -> int:
@@ -133,10 +132,9 @@ def generated_tokens(cfg) -> int:
     def most(t) -> int:
         if t.max_new_tokens is not None:
             return t.max_new_tokens
-        lmeval = t.calib.startswith("lmeval:") or t.calib.endswith((".yaml", ".yml"))
-        return LMEVAL_GEN_TOKENS if lmeval else _default_new_tokens()
+        return LMEVAL_GEN_TOKENS if is_lmeval_spec(t.calib) else DEFAULT_MAX_NEW_TOKENS
 
-    return PROMPT_TOKENS + max((most(t) for t in cfg.objectives.tasks), default=_default_new_tokens())
+    return PROMPT_TOKENS + max((most(t) for t in cfg.objectives.tasks), default=DEFAULT_MAX_NEW_TOKENS)
 
 
 def free_bytes(device: str | torch.device) -> int:

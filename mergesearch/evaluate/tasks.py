@@ -360,6 +360,11 @@ def _load_lmeval(spec: str, *, limit, seed, num_fewshot, name, metric, data_file
                 lmeval=lm_spec, limit=limit, seed=seed, num_fewshot=num_fewshot)
 
 
+def is_lmeval_spec(spec: str) -> bool:
+    """Whether a task spec names an lm-eval task: `lmeval:TASKNAME` or a local task `.yaml`."""
+    return spec.startswith("lmeval:") or spec.endswith((".yaml", ".yml"))
+
+
 def load_task(spec: str | os.PathLike, *, limit: int | None = None, seed: int = 0, num_fewshot: int = 0,
               fewshot_spec: str | os.PathLike | None = None, name: str | None = None,
               metric: str | None = None, data_files: str | os.PathLike | None = None,
@@ -376,7 +381,7 @@ def load_task(spec: str | os.PathLike, *, limit: int | None = None, seed: int = 
     the task's defaults. An lm-eval task declares its own in its YAML.
     """
     text = str(spec)
-    if text.startswith("lmeval:") or text.endswith((".yaml", ".yml")):
+    if is_lmeval_spec(text):
         if until is not None or max_new_tokens is not None or extract is not None:
             raise TaskError(f"{text}: until, max_new_tokens and extract are set in an lm-eval task's YAML "
                             "(generation_kwargs, filter_list), not in the study file")
