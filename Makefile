@@ -8,6 +8,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 LOCK ?= requirements.lock
 PYTEST_ARGS ?=
+# Where torch comes from, if not the configured index: on Linux plain PyPI serves the multi-GB CUDA build, so a
+# CPU-only machine asks for `make install TORCH_INDEX=https://download.pytorch.org/whl/cpu`.
+TORCH_INDEX ?=
 # `make lock`: the fresh environment the new lock is frozen from, and the torch it starts from (the newest
 # the index serves unless given: `make lock TORCH_SPEC=torch==2.14.0`).
 LOCK_VENV ?= .venv-lock
@@ -19,7 +22,7 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q -c $(LOCK) torch
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q -c $(LOCK) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) torch
 	$(BIN)/pip install -q -c $(LOCK) -e '.[dev]'
 	touch $@
 

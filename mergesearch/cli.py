@@ -84,13 +84,28 @@ def _add_eval(sub) -> None:
 
     p = _parser("eval", sub, "score a model folder on calibration tasks (JSONL, BIG-bench JSON, lm-eval)")
     p.add_argument("model", help="model folder (Hugging Face layout, safetensors): an expert or an exported merge")
-    p.add_argument("--task", action="append", required=True, metavar="PATH_OR_NAME",
+    p.add_argument("--task", action="append", default=None, metavar="PATH_OR_NAME",
                    help="a .jsonl, a BIG-bench .json, an lm-eval task .yaml or lmeval:NAME; repeat for several")
+    p.add_argument("--study", default=None, metavar="STUDY.yaml",
+                   help="score on a study's own tasks, as its YAML declares them (decoding keys, few-shot, metric, "
+                        "calib limit): the scores the study computes, for any model folder")
+    p.add_argument("--split", choices=["calib", "test"], default="test",
+                   help="with --study: which split of its tasks (calib with the study's limit and seed)")
     p.add_argument("--limit", type=int, default=None,
-                   help="score N examples per task, a random subset drawn with --seed (lm-eval's --limit takes the "
+                   help="score N examples per --task, a random subset drawn with --seed (lm-eval's --limit takes the "
                         "first N instead)")
     p.add_argument("--seed", type=int, default=0, help="seed of the subsample order and few-shot draws")
     p.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples per prompt")
+    p.add_argument("--fewshot", default=None, metavar="PATH",
+                   help="file the few-shot examples of a .jsonl / BIG-bench --task are drawn from (a separate split)")
+    p.add_argument("--until", action="append", default=None, metavar="STOP",
+                   help="stop string of the .jsonl / BIG-bench --task: the output is cut at the first of them; "
+                        "repeat for several; backslash escapes are read (\\n is a newline); not given: the newline")
+    p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                   help="most tokens generated per example (default: 32, or the longest gold answer + 1)")
+    p.add_argument("--extract", default=None, metavar="REGEX",
+                   help="the answer in the output: group 1, or the whole match; no match is wrong (a chain of "
+                        "thought: 'The answer is (\\S+)\\.')")
     p.add_argument("--data-files", default=None, help="test data file for an lm-eval task .yaml template")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="examples per forward pass")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -100,12 +115,33 @@ def _add_eval(sub) -> None:
     p.set_defaults(func=_cmd_eval)
 
 
+def _unescape(text: str) -> str:
+    """A stop string as typed in a shell: backslash escapes read (\\n, \\t, \\u2028), other characters kept."""
+    import codecs
+
+    return codecs.decode(text.encode("latin-1", "backslashreplace"), "unicode_escape")
+
+
 def _cmd_eval(args) -> int:
+    from mergesearch.errors import ConfigError
     from mergesearch.evaluate.run import evaluate_model_dir, format_table, write_json
 
-    result = evaluate_model_dir(args.model, args.task, limit=args.limit, seed=args.seed,
-                                num_fewshot=args.num_fewshot, data_files=args.data_files,
-                                batch_size=args.batch_size, device=args.device, lmeval_hf=args.lmeval_hf)
+    study_tasks = []
+    if args.study:
+        from mergesearch.config import load_config
+        from mergesearch.study.workbench import load_tasks
+
+        study_tasks = load_tasks(load_config(args.study), args.split)
+        if not study_tasks:
+            raise ConfigError(f"{args.study}: no task has a {args.split} split; use --split calib")
+    elif not args.task:
+        raise ConfigError("no task given: pass --task PATH_OR_NAME (repeatable) or --study STUDY.yaml")
+    result = evaluate_model_dir(args.model, args.task or [], tasks=study_tasks, limit=args.limit, seed=args.seed,
+                                num_fewshot=args.num_fewshot, fewshot=args.fewshot,
+                                until=None if args.until is None else [_unescape(u) for u in args.until],
+                                max_new_tokens=args.max_new_tokens, extract=args.extract,
+                                data_files=args.data_files, batch_size=args.batch_size, device=args.device,
+                                lmeval_hf=args.lmeval_hf)
     print(format_table(result))
     if args.json:
         write_json(result, args.json)

@@ -10,6 +10,8 @@ operator registry, and `space.parameters` may only narrow or fix them.
 from __future__ import annotations
 
 import re
+import types
+import typing
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -336,12 +338,6 @@ class Config(_Frozen):
         return f"sqlite:///{folder / (self.study.name + '.db')}"
 
 
-_SECTION_MODELS = {
-    "models": ModelsConfig, "merge": MergeConfig, "space": SpaceConfig, "objectives": ObjectivesConfig,
-    "constraints": ConstraintsConfig, "study": StudyConfig, "fit": FitConfig,
-}
-
-
 def _read_yaml(path: Path) -> Any:
     try:
         text = path.read_text()
@@ -386,15 +382,43 @@ def _resolve_paths(raw: dict, folder: Path) -> dict:
     return raw
 
 
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The config model of the mapping at `loc` (pydantic's error location from the file's top: field names,
+    list indices, mapping keys), or None where the path passes a union of several models or ends elsewhere."""
+    ann: Any = Config
+    steps, i = list(loc), 0
+    while True:
+        while True:  # through Optional[...], list[...] (an index) and dict[str, ...] (a key) to what is inside
+            args = [a for a in typing.get_args(ann) if a is not type(None)]
+            origin = typing.get_origin(ann)
+            if origin in (typing.Union, types.UnionType) and len(args) == 1:
+                ann = args[0]
+            elif origin in (list, tuple) and args and i < len(steps) and isinstance(steps[i], int):
+                ann, i = args[0], i + 1
+            elif origin is dict and len(args) == 2 and i < len(steps):
+                ann, i = args[1], i + 1
+            else:
+                break
+        is_model = isinstance(ann, type) and issubclass(ann, BaseModel)
+        if i == len(steps):
+            return ann if is_model else None
+        if not is_model or str(steps[i]) not in ann.model_fields:
+            return None
+        ann, i = ann.model_fields[str(steps[i])].annotation, i + 1
+
+
 def _explain(exc: ValidationError, path: Path, raw: dict) -> ConfigError:
     err = exc.errors()[0]
     loc = ".".join(str(x) for x in err["loc"])
     if err["type"] == "extra_forbidden":
         key = str(err["loc"][-1])
-        parent = err["loc"][:-1]
-        model = _SECTION_MODELS.get(str(parent[0])) if len(parent) == 1 else (Config if not parent else None)
-        hint = did_you_mean(key, model.model_fields) if model else ""
-        return ConfigError(f"{path}: unknown key {loc!r}{hint}; see `mergesearch validate --help` for the schema")
+        parent = tuple(err["loc"][:-1])
+        model = _model_at(parent)
+        if model is None:
+            return ConfigError(f"{path}: unknown key {loc!r}")
+        keys = [k for k in model.model_fields if k != "source"]
+        return ConfigError(f"{path}: unknown key {loc!r}{did_you_mean(key, keys)}; "
+                           f"{'.'.join(map(str, parent)) or 'the file'} takes {', '.join(keys)}")
     more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
     msg = err["msg"].removeprefix("Value error, ")
     return ConfigError(f"{path}: {loc or 'file'}: {msg}{more}")

@@ -150,14 +150,15 @@ def test_unreadable_safetensors(tmp_path):
         open_checkpoint(d)
 
 
-def test_dtype_and_device():
+def test_dtype_and_device(monkeypatch):
     assert parse_dtype("bf16") is torch.bfloat16
     with pytest.raises(CheckpointError, match="unknown dtype"):
         parse_dtype("int3")
-    assert resolve_device("auto").type in ("cpu", "cuda")
-    if not torch.cuda.is_available():
-        with pytest.raises(CheckpointError, match="no CUDA"):
-            resolve_device("cuda")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a GPU machine
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(CheckpointError, match="no CUDA"):
+        resolve_device("cuda")
 
 
 def test_inspect_cli(tiny_family, capsys):

@@ -152,6 +152,7 @@ def test_make_installs_exactly_the_lock_and_make_lock_runs_the_suite_on_the_new_
     installs = [line for line in recipe[2].splitlines() if "pip install" in line]
     assert len(installs) == 2 and all("-c $(LOCK)" in line for line in installs), installs
     assert "torch" in installs[0] and "-e '.[dev]'" in installs[1]  # the CPU torch first, as before
+    assert "$(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))" in installs[0]  # a CPU index, where asked for
     lock_recipe = re.search(r"^lock:\n((?:\t.*\n)+)", make, re.M)[1]
     assert "pip freeze --all --exclude-editable" in lock_recipe and ".ci/lock.py" in lock_recipe
     assert lock_recipe.rstrip().splitlines()[-1].strip() == "$(MAKE) test VENV=$(LOCK_VENV)"

@@ -58,6 +58,13 @@ def test_space_file_in_search_spaces(tmp_path):
     ("models: [unclosed", "malformed YAML"),
     (GOOD.replace("merge: {", "merg: {"), "unknown key 'merg'.*did you mean 'merge'"),
     (GOOD.replace("sampler: cmaes", "samplr: cmaes"), "unknown key 'study.samplr'.*did you mean 'sampler'"),
+    # keys further down: a task's, a searched parameter's, a fit knob's (list indices and mapping keys passed)
+    (GOOD.replace("test: zoo/data/reverse.test.jsonl}", "test: zoo/data/reverse.test.jsonl, untill: ['Q:']}"),
+     r"unknown key 'objectives.tasks.0.untill' \(did you mean 'until'\?\); objectives.tasks.0 takes name, calib,"),
+    (GOOD.replace("{low: 0.2, high: 0.9}", "{low: 0.2, hihg: 0.9}"),
+     r"unknown key 'space.parameters.density.hihg' \(did you mean 'high'\?\)"),
+    (GOOD + "fit: {search: {lr: {low: 0.01, hi: 0.1}}}\n", r"unknown key 'fit.search.lr.hi' \(did you mean 'high'\?\)"),
+    (GOOD.replace("merge: {", "merge: {methd: x, "), "unknown key 'merge.methd'.*; merge takes method, dtype"),
     (GOOD.replace("sampler: cmaes", "sampler: annealing"), "study.sampler"),
     (GOOD.replace("n_trials: 7", "n_trials: 0"), "n_trials"),
     (GOOD.replace("{low: 0.2, high: 0.9}", "{low: 0.9, high: 0.2}"), "low 0.9 > high 0.2"),

@@ -214,17 +214,17 @@ def test_streaming_auto_is_decided_by_the_workbench_and_said(zoo_test, tmp_path,
         config_from_dict(raw)
 
 
-def test_validate_estimates_a_cuda_study_on_a_machine_without_one(zoo_test, tmp_path):
+def test_validate_estimates_a_cuda_study_on_a_machine_without_one(zoo_test, tmp_path, monkeypatch):
     import yaml
     from study_helpers import write_study
 
     from mergesearch.study import validate_study
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a GPU machine
     path = write_study(zoo_test, tmp_path)
     raw = yaml.safe_load(path.read_text())
     raw["merge"]["device"] = "cuda:0"
     path.write_text(yaml.safe_dump(raw))
     mem = validate_study(path)["memory"]
     assert mem["resident"]["device"] == "cuda:0" and mem["resident"]["total"] > 0
-    if not torch.cuda.is_available():
-        assert mem["streams"] is None and "not decided here" in mem["why"]
+    assert mem["streams"] is None and "not decided here" in mem["why"]

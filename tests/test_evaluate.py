@@ -464,6 +464,57 @@ def test_cli_eval_table_and_json(tmp_path, nl_model, capsys):
     assert "bad.jsonl:1: invalid JSON" in capsys.readouterr().err
 
 
+def test_cli_eval_scores_a_chain_as_the_study_does(tmp_path, capsys):
+    """`eval` takes a chain task's decoding keys (--until, --max-new-tokens, --extract) and a study's own tasks
+    (--study): both give the scores of the task as the study declares it; without the keys the chain's whole
+    output is compared with the gold chain instead."""
+    import yaml
+
+    from mergesearch.cli import main
+    from mergesearch.config import load_config
+    from mergesearch.evaluate.run import load_model
+    from mergesearch.study.workbench import load_tasks
+    from mergesearch.zoo import load_manifest, study_inputs
+    from mergesearch.zoo.shipped import shipped_zoo
+    from mergesearch.zoo.skills import get_skill
+
+    zoo = shipped_zoo("demo")
+    m = load_manifest(zoo)
+    expert = zoo / m["experts"]["chain"]
+    data = zoo / m["data"]["chain"]["test"]
+    keys = get_skill("chain").task_settings()
+    model, tok = load_model(expert, "cpu")
+    want = Evaluator(model, tok, [load_task(data, limit=12, seed=0, name="chain", **keys)]).evaluate()
+
+    def run(*extra) -> dict:
+        out = tmp_path / "scores.json"
+        assert main(["eval", str(expert), "--device", "cpu", "--json", str(out), *extra]) == 0, capsys.readouterr().err
+        return json.loads(out.read_text())
+
+    typed = [a for u in keys["until"] for a in ("--until", u.encode("unicode_escape").decode())]  # "\\n" typed
+    got = run("--task", str(data), "--limit", "12", *typed, "--max-new-tokens", str(keys["max_new_tokens"]),
+              "--extract", keys["extract"])
+    name = data.stem
+    assert got["scores"][name]["exact_match"] == want.scores["chain"]["exact_match"]
+    assert [r["extracted"] for r in got["records"][name]] == [r["extracted"] for r in want.records["chain"]]
+    assert all(r["decided_by"] == "generation" for r in got["records"][name])
+    assert any(r["exact_match"] for r in got["records"][name])  # the chain's own expert gets some right
+    plain = run("--task", str(data), "--limit", "12", "--max-new-tokens", str(keys["max_new_tokens"]))
+    assert all(r.get("extracted", r["output"]) == r["output"] for r in plain["records"][name])  # the whole output
+    assert any(r["extracted"] != r["output"] for r in got["records"][name])  # the answer out of the chain
+
+    models, tasks = study_inputs(zoo)
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump({"models": models, "merge": {"method": "task_arithmetic", "device": "cpu"},
+                                     "objectives": {"tasks": [{**t, "limit": 12} for t in tasks if t["name"] == "chain"]},
+                                     "study": {"name": "s", "n_trials": 1, "seed": 0}}))
+    got = run("--study", str(study), "--split", "calib")
+    calib = Evaluator(model, tok, load_tasks(load_config(study), "calib")).evaluate()
+    assert got["n"] == {"chain": 12} and got["scores"]["chain"]["exact_match"] == calib.scores["chain"]["exact_match"]
+    assert main(["eval", str(expert), "--study", str(study), "--task", str(tmp_path / "missing.jsonl")]) == 2
+    assert main(["eval", str(expert)]) == 2 and "--study" in capsys.readouterr().err
+
+
 # --- the one-pass decision on tokenizers with several tokenisations per string (BPE) ------------------
 
 

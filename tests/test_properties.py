@@ -106,9 +106,10 @@ def test_random_space_and_values_materialise_finite_and_round_trip(drawn, data, 
     try:
         mat.materialize(plan)
     except CandidateError as exc:
-        # The kernels refuse a few degenerate candidates on purpose (normalize with weights summing to 0);
-        # what must never happen is the final check finding NaN/inf in weights merged from finite sources.
-        assert "not finite" not in str(exc), f"{method}: {exc}"
+        # The kernels refuse one degenerate candidate on purpose: linear's normalize with weights summing to 0
+        # (DELLA's out-of-range density is excluded above). Any other refusal, NaN/inf in weights merged from
+        # finite sources above all, is a failure.
+        assert method == "linear" and "weights sum to 0" in str(exc), f"{method}: {exc}"
         assume(False)
     merged = {k: v.clone() for k, v in mat.state_dict().items()}
     for k, v in merged.items():

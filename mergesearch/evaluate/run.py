@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from mergesearch.errors import CheckpointError, TaskError
 from mergesearch.evaluate.evaluator import DEFAULT_BATCH_SIZE, EvalResult, Evaluator
-from mergesearch.evaluate.tasks import load_task
+from mergesearch.evaluate.tasks import Task, load_task
 from mergesearch.fileio import atomic_write
 
 
@@ -28,17 +28,22 @@ def load_model(model_dir: str | os.PathLike, device: str = "auto"):
     return model.to(dev).eval(), tokenizer
 
 
-def evaluate_model_dir(model_dir: str | os.PathLike, task_specs: Sequence[str], *, limit: int | None = None,
-                       seed: int = 0, num_fewshot: int = 0, data_files: str | None = None,
+def evaluate_model_dir(model_dir: str | os.PathLike, task_specs: Sequence[str], *, tasks: Sequence[Task] = (),
+                       limit: int | None = None, seed: int = 0, num_fewshot: int = 0, fewshot: str | None = None,
+                       until: Sequence[str] | None = None, max_new_tokens: int | None = None,
+                       extract: str | None = None, data_files: str | None = None,
                        batch_size: int = DEFAULT_BATCH_SIZE, device: str = "auto",
                        lmeval_hf: bool = False) -> EvalResult:
-    """Load a model folder and score it on every task once."""
-    if not task_specs:
+    """Load a model folder and score it once on `tasks` (loaded already: a study's) and on every task of
+    `task_specs`, loaded here with the options given (fewshot, until, max_new_tokens and extract: for JSONL and
+    BIG-bench tasks; an lm-eval task declares its own and refuses them)."""
+    if not task_specs and not tasks:
         raise TaskError("no task given: pass --task PATH_OR_NAME (a .jsonl, a BIG-bench .json, an lm-eval .yaml "
                         "or lmeval:NAME)")
-    tasks = [load_task(spec, limit=limit, seed=seed, num_fewshot=num_fewshot,
-                       data_files=data_files if str(spec).endswith((".yaml", ".yml")) else None)
-             for spec in task_specs]
+    tasks = [*tasks, *(load_task(spec, limit=limit, seed=seed, num_fewshot=num_fewshot, fewshot_spec=fewshot,
+                                 data_files=data_files if str(spec).endswith((".yaml", ".yml")) else None,
+                                 until=until, max_new_tokens=max_new_tokens, extract=extract)
+                       for spec in task_specs)]
     model, tokenizer = load_model(model_dir, device)
     # one scoring of one model: every metric, the gold chains' log-probability too
     return Evaluator(model, tokenizer, tasks, batch_size=batch_size, lmeval_hf=lmeval_hf, gold_logprob=True).evaluate()
