@@ -384,7 +384,7 @@ def load_task(spec: str | os.PathLike, *, limit: int | None = None, seed: int = 
     if is_lmeval_spec(text):
         if until is not None or max_new_tokens is not None or extract is not None:
             raise TaskError(f"{text}: until, max_new_tokens and extract are set in an lm-eval task's YAML "
-                            "(generation_kwargs, filter_list), not in the study file")
+                            "(generation_kwargs, filter_list), not in the study file or as eval flags")
         return _load_lmeval(text, limit=limit, seed=seed, num_fewshot=num_fewshot, name=name, metric=metric,
                             data_files=data_files)
     path = Path(spec)
