@@ -123,19 +123,13 @@ def _unescape(text: str) -> str:
 
 
 def _cmd_eval(args) -> int:
-    from mergesearch.errors import ConfigError
     from mergesearch.evaluate.run import evaluate_model_dir, format_table, write_json
 
     study_tasks = []
     if args.study:
-        from mergesearch.config import load_config
-        from mergesearch.study.workbench import load_tasks
+        from mergesearch.study.workbench import study_tasks as tasks_of
 
-        study_tasks = load_tasks(load_config(args.study), args.split)
-        if not study_tasks:
-            raise ConfigError(f"{args.study}: no task has a {args.split} split; use --split calib")
-    elif not args.task:
-        raise ConfigError("no task given: pass --task PATH_OR_NAME (repeatable) or --study STUDY.yaml")
+        study_tasks = tasks_of(args.study, args.split)
     result = evaluate_model_dir(args.model, args.task or [], tasks=study_tasks, limit=args.limit, seed=args.seed,
                                 num_fewshot=args.num_fewshot, fewshot=args.fewshot,
                                 until=None if args.until is None else [_unescape(u) for u in args.until],

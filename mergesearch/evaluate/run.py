@@ -39,7 +39,7 @@ def evaluate_model_dir(model_dir: str | os.PathLike, task_specs: Sequence[str], 
     BIG-bench tasks; an lm-eval task declares its own and refuses them)."""
     if not task_specs and not tasks:
         raise TaskError("no task given: pass --task PATH_OR_NAME (a .jsonl, a BIG-bench .json, an lm-eval .yaml "
-                        "or lmeval:NAME)")
+                        "or lmeval:NAME; repeatable) or --study STUDY.yaml")
     tasks = [*tasks, *(load_task(spec, limit=limit, seed=seed, num_fewshot=num_fewshot, fewshot_spec=fewshot,
                                  data_files=data_files if str(spec).endswith((".yaml", ".yml")) else None,
                                  until=until, max_new_tokens=max_new_tokens, extract=extract)

@@ -20,8 +20,8 @@ import torch
 
 from mergesearch import memory
 from mergesearch.checkpoints import check_compatible, open_checkpoint, resolve_device, task_vector_stats
-from mergesearch.config import Config, SpaceConfig
-from mergesearch.errors import CandidateError, StudyError
+from mergesearch.config import Config, SpaceConfig, load_config
+from mergesearch.errors import CandidateError, ConfigError, StudyError
 from mergesearch.fit import require_fittable
 from mergesearch.materializer import Materializer
 from mergesearch.plan import Plan
@@ -86,6 +86,14 @@ def load_tasks(cfg: Config, split: str) -> list:
         tasks.append(load_task(spec, limit=t.limit if split == "calib" else None, seed=cfg.study.seed,
                                num_fewshot=t.num_fewshot, fewshot_spec=t.fewshot, name=t.name, metric=t.metric,
                                until=t.until, max_new_tokens=t.max_new_tokens, extract=t.extract))
+    return tasks
+
+
+def study_tasks(path: str | Path, split: str) -> list:
+    """The tasks of the study YAML at `path` on one split, as the study loads them (`mergesearch eval --study`)."""
+    tasks = load_tasks(load_config(path), split)
+    if not tasks:
+        raise ConfigError(f"{path}: no task has a {split} split; use the other split")
     return tasks
 
 
