@@ -80,7 +80,7 @@ def _cmd_inspect(args) -> int:
 
 
 def _add_eval(sub) -> None:
-    from mergesearch.config import DEFAULT_BATCH_SIZE
+    from mergesearch.config import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS
 
     p = _parser("eval", sub, "score a model folder on calibration tasks (JSONL, BIG-bench JSON, lm-eval)")
     p.add_argument("model", help="model folder (Hugging Face layout, safetensors): an expert or an exported merge")
@@ -102,7 +102,8 @@ def _add_eval(sub) -> None:
                    help="stop string of the .jsonl / BIG-bench --task: the output is cut at the first of them; "
                         "repeat for several; backslash escapes are read (\\n is a newline); not given: the newline")
     p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
-                   help="most tokens generated per example (default: 32, or the longest gold answer + 1)")
+                   help=f"most tokens generated per example (default: {DEFAULT_MAX_NEW_TOKENS}, or the longest gold "
+                        "answer + 1)")
     p.add_argument("--extract", default=None, metavar="REGEX",
                    help="the answer in the output: group 1, or the whole match; no match is wrong (a chain of "
                         "thought: 'The answer is (\\S+)\\.')")

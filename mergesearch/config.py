@@ -23,6 +23,11 @@ from mergesearch.errors import ConfigError, did_you_mean
 
 
 DEFAULT_BATCH_SIZE = 64  # examples per forward pass when scoring, and per step of a fit; the CLI reads it too
+# Decoding defaults of our own (JSONL, BIG-bench) exact-match tasks, where a task sets no `until` / `max_new_tokens`
+# (evaluate.tasks applies them; the task keys, the eval command's help and the memory estimate read them here).
+DEFAULT_UNTIL = ("\n",)
+DEFAULT_MAX_NEW_TOKENS = 32
+LMEVAL_MAX_GEN_TOKS = 256  # lm-eval's default max_gen_toks, for an lm-eval task whose YAML sets none (as HFLM)
 
 
 class _Frozen(BaseModel):
@@ -133,8 +138,8 @@ class TaskConfig(_Frozen):
     fewshot: str | None = Field(None, description="file the few-shot examples are drawn from")
     until: list[str] | None = Field(None, description="stop strings of an exact-match task: the generated text is "
                                     "cut at the first of them (default: the newline)")
-    max_new_tokens: int | None = Field(None, ge=1, description="most tokens generated per example (default: 32, "
-                                       "or the longest gold answer + 1)")
+    max_new_tokens: int | None = Field(None, ge=1, description="most tokens generated per example (default: "
+                                       f"{DEFAULT_MAX_NEW_TOKENS}, or the longest gold answer + 1)")
     extract: str | None = Field(None, description="regex finding the answer in the output: group 1, or the whole "
                                 "match; no match is wrong (default: the whole output is the answer)")
 

@@ -33,7 +33,7 @@ import torch
 from mergesearch import operators
 from mergesearch.config import DEFAULT_BATCH_SIZE, FitConfig, StudyConfig
 from mergesearch.errors import ConfigError, TaskError
-from mergesearch.evaluate._scoring import encode, encode_pair, n_ctx
+from mergesearch.evaluate._scoring import encode, encode_pair, n_ctx, stop_tokens
 from mergesearch.evaluate.engine import GenerationEngine, GenRequest
 from mergesearch.evaluate.tasks import Task
 from mergesearch.materializer import Materializer, move_state
@@ -196,12 +196,14 @@ def distill_seqs(task: Task, tokenizer, model, *, pad: int, stop_ids: set[int], 
     """The current model's (an expert's) greedy answers to the task's prompts and its top-k logits along them."""
     device = next(model.parameters()).device
     prompts = [encode(tokenizer, ex.prompt) for ex in task.examples]
-    engine = GenerationEngine(model, batch_size=batch_size, pad_id=pad, max_len=n_ctx(model))
+    engine = GenerationEngine(model, batch_size=batch_size, pad_id=pad, max_len=n_ctx(model),
+                              decode=lambda toks: tokenizer.decode(toks, skip_special_tokens=True))
     ids, start, teacher = [], [], []
     with torch.inference_mode():
         for lo in range(0, len(prompts), batch_size):
             chunk = prompts[lo: lo + batch_size]
-            gen = engine.generate([GenRequest(tuple(p), task.max_new_tokens, frozenset(stop_ids)) for p in chunk])
+            gen = engine.generate([GenRequest(tuple(p), task.max_new_tokens, frozenset(stop_ids), task.until)
+                                   for p in chunk])
             rows = [p + (g or [pad]) for p, g in zip(chunk, gen)]
             starts = [len(p) for p in chunk]
             x, m, r, pos, _ = _pad_batch(rows, starts, pad, device)
@@ -274,9 +276,9 @@ class CoefficientFitter:
                 onehot = [1.0 if j == self.teachers[t.name] else 0.0 for j in range(n)]
                 self.mat.materialize(Plan.full("task_arithmetic", self.mat.tensors, n, chunks=self.mat.chunks,
                                                weight=onehot, **{"lambda": 1.0}))
-                stop = encode(self.tokenizer, t.until[0]) if t.until else []
-                stop_ids = ({stop[0]} if len(stop) == 1 else set()) | ({eos} if eos is not None else set())
-                out[part].append(distill_seqs(t, self.tokenizer, self.mat.model, pad=self.pad, stop_ids=stop_ids,
+                # the teacher's answer ends where the evaluator's generation would end it
+                out[part].append(distill_seqs(t, self.tokenizer, self.mat.model, pad=self.pad,
+                                              stop_ids=stop_tokens(self.tokenizer, t.until, eos),
                                               batch_size=self.batch_size))
         return out
 

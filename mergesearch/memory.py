@@ -36,7 +36,8 @@ from mergesearch import operators
 from mergesearch.operators import is_on
 from mergesearch.operators.task_arithmetic import writes_kept_entries
 from mergesearch.checkpoints import TensorInfo, parse_dtype
-from mergesearch.evaluate.tasks import DEFAULT_MAX_NEW_TOKENS, is_lmeval_spec
+from mergesearch.config import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, LMEVAL_MAX_GEN_TOKS
+from mergesearch.evaluate.tasks import is_lmeval_spec
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,6 @@ GiB = 1 << 30
 # A row's prompt past the shared few-shot prefix, in tokens, for the KV cache of generation: a guess (the
 # estimate does not read the tasks), on top of the most tokens a task generates.
 PROMPT_TOKENS = 128
-LMEVAL_GEN_TOKENS = 256  # lm-eval's default max_gen_toks, for an lm-eval task (its YAML may say otherwise)
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ class MemoryEstimate:
 
 
 def estimate(tensors: Sequence[TensorInfo], n_experts: int, method: str, dtype: str | torch.dtype, *,
-             device: str | torch.device = "cuda", streaming: bool = False, batch_size: int = 64,
+             device: str | torch.device = "cuda", streaming: bool = False, batch_size: int = DEFAULT_BATCH_SIZE,
              tokens: int = 256, gen_tokens: int | None = None, vocab: int | None = None, hidden: int | None = None,
              fit: bool = False) -> MemoryEstimate:
     """The memory a study on these tensors needs on `device` (shapes only: a meta-device model will do).
@@ -128,11 +128,12 @@ def _layers(tensors: Sequence[TensorInfo]) -> int:
 
 def generated_tokens(cfg) -> int:
     """The KV cache's length per slot a study's evaluator needs, estimated from its tasks: the most tokens
-    any of them generates (`max_new_tokens`; else 32, or lm-eval's 256 for an lm-eval task) + PROMPT_TOKENS."""
+    any of them generates (`max_new_tokens`; else DEFAULT_MAX_NEW_TOKENS, or LMEVAL_MAX_GEN_TOKS for an lm-eval
+    task) + PROMPT_TOKENS."""
     def most(t) -> int:
         if t.max_new_tokens is not None:
             return t.max_new_tokens
-        return LMEVAL_GEN_TOKENS if is_lmeval_spec(t.calib) else DEFAULT_MAX_NEW_TOKENS
+        return LMEVAL_MAX_GEN_TOKS if is_lmeval_spec(t.calib) else DEFAULT_MAX_NEW_TOKENS
 
     return PROMPT_TOKENS + max((most(t) for t in cfg.objectives.tasks), default=DEFAULT_MAX_NEW_TOKENS)
 

@@ -252,6 +252,42 @@ def test_distill_needs_no_labels(zoo_test):
     assert all(math.isfinite(h["val_loss"]) for h in res.history)
 
 
+def test_distill_teachers_stop_where_the_evaluator_stops(zoo_test):
+    """A stop string of several tokens ends the teacher's answer as it ends the evaluator's generation (the fit
+    once ended only on the first stop string, when it was one token, and ran the rest to max_new_tokens)."""
+    from dataclasses import replace
+
+    from transformers import AutoTokenizer
+
+    from mergesearch.evaluate import Evaluator
+    from mergesearch.evaluate._scoring import stop_tokens
+    from mergesearch.fit import distill_seqs
+
+    m = load_manifest(zoo_test)
+    mat = Materializer(zoo_test / m["base"], [zoo_test / m["experts"]["reverse"]], "task_arithmetic", device="cpu")
+    mat.materialize(_plan(mat, "task_arithmetic", w=1.0, **{"lambda": 1.0}))
+    tok = AutoTokenizer.from_pretrained(zoo_test / m["base"])
+    task = load_task(str(zoo_test / m["data"]["reverse"]["calib"]), name="reverse", limit=12, seed=0,
+                     max_new_tokens=12)
+    free = distill_seqs(task, tok, mat.model, pad=0, stop_ids=stop_tokens(tok, task.until, tok.eos_token_id),
+                        batch_size=8)
+    texts = [tok.decode(ids[s:], skip_special_tokens=True) for ids, s in zip(free.ids, free.start)]
+    # a stop of two characters the expert writes inside its first answer, so that it ends that answer early
+    stop = next(t[1:3] for t in texts if len(t.rstrip("\n")) >= 4 and "\n" not in t[1:3])
+    assert len(tok(stop, add_special_tokens=False).input_ids) == 2
+    cut = replace(task, until=(stop, "\n"))
+    seqs = distill_seqs(cut, tok, mat.model, pad=0, stop_ids=stop_tokens(tok, cut.until, tok.eos_token_id),
+                        batch_size=8)
+    outputs = Evaluator(mat.model, tok, [cut], shortcut=False).evaluate().records["reverse"]
+    ended = 0
+    for ids, s, rec in zip(seqs.ids, seqs.start, outputs):
+        text = tok.decode(ids[s:], skip_special_tokens=True)
+        if stop in text:  # ended by the stop string: nothing generated after it, as the evaluator cut it
+            assert text.endswith(stop) and text[: -len(stop)] == rec["output"], (text, rec["output"])
+            ended += 1
+    assert ended >= 1
+
+
 # --- the study's fit stage ------------------------------------------------------------------------
 
 

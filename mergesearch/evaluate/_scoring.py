@@ -123,6 +123,17 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
+def stop_tokens(tokenizer, until, eos_id: int | None) -> set[int]:
+    """The tokens greedy decoding ends on for a task with stop strings `until`: EOS and every stop string that is
+    one token (longer ones are found in the decoded text: GenRequest.until)."""
+    ids = {eos_id} if eos_id is not None else set()
+    for stop in until:
+        toks = encode(tokenizer, stop)
+        if len(toks) == 1:
+            ids.add(toks[0])
+    return ids
+
+
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], int]:
     """(whole token ids, number of context tokens), split the way lm-eval's `_encode_pair` does."""
     n_spaces = len(context) - len(context.rstrip())

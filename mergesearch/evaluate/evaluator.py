@@ -126,15 +126,6 @@ class Evaluator:
     def _decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
-    def _stop_ids(self, task: Task) -> set[int]:
-        """EOS and the stop strings that are one token each (generation may end on them)."""
-        ids = {self.eos_id} if self.eos_id is not None else set()
-        for stop in task.until:
-            toks = self.tokenizer(stop, add_special_tokens=False).input_ids
-            if len(toks) == 1:
-                ids.add(toks[0])
-        return ids
-
     def declared_metric(self, task: Task) -> str:
         return self._lmeval.declared_metric(task) if task.kind == "lmeval" else task.metric
 
@@ -206,7 +197,7 @@ class Evaluator:
     def _run_generate(self, prep: _Prepared, sl: dict) -> list[dict]:
         task = prep.task
         uniq = sl["uniq"]
-        stop_ids = self._stop_ids(task)
+        stop_ids = scoring.stop_tokens(self.tokenizer, task.until, self.eos_id)
         ll: list[float | None] = [0.0 if self._gold_pass(task) else None] * len(uniq)
         proven: dict[int, tuple[list[int], bool] | None] = {}
         for chunk, batch in sl["batches"]:

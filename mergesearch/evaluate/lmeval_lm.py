@@ -23,14 +23,13 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, has_bos_prefix, normalize_gen_kwargs, postprocess_generated_text
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from mergesearch.config import DEFAULT_BATCH_SIZE, LMEVAL_MAX_GEN_TOKS
 from mergesearch.errors import TaskError
 from mergesearch.evaluate import _scoring as scoring
 from mergesearch.evaluate.engine import GenerationEngine, GenRequest
 
 log = logging.getLogger(__name__)
 
-# HFLM's default generation budget when a task sets no max_gen_toks.
-DEFAULT_MAX_GEN_TOKS = 256
 
 
 @register_model("mergesearch")
@@ -38,7 +37,7 @@ class MergesearchLM(TemplateLM):
     """An lm-eval LM over an in-memory HF model whose weights may change between calls (read each time)."""
 
     def __init__(self, pretrained=None, *, model=None, tokenizer=None, engine: GenerationEngine | None = None,
-                 batch_size: int | str = 64, device: str | None = None, max_length: int | None = None,
+                 batch_size: int | str = DEFAULT_BATCH_SIZE, device: str | None = None, max_length: int | None = None,
                  add_bos_token: bool | None = None, **kwargs):
         super().__init__()
         if model is None:
@@ -51,7 +50,7 @@ class MergesearchLM(TemplateLM):
             log.warning("mergesearch lm-eval model: ignoring arguments %s", sorted(kwargs))
         self.model = model
         self.tokenizer = tokenizer
-        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 64
+        self.batch_size = int(batch_size) if str(batch_size).isdigit() else DEFAULT_BATCH_SIZE
         self.max_length = max_length or scoring.n_ctx(model) or 2048
         self.add_bos_token = add_bos_token
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -165,7 +164,7 @@ class MergesearchLM(TemplateLM):
             groups.setdefault(repr(sorted(req.args[1].items())), []).append(i)
         out: list[str] = [""] * len(requests)
         for idx in groups.values():
-            kwargs = normalize_gen_kwargs(dict(requests[idx[0]].args[1]), DEFAULT_MAX_GEN_TOKS)
+            kwargs = normalize_gen_kwargs(dict(requests[idx[0]].args[1]), LMEVAL_MAX_GEN_TOKS)
             if kwargs.get("do_sample") or kwargs.get("temperature", 0.0) > 0:
                 raise TaskError("the mergesearch lm-eval model decodes greedily only: set do_sample: false "
                                 "(temperature 0) in the task's generation_kwargs")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from mergesearch.config import decoding_problem
+from mergesearch.config import DEFAULT_MAX_NEW_TOKENS, DEFAULT_UNTIL, decoding_problem
 from mergesearch.errors import TaskError, did_you_mean
 from mergesearch.fileio import atomic_write
 
@@ -41,10 +41,8 @@ BIGBENCH_DEFAULTS = {
 }
 # BIG-bench's output regex when a task sets neither `output_regex` nor `stop_string`.
 BIGBENCH_DEFAULT_REGEX = r"[^\.\?\!\;\n]+"
-# Decoding defaults of our own (JSONL, BIG-bench) exact-match tasks; a task overrides them with `until`,
-# `max_new_tokens` and `extract` (config.TaskConfig passes them through; None keeps these).
-DEFAULT_UNTIL = ("\n",)
-DEFAULT_MAX_NEW_TOKENS = 32
+# Decoding defaults of our own exact-match tasks: config.DEFAULT_UNTIL and DEFAULT_MAX_NEW_TOKENS; a task overrides
+# them with `until`, `max_new_tokens` and `extract` (config.TaskConfig passes them through; None keeps them).
 JSONL_FEWSHOT_DELIMITER = "\n"
 
 
@@ -140,9 +138,15 @@ def _decoding(task: Task, until, max_new_tokens, extract) -> Task:
                   max_new_tokens=task.max_new_tokens if max_new_tokens is None else max_new_tokens,
                   extract=extract)
     if max_new_tokens is None:  # room for the longest gold answer, as without keys
-        longest = max(len(a) for e in new.examples for a in e.answers)
-        new = replace(new, max_new_tokens=max(new.max_new_tokens, longest + 1))
+        new = replace(new, max_new_tokens=gen_budget((len(a) for e in new.examples for a in e.answers),
+                                                     new.max_new_tokens))
     return new
+
+
+def gen_budget(answer_lengths, floor: int = DEFAULT_MAX_NEW_TOKENS) -> int:
+    """Tokens generated per example where a task sets none: room for the longest gold answer (in characters, at
+    least one token each) and the stop, never below `floor`."""
+    return max([floor, *(n + 1 for n in answer_lengths)])
 
 
 def _check_metric(metric: str, kind: str, source: str) -> None:
@@ -248,7 +252,7 @@ def _load_jsonl(path: Path, *, limit, seed, num_fewshot, fewshot_spec, name, met
     return Task(name=name or path.name.removesuffix(".jsonl"), kind=kind, metric=metric, source=str(path),
                 examples=_subsample(examples, limit, seed, str(path)), limit=limit, seed=seed,
                 num_fewshot=num_fewshot, metrics=METRICS[kind],
-                max_new_tokens=max(DEFAULT_MAX_NEW_TOKENS, *(len(a) + 1 for e in examples for a in e.answers))
+                max_new_tokens=gen_budget(len(a) for e in examples for a in e.answers)
                 if kind == "generate" else DEFAULT_MAX_NEW_TOKENS)
 
 
@@ -342,10 +346,9 @@ def _load_bigbench(path: Path, *, limit, seed, num_fewshot, fewshot_spec, name, 
             re.compile(output_regex)
         except re.error as exc:
             raise TaskError(f"{path}: output_regex {output_regex!r} does not compile ({exc})") from None
-    max_target = max((len(t) for _, ts, _, _ in formatted for t in ts), default=1)
     return Task(name=name or data.get("name") or path.stem, kind=kind, metric=metric, source=str(path),
                 examples=_subsample(examples, limit, seed, str(path)), output_regex=output_regex,
-                bigbench_stop_string=stop_string, max_new_tokens=max(DEFAULT_MAX_NEW_TOKENS, max_target + 1),
+                bigbench_stop_string=stop_string, max_new_tokens=gen_budget(len(t) for _, ts, _, _ in formatted for t in ts),
                 limit=limit, seed=seed, num_fewshot=num_fewshot, metrics=METRICS[kind])
 
 

@@ -321,6 +321,13 @@ def _keep(kind: str, e: int, n: int, p: dict) -> _Keep:
     raise ValueError(f"unknown sparsification {kind!r}")
 
 
+def linear_divisor(weights, normalize: bool) -> float:
+    """What a method without sign consensus divides its weighted sum by: the sum of every expert's weight (as
+    mergekit's weights.sum()) with `normalize`, unless that is ~0; else 1."""
+    total = sum(weights)
+    return total if (normalize and abs(total) >= 1e-8) else 1.0
+
+
 class _Rules:
     """The family's rules for one chunk at one candidate: sparsification, coefficients, divisor, rescale.
 
@@ -342,9 +349,7 @@ class _Rules:
         if consensus:
             self.coef = {e: self.weight[e] for e in self.live}
         else:
-            total = sum(self.weight)  # over every expert, as mergekit's weights.sum()
-            div = total if (self.normalize and abs(total) >= 1e-8) else 1.0
-            self.coef = {e: self.lam * self.weight[e] / div for e in self.live}
+            self.coef = {e: self.lam * self.weight[e] / linear_divisor(self.weight, self.normalize) for e in self.live}
 
     @property
     def plain(self) -> bool:
@@ -713,8 +718,7 @@ def _make_linear_parts(kind: str, consensus: bool):
         zero = torch.zeros_like(ds[0]) if ds else None
         w = p["weight"]
         if not consensus:
-            total = sum(w)
-            factor = rules.lam / (total if (rules.normalize and abs(total) >= 1e-8) else 1.0)
+            factor = rules.lam / linear_divisor(w, rules.normalize)
             out = [(kept[e] if factor == 1.0 else kept[e] * factor) if e in kept else zero for e in range(len(ds))]
         else:
             direction = [1.0 if we >= 0 else -1.0 for we in w]
