@@ -36,7 +36,7 @@ from mergesearch.errors import ConfigError, TaskError
 from mergesearch.evaluate._scoring import encode, encode_pair, n_ctx, stop_tokens
 from mergesearch.evaluate.engine import GenerationEngine, GenRequest
 from mergesearch.evaluate.tasks import Task
-from mergesearch.materializer import Materializer, move_state
+from mergesearch.materializer import Materializer, chunk_slice, move_state
 from mergesearch.plan import Plan
 from mergesearch.space import SearchSpace
 from mergesearch.threads import rebalance
@@ -289,9 +289,8 @@ class CoefficientFitter:
         arithmetic, views of the cached task vectors: no copy)."""
         require_fittable(plan.method)
         op = plan.operator
-        vals = {p.name: plan.params[p.name].tolist() for p in op.params}
-        per_expert = {p.name: p.per_expert for p in op.params}
-        own_state = op.prepare is self.mat.op.prepare
+        chunk_params = plan.kernel_params()
+        own_state = self.mat.shares_state(op)
         out = []
         with torch.no_grad():
             for i, _, _ in self.targets:
@@ -300,12 +299,10 @@ class CoefficientFitter:
                 deltas = [d.to(self.device) for d in deltas]
                 chunks = []
                 for c, (lo, hi) in enumerate(bounds):
-                    p = {name: (tuple(row[c] for row in v[i]) if per_expert[name] else v[i][0][c])
-                         for name, v in vals.items()}
-                    sl = (lambda x: x[lo:hi] if x.dim() else x)
                     # streamed sources keep their state in host memory (the materialiser moves it per merge)
                     st = move_state(states[c], self.device) if own_state else {}
-                    chunks.append(op.linear_parts(sl(base), [sl(d) for d in deltas], p, st))
+                    chunks.append(op.linear_parts(chunk_slice(base, lo, hi), [chunk_slice(d, lo, hi) for d in deltas],
+                                                  chunk_params(i, c), st))
                 out.append(chunks)
         return out
 
@@ -316,9 +313,8 @@ class CoefficientFitter:
                 base, _, bounds, _ = self.mat.sources(i)
                 base = base.to(self.device)
                 for c, ((lo, hi), ps) in enumerate(zip(bounds, per_chunk)):
-                    sl = (lambda x: x[lo:hi] if x.dim() else x)
-                    o = sl(target)
-                    torch.add(sl(base), ps[0], alpha=table[i][0][c], out=o)
+                    o = chunk_slice(target, lo, hi)
+                    torch.add(chunk_slice(base, lo, hi), ps[0], alpha=table[i][0][c], out=o)
                     for e in range(1, len(ps)):
                         o.add_(ps[e], alpha=table[i][e][c])
 

@@ -36,7 +36,12 @@ from mergesearch.plan import Plan, per_tensor_chunks
 from mergesearch.recipe import Recipe, load_recipe, recipe_chunk_counts
 from mergesearch.timings import PhaseTimer
 
-__all__ = ["Materializer", "materialize_recipe", "merge_recipe"]
+__all__ = ["Materializer", "chunk_slice", "materialize_recipe", "merge_recipe"]
+
+
+def chunk_slice(x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Rows [lo, hi) of a tensor's chunk bounds (a 0-d tensor is its own only chunk)."""
+    return x[lo:hi] if x.dim() else x
 
 
 class Materializer:
@@ -164,8 +169,8 @@ class Materializer:
                 if self.op.prepare is None:
                     per_chunk.append({})
                     continue
-                b = self._slice(self._base[i], lo, hi).to(self.device)
-                ds = [self._slice(d, lo, hi).to(self.device) for d in self._deltas[i]]
+                b = chunk_slice(self._base[i], lo, hi).to(self.device)
+                ds = [chunk_slice(d, lo, hi).to(self.device) for d in self._deltas[i]]
                 state = self.op.prepare(b, ds, gen)
                 if self.streaming:
                     state = move_state(state, self._store, pin=self._pin)
@@ -176,9 +181,10 @@ class Materializer:
         if self._group is not None:
             self._group.finish_state(len(self.experts), self.device)
 
-    @staticmethod
-    def _slice(x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        return x[lo:hi] if x.dim() else x
+    def shares_state(self, op) -> bool:
+        """Whether `op`'s kernel reads this materialiser's prepared state (the method it was made for, or one
+        that prepares the same); a state-free method's kernel gets empty states."""
+        return op.prepare is self.op.prepare
 
     def _build_model(self):
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -262,14 +268,9 @@ class Materializer:
         """Write `plan` into `self.model` in place and return the model; CandidateError on NaN/inf."""
         self._check_plan(plan)
         op = plan.operator
-        own_state = op.prepare is self.op.prepare  # a state-free method's kernel gets empty states
-        # One conversion per candidate: the kernels take Python floats (alpha=), no per-tensor sync.
-        vals = {p.name: plan.params[p.name].tolist() for p in op.params}
-        per_expert = {p.name: p.per_expert for p in op.params}
+        own_state = self.shares_state(op)
+        chunk_params = plan.kernel_params()  # one host read-back per candidate
         sums = []
-
-        def chunk_params(i: int, c: int) -> dict:
-            return {name: (tuple(row[c] for row in v[i]) if per_expert[name] else v[i][0][c]) for name, v in vals.items()}
 
         with torch.no_grad():
             grouped = self._merge_group(op, own_state, chunk_params)
@@ -289,8 +290,8 @@ class Materializer:
                 for c, (lo, hi) in enumerate(self._bounds[i]):
                     p = chunk_params(i, c)
                     try:
-                        written.append(op.kernel(self._slice(target, lo, hi), self._slice(base, lo, hi),
-                                                 [self._slice(d, lo, hi) for d in deltas], p, states[c], self.scratch))
+                        written.append(op.kernel(chunk_slice(target, lo, hi), chunk_slice(base, lo, hi),
+                                                 [chunk_slice(d, lo, hi) for d in deltas], p, states[c], self.scratch))
                     except CandidateError as exc:
                         raise CandidateError(f"{t.name}: {exc}") from None
                 if self.check_finite:

@@ -60,6 +60,19 @@ class Plan:
             params[p.name] = row.view(1, width, 1).expand(len(cs), width, cmax).contiguous()
         return cls(method, tuple(t.name for t in tensors), cs, n_experts, params)
 
+    def kernel_params(self):
+        """(tensor, chunk) -> the kernel's parameters there: a per-expert parameter as a tuple of floats, a
+        method-level one as a float. The values are read back to the host once, here, so that no kernel call
+        syncs (the kernels take Python floats as alpha=)."""
+        op = self.operator
+        vals = {p.name: (p.per_expert, self.params[p.name].tolist()) for p in op.params}
+
+        def at(i: int, c: int) -> dict:
+            return {name: (tuple(row[c] for row in v[i]) if per_expert else v[i][0][c])
+                    for name, (per_expert, v) in vals.items()}
+
+        return at
+
     def canonical(self) -> Plan:
         """A copy whose unused chunk slots repeat each tensor's last used chunk (for comparisons)."""
         out = {}
