@@ -312,6 +312,15 @@ class StudyConfig(_Frozen):
         return self
 
 
+def sampler_objectives_problem(sampler: str, n_objectives: int) -> str | None:
+    """Why `sampler` cannot search `n_objectives` objectives, and what to use; None if it can. The one check behind
+    the study file and study.samplers.make_sampler."""
+    if n_objectives > 1 and sampler in ("cmaes", "gp"):
+        return (f"sampler {sampler!r} handles one objective; use nsga2, tpe, random or auto for {n_objectives} "
+                "objectives (objectives.mode: per_task)")
+    return None
+
+
 class Config(_Frozen):
     """A whole study file."""
 
@@ -328,9 +337,9 @@ class Config(_Frozen):
     def _sampler_fits_objectives(self) -> Config:
         # Checked here, not when the sampler is built, so that the study's storage is never created for it.
         n_obj = len(self.objectives.tasks) if self.objectives.mode == "per_task" else 1
-        if n_obj > 1 and self.study.sampler in ("cmaes", "gp"):
-            raise ValueError(f"sampler {self.study.sampler!r} handles one objective; use nsga2, tpe, random or "
-                             f"auto for {n_obj} objectives (objectives.mode: per_task)")
+        problem = sampler_objectives_problem(self.study.sampler, n_obj)
+        if problem:
+            raise ValueError(problem)
         if self.fit is not None and self.space.chunks != 1:
             raise ValueError("with fit:, chunks belong to fit.chunks (the fitted coefficients); set space.chunks to 1")
         return self

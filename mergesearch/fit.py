@@ -33,7 +33,7 @@ import torch
 from mergesearch import operators
 from mergesearch.config import DEFAULT_BATCH_SIZE, FitConfig, StudyConfig
 from mergesearch.errors import ConfigError, TaskError
-from mergesearch.evaluate._scoring import encode, encode_pair, n_ctx, stop_tokens
+from mergesearch.evaluate._scoring import encode, encode_pair, n_ctx, pad_id, stop_tokens
 from mergesearch.evaluate.engine import GenerationEngine, GenRequest
 from mergesearch.evaluate.tasks import Task
 from mergesearch.materializer import Materializer, chunk_slice, move_state
@@ -241,7 +241,7 @@ class CoefficientFitter:
         self.batch_size = batch_size  # distill: prompts per batch of the teachers' greedy answers
         self.progress = progress
         self.device = mat.device
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.pad = pad_id(tokenizer)
         self._seqs: dict[str, tuple[list[_Seqs], list[_Seqs]]] = {}
         params = dict(mat.model.named_parameters(remove_duplicate=False))
         state = mat.state_dict()

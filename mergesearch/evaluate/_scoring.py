@@ -123,6 +123,11 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
+def pad_id(tokenizer) -> int:
+    """The id padding writes: the tokenizer's pad token, else 0 (padded positions are masked or never read)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 def stop_tokens(tokenizer, until, eos_id: int | None) -> set[int]:
     """The tokens greedy decoding ends on for a task with stop strings `until`: EOS and every stop string that is
     one token (longer ones are found in the decoded text: GenRequest.until)."""

@@ -98,7 +98,7 @@ class Evaluator:
         # the gold chains' log-probability, also where no metric needs it (a study blending it into the
         # score, `objectives.smooth`): see `_gold_pass`
         self.gold_logprob = gold_logprob
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.pad_id = scoring.pad_id(tokenizer)
         self.eos_id = tokenizer.eos_token_id
         self.skipped = {i for i in tokenizer.all_special_ids if i != self.eos_id}
         self.max_len = scoring.n_ctx(model)

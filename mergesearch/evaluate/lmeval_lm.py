@@ -53,7 +53,7 @@ class MergesearchLM(TemplateLM):
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else DEFAULT_BATCH_SIZE
         self.max_length = max_length or scoring.n_ctx(model) or 2048
         self.add_bos_token = add_bos_token
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.pad_id = scoring.pad_id(tokenizer)
         self._device = next(model.parameters()).device  # LM's own field behind its `device` property
         self.engine = engine or GenerationEngine(model, batch_size=self.batch_size, pad_id=self.pad_id,
                                                  decode=self._decode, max_len=self.max_length)

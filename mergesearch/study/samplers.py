@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 
 import optuna
 
+from mergesearch.config import sampler_objectives_problem
 from mergesearch.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -35,9 +36,9 @@ def make_sampler(name: str, *, seed: int, n_params: int, n_objectives: int = 1,
     """A seeded sampler and the reason it was chosen. Same seed and history -> same proposals."""
     chosen, reason = choose_sampler(name, n_params=n_params, n_objectives=n_objectives,
                                     has_constraints=constraints_func is not None)
-    if n_objectives > 1 and chosen in ("cmaes", "gp"):
-        raise ConfigError(f"sampler {chosen!r} handles one objective; use nsga2, tpe or random for "
-                          f"{n_objectives} objectives (objectives.mode: per_task)")
+    problem = sampler_objectives_problem(chosen, n_objectives)
+    if problem:
+        raise ConfigError(problem)
     if constraints_func is not None and chosen in ("cmaes", "random"):
         log.warning("sampler %s ignores constraints; use tpe, gp or nsga2 to honour them", chosen)
     with warnings.catch_warnings():  # x0 and GPSampler carry Optuna deprecation/experimental warnings

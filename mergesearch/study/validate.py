@@ -7,7 +7,7 @@ from pathlib import Path
 from mergesearch.config import Config, load_config
 from mergesearch.errors import StudyError
 from mergesearch.study.estimate import estimate_trial_seconds
-from mergesearch.study.storage import open_storage, study_exists
+from mergesearch.study.storage import open_storage, require_existing, study_exists
 
 
 def validate_study(path: str | Path) -> dict:
@@ -54,9 +54,8 @@ def validate_study(path: str | Path) -> dict:
 
 def _storage_has(cfg: Config) -> bool:
     url = cfg.storage_url
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
-        return False
     try:
+        require_existing(url, "")  # opening a missing SQLite file would create it
         return study_exists(open_storage(url, heartbeat=False), cfg.study.name)
     except StudyError:
         return False
