@@ -33,7 +33,7 @@ import torch
 from mergesearch import operators
 from mergesearch.config import DEFAULT_BATCH_SIZE, FitConfig, StudyConfig
 from mergesearch.errors import ConfigError, TaskError
-from mergesearch.evaluate._scoring import encode, encode_pair, n_ctx, pad_id, stop_tokens
+from mergesearch.evaluate._scoring import decode, encode, encode_pair, n_ctx, pad_id, stop_tokens
 from mergesearch.evaluate.engine import GenerationEngine, GenRequest
 from mergesearch.evaluate.tasks import Task
 from mergesearch.materializer import Materializer, chunk_slice, move_state
@@ -192,17 +192,19 @@ def _pad_batch(rows: Sequence[list[int]], starts: Sequence[int], pad: int, devic
             torch.tensor(tt, device=device))
 
 
-def distill_seqs(task: Task, tokenizer, model, *, pad: int, stop_ids: set[int], batch_size: int) -> _Seqs:
-    """The current model's (an expert's) greedy answers to the task's prompts and its top-k logits along them."""
+def distill_seqs(task: Task, tokenizer, model, *, pad: int, batch_size: int) -> _Seqs:
+    """The current model's (an expert's) greedy answers to the task's prompts and its top-k logits along them; an
+    answer ends where the evaluator's generation ends it (EOS, a stop token, a stop string)."""
     device = next(model.parameters()).device
     prompts = [encode(tokenizer, ex.prompt) for ex in task.examples]
     engine = GenerationEngine(model, batch_size=batch_size, pad_id=pad, max_len=n_ctx(model),
-                              decode=lambda toks: tokenizer.decode(toks, skip_special_tokens=True))
+                              decode=lambda toks: decode(tokenizer, toks))
+    stop_ids = frozenset(stop_tokens(tokenizer, task.until, tokenizer.eos_token_id))
     ids, start, teacher = [], [], []
     with torch.inference_mode():
         for lo in range(0, len(prompts), batch_size):
             chunk = prompts[lo: lo + batch_size]
-            gen = engine.generate([GenRequest(tuple(p), task.max_new_tokens, frozenset(stop_ids), task.until)
+            gen = engine.generate([GenRequest(tuple(p), task.max_new_tokens, stop_ids, task.until)
                                    for p in chunk])
             rows = [p + (g or [pad]) for p, g in zip(chunk, gen)]
             starts = [len(p) for p in chunk]
@@ -266,7 +268,6 @@ class CoefficientFitter:
         missing = [t.name for t in self.train_tasks if t.name not in self.teachers]
         if missing:
             raise ConfigError(f"distill: no expert for task {missing[0]!r}; name it in fit.teachers (task: expert)")
-        eos = self.tokenizer.eos_token_id
         n = len(self.mat.experts)
         out: tuple[list[_Seqs], list[_Seqs]] = ([], [])
         for part, tasks in enumerate((self.train_tasks, self.val_tasks)):
@@ -276,9 +277,7 @@ class CoefficientFitter:
                 onehot = [1.0 if j == self.teachers[t.name] else 0.0 for j in range(n)]
                 self.mat.materialize(Plan.full("task_arithmetic", self.mat.tensors, n, chunks=self.mat.chunks,
                                                weight=onehot, **{"lambda": 1.0}))
-                # the teacher's answer ends where the evaluator's generation would end it
                 out[part].append(distill_seqs(t, self.tokenizer, self.mat.model, pad=self.pad,
-                                              stop_ids=stop_tokens(self.tokenizer, t.until, eos),
                                               batch_size=self.batch_size))
         return out
 

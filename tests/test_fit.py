@@ -260,7 +260,6 @@ def test_distill_teachers_stop_where_the_evaluator_stops(zoo_test):
     from transformers import AutoTokenizer
 
     from mergesearch.evaluate import Evaluator
-    from mergesearch.evaluate._scoring import stop_tokens
     from mergesearch.fit import distill_seqs
 
     m = load_manifest(zoo_test)
@@ -269,15 +268,13 @@ def test_distill_teachers_stop_where_the_evaluator_stops(zoo_test):
     tok = AutoTokenizer.from_pretrained(zoo_test / m["base"])
     task = load_task(str(zoo_test / m["data"]["reverse"]["calib"]), name="reverse", limit=12, seed=0,
                      max_new_tokens=12)
-    free = distill_seqs(task, tok, mat.model, pad=0, stop_ids=stop_tokens(tok, task.until, tok.eos_token_id),
-                        batch_size=8)
+    free = distill_seqs(task, tok, mat.model, pad=0, batch_size=8)
     texts = [tok.decode(ids[s:], skip_special_tokens=True) for ids, s in zip(free.ids, free.start)]
     # a stop of two characters the expert writes inside its first answer, so that it ends that answer early
     stop = next(t[1:3] for t in texts if len(t.rstrip("\n")) >= 4 and "\n" not in t[1:3])
     assert len(tok(stop, add_special_tokens=False).input_ids) == 2
     cut = replace(task, until=(stop, "\n"))
-    seqs = distill_seqs(cut, tok, mat.model, pad=0, stop_ids=stop_tokens(tok, cut.until, tok.eos_token_id),
-                        batch_size=8)
+    seqs = distill_seqs(cut, tok, mat.model, pad=0, batch_size=8)
     outputs = Evaluator(mat.model, tok, [cut], shortcut=False).evaluate().records["reverse"]
     ended = 0
     for ids, s, rec in zip(seqs.ids, seqs.start, outputs):

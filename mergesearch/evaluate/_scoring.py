@@ -123,6 +123,11 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
+def decode(tokenizer, tokens: list[int]) -> str:
+    """The text of generated tokens, special tokens left out (what stop strings and answers are read from)."""
+    return tokenizer.decode(tokens, skip_special_tokens=True)
+
+
 def pad_id(tokenizer) -> int:
     """The id padding writes: the tokenizer's pad token, else 0 (padded positions are masked or never read)."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

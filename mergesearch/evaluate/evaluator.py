@@ -124,7 +124,7 @@ class Evaluator:
                                         engine=None if lmeval_hf else self.engine)
 
     def _decode(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return scoring.decode(self.tokenizer, tokens)
 
     def declared_metric(self, task: Task) -> str:
         return self._lmeval.declared_metric(task) if task.kind == "lmeval" else task.metric
@@ -212,7 +212,7 @@ class Evaluator:
             for u, known in proven.items():
                 if known is None:
                     continue
-                text = self.tokenizer.decode(known[0], skip_special_tokens=True)
+                text = self._decode(known[0])
                 it = prep.items[uniq[u]]
                 match, output = scoring.decide(text, known[1], self.prefix_stable, task, it.example.answers)
                 if match is not None:

@@ -91,7 +91,7 @@ class MergesearchLM(TemplateLM):
         return self.tokenizer(context, **kw).input_ids[-left_truncate:]
 
     def _decode(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return scoring.decode(self.tokenizer, tokens)
 
     # --- log-likelihoods ---------------------------------------------------------------------------
 
