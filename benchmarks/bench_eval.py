@@ -158,7 +158,7 @@ def plain_generate(model, tok, task, batch_size: int, device="cpu"):
 
 def plain_choice(model, tok, task, batch_size: int):
     """A plain multiple-choice loop: one right-padded sequence per (prompt, choice), batched."""
-    from mergesearch.evaluate._scoring import encode_pair
+    from mergesearch.evaluate.text import encode_pair
 
     reqs = [(e.id, c, *encode_pair(tok, e.prompt, ch)) for e in task.examples for c, ch in enumerate(e.choices)]
     lls: dict[str, list[float]] = {}

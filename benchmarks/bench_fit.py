@@ -86,12 +86,12 @@ def _setup(base, experts, zoo, *, granularity: str, chunks: int, batch: int, dty
 
 def time_steps(base, experts, zoo, *, steps: int, batch: int, label: str) -> dict:
     """Same-run times of fwd+bwd, one merge and one fit step on the fit's own batches."""
-    from mergesearch.fit import _BalancedSampler
+    from mergesearch.fit import BalancedSampler
 
     fitter, space, mat, plan, opts = _setup(base, experts, zoo, granularity="per_tensor", chunks=4, batch=batch)
     train, _ = fitter.sequences("supervised")
     weights = {s.task: 1.0 for s in train}
-    sampler = _BalancedSampler(train, opts.batch_size, torch.Generator().manual_seed(0))
+    sampler = BalancedSampler(train, opts.batch_size, torch.Generator().manual_seed(0))
     batches = [sampler.next() for _ in range(steps + 1)]
     dev = mat.device
     params = [p for p in mat.model.parameters()]
@@ -138,11 +138,11 @@ def child_memory(mode: str, base: str, experts: list[str], zoo: str, batch: int)
     every parameter gradient kept) or `fit` (3 fit steps on the same batches)."""
     fitter, space, mat, plan, opts = _setup(Path(base), [Path(e) for e in experts], Path(zoo),
                                             granularity="per_tensor", chunks=4, batch=batch)
-    from mergesearch.fit import _BalancedSampler
+    from mergesearch.fit import BalancedSampler
 
     train, _ = fitter.sequences("supervised")
     weights = {s.task: 1.0 for s in train}
-    sampler = _BalancedSampler(train, opts.batch_size, torch.Generator().manual_seed(0))
+    sampler = BalancedSampler(train, opts.batch_size, torch.Generator().manual_seed(0))
     dev = mat.device
     mat.materialize(plan)  # the model's pages are resident in every mode (an unwritten model is not)
     gc.collect()

@@ -18,7 +18,7 @@ then, for every demo zoo, the targets of issue 4 (in accuracy points on the test
 and issue 19's composition question on every demo zoo, on the chain skill's test split: does a merge of the
 single-step experts (reverse, uppercase; the chain's own expert left out) do the chain better than each of them?
 
-  task arithmetic  of the parts' experts, the scale chosen on calib (zoo._report.composition_report), minus the
+  task arithmetic  of the parts' experts, the scale chosen on calib (zoo.tables.composition_report), minus the
                    best part expert: printed, not a target. The issue asks to show a zoo where it is above, if
                    one is found; on the demo preset it is above only where the base already knows the chain's
                    format, which float rounding decides (README "Composition": +9.7, +2.0, +0.0, -0.5, -0.8
@@ -61,7 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from mergesearch.config import load_config  # noqa: E402
 from mergesearch.study import records, run_study  # noqa: E402
 from mergesearch.zoo import build_zoo, get_preset, study_inputs  # noqa: E402
-from mergesearch.zoo._report import composition_report, format_composition, format_report  # noqa: E402
+from mergesearch.zoo import composition_report, format_composition, format_report  # noqa: E402
 from mergesearch.zoo.skills import train_stream  # noqa: E402
 from mergesearch.zoo.tokenizer import build_char_tokenizer  # noqa: E402
 from mergesearch.zoo.train import CharCodec, make_model, mixed_pairs  # noqa: E402

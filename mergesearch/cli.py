@@ -176,8 +176,7 @@ def _cmd_zoo_build(args) -> int:
     import json
     from pathlib import Path
 
-    from mergesearch.zoo import build_zoo
-    from mergesearch.zoo._report import format_report
+    from mergesearch.zoo import build_zoo, format_report
 
     out = build_zoo(args.out, args.preset, args.seed, overwrite=args.overwrite, progress=not args.no_progress,
                     tokenizer=args.tokenizer)
@@ -192,7 +191,7 @@ def _cmd_zoo_ship(args) -> int:
     import json
 
     from mergesearch.errors import ConfigError
-    from mergesearch.zoo._report import format_report
+    from mergesearch.zoo import format_report
     from mergesearch.zoo.shipped import SHIPPED, ship_zoo
 
     if args.all == (args.preset is not None):

@@ -27,6 +27,8 @@ DEFAULT_BATCH_SIZE = 64  # examples per forward pass when scoring, and per step 
 # (evaluate.tasks applies them; the task keys, the eval command's help and the memory estimate read them here).
 DEFAULT_UNTIL = ("\n",)
 DEFAULT_MAX_NEW_TOKENS = 32
+MERGE_DTYPE = "float32"  # a merge's dtype where neither the study file nor a recipe gives one
+MERGE_SEED = 0  # the DARE/DELLA masks' seed where neither gives one
 LMEVAL_MAX_GEN_TOKS = 256  # lm-eval's default max_gen_toks, for an lm-eval task whose YAML sets none (as HFLM)
 
 
@@ -63,12 +65,12 @@ class MergeConfig(_Frozen):
     """How candidates are materialised."""
 
     method: str = Field("task_arithmetic", description="a registered merge method, e.g. ties, dare_ties, slerp")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = MERGE_DTYPE
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda or cuda:N")
     streaming: bool | Literal["auto"] = Field(
         False, description="keep sources in CPU memory and copy per tensor to the device; auto: only when the "
                            "sources do not fit the device's free memory (mergesearch.memory)")
-    seed: int = Field(0, description="seed of the DARE/DELLA random masks")
+    seed: int = Field(MERGE_SEED, description="seed of the DARE/DELLA random masks")
 
     @field_validator("device")
     @classmethod
@@ -95,19 +97,12 @@ class ParamSpec(_Frozen):
         return self
 
 
-class SpaceConfig(_Frozen):
-    """Which coefficients are searched and at what granularity."""
+class _Chunking(_Frozen):
+    """Row chunks per tensor (dim 0), each with its own value: the space's and the fit's, one rule."""
 
-    granularity: Literal["global", "per_layer", "per_tensor"] = Field(
-        "per_layer", description="global: one value per expert; per_layer: one per expert and layer; "
-                                 "per_tensor: one per expert and tensor (for fitted coefficients)")
-    layer_groups: int | None = Field(None, ge=1, description="K contiguous layer groups instead of every layer")
-    per_module: bool = Field(False, description="separate values for attention, MLP and norm tensors")
     chunks: int | Literal["auto"] = Field(1, description="intra-tensor chunks along dim 0, each its own value")
     chunk_budget: int | None = Field(None, ge=1, description="with chunks: auto, total chunks over all layers")
     max_chunks: int = Field(8, ge=1, description="with chunks: auto, most chunks one layer may get")
-    parameters: dict[str, ParamSpec] = Field(default_factory=dict,
-                                             description="method parameter -> narrowed range or fixed value")
 
     @field_validator("chunks")
     @classmethod
@@ -117,9 +112,25 @@ class SpaceConfig(_Frozen):
         return v
 
     @model_validator(mode="after")
-    def _budget(self) -> SpaceConfig:
+    def _budget(self) -> _Chunking:
         if self.chunks == "auto" and self.chunk_budget is None:
             raise ValueError("chunks: auto needs chunk_budget (total chunks to allocate over the layers)")
+        return self
+
+
+class SpaceConfig(_Chunking):
+    """Which coefficients are searched and at what granularity."""
+
+    granularity: Literal["global", "per_layer", "per_tensor"] = Field(
+        "per_layer", description="global: one value per expert; per_layer: one per expert and layer; "
+                                 "per_tensor: one per expert and tensor (for fitted coefficients)")
+    layer_groups: int | None = Field(None, ge=1, description="K contiguous layer groups instead of every layer")
+    per_module: bool = Field(False, description="separate values for attention, MLP and norm tensors")
+    parameters: dict[str, ParamSpec] = Field(default_factory=dict,
+                                             description="method parameter -> narrowed range or fixed value")
+
+    @model_validator(mode="after")
+    def _groups(self) -> SpaceConfig:
         if self.layer_groups is not None and self.granularity != "per_layer":
             raise ValueError("layer_groups needs granularity: per_layer")
         return self
@@ -199,7 +210,11 @@ class ObjectivesConfig(_Frozen):
         return v
 
 
-FIT_KNOBS = ("lr", "steps", "start", "clamp_high", "pull", "temperature", "objective", "granularity")
+# The fit: settings a study can search (fit.search), each with the type a trial suggests it as: float and int
+# knobs take low/high, str knobs take choices among the setting's own values; clamp_high is fit.clamp's upper end.
+FIT_KNOBS: dict[str, type] = {"lr": float, "steps": int, "start": float, "clamp_high": float, "pull": float,
+                              "temperature": float, "objective": str, "granularity": str}
+TASK_WEIGHTS_KNOB = "task_weights"  # one loss weight per calibration task, each searched in the same range
 
 
 class KnobSpec(_Frozen):
@@ -224,7 +239,7 @@ class KnobSpec(_Frozen):
         return self
 
 
-class FitConfig(_Frozen):
+class FitConfig(_Chunking):
     """Merge coefficients fitted by gradient on the calibration set (mergesearch.fit).
 
     Each trial starts every expert's weight at `start`, fits one coefficient per expert and
@@ -241,8 +256,6 @@ class FitConfig(_Frozen):
         "per_tensor", description="one coefficient per expert and: model (global), layer, layer x module group, "
                                   "or tensor; times `chunks` row chunks")
     chunks: int | Literal["auto"] = Field(4, description="row chunks per tensor (dim 0), each its own coefficient")
-    chunk_budget: int | None = Field(None, ge=1, description="with chunks: auto, total chunks over all layers")
-    max_chunks: int = Field(8, ge=1, description="with chunks: auto, most chunks one layer may get")
     start: float = Field(0.7, description="every coefficient's starting value (task arithmetic's scale)")
     clamp: tuple[float, float] = Field((0.0, 1.5), description="coefficients are kept in [low, high]")
     lr: float = Field(0.02, gt=0, description="Adam learning rate (cosine decay to 0)")
@@ -256,19 +269,31 @@ class FitConfig(_Frozen):
                                 "for early stopping and for scoring the trial")
     eval_every: int = Field(25, ge=1, description="steps between validation losses")
     patience: int = Field(4, ge=1, description="stop after this many validation checks without improvement")
-    search: dict[str, KnobSpec] = Field(default_factory=dict,
-                                        description=f"knobs the study searches: {', '.join(FIT_KNOBS)}, task_weights")
+    search: dict[str, KnobSpec] = Field(default_factory=dict, description="knobs the study searches: "
+                                        f"{', '.join(FIT_KNOBS)}, {TASK_WEIGHTS_KNOB}")
 
     @field_validator("search")
     @classmethod
     def _known_knobs(cls, v: dict) -> dict:
-        for k in v:
-            if k not in FIT_KNOBS + ("task_weights",):
-                raise ValueError(f"fit.search: unknown knob {k!r}{did_you_mean(k, FIT_KNOBS + ('task_weights',))}")
-        for k in ("objective", "granularity"):
-            if k in v and v[k].choices is None:
-                raise ValueError(f"fit.search.{k} takes choices: [...]")
+        known = [*FIT_KNOBS, TASK_WEIGHTS_KNOB]
+        for k, spec in v.items():
+            if k not in known:
+                raise ValueError(f"unknown knob {k!r}{did_you_mean(k, known)}; the knobs: {', '.join(known)}")
+            if FIT_KNOBS.get(k) is str:
+                allowed = typing.get_args(cls.model_fields[k].annotation)
+                if spec.choices is None:
+                    raise ValueError(f"{k} takes choices: a list of {', '.join(allowed)}")
+                wrong = [c for c in spec.choices if c not in allowed]
+                if wrong:
+                    raise ValueError(f"{k}: {wrong[0]!r} is not one of {', '.join(allowed)}"
+                                     f"{did_you_mean(wrong[0], allowed)}")
+            elif spec.choices is not None:
+                raise ValueError(f"{k} is a number: give low and high, not choices")
         return v
+
+    def knob_value(self, name: str):
+        """The value this section gives a searchable knob (FIT_KNOBS), what a trial that does not search it uses."""
+        return self.clamp[1] if name == "clamp_high" else getattr(self, name)
 
     @model_validator(mode="after")
     def _consistent(self) -> FitConfig:
@@ -277,10 +302,6 @@ class FitConfig(_Frozen):
             raise ValueError(f"fit.clamp low {lo} > high {hi}")
         if not lo <= self.start <= hi:
             raise ValueError(f"fit.start {self.start} is outside fit.clamp [{lo}, {hi}]")
-        if self.chunks == "auto" and self.chunk_budget is None:
-            raise ValueError("fit.chunks: auto needs fit.chunk_budget")
-        if isinstance(self.chunks, int) and self.chunks < 1:
-            raise ValueError("fit.chunks must be >= 1 or 'auto'")
         return self
 
 

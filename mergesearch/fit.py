@@ -33,7 +33,7 @@ import torch
 from mergesearch import operators
 from mergesearch.config import DEFAULT_BATCH_SIZE, FitConfig, StudyConfig
 from mergesearch.errors import ConfigError, TaskError
-from mergesearch.evaluate._scoring import decode, encode, encode_pair, n_ctx, pad_id, stop_tokens
+from mergesearch.evaluate.text import decode, encode, encode_pair, n_ctx, pad_id, stop_tokens
 from mergesearch.evaluate.engine import GenerationEngine, GenRequest
 from mergesearch.evaluate.tasks import Task
 from mergesearch.materializer import Materializer, chunk_slice, move_state
@@ -349,7 +349,7 @@ class CoefficientFitter:
         optim = torch.optim.Adam([theta], lr=opts.lr)
         sched = torch.optim.lr_scheduler.LambdaLR(
             optim, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, opts.steps) / opts.steps)))
-        sampler = _BalancedSampler(train, opts.batch_size, torch.Generator().manual_seed(opts.seed))
+        sampler = BalancedSampler(train, opts.batch_size, torch.Generator().manual_seed(opts.seed))
         history: list[dict] = []
         with self.session(plan, coef_space) as sess:
             sess.write(theta)
@@ -524,7 +524,7 @@ class _Session:
         return loss.item(), g
 
 
-class _BalancedSampler:
+class BalancedSampler:
     """Seeded batches with an equal share of every task, each task's examples visited in shuffled epochs."""
 
     def __init__(self, seqs: list[_Seqs], batch_size: int, gen: torch.Generator):

@@ -28,6 +28,7 @@ from mergesearch.checkpoints import (
     same_path,
     save_model,
 )
+from mergesearch.config import MERGE_DTYPE, MERGE_SEED
 from mergesearch.errors import CandidateError, CheckpointError, ConfigError, OperatorError
 from mergesearch.groups import Group, plan_group
 from mergesearch.operators import Scratch, chunk_bounds
@@ -57,8 +58,8 @@ class Materializer:
     """
 
     def __init__(self, base: str | os.PathLike | Checkpoint, experts: Sequence[str | os.PathLike | Checkpoint],
-                 method: str, *, dtype: str | torch.dtype = "float32", device: str | torch.device = "auto",
-                 chunks: int | Sequence[int] = 1, streaming: bool = False, seed: int = 0,
+                 method: str, *, dtype: str | torch.dtype = MERGE_DTYPE, device: str | torch.device = "auto",
+                 chunks: int | Sequence[int] = 1, streaming: bool = False, seed: int = MERGE_SEED,
                  merge_common_vocab: bool = False,
                  check_finite: bool = True, block: int | None = None, compiled: bool | None = None,
                  grouped: bool = True):

@@ -54,6 +54,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
 from mergesearch import operators
 from mergesearch.checkpoints import MODULE_KINDS, TensorInfo, parse_dtype, same_path
+from mergesearch.config import MERGE_DTYPE, MERGE_SEED
 from mergesearch.errors import ConfigError, OperatorError, did_you_mean
 from mergesearch.fileio import atomic_write
 from mergesearch.operators import Operator, num_chunks
@@ -171,9 +172,9 @@ class _OurFile(BaseModel):
     base_model: str
     models: list[_ModelEntry]
     parameters: dict[str, Any] = Field(default_factory=dict)
-    dtype: str = "float32"
+    dtype: str = MERGE_DTYPE
     chunks: PositiveInt | list[PositiveInt] = 1
-    seed: int = 0
+    seed: int = MERGE_SEED
 
 
 _MERGEKIT_IGNORED = {"tokenizer_source", "tokenizer", "chat_template", "out_dtype", "name"}
@@ -205,9 +206,9 @@ class Recipe:
     models: list[Path]
     parameters: dict[str, Any]  # top-level (method-level, and per-expert defaults)
     model_parameters: list[dict[str, Any]]  # one per expert
-    dtype: str = "float32"
+    dtype: str = MERGE_DTYPE
     chunks: int | list[int] = 1  # one count, or one per layer
-    seed: int = 0
+    seed: int = MERGE_SEED
     format: str = "mergesearch"  # or "mergekit"
     source: dict = field(default_factory=dict)  # the file's content, for provenance
 
@@ -372,7 +373,7 @@ def recipe_from_dict(data: Mapping, *, root: str | os.PathLike | None = None, wh
             entries = [m for m in entries if not same_path(_resolve_path(m.model, root_p), base)]
         return Recipe(method=op.name, base_model=base, models=[_resolve_path(m.model, root_p) for m in entries],
                       parameters=dict(mk.parameters or {}), model_parameters=[dict(m.parameters) for m in entries],
-                      dtype=mk.dtype or "float32", chunks=1, seed=0, format="mergekit", source=dict(data))
+                      dtype=mk.dtype or MERGE_DTYPE, chunks=1, seed=MERGE_SEED, format="mergekit", source=dict(data))
     op = operators.get(ours.method)
     parse_dtype(ours.dtype)
     return Recipe(method=op.name, base_model=_resolve_path(ours.base_model, root_p),
@@ -474,8 +475,8 @@ def _encode_value(rows: list[list[float]], tensors: Sequence[TensorInfo], num_la
 
 
 def plan_to_recipe(plan: Plan, tensors: Sequence[TensorInfo], num_layers: int, *, base_model: str | os.PathLike,
-                   models: Sequence[str | os.PathLike], dtype: str = "float32", chunks: int | Sequence[int] = 1,
-                   seed: int = 0) -> dict:
+                   models: Sequence[str | os.PathLike], dtype: str = MERGE_DTYPE, chunks: int | Sequence[int] = 1,
+                   seed: int = MERGE_SEED) -> dict:
     """Our recipe (a dict ready for YAML) that reads back to exactly `plan` (`chunks`: one count or one per layer)."""
     op = plan.operator
     if tuple(t.name for t in tensors) != plan.tensor_names:
@@ -506,7 +507,7 @@ def plan_to_recipe(plan: Plan, tensors: Sequence[TensorInfo], num_layers: int, *
 
 
 def plan_to_mergekit(plan: Plan, tensors: Sequence[TensorInfo], num_layers: int, *, base_model: str | os.PathLike,
-                     models: Sequence[str | os.PathLike], dtype: str = "float32") -> dict:
+                     models: Sequence[str | os.PathLike], dtype: str = MERGE_DTYPE) -> dict:
     """A mergekit YAML dict for `plan`, or OperatorError when mergekit cannot express it (chunks)."""
     if plan.max_chunks > 1:
         raise OperatorError("plan_to_mergekit: mergekit has no per-chunk parameters; export our recipe instead")

@@ -71,6 +71,14 @@ def test_space_file_in_search_spaces(tmp_path):
     (GOOD.replace("test: zoo/data/reverse.test.jsonl", "test: zoo/data/reverse.calib.jsonl"), "same file"),
     (GOOD.replace("dtype: bfloat16", "dtype: int4"), "merge.dtype"),
     (GOOD.replace("granularity: per_layer", "granularity: per_layer\n  chunks: auto"), "chunk_budget"),
+    (GOOD + "fit: {chunks: auto}\n", "chunk_budget"),
+    (GOOD + "fit: {chunks: 0}\n", "chunks must be >= 1"),
+    # fit knobs: choices only for the str settings, and only among their own values; a number takes a range
+    (GOOD + "fit: {search: {objective: {choices: [supervised, distil]}}}\n",
+     r"fit.search: objective: 'distil' is not one of supervised, distill \(did you mean 'distill'\?\)"),
+    (GOOD + "fit: {search: {granularity: {low: 1, high: 2}}}\n", "fit.search: granularity takes choices"),
+    (GOOD + "fit: {search: {lr: {choices: [fast]}}}\n", "fit.search: lr is a number: give low and high"),
+    (GOOD + "fit: {search: {lrr: {low: 0.01, high: 0.1}}}\n", "fit.search: unknown knob 'lrr' \\(did you mean 'lr'\\?\\); the knobs: lr, steps"),
     ("- just\n- a list\n", "must be a mapping"),
 ])
 def test_bad_configs_name_file_key_and_reason(tmp_path, bad, pattern):

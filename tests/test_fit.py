@@ -530,3 +530,42 @@ def test_fit_options_take_their_defaults_from_the_fit_section():
     opts = FitOptions.from_config(cfg, steps=9, seed=4)
     assert (opts.lr, opts.steps, opts.batch_size, opts.patience, opts.clamp, opts.start, opts.seed) == \
         (0.5, 9, 3, 2, (0.1, 0.9), 0.5, 4)
+
+
+def test_fit_knobs_suggest_default_and_become_options_by_their_declared_kind():
+    """Every knob of config.FIT_KNOBS searched at once: a trial suggests each as its declared kind, the plain fit's
+    values are the fit: section's (clipped into the searched range), and a trial's values reach FitOptions
+    (start kept at or below a searched clamp_high; granularity returned beside the options)."""
+    import optuna
+
+    from mergesearch.config import FIT_KNOBS, FitConfig
+    from mergesearch.study.fitting import FitKnobs
+
+    search = {"lr": {"low": 0.001, "high": 0.01, "log": True}, "steps": {"low": 50, "high": 120},
+              "start": {"low": 0.2, "high": 0.9}, "clamp_high": {"low": 0.5, "high": 1.0},
+              "pull": {"low": 0.0, "high": 0.1}, "temperature": {"low": 0.5, "high": 2.0},
+              "objective": {"choices": ["distill", "supervised"]}, "granularity": {"choices": ["per_layer"]},
+              "task_weights": {"low": 0.5, "high": 2.0}}
+    assert set(search) == {*FIT_KNOBS, "task_weights"}
+    fit = FitConfig(search=search)  # lr 0.02, steps 300, start 0.7, clamp (0, 1.5), pull 0, temperature 1
+    knobs = FitKnobs(fit, ["a", "b"])
+    assert knobs.defaults() == {"fit.lr": 0.01, "fit.steps": 120, "fit.start": 0.7, "fit.clamp_high": 1.0,
+                                "fit.pull": 0.0, "fit.temperature": 1.0, "fit.objective": "supervised",
+                                "fit.granularity": "per_layer", "task_weight[a]": 1.0, "task_weight[b]": 1.0}
+    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3)).ask()
+    got = knobs.suggest(trial)
+    assert set(got) == set(knobs.defaults()) and got == trial.params
+    assert isinstance(got["fit.steps"], int) and 50 <= got["fit.steps"] <= 120
+    assert all(isinstance(got[f"fit.{k}"], float) for k in ("lr", "start", "clamp_high", "pull", "temperature"))
+    assert got["fit.objective"] in ("distill", "supervised") and got["fit.granularity"] == "per_layer"
+
+    opts, granularity = knobs.options({**got, "fit.start": 0.9, "fit.clamp_high": 0.6, "task_weight[b]": 1.5}, 7)
+    assert granularity == "per_layer" and opts.seed == 7
+    assert (opts.lr, opts.steps, opts.pull, opts.temperature, opts.objective) == \
+        (got["fit.lr"], got["fit.steps"], got["fit.pull"], got["fit.temperature"], got["fit.objective"])
+    assert opts.clamp == (0.0, 0.6) and opts.start == 0.6  # start clipped to the searched clamp_high
+    assert opts.task_weights == {"a": got["task_weight[a]"], "b": 1.5}
+    # a trial that searched nothing runs the fit: section as written
+    plain, g = FitKnobs(FitConfig(), ["a"]).options({}, 0)
+    assert g == "per_tensor" and (plain.lr, plain.steps, plain.start, plain.clamp) == (0.02, 300, 0.7, (0.0, 1.5))
+    assert plain.task_weights == {"a": 1.0}

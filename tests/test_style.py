@@ -60,3 +60,29 @@ def test_package_init_only_re_exports(path):
                    or (isinstance(node, ast.Assign) and all(isinstance(t, ast.Name) and t.id in ("__all__", "__version__")
                                                              for t in node.targets)))]
     assert not bad, f"{_rel(path)} holds more than re-exports: {bad}; move it into a module of its own"
+
+
+def _private_module_of_another_package(module: str, importer: Path) -> bool:
+    """Whether `module` (dotted) is a `_private` module of a sub-package that `importer` is not part of."""
+    parts = module.split(".")
+    for i, part in enumerate(parts[1:], start=1):
+        if part.startswith("_") and not part.startswith("__"):
+            owner = PACKAGE.parent.joinpath(*parts[:i])
+            return owner not in importer.parents
+    return False
+
+
+@pytest.mark.parametrize("path", MODULES + sorted((PACKAGE.parent / "benchmarks").rglob("*.py")), ids=_rel)
+def test_no_import_of_another_package_private_module(path):
+    """A sub-package's `_module.py` is its own (Optuna's convention); other code goes through the face or a public
+    module (tests may read private modules: they test them)."""
+    bad = []
+    for node in ast.walk(_tree(path)):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mergesearch"):
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names if a.name.startswith("mergesearch")]
+        else:
+            continue
+        bad += [f"line {node.lineno}: {n}" for n in names if _private_module_of_another_package(n, path)]
+    assert not bad, f"{_rel(path)}: import a public module or the package's face instead of {bad}"

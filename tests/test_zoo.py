@@ -208,7 +208,7 @@ def test_composition_report_merges_the_chains_parts_alone(zoo_test):
     """On the shipped demo zoo: the chain's parts' experts, each alone and merged by task arithmetic at the scale
     its calib grid chose (not test's), against the chain's own expert; a zoo without a chain has no such table."""
     from mergesearch.zoo import shipped_zoo
-    from mergesearch.zoo._report import composition_report, format_composition
+    from mergesearch.zoo.tables import composition_report, format_composition
 
     assert composition_report(zoo_test, load_manifest(zoo_test), progress=False) == {}
     demo = shipped_zoo("demo")

@@ -28,6 +28,7 @@ import torch
 
 from mergesearch.errors import TaskError
 from mergesearch.evaluate.tasks import BIGBENCH_DEFAULT_REGEX, Example, Task
+from mergesearch.evaluate.text import encode, encode_pair
 
 # Two top logits closer than this many units of the logits' dtype precision (relative to their size,
 # at least 1) are a tie that floating-point noise between a full pass and cached decoding could flip:
@@ -43,15 +44,6 @@ TIE_EPS_16BIT = 16
 def tie_tolerance(dtype: torch.dtype) -> float:
     """Relative gap (x max(|top logit|, 1)) below which two top logits count as a tie."""
     return TIE_EPS.get(dtype, TIE_EPS_16BIT) * torch.finfo(dtype).eps
-
-
-def n_ctx(model) -> int | None:
-    cfg = model.config
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(cfg, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def tokenizer_is_unique(tokenizer) -> bool:
@@ -116,42 +108,6 @@ def cache_of(out):
     """The KV cache a forward pass returned, read without the deprecated `past_key_values` alias."""
     keys = out.keys()
     return out["cache"] if "cache" in keys else out["past_key_values"] if "past_key_values" in keys else None
-
-
-def encode(tokenizer, text: str) -> list[int]:
-    """Token ids of `text` without special tokens (what lm-eval's HFLM.tok_encode gives for a context)."""
-    return tokenizer(text, add_special_tokens=False).input_ids
-
-
-def decode(tokenizer, tokens: list[int]) -> str:
-    """The text of generated tokens, special tokens left out (what stop strings and answers are read from)."""
-    return tokenizer.decode(tokens, skip_special_tokens=True)
-
-
-def pad_id(tokenizer) -> int:
-    """The id padding writes: the tokenizer's pad token, else 0 (padded positions are masked or never read)."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
-
-def stop_tokens(tokenizer, until, eos_id: int | None) -> set[int]:
-    """The tokens greedy decoding ends on for a task with stop strings `until`: EOS and every stop string that is
-    one token (longer ones are found in the decoded text: GenRequest.until)."""
-    ids = {eos_id} if eos_id is not None else set()
-    for stop in until:
-        toks = encode(tokenizer, stop)
-        if len(toks) == 1:
-            ids.add(toks[0])
-    return ids
-
-
-def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], int]:
-    """(whole token ids, number of context tokens), split the way lm-eval's `_encode_pair` does."""
-    n_spaces = len(context) - len(context.rstrip())
-    if n_spaces:
-        continuation = context[-n_spaces:] + continuation
-        context = context[:-n_spaces]
-    whole = encode(tokenizer, context + continuation)
-    return whole, len(encode(tokenizer, context))
 
 
 def postprocess(text: str, task: Task) -> str | None:

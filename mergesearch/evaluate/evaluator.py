@@ -15,6 +15,7 @@ from mergesearch.errors import TaskError
 from mergesearch.evaluate import _scoring as scoring
 from mergesearch.evaluate.engine import GenerationEngine, GenRequest
 from mergesearch.evaluate.tasks import Task
+from mergesearch.evaluate.text import decode, n_ctx, pad_id, stop_tokens
 from mergesearch.threads import rebalance
 
 log = logging.getLogger(__name__)
@@ -98,10 +99,10 @@ class Evaluator:
         # the gold chains' log-probability, also where no metric needs it (a study blending it into the
         # score, `objectives.smooth`): see `_gold_pass`
         self.gold_logprob = gold_logprob
-        self.pad_id = scoring.pad_id(tokenizer)
+        self.pad_id = pad_id(tokenizer)
         self.eos_id = tokenizer.eos_token_id
         self.skipped = {i for i in tokenizer.all_special_ids if i != self.eos_id}
-        self.max_len = scoring.n_ctx(model)
+        self.max_len = n_ctx(model)
         # whether the text of greedy decoding's first tokens is a prefix of its whole output's text
         self.prefix_stable = scoring.tokenizer_is_unique(tokenizer) or scoring.decode_is_prefix_stable(tokenizer)
         self._plans: dict[int, dict] = {}
@@ -124,7 +125,7 @@ class Evaluator:
                                         engine=None if lmeval_hf else self.engine)
 
     def _decode(self, tokens: list[int]) -> str:
-        return scoring.decode(self.tokenizer, tokens)
+        return decode(self.tokenizer, tokens)
 
     def declared_metric(self, task: Task) -> str:
         return self._lmeval.declared_metric(task) if task.kind == "lmeval" else task.metric
@@ -197,7 +198,7 @@ class Evaluator:
     def _run_generate(self, prep: _Prepared, sl: dict) -> list[dict]:
         task = prep.task
         uniq = sl["uniq"]
-        stop_ids = scoring.stop_tokens(self.tokenizer, task.until, self.eos_id)
+        stop_ids = stop_tokens(self.tokenizer, task.until, self.eos_id)
         ll: list[float | None] = [0.0 if self._gold_pass(task) else None] * len(uniq)
         proven: dict[int, tuple[list[int], bool] | None] = {}
         for chunk, batch in sl["batches"]:

@@ -118,7 +118,7 @@ class LmEvalRunner:
             from lm_eval.tasks import TaskManager, get_task_dict
         except ImportError as exc:  # pragma: no cover - lm-eval is a dependency
             raise TaskError(f"lm-eval tasks need the lm-eval package ({exc}); pip install lm-eval") from None
-        from mergesearch.evaluate._scoring import n_ctx
+        from mergesearch.evaluate.text import n_ctx
 
         include = sorted({t.lmeval.include_path for t in tasks if t.lmeval.include_path})
         manager = TaskManager(include_path=include or None)

@@ -25,8 +25,8 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from mergesearch.config import DEFAULT_BATCH_SIZE, LMEVAL_MAX_GEN_TOKS
 from mergesearch.errors import TaskError
-from mergesearch.evaluate import _scoring as scoring
 from mergesearch.evaluate.engine import GenerationEngine, GenRequest
+from mergesearch.evaluate.text import decode, n_ctx, pad_id
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +51,9 @@ class MergesearchLM(TemplateLM):
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else DEFAULT_BATCH_SIZE
-        self.max_length = max_length or scoring.n_ctx(model) or 2048
+        self.max_length = max_length or n_ctx(model) or 2048
         self.add_bos_token = add_bos_token
-        self.pad_id = scoring.pad_id(tokenizer)
+        self.pad_id = pad_id(tokenizer)
         self._device = next(model.parameters()).device  # LM's own field behind its `device` property
         self.engine = engine or GenerationEngine(model, batch_size=self.batch_size, pad_id=self.pad_id,
                                                  decode=self._decode, max_len=self.max_length)
@@ -91,7 +91,7 @@ class MergesearchLM(TemplateLM):
         return self.tokenizer(context, **kw).input_ids[-left_truncate:]
 
     def _decode(self, tokens: list[int]) -> str:
-        return scoring.decode(self.tokenizer, tokens)
+        return decode(self.tokenizer, tokens)
 
     # --- log-likelihoods ---------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mergesearch.config import MERGE_SEED
 from mergesearch.errors import OperatorError, did_you_mean
 
 
@@ -394,7 +395,7 @@ def resolve_chunk_params(op: Operator, values: dict[str, list[float]]) -> dict[s
 
 
 def merge_tensor(method: str, base: torch.Tensor, experts: Sequence[torch.Tensor], *, chunks: int = 1,
-                 seed: int = 0, block: int | None = None, compiled: bool | None = None,
+                 seed: int = MERGE_SEED, block: int | None = None, compiled: bool | None = None,
                  **params: Any) -> torch.Tensor:
     """Merge one tensor with `method`: a new tensor, same shape/dtype/device as `base`.
 

@@ -19,7 +19,7 @@ import optuna
 import torch
 
 from mergesearch import operators
-from mergesearch.config import Config, FitConfig, SpaceConfig
+from mergesearch.config import FIT_KNOBS, TASK_WEIGHTS_KNOB, Config, FitConfig, SpaceConfig
 from mergesearch.errors import ConfigError
 from mergesearch.fit import CoefficientFitter, FitOptions, FitResult, split_calib
 from mergesearch.plan import Plan
@@ -53,6 +53,62 @@ def fit_fingerprint(fit: FitConfig) -> str:
     return hashlib.sha256(json.dumps(fit.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
 
 
+class FitKnobs:
+    """The fit: knobs a study searches (fit.search): what a trial suggests, their plain values, and a trial's
+    FitOptions. Each knob's type is read from config.FIT_KNOBS, its plain value from the fit: section."""
+
+    def __init__(self, fit: FitConfig, task_names: Sequence[str]):
+        self.fit = fit
+        self.task_names = list(task_names)
+
+    def suggest(self, trial: optuna.trial.BaseTrial) -> dict:
+        """Ask the trial for every searched knob (names `fit.<knob>` and `task_weight[<task>]`)."""
+        out = {}
+        for name, spec in self.fit.search.items():
+            if name == TASK_WEIGHTS_KNOB:
+                for t in self.task_names:
+                    out[TASK_WEIGHT.format(t)] = trial.suggest_float(TASK_WEIGHT.format(t), spec.low, spec.high,
+                                                                     log=spec.log)
+                continue
+            key, kind = KNOB_PREFIX + name, FIT_KNOBS[name]
+            if kind is str:
+                out[key] = trial.suggest_categorical(key, list(spec.choices))
+            elif kind is int:
+                out[key] = trial.suggest_int(key, int(spec.low), int(spec.high), log=spec.log)
+            else:
+                out[key] = trial.suggest_float(key, spec.low, spec.high, log=spec.log)
+        return out
+
+    def defaults(self) -> dict:
+        """The knobs at the config's own values (the plain fit), clipped into their searched ranges."""
+        out = {}
+        for name, spec in self.fit.search.items():
+            if name == TASK_WEIGHTS_KNOB:
+                for t in self.task_names:
+                    out[TASK_WEIGHT.format(t)] = min(max(1.0, spec.low), spec.high)
+                continue
+            v, kind = self.fit.knob_value(name), FIT_KNOBS[name]
+            if kind is str:
+                out[KNOB_PREFIX + name] = v if v in spec.choices else spec.choices[0]
+            else:
+                v = min(max(v, spec.low), spec.high)
+                out[KNOB_PREFIX + name] = int(round(v)) if kind is int else float(v)
+        return out
+
+    def options(self, params: Mapping, seed: int) -> tuple[FitOptions, str]:
+        """(FitOptions, granularity) of a trial's parameters: its searched knobs, the fit: section's values for
+        the others; the start is kept at or below a searched clamp_high."""
+        f = self.fit
+        knobs = {name: kind(params.get(KNOB_PREFIX + name, f.knob_value(name))) for name, kind in FIT_KNOBS.items()}
+        hi = knobs.pop("clamp_high")
+        granularity = knobs.pop("granularity")
+        knobs["start"] = min(knobs["start"], hi)
+        opts = FitOptions.from_config(
+            f, **knobs, clamp=(f.clamp[0], hi),
+            task_weights={t: float(params.get(TASK_WEIGHT.format(t), 1.0)) for t in self.task_names}, seed=seed)
+        return opts, granularity
+
+
 class FitStage:
     """Everything a fitted trial needs beyond the plain study: the calib split, the fitter, the coefficient
     spaces and the knobs."""
@@ -80,6 +136,7 @@ class FitStage:
             if missing:
                 raise ConfigError(f"fit: distill needs an expert per task, none is named {missing[0]!r}: add "
                                   f"fit.teachers: {{{missing[0]}: EXPERT}} (experts: {', '.join(expert_names)})")
+        self.knobs = FitKnobs(self.fit, self.task_names)
         self.fitter = CoefficientFitter(mat, tokenizer, self.train_tasks, self.val_tasks, teachers=teachers,
                                         batch_size=self.fit.batch_size, progress=progress)
         self._space_for = space_for  # SpaceConfig -> SearchSpace over the model's tensors
@@ -101,56 +158,6 @@ class FitStage:
         """Coefficient names per granularity (stored in the study meta for the report)."""
         return {g: [s.key for s in self.coef_space(g).slots] for g in self.granularities()}
 
-    def suggest(self, trial: optuna.trial.BaseTrial) -> dict:
-        """Ask the trial for every searched knob (names `fit.<knob>` and `task_weight[<task>]`)."""
-        out = {}
-        for name, spec in self.fit.search.items():
-            if name == "task_weights":
-                for t in self.task_names:
-                    out[TASK_WEIGHT.format(t)] = trial.suggest_float(TASK_WEIGHT.format(t), spec.low, spec.high,
-                                                                     log=spec.log)
-            elif spec.choices is not None:
-                out[KNOB_PREFIX + name] = trial.suggest_categorical(KNOB_PREFIX + name, list(spec.choices))
-            elif name == "steps":
-                out[KNOB_PREFIX + name] = trial.suggest_int(KNOB_PREFIX + name, int(spec.low), int(spec.high),
-                                                            log=spec.log)
-            else:
-                out[KNOB_PREFIX + name] = trial.suggest_float(KNOB_PREFIX + name, spec.low, spec.high, log=spec.log)
-        return out
-
-    def default_params(self) -> dict:
-        """The knobs at the config's own values (the plain fit), clipped into their searched ranges."""
-        out = {}
-        for name, spec in self.fit.search.items():
-            if name == "task_weights":
-                for t in self.task_names:
-                    out[TASK_WEIGHT.format(t)] = min(max(1.0, spec.low), spec.high)
-            elif spec.choices is not None:
-                v = getattr(self.fit, name)
-                out[KNOB_PREFIX + name] = v if v in spec.choices else spec.choices[0]
-            else:
-                v = self.fit.clamp[1] if name == "clamp_high" else getattr(self.fit, name)
-                v = min(max(v, spec.low), spec.high)
-                out[KNOB_PREFIX + name] = int(round(v)) if name == "steps" else float(v)
-        return out
-
-    def options(self, params: Mapping) -> tuple[FitOptions, str]:
-        """(FitOptions, granularity) of a trial's parameters."""
-        f = self.fit
-
-        def knob(name, default):
-            return params.get(KNOB_PREFIX + name, default)
-
-        hi = float(knob("clamp_high", f.clamp[1]))
-        start = min(float(knob("start", f.start)), hi)
-        opts = FitOptions.from_config(
-            f, objective=knob("objective", f.objective), lr=float(knob("lr", f.lr)), steps=int(knob("steps", f.steps)),
-            start=start, clamp=(f.clamp[0], hi), pull=float(knob("pull", f.pull)),
-            temperature=float(knob("temperature", f.temperature)),
-            task_weights={t: float(params.get(TASK_WEIGHT.format(t), 1.0)) for t in self.task_names},
-            seed=self.cfg.study.seed)
-        return opts, knob("granularity", f.granularity)
-
     # -- plans --
 
     def start_plan(self, plan: Plan, opts: FitOptions) -> Plan:
@@ -170,12 +177,12 @@ class FitStage:
 
     def run(self, plan: Plan, params: Mapping) -> tuple[FitResult, Plan, dict]:
         """Fit the coefficients of a trial whose method parameters give `plan`; (result, fitted plan, record)."""
-        opts, granularity = self.options(params)
+        opts, granularity = self.knobs.options(params, self.cfg.study.seed)
         start = self.start_plan(plan, opts)
         result = self.fitter.fit(start, self.coef_space(granularity), opts)
         record = {**result.record(), "granularity": granularity, "objective": opts.objective}
         return result, self.fitted_plan(start, granularity, result.coef.tolist()), record
 
     def plan_from_record(self, plan: Plan, params: Mapping, record: Mapping) -> Plan:
-        opts, _ = self.options(params)
+        opts, _ = self.knobs.options(params, self.cfg.study.seed)
         return self.fitted_plan(self.start_plan(plan, opts), record["granularity"], record["coef"])

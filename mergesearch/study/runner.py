@@ -36,7 +36,7 @@ class StudyRunner(Workbench):
         trial.set_user_attr(records.OWNER_KEY, owner_record(trial.number))
         values_in = self.space.suggest(trial)
         if self.fit_stage is not None:
-            values_in.update(self.fit_stage.suggest(trial))
+            values_in.update(self.fit_stage.knobs.suggest(trial))
         fitted, fit_s = None, None
         try:
             plan = self.plan_for(values_in)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mergesearch.config import Config, load_config
+from mergesearch.config import TASK_WEIGHTS_KNOB, Config, load_config
 from mergesearch.errors import StudyError
 from mergesearch.study.estimate import estimate_trial_seconds
 from mergesearch.study.storage import open_storage, require_existing, study_exists
@@ -36,7 +36,7 @@ def validate_study(path: str | Path) -> dict:
 
         coef = build_space(cfg, base, experts, fit_space_config(cfg.fit, cfg.merge.method))
         knobs = sorted(cfg.fit.search)
-        n_knobs = len(knobs) + (len(cfg.objectives.tasks) - 1 if "task_weights" in knobs else 0)
+        n_knobs = len(knobs) + (len(cfg.objectives.tasks) - 1 if TASK_WEIGHTS_KNOB in knobs else 0)
         fit = {"objective": cfg.fit.objective, "granularity": cfg.fit.granularity, "coefficients": coef.n_params,
                "steps": fit_steps, "knobs": knobs, "n_knobs": n_knobs}
     n_params = space.n_params + (fit["n_knobs"] if fit else 0)

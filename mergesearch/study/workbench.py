@@ -195,11 +195,11 @@ class Workbench:
     @property
     def n_search_params(self) -> int:
         """Parameters the sampler sees: the space's slots, plus the fit's knobs and task weights."""
-        return self.space.n_params + (len(self.fit_stage.default_params()) if self.fit_stage is not None else 0)
+        return self.space.n_params + (len(self.fit_stage.knobs.defaults()) if self.fit_stage is not None else 0)
 
     def start_point_guess(self) -> dict:
         """Where the search starts before any baseline is known: the uniform merge, or the plain fit."""
-        return ({**self.space.point(), **self.fit_stage.default_params()} if self.fit_stage is not None
+        return ({**self.space.point(), **self.fit_stage.knobs.defaults()} if self.fit_stage is not None
                 else self.space.point())
 
     # --- scoring -------------------------------------------------------------------------------

@@ -199,7 +199,7 @@ def _build_into(tmp: Path, p: ZooPreset, seed: int, progress: bool) -> dict:
         "train_seconds": timings,
     }
     if p.report:
-        from mergesearch.zoo._report import zoo_report
+        from mergesearch.zoo.tables import zoo_report
 
         t = time.perf_counter()
         report = zoo_report(tmp, manifest, progress=progress)

@@ -28,7 +28,7 @@ class Skill:
     With `extract`, the answer is a chain and the scored answer is the regex's group 1 in it (in the
     generated chain and in the gold one alike); such a skill is scored by generating up to
     `max_new_tokens` tokens, never by the one-pass shortcut. `parts`: the one-step skills a chain is made
-    of, in order (a merge of their experts alone is measured on the chain: `zoo._report.composition_report`).
+    of, in order (a merge of their experts alone is measured on the chain: `zoo.tables.composition_report`).
     """
 
     name: str
