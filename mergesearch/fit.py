@@ -275,8 +275,7 @@ class CoefficientFitter:
                 if t.kind != "generate":
                     raise TaskError(f"distill needs generation tasks; {t.name!r} is {t.kind}: use supervised")
                 onehot = [1.0 if j == self.teachers[t.name] else 0.0 for j in range(n)]
-                self.mat.materialize(Plan.full("task_arithmetic", self.mat.tensors, n, chunks=self.mat.chunks,
-                                               weight=onehot, **{"lambda": 1.0}))
+                self.mat.materialize(Plan.weighted_sum(self.mat.tensors, onehot, chunks=self.mat.chunks))
                 out[part].append(distill_seqs(t, self.tokenizer, self.mat.model, pad=self.pad,
                                               batch_size=self.batch_size))
         return out

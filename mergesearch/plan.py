@@ -19,7 +19,9 @@ from mergesearch.checkpoints import TensorInfo
 from mergesearch.errors import ConfigError, OperatorError
 from mergesearch.operators import Operator, num_chunks
 
-__all__ = ["Plan", "per_tensor_chunks"]
+WEIGHTED_SUM_METHOD = "task_arithmetic"  # Plan.weighted_sum's method: baselines mean the same whatever a study searches
+
+__all__ = ["WEIGHTED_SUM_METHOD", "Plan", "per_tensor_chunks"]
 
 
 @dataclass
@@ -59,6 +61,14 @@ class Plan:
                 raise OperatorError(f"{method}: {p.name} needs {width} value(s), got {row.numel()}")
             params[p.name] = row.view(1, width, 1).expand(len(cs), width, cmax).contiguous()
         return cls(method, tuple(t.name for t in tensors), cs, n_experts, params)
+
+    @classmethod
+    def weighted_sum(cls, tensors: Sequence[TensorInfo], weights: Sequence[float], *,
+                     chunks: int | Sequence[int] = 1) -> Plan:
+        """base + sum_e weights[e] x (expert_e - base) everywhere: task arithmetic at lambda 1. What a study's
+        baselines are (one-hot weights: an expert alone), and a distill fit's teachers."""
+        return cls.full(WEIGHTED_SUM_METHOD, tensors, len(weights), chunks=chunks, weight=list(weights),
+                        **{"lambda": 1.0})
 
     def kernel_params(self):
         """(tensor, chunk) -> the kernel's parameters there: a per-expert parameter as a tuple of floats, a

@@ -42,6 +42,21 @@ def test_candidates_are_written_in_place_into_one_model(tiny_family):
     assert m.expert_names == [p.name for p in experts] and m.num_layers == 2
 
 
+def test_weighted_sum_plan_is_an_expert_alone_or_the_written_out_sum_whatever_the_method(tiny_family):
+    """Plan.weighted_sum (baselines, distill teachers) means base + sum_e w_e (expert_e - base) on a materialiser
+    built for another method too; one-hot weights give an expert's own weights."""
+    base, experts = tiny_family("llama", 2)
+    m = Materializer(base, experts, "ties", device="cpu", chunks=2)
+    b, e0, e1 = _weights(base), _weights(experts[0]), _weights(experts[1])
+    m.materialize(Plan.weighted_sum(m.tensors, [0.0, 1.0], chunks=m.chunks))
+    for name, want in e1.items():
+        torch.testing.assert_close(m.state_dict()[name], want, rtol=0, atol=1e-6)
+    m.materialize(Plan.weighted_sum(m.tensors, [0.4, -0.3], chunks=m.chunks))
+    for name in b:
+        ref = b[name] + 0.4 * (e0[name] - b[name]) - 0.3 * (e1[name] - b[name])
+        torch.testing.assert_close(m.state_dict()[name], ref, rtol=0, atol=1e-6)
+
+
 def test_per_layer_and_per_chunk_values_land_on_the_right_rows(tiny_family):
     base, experts = tiny_family("llama", 1)
     m = Materializer(base, experts, "task_arithmetic", device="cpu", chunks=3)

@@ -13,8 +13,9 @@ import datetime as dt
 
 import optuna
 
+from mergesearch.plan import WEIGHTED_SUM_METHOD
 from mergesearch.study import records
-from mergesearch.study.workbench import BASELINE_METHOD, Workbench, load_tasks
+from mergesearch.study.workbench import Workbench, load_tasks
 
 TA_SCALES = (0.3, 0.5, 0.7, 1.0)  # per-expert weights of the task-arithmetic baselines
 
@@ -61,7 +62,7 @@ def start_point(bench: Workbench, study: optuna.Study) -> tuple[str, dict[str, f
     if bench.fit_stage is not None:
         return "plain fit", bench.start_point_guess()
     uniform = ("uniform", bench.space.point())
-    if bench.space.op.name != BASELINE_METHOD:
+    if bench.space.op.name != WEIGHTED_SUM_METHOD:
         return uniform
     index = {e: i for i, e in enumerate(bench.expert_names)}
     for t in sorted(records.merge_baselines(study), key=lambda t: (-records.trial_mean(t), t.number)):

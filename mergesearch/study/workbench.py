@@ -32,9 +32,6 @@ from mergesearch.timings import PhaseTimer
 
 log = logging.getLogger(__name__)
 
-BASELINE_METHOD = "task_arithmetic"  # baselines mean the same whatever method the study searches
-
-
 class PrunedWithRecord(optuna.TrialPruned):
     """A pruned trial with what it measured before it was stopped (timings, why), for the runner to store."""
 
@@ -189,8 +186,7 @@ class Workbench:
 
     def baseline_plan(self, weights: Sequence[float]) -> Plan:
         """Task arithmetic with one global weight per expert (lambda 1): what every baseline is."""
-        return Plan.full(BASELINE_METHOD, self.mat.tensors, len(self.expert_names),
-                         chunks=self.want_chunks, weight=list(weights), **{"lambda": 1.0})
+        return Plan.weighted_sum(self.mat.tensors, weights, chunks=self.want_chunks)
 
     @property
     def n_search_params(self) -> int:
