@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 
 import torch
@@ -390,49 +390,58 @@ class CoefficientFitter:
     # -- losses --
 
     def loss(self, batch: list[tuple[_Seqs, list[int]]], weights: Mapping[str, float], opts: FitOptions,
-              *, train: bool) -> torch.Tensor:
+             *, train: bool) -> torch.Tensor:
         """Weighted mean over tasks of each task's mean per-example loss on `batch` ((seqs, indices) per task)."""
-        rows, starts, owner, teach = [], [], [], []
-        for k, (seqs, idx) in enumerate(batch):
+        with torch.set_grad_enabled(train):
+            return sum(self._group_terms(batch, weights, opts))
+
+    def backward(self, batch: list[tuple[_Seqs, list[int]]], weights: Mapping[str, float], opts: FitOptions) -> float:
+        """The loss of `batch` (as `loss`), its gradient accumulated into the parameters group by group: each length
+        group's forward and backward run before the next group's forward. One backward over every group would hold
+        each parameter's gradient from the later groups until the earlier groups' backward reached it (autograd
+        sums a parameter's uses before its hooks run): the whole model's gradients at once, besides the
+        activations of every group (bench_fit's memory target)."""
+        total = 0.0
+        with torch.enable_grad():
+            for term in self._group_terms(batch, weights, opts):
+                term.backward()
+                total += float(term.detach())
+        return total
+
+    def _group_terms(self, batch: list[tuple[_Seqs, list[int]]], weights: Mapping[str, float],
+                     opts: FitOptions) -> Iterator[torch.Tensor]:
+        """The loss of `batch` as one term per group of similar lengths, each group's forward run when its term is
+        asked for. An example lies in one group, so the weighted mean over tasks of each task's mean per-example
+        loss is the sum over examples of (its mean token loss) x w_task / (sum of w over the batch's tasks x the
+        task's examples in the batch)."""
+        rows, starts, scale, teach = [], [], [], []
+        wsum = sum(weights.get(seqs.task, 1.0) for seqs, idx in batch if idx)
+        for seqs, idx in batch:
             for j in idx:
                 rows.append(seqs.ids[j])
                 starts.append(seqs.start[j])
-                owner.append(k)
+                scale.append(weights.get(seqs.task, 1.0) / max(wsum, 1e-12) / len(idx))
                 if seqs.teacher is not None:
                     teach.append(seqs.teacher[j])
-        with torch.set_grad_enabled(train):
-            # One forward per group of similar lengths: a batch mixes short answers with long chains, and one
-            # right-padded forward would compute every short row at the longest chain's width.
-            tok_parts, row_parts = [], []
-            for group in _length_groups([len(row) for row in rows]):
-                x, m, r, pos, tgt = _pad_batch([rows[i] for i in group], [starts[i] for i in group], self.pad,
-                                               self.device)
-                logits = self.mat.model(input_ids=x, attention_mask=m).logits[r, pos]  # (targets, V)
-                logits = logits if logits.dtype == torch.float64 else logits.float()
-                if opts.objective == "supervised":
-                    tok_parts.append(torch.nn.functional.cross_entropy(logits, tgt, reduction="none"))
-                else:
-                    t = opts.temperature
-                    t_idx = torch.cat([teach[i][0] for i in group]).to(self.device)
-                    t_val = torch.cat([teach[i][1] for i in group]).to(self.device)
-                    p = torch.softmax(t_val / t, dim=-1)
-                    logq = torch.log_softmax(logits / t, dim=-1).gather(1, t_idx)
-                    tok_parts.append((p * (torch.log(p.clamp_min(1e-30)) - logq)).sum(-1) * (t * t))
-                row_parts.append(torch.tensor(group, device=self.device)[r])  # the batch row of every target
-            tok, r = torch.cat(tok_parts), torch.cat(row_parts)
-            # per example mean over its targets, then per task mean, then the weighted mean over tasks
-            n_rows = len(rows)
-            per_row = torch.zeros(n_rows, device=self.device, dtype=tok.dtype).index_add_(0, r, tok)
-            counts = torch.zeros(n_rows, device=self.device, dtype=tok.dtype).index_add_(0, r, torch.ones_like(tok))
-            per_row = per_row / counts.clamp_min(1)
-            own = torch.tensor(owner, device=self.device)
-            total, wsum = 0.0, 0.0
-            for k, (seqs, _) in enumerate(batch):
-                w = weights.get(seqs.task, 1.0)
-                sel = own == k
-                total = total + w * per_row[sel].mean()
-                wsum += w
-            return total / max(wsum, 1e-12)
+        # One forward per group of similar lengths: a batch mixes short answers with long chains, and one
+        # right-padded forward would compute every short row at the longest chain's width.
+        for group in _length_groups([len(row) for row in rows]):
+            x, m, r, pos, tgt = _pad_batch([rows[i] for i in group], [starts[i] for i in group], self.pad, self.device)
+            logits = self.mat.model(input_ids=x, attention_mask=m).logits[r, pos]  # (targets, V)
+            logits = logits if logits.dtype == torch.float64 else logits.float()
+            if opts.objective == "supervised":
+                tok = torch.nn.functional.cross_entropy(logits, tgt, reduction="none")  # (targets,)
+            else:
+                t = opts.temperature
+                t_idx = torch.cat([teach[i][0] for i in group]).to(self.device)
+                t_val = torch.cat([teach[i][1] for i in group]).to(self.device)
+                p = torch.softmax(t_val / t, dim=-1)
+                logq = torch.log_softmax(logits / t, dim=-1).gather(1, t_idx)
+                tok = (p * (torch.log(p.clamp_min(1e-30)) - logq)).sum(-1) * (t * t)
+            counts = torch.zeros(len(group), device=self.device, dtype=tok.dtype).index_add_(
+                0, r, torch.ones_like(tok))  # targets per row of the group
+            row_scale = torch.tensor([scale[i] for i in group], device=self.device, dtype=tok.dtype)
+            yield (tok * (row_scale / counts.clamp_min(1))[r]).sum()
 
     def _loss_eval(self, seqs: list[_Seqs], weights: Mapping[str, float], opts: FitOptions) -> float:
         """The same weighted loss over every validation example (no gradient)."""
@@ -503,7 +512,8 @@ class _Session:
                 for part in ps:
                     dots.append(dot_in(gc, part.reshape(-1), grad_table.dtype))
             # (chunks * experts,) chunk-major -> (experts, chunks)
-            grad_table[w, :, : len(bounds)] = torch.stack(dots).view(len(bounds), n_exp).T
+            # added: the hook runs once per length group's backward (CoefficientFitter.backward)
+            grad_table[w, :, : len(bounds)] += torch.stack(dots).view(len(bounds), n_exp).T
             p.grad = None
 
         return hook
@@ -516,11 +526,10 @@ class _Session:
     def grad(self, batch, weights: Mapping[str, float], opts: FitOptions) -> tuple[float, torch.Tensor]:
         """(loss, float32 gradient per slot) of one batch at the weights last written."""
         self.grad_table.zero_()
-        loss = self.f.loss(batch, weights, opts, train=True)
-        loss.backward()
+        loss = self.f.backward(batch, weights, opts)
         g = torch.zeros(self.n_slots, dtype=self.grad_table.dtype)
         g.index_add_(0, self.flat_ix, self.grad_table.cpu()[self.valid])
-        return loss.item(), g
+        return loss, g
 
 
 class BalancedSampler:

@@ -192,9 +192,18 @@ def test_fit_holds_one_gradient_at_a_time_and_frees_it(zoo_test, monkeypatch):
         return hook
 
     monkeypatch.setattr(fit_module._Session, "_hook", spy)
+    # rows of unequal length each in their own group: the test zoo's rows are too alike to make groups otherwise
+    monkeypatch.setattr(fit_module, "_GROUP_STRETCH", 1.0)
     fitter.gradient(_plan(mat, "task_arithmetic"), space, torch.full((space.n_params,), 0.7), FitOptions())
     assert alive and max(alive) == 1
     assert all(p.grad is None and not p.requires_grad for p in params)
+    # Autograd sums a parameter's gradients from every forward that used it before the hooks run, holding the
+    # partial sums where `.grad` does not show them: with one backward over several length groups, the whole
+    # model's gradients from the later groups. One backward per group runs each hook once per group instead.
+    train, _ = fitter.sequences("supervised")
+    groups = fit_module._length_groups([len(ids) for s in train for ids in s.ids])
+    written = sum(1 for _, _, p in fitter.targets if p is not None)
+    assert len(groups) > 1 and len(alive) == written * len(groups)
 
 
 def _noisy_zoo(zoo, out, scale=0.5):
