@@ -11,12 +11,18 @@ zeroed (never emitted).
 1. Generation: `--gen-rows` prompts of different lengths, `--gen-tokens` greedy tokens each (a random
    model never stops), batch `--batch-size`: our engine (fixed shapes; on CUDA its decode step is captured
    as a CUDA graph unless --no-cuda-graphs; a failed capture falls back to eager and is printed) vs HF
-   `generate` (greedy, left padding, same batch). Per-row identical tokens are checked.
+   `generate` (greedy, left padding, same batch). Per-row identical tokens are checked in float32. In
+   bfloat16 no two implementations agree row for row (HF `generate` against itself at half the batch
+   disagrees on a fifth to a third of 96-token rows: the shapes change the rounding, and one flipped
+   near-tie changes the rest of a row), so there the reference is HF `generate` on a float32 copy of the
+   same weights, and ours must stay as close to it as HF `generate` in bfloat16 does (mean tokens
+   before a row's first difference >= CLOSENESS_TARGET x HF's); the identical counts are printed.
 2. Short exact match: `--short-prompts` "Q: Reverse the word ...\\nA: " prompts (half of the answers
    the model's own output, the newline row boosted so that it stops after a few characters): the
    evaluator's time vs one batched forward pass over the same prompt + answer tokens; the `decided_by`
    counts are printed.
-Targets (checked on CUDA only; on the CPU the table is printed for the record): generation >= 3x HF
+Targets: rows identical to HF `generate` (float32) or as close to the float32 reference as it (bfloat16),
+on both devices; on CUDA only (on the CPU the table is printed for the record): generation >= 3x HF
 generate; short exact match <= 3x one forward pass. Timings: medians of interleaved repeats.
 """
 
@@ -41,7 +47,8 @@ from _checks import Checks  # noqa: E402
 
 GEN_SPEEDUP_TARGET = 3.0  # engine vs HF generate, 256 tokens, batch 128, ~1B, CUDA
 SHORT_RATIO_TARGET = 3.0  # evaluator time / one batched forward pass, 512 short prompts, CUDA
-IDENTICAL_TARGET = 0.95  # share of generated rows identical to HF generate (bfloat16 near-ties aside)
+IDENTICAL_TARGET = 0.95  # share of generated rows identical to HF generate, float32
+CLOSENESS_TARGET = 0.9  # bfloat16: mean tokens before the first difference from the float32 reference, vs HF's
 LOGIT_SCALE = 20.0
 
 SIZES = {  # device -> Llama config keyword arguments
@@ -89,11 +96,11 @@ def bench_generation(model, tok, args, checks: Checks) -> None:
         with torch.inference_mode():
             return engine.generate(reqs)
 
-    def hf():
+    def hf(m=model, batch_size=args.batch_size):
         out = []
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # as ours: longest first
-        for lo in range(0, len(order), args.batch_size):
-            chunk = [prompts[i] for i in order[lo: lo + args.batch_size]]
+        for lo in range(0, len(order), batch_size):
+            chunk = [prompts[i] for i in order[lo: lo + batch_size]]
             width = max(map(len, chunk))
             ids = torch.zeros((len(chunk), width), dtype=torch.long)
             mask = torch.zeros_like(ids)
@@ -101,8 +108,8 @@ def bench_generation(model, tok, args, checks: Checks) -> None:
                 ids[r, width - len(p):] = torch.tensor(p)
                 mask[r, width - len(p):] = 1
             with torch.inference_mode():
-                g = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=args.gen_tokens,
-                                   do_sample=False, pad_token_id=0, eos_token_id=2)
+                g = m.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=args.gen_tokens,
+                               do_sample=False, pad_token_id=0, eos_token_id=2)
             out += g[:, width:].tolist()
         back = [None] * len(prompts)
         for i, row in zip(order, out):
@@ -133,11 +140,38 @@ def bench_generation(model, tok, args, checks: Checks) -> None:
         label = "HF generate" if name == "hf" else "ours"
         print(f"  {label:<14} {med[name]:>9.3f} {n_tok / med[name]:>10.0f} {med['hf'] / med[name]:>7.2f}x")
     print(f"  rows identical to HF generate: {same}/{len(prompts)}")
-    checks.check(f"generation: {same}/{len(prompts)} rows identical to HF generate (target >= "
-                 f"{100 * IDENTICAL_TARGET:.0f}%)", same >= IDENTICAL_TARGET * len(prompts))
+    if model.dtype == torch.float32:
+        checks.check(f"generation: {same}/{len(prompts)} rows identical to HF generate (target >= "
+                     f"{100 * IDENTICAL_TARGET:.0f}%)", same >= IDENTICAL_TARGET * len(prompts))
+    else:
+        check_closeness(model, hf, last, args, checks)
     if dev == "cuda":
         checks.check(f"generation: {med['hf'] / med['ours']:.2f}x HF generate (target >= {GEN_SPEEDUP_TARGET:g}x)",
                      med["hf"] / med["ours"] >= GEN_SPEEDUP_TARGET)
+
+
+def agreement(rows: list[list[int]], ref: list[list[int]]) -> tuple[int, float]:
+    """Rows identical to the reference, and the mean number of tokens before a row's first difference."""
+    lead = [next((k for k, (a, b) in enumerate(zip(x, y)) if a != b), min(len(x), len(y))) for x, y in zip(rows, ref)]
+    return sum(x == y for x, y in zip(rows, ref)), statistics.mean(lead)
+
+
+def check_closeness(model, hf, last: dict, args, checks: Checks) -> None:
+    """bfloat16: ours vs HF generate, each against HF generate on a float32 copy of the weights; HF generate
+    at half the batch shows how far the same implementation moves when only the shapes change."""
+    import copy
+
+    ref = hf(copy.deepcopy(model).float())
+    half = hf(batch_size=max(1, args.batch_size // 2))
+    n = len(ref)
+    (same_ours, lead_ours), (same_hf, lead_hf) = agreement(last["ours"], ref), agreement(last["hf"], ref)
+    print(f"  {model.dtype} against HF generate in float32 (same weights): rows identical / mean tokens before the "
+          f"first difference: ours {same_ours}/{n} / {lead_ours:.1f}, HF generate {same_hf}/{n} / {lead_hf:.1f}")
+    print(f"  HF generate against itself at batch {max(1, args.batch_size // 2)}: "
+          f"{agreement(last['hf'], half)[0]}/{n} rows identical (the rounding's own spread)")
+    checks.check(f"generation ({model.dtype}): {lead_ours:.1f} tokens before the first difference from float32, "
+                 f"HF generate {lead_hf:.1f} (target >= {CLOSENESS_TARGET:g}x HF's)",
+                 lead_ours >= CLOSENESS_TARGET * lead_hf)
 
 
 def bench_short(model, tok, args, checks: Checks) -> None:

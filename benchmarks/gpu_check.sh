@@ -36,7 +36,7 @@ status=0
 # bench_gpu runs the gpu tests itself (and counts a skip as a MISS); the JSON keeps every number.
 timeout 420 "$PY" benchmarks/bench_gpu.py --json "$OUT/bench_gpu.json" ${BENCH_GPU_ARGS:-} 2>&1 | tee "$OUT/bench_gpu.log" || status=1
 if [ -f benchmarks/bench_generate.py ]; then
-  timeout 120 "$PY" benchmarks/bench_generate.py --device cuda 2>&1 | tee "$OUT/bench_generate.log" || status=1
+  timeout 180 "$PY" benchmarks/bench_generate.py --device cuda 2>&1 | tee "$OUT/bench_generate.log" || status=1
 fi
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv >"$OUT/nvidia-smi.csv" 2>&1 || true
 echo "gpu_check: exit $status (logs in $OUT)"
