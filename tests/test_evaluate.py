@@ -299,10 +299,10 @@ def test_one_pass_exact_match_equals_generation_and_hf_generate(tmp_path, nl_mod
 
 
 def test_bf16_one_pass_decides_most_examples_and_equals_generation():
-    """In bf16 the tie guard is 16 eps of the top logit (`_scoring.tie_tolerance`); at 64 eps, as in float32,
+    """In bf16 the tie guard is 8 eps of the top logit (`_scoring.tie_tolerance`); at 64 eps, as in float32,
     half the top logit, no example of these experts was decided by one pass. The shipped demo zoo's experts
-    on their own calib questions: every one-pass decision equals generation's, and most are one-pass (182
-    of 300 for the five skills, 60 each, when this was written)."""
+    on their own calib questions: every one-pass decision equals generation's, and most are one-pass (243
+    of 300 for the five skills, 60 each, when this was written; 182 at 16 eps)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mergesearch.zoo import load_manifest
@@ -320,7 +320,7 @@ def test_bf16_one_pass_decides_most_examples_and_equals_generation():
         assert [r["exact_match"] for r in fast] == [r["exact_match"] for r in slow], skill
         decided += sum(r["decided_by"] == "one-pass" for r in fast)
         total += len(fast)
-    assert decided >= total // 3, f"{decided}/{total} decided by one pass in bf16"
+    assert decided >= total // 2, f"{decided}/{total} decided by one pass in bf16"
 
 
 def test_gold_logprob_matches_plain_forward(tmp_path, nl_model):
