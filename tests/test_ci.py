@@ -208,3 +208,19 @@ def test_gpu_bench_script_runs_end_to_end_on_the_cpu(tmp_path):
     assert {r["method"] for r in rows} >= {"task_arithmetic", "dare_ties", "breadcrumbs_ties", "della_linear"}
     assert all(r["ran"] == r["method"].split(" ")[0] for r in rows), [(r["method"], r["ran"]) for r in rows]
     assert got["compile_failures"] == [] and "fell back to the eager kernel: 0 (target: none)" in out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_generate_bench_runs_end_to_end_on_the_cpu(dtype):
+    """bench_generate's GPU run must not break on a script error: both of its parts, and in bf16 the check
+    against a float32 copy of the weights, run on the CPU with a tiny model (its speed targets are CUDA's)."""
+    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_generate.py"), "--device", "cpu",
+                          "--dtype", dtype, "--gen-rows", "6", "--gen-tokens", "8", "--short-prompts", "8",
+                          "--repeats", "1", "--batch-size", "4"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode in (0, 1), res.stderr[-3000:]
+    out = res.stdout
+    assert "rows identical to HF generate:" in out and "decided_by: one-pass" in out
+    if dtype == "bfloat16":
+        assert "against HF generate in float32 (same weights)" in out and "HF generate against itself" in out
+    else:
+        assert "rows identical to HF generate (target >= 95%)" in out
