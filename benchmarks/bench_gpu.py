@@ -16,14 +16,17 @@
 4. A ~1B study end to end (random Llama, 3 experts, bf16, per-layer task arithmetic, 10 trials, two
    exact-match tasks): where the time goes (opening phases, per baseline, per trial merge / evaluation /
    other, mergesearch.timings), how many prompts the evaluator decided in one pass and how many fell
-   back to generation; opening against the time to read the same checkpoints from the page cache.
+   back to generation, and whether each one-pass decision in bf16 is generation's (every example generated
+   again: the check of the bf16 tie guard); opening against the time to read the same checkpoints from the
+   page cache.
 5. One gradient-fit step at that size against the same run's forward + backward on a batch of the
    same shape plus one merge.
 
 Targets (the issue's; each prints an `ok` or `MISS` line): every method <= 3x task arithmetic per
 candidate (each dtype); task arithmetic >= 0.5 of device add bandwidth (each dtype); streaming >= 0.85
 of pinned host-to-device bandwidth; evaluator >= 2x generate with the same decisions; gpu tests all
-passed, none skipped; study opening <= 2x reading its checkpoints from the page cache; fit step <= 1.5x
+passed, none skipped; study opening <= 2x reading its checkpoints from the page cache; bf16 one-pass
+decisions all equal generation's; fit step <= 1.5x
 forward + backward + one merge; what mergesearch adds to a study trial beyond Optuna's own time for the same
 parameters on the same storage <= 1% of the trial; the whole script <= 300 s.
 
@@ -380,6 +383,7 @@ def study_row(folder: Path, size: str, device: torch.device, n_prompts: int, n_t
     for recs in result.records.values():
         for r in recs:
             decided[r.get("decided_by", "?")] = decided.get(r.get("decided_by", "?"), 0) + 1
+    one_pass_same = one_pass_vs_generation(runner.evaluator, result)
     floor_s = optuna_window_s(str(root / "bench.db"), records.search_trials(study))
     read_s = read_checkpoints_s([base, *experts], device)
     fit = fit_row(runner, device)
@@ -387,7 +391,25 @@ def study_row(folder: Path, size: str, device: torch.device, n_prompts: int, n_t
     del runner, study
     free(device)
     return {"n_params": n_params, "open_s": open_s, "wall_s": wall, "timings": timings, "decided_by": decided,
-            "read_s": read_s, "trials": n_trials_done, "fit": fit, "optuna_floor_s": floor_s}
+            "one_pass_same": one_pass_same, "read_s": read_s, "trials": n_trials_done, "fit": fit,
+            "optuna_floor_s": floor_s}
+
+
+def one_pass_vs_generation(evaluator, result) -> list[int]:
+    """[same, n]: of the examples one pass decided (bf16 tie guard, `_scoring.TIE_EPS_16BIT`), how many
+    generation decides alike (the same model and tasks, every example generated)."""
+    from mergesearch.evaluate import Evaluator
+
+    slow = Evaluator(evaluator.model, evaluator.tokenizer, evaluator.tasks, batch_size=evaluator.batch_size,
+                     shortcut=False).evaluate()
+    same = n = 0
+    for name, recs in result.records.items():
+        gen = {r["id"]: r["exact_match"] for r in slow.records[name]}
+        for r in recs:
+            if r.get("decided_by") == "one-pass":
+                n += 1
+                same += r["exact_match"] == gen[r["id"]]
+    return [same, n]
 
 
 def optuna_window_s(db: str, trials: list) -> float:
@@ -478,6 +500,8 @@ def print_study(st: dict) -> None:
     n = sum(st["decided_by"].values())
     print(f"   evaluator decided_by over {n} prompts: "
           + ", ".join(f"{k} {v}" for k, v in sorted(st["decided_by"].items())))
+    same, n_one = st["one_pass_same"]
+    print(f"   one-pass decisions equal to generation's (every example generated): {same}/{n_one}")
     f = st["fit"]
     print(f"\n5. fit step: {f['step_s'] * 1e3:.0f} ms vs forward + backward {f['fb_s'] * 1e3:.0f} ms "
           f"(batch {f['batch']} x {f['length']} tokens) + merge {f['merge_s'] * 1e3:.0f} ms: {f['ratio']:.2f}x")
@@ -627,6 +651,8 @@ def study_section(checks: Checks, out: dict, folder: Path, device: torch.device,
         checks.check(f"mergesearch adds {added * 1e3:.1f} ms per trial beyond Optuna's own "
                      f"{st['optuna_floor_s'] * 1e3:.1f} ms = {100 * added / trial_s:.2f}% of a {trial_s:.2f} s trial "
                      f"(target <= {TARGETS['added_share']:.0%})", added <= TARGETS["added_share"] * trial_s)
+    same, n_one = st["one_pass_same"]
+    checks.check(f"bf16: one-pass decisions equal generation's on {same}/{n_one} (target: all)", same == n_one)
     checks.check(f"fit step {st['fit']['ratio']:.2f}x forward + backward + one merge "
                  f"(target <= {TARGETS['fit_vs_fb']:g}x; a step that measures <= 0 is a failed measurement)",
                  0 < st["fit"]["ratio"] <= TARGETS["fit_vs_fb"])

@@ -203,6 +203,7 @@ def test_gpu_bench_script_runs_end_to_end_on_the_cpu(tmp_path):
     out = res.stdout
     assert "2. merge" in out and "task_arithmetic (streaming)" in out and "dare_ties" in out
     assert "3. evaluator: 32 exact-match prompts" in out and "same decision on 32/32" in out
+    assert "one-pass decisions equal to generation's (every example generated)" in out
     got = json.loads((tmp_path / "gpu.json").read_text())
     rows = got["merge"]
     assert {r["method"] for r in rows} >= {"task_arithmetic", "dare_ties", "breadcrumbs_ties", "della_linear"}
