@@ -7,8 +7,8 @@ What the materialiser, evaluator and fit hold on the merge device, in bytes:
              uniforms and row ranks float32); with streaming they stay in host memory and only the
              largest tensor's are on the device at a time
   model      the one preallocated model the candidates are written into
-  scratch    the kernels' reusable buffers: a dozen blocks of min(largest chunk, the device's block),
-             and, for a method that rescales by default (DARE, DELLA) where its compiled formula writes the
+  scratch    the kernels' reusable buffers: as many blocks of min(largest chunk, the device's block) and
+             whole-chunk buffers as the method declares (`Operator.scratch_bytes`), and, for a method that rescales by default (DARE, DELLA) where its compiled formula writes the
              kept entries (`writes_kept_entries`: DARE and DELLA in bf16/fp16 off CUDA), one buffer per expert the
              size of the largest tensor in the merge dtype
   evaluator  the larger of one-pass scoring, one batch of logits (batch x tokens x vocab, float32) and the
@@ -42,7 +42,6 @@ from mergesearch.evaluate.tasks import is_lmeval_spec
 log = logging.getLogger(__name__)
 
 HEADROOM = 0.10  # share of the free memory left for the CUDA context, allocator rounding, cuBLAS workspaces
-SCRATCH_BUFFERS = 12  # blocks the task-arithmetic family's kernel may hold at once (operators/task_arithmetic.py)
 GiB = 1 << 30
 # A row's prompt past the shared few-shot prefix, in tokens, for the KV cache of generation: a guess (the
 # estimate does not read the tasks), on top of the most tokens a task generates.
@@ -86,7 +85,7 @@ def estimate(tensors: Sequence[TensorInfo], n_experts: int, method: str, dtype: 
     per_entry = size * (1 + n_experts) + state_bytes * n_experts
     resident = n * per_entry
     block = operators.block_entries(device)
-    scratch = SCRATCH_BUFFERS * min(largest, block) * 4
+    scratch = op.scratch_bytes(n_experts, largest, block, size)
     rescales = "rescale" in op.param_names and is_on(op.param("rescale").default)
     if rescales and state_bytes and writes_kept_entries(state_bytes, size):
         scratch += n_experts * largest * size

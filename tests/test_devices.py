@@ -153,13 +153,19 @@ def test_the_estimate_counts_the_kept_entries_the_compiled_formula_writes():
     n = sum(t.numel for t in tensors)
     cases = (("cuda", 3, "bfloat16", 2, False, False), ("cuda", 2, "float32", 4, False, False),
              ("cpu", 3, "bfloat16", 2, True, True), ("cpu", 2, "float32", 4, False, False))
+    from mergesearch import operators
+
     for device, n_experts, dtype, size, della_writes, dare_writes in cases:
+        def blocks(method: str) -> int:  # the eager kernel's declared blocks
+            return operators.get(method).scratch_bytes(n_experts, largest, operators.block_entries(device), size)
+
         ties = memory.estimate(tensors, n_experts, "ties", dtype, device=device)
+        assert ties.scratch == blocks("ties") > 0, (device, dtype)
         buffers = n_experts * largest * size
         della = memory.estimate(tensors, n_experts, "della", dtype, device=device)
-        assert della.scratch - ties.scratch == (buffers if della_writes else 0), (device, dtype)
+        assert della.scratch - blocks("della") == (buffers if della_writes else 0), (device, dtype)
         dare = memory.estimate(tensors, n_experts, "dare_ties", dtype, device=device)
-        assert dare.scratch - ties.scratch == (buffers if dare_writes else 0), (device, dtype)
+        assert dare.scratch - blocks("dare_ties") == (buffers if dare_writes else 0), (device, dtype)
         # per entry and expert: the delta, plus the stored state (DARE: uniforms on the CPU only; DELLA: + ranks)
         ta = memory.estimate(tensors, n_experts, "task_arithmetic", dtype, device=device)
         assert dare.sources - ta.sources == n * n_experts * (4 if device == "cpu" else 0), (device, dtype)
@@ -228,3 +234,17 @@ def test_validate_estimates_a_cuda_study_on_a_machine_without_one(zoo_test, tmp_
     mem = validate_study(path)["memory"]
     assert mem["resident"]["device"] == "cuda:0" and mem["resident"]["total"] > 0
     assert mem["streams"] is None and "not decided here" in mem["why"]
+
+
+def test_the_estimate_counts_each_methods_own_scratch():
+    """Task arithmetic holds no scratch; model_stock per row holds a whole tensor's (the largest: the embedding,
+    far more than any block); the sparse methods their declared blocks (checked against the kernels in
+    tests/test_operators.py)."""
+    from mergesearch import memory
+
+    tensors = _llama_tensors(4096, 11008, 32, 32, 32, 32000)
+    largest = max(t.numel for t in tensors)
+    for device in ("cpu", "cuda"):
+        assert memory.estimate(tensors, 3, "task_arithmetic", "bfloat16", device=device).scratch == 0
+        assert memory.estimate(tensors, 3, "model_stock", "bfloat16", device=device).scratch == largest * 2
+        assert memory.estimate(tensors, 3, "ties", "bfloat16", device=device).scratch > 0

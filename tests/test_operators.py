@@ -262,3 +262,36 @@ def test_della_rule_is_one_rule_for_kernel_plan_and_space(density, epsilon, bad)
     ruled = {op.name: [r.params for r in op.rules] for op in operators.all_operators() if op.rules}
     assert ruled == {"della": [("density", "epsilon")], "della_linear": [("density", "epsilon")]}
     assert operators.get("della").rules[0].repair is della_epsilon_cap
+
+
+# the settings that allocate the most scratch: sparsified (density < 1), rescaled, per-row angles
+_SCRATCH_SETTINGS = [{}, {"density": 0.5, "epsilon": 0.1}, {"density": 0.5, "epsilon": 0.1, "rescale": 0.0},
+                     {"density": 0.5, "epsilon": 0.1, "rescale": 1.0}, {"filter_wise": 1.0}]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_declared_scratch_is_what_the_eager_kernel_holds(name):
+    """mergesearch.memory counts a method's Scratch from its declaration (`Operator.scratch_bytes`): the
+    eager kernel, over a chunk of several blocks, holds at most that in every setting and exactly that in
+    float32 in the largest (1, 3 and 5 experts)."""
+    from mergesearch.operators.registry import Scratch, resolve_chunk_params
+
+    op = operators.get(name)
+    block = 512
+    for n in sorted({min(k, op.max_experts or k) for k in (1, 3, 5)} - set(range(op.min_experts))):
+        for dtype in (torch.float32, torch.bfloat16):
+            base, experts = _sources((16, 100), n=n, dtype=dtype)  # 1,600 entries: 4 blocks
+            deltas = [e - base for e in experts]
+            declared = op.scratch_bytes(n, base.numel(), block, base.element_size())
+            held = []
+            for setting in _SCRATCH_SETTINGS:
+                width = {p.name: n if p.per_expert else 1 for p in op.params}
+                params = resolve_chunk_params(op, {p.name: [float(setting.get(p.name, p.default))] * width[p.name]
+                                                   for p in op.params})
+                scratch = Scratch(block)  # the eager kernel (no compiled formula)
+                state = op.prepare(base, deltas, torch.Generator().manual_seed(0)) if op.prepare else {}
+                op.kernel(torch.empty_like(base), base, deltas, params, state, scratch)
+                held.append(scratch.nbytes)
+            assert max(held) <= declared, (n, dtype, held, declared)
+            if dtype == torch.float32:
+                assert max(held) == declared, (n, held, declared)

@@ -50,6 +50,7 @@ def _prepare(base, deltas, gen) -> dict:
     min_experts=2,
     prepare=_prepare,
     reference="https://arxiv.org/abs/2403.19522",
+    scratch_chunks=1,  # filter_wise: the experts' summed deltas
 )
 def model_stock(out, base, deltas, p, state, scratch) -> None:
     if is_on(p["filter_wise"]):

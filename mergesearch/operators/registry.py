@@ -114,10 +114,21 @@ class Operator:
     # group(out, base, deltas, state, sizes, params, scratch) -> None | Tensor: many chunks merged in one call
     # (see the package docstring); None: the method merges chunk by chunk only.
     group: Callable[..., torch.Tensor | None] | None = None
+    # The reusable buffers (Scratch) its kernel holds, for mergesearch.memory: (fixed, per expert) blocks of
+    # min(chunk, the device's block) entries, float32 at most, and buffers of a whole chunk in the merge dtype.
+    # tests/test_operators.py checks both against what the kernel allocates.
+    scratch_blocks: tuple[int, int] = (0, 0)
+    scratch_chunks: int = 0
 
     def stored_state_bytes(self, device: str | torch.device) -> int:
         """Bytes of `prepare`'s state per entry and expert that `device` stores (see `hashed_bytes`)."""
         return self.state_bytes - (self.hashed_bytes if torch.device(device).type in HASHED_DEVICES else 0)
+
+    def scratch_bytes(self, n_experts: int, largest: int, block: int, size: int) -> int:
+        """Bytes of the buffers the kernel holds for chunks of at most `largest` entries of `size` bytes each,
+        walked in blocks of `block` entries (see `scratch_blocks`)."""
+        fixed, per_expert = self.scratch_blocks
+        return (fixed + per_expert * n_experts) * min(largest, block) * 4 + self.scratch_chunks * largest * size
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -151,7 +162,8 @@ def register(name: str, *, params: Sequence[Param], doc: str, min_experts: int =
              ignored_mergekit_keys: Sequence[str] = (),
              linear_parts: Callable[..., list[torch.Tensor]] | None = None,
              rules: Sequence[ParamRule] = (), state_bytes: int = 0, hashed_bytes: int = 0,
-             group: Callable[..., torch.Tensor | None] | None = None) -> Callable[[Kernel], Kernel]:
+             group: Callable[..., torch.Tensor | None] | None = None, scratch_blocks: tuple[int, int] = (0, 0),
+             scratch_chunks: int = 0) -> Callable[[Kernel], Kernel]:
     """Decorator: register `kernel` as merge method `name` (the one place a method is added)."""
 
     def deco(kernel: Kernel) -> Kernel:
@@ -161,7 +173,8 @@ def register(name: str, *, params: Sequence[Param], doc: str, min_experts: int =
                                    min_experts=min_experts, max_experts=max_experts, prepare=prepare,
                                    reference=reference, ignored_mergekit_keys=frozenset(ignored_mergekit_keys),
                                    linear_parts=linear_parts, rules=tuple(rules), state_bytes=state_bytes,
-                                   hashed_bytes=hashed_bytes, group=group)
+                                   hashed_bytes=hashed_bytes, group=group, scratch_blocks=scratch_blocks,
+                                   scratch_chunks=scratch_chunks)
         return kernel
 
     return deco
@@ -329,6 +342,11 @@ class Scratch:
         return cls(block if block is not None else block_entries(device),
                    compiled_min_entries(device, compiled, model_entries), compiled_dtypes(device),
                    torch.device(device).type in HASHED_DEVICES)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the buffers hold now."""
+        return sum(b.numel() * b.element_size() for b in self._bufs.values())
 
     def compiled(self, chunk: torch.Tensor, plain: bool = False) -> bool:
         """Whether the family's compiled formula merges `chunk` (the policy: `compiled_min_entries`).

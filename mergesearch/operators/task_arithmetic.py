@@ -739,6 +739,15 @@ def _make_linear_parts(kind: str, consensus: bool):
     return parts
 
 
+# The eager kernel's Scratch blocks, (fixed, per expert), by sparsifier kind and sign consensus, in the setting
+# that takes the most (sparsified and rescaled): each expert's weighted delta; the mask, its sources and the
+# rescale's magnitudes; with consensus the elected sign, the mixed sum, the kept count and the divisor.
+# tests/test_operators.py checks them against the kernel's allocations.
+_SCRATCH_BLOCKS = {("none", False): (0, 0), ("random", False): (2, 1), ("outliers", False): (3, 1),
+                   ("della", False): (5, 1), ("magnitude", True): (6, 1), ("random", True): (6, 1),
+                   ("outliers", True): (7, 1), ("della", True): (9, 1)}
+
+
 def _register(name: str, kind: str, consensus: bool, normalize: bool, rescale: bool, doc: str, ref: str) -> None:
     params = [WEIGHT]
     if kind != "none":
@@ -758,7 +767,8 @@ def _register(name: str, kind: str, consensus: bool, normalize: bool, rescale: b
              # int32 ranks; float32 uniforms; della: 16-bit uniform and row rank in one int32 (CUDA: the rank alone)
              state_bytes={"none": 0, "magnitude": 4, "outliers": 4, "random": 4, "della": 4}[kind],
              hashed_bytes={"random": 4, "della": 2}.get(kind, 0),
-             group=_make_group_kernel(kind, consensus))(_make_kernel(kind, consensus))
+             group=_make_group_kernel(kind, consensus),
+             scratch_blocks=_SCRATCH_BLOCKS[kind, consensus])(_make_kernel(kind, consensus))
 
 
 _register("task_arithmetic", "none", False, False, False,
