@@ -100,10 +100,10 @@ def estimate(tensors: Sequence[TensorInfo], n_experts: int, method: str, dtype: 
     fit_bytes = 0
     if fit:
         layers = _layers(floats)
-        # task arithmetic's parts are the task vectors themselves (a fit runs it at lambda 1), unless they are
-        # streamed: the fit then holds a device copy of every one for its session (CoefficientFitter.linear_parts);
-        # the other fittable methods' parts (masked, rescaled) are copies
-        parts = 0 if method == "task_arithmetic" and not streaming else n * n_experts * size
+        # task arithmetic's parts are the task vectors themselves (a fit runs it at lambda 1: parts_are_deltas),
+        # unless they are streamed: the fit then holds a device copy of every one for its session
+        # (CoefficientFitter.linear_parts); the other fittable methods' parts (masked, rescaled) are copies
+        parts = 0 if op.parts_are_deltas and not streaming else n * n_experts * size
         fit_bytes = largest * size + batch_size * tokens * hidden * layers * 16 * size + parts
     return MemoryEstimate(device=str(device), streaming=streaming,
                           sources=largest * per_entry if streaming else resident,

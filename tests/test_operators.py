@@ -295,3 +295,20 @@ def test_declared_scratch_is_what_the_eager_kernel_holds(name):
             assert max(held) <= declared, (n, dtype, held, declared)
             if dtype == torch.float32:
                 assert max(held) == declared, (n, held, declared)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if operators.get(n).linear_parts is not None])
+def test_linear_parts_are_the_deltas_themselves_exactly_where_declared(name):
+    """mergesearch.memory counts no copy of the task vectors for a fit whose parts are the task vectors (at
+    lambda 1, as a fit runs): the parts must then be views of the deltas, and elsewhere need not be."""
+    op = operators.get(name)
+    n = _n_experts(op)
+    base, experts = _sources(n=n)
+    deltas = [e - base for e in experts]
+    values = {p.name: p.default for p in op.params} | {"lambda": 1.0, "density": 0.5}
+    params = {p.name: tuple([float(values[p.name])] * n) if p.per_expert else float(values[p.name])
+              for p in op.params}
+    state = op.prepare(base, deltas, torch.Generator().manual_seed(0)) if op.prepare else {}
+    parts = op.linear_parts(base, deltas, params, state)
+    shared = [p.untyped_storage().data_ptr() == d.untyped_storage().data_ptr() for p, d in zip(parts, deltas)]
+    assert all(shared) == op.parts_are_deltas, (name, shared)

@@ -105,6 +105,9 @@ class Operator:
     # base + sum_e weight_e * part_e at this candidate: what a gradient fit of the weights moves along
     # (mergesearch.fit). None: the method's weights cannot be fitted.
     linear_parts: Callable[..., list[torch.Tensor]] | None = None
+    # Whether those parts, at lambda 1, are the task vectors themselves (views, no copy: what mergesearch.memory
+    # counts for a fit); tests/test_operators.py checks it.
+    parts_are_deltas: bool = False
     # Rules between parameters (Plan.validate and the search space apply them; the kernel refuses too).
     rules: tuple[ParamRule, ...] = ()
     # Bytes of `prepare`'s state per entry and expert (ranks, random fields): what mergesearch.memory counts.
@@ -160,7 +163,7 @@ _REGISTRY: dict[str, Operator] = {}
 def register(name: str, *, params: Sequence[Param], doc: str, min_experts: int = 1,
              max_experts: int | None = None, prepare: Prepare | None = None, reference: str = "",
              ignored_mergekit_keys: Sequence[str] = (),
-             linear_parts: Callable[..., list[torch.Tensor]] | None = None,
+             linear_parts: Callable[..., list[torch.Tensor]] | None = None, parts_are_deltas: bool = False,
              rules: Sequence[ParamRule] = (), state_bytes: int = 0, hashed_bytes: int = 0,
              group: Callable[..., torch.Tensor | None] | None = None, scratch_blocks: tuple[int, int] = (0, 0),
              scratch_chunks: int = 0) -> Callable[[Kernel], Kernel]:
@@ -172,7 +175,8 @@ def register(name: str, *, params: Sequence[Param], doc: str, min_experts: int =
         _REGISTRY[name] = Operator(name=name, kernel=kernel, params=tuple(params), doc=doc,
                                    min_experts=min_experts, max_experts=max_experts, prepare=prepare,
                                    reference=reference, ignored_mergekit_keys=frozenset(ignored_mergekit_keys),
-                                   linear_parts=linear_parts, rules=tuple(rules), state_bytes=state_bytes,
+                                   linear_parts=linear_parts, parts_are_deltas=parts_are_deltas,
+                                   rules=tuple(rules), state_bytes=state_bytes,
                                    hashed_bytes=hashed_bytes, group=group, scratch_blocks=scratch_blocks,
                                    scratch_chunks=scratch_chunks)
         return kernel

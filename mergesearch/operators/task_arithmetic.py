@@ -763,7 +763,8 @@ def _register(name: str, kind: str, consensus: bool, normalize: bool, rescale: b
                "random": _prepare_random, "della": _prepare_della}[kind]
     ignored = {"int8_mask"} | ({"rescale"} if kind == "none" else set())
     register(name, params=params, doc=doc, prepare=prepare, reference=ref, ignored_mergekit_keys=ignored,
-             linear_parts=_make_linear_parts(kind, consensus), rules=(DELLA_RULE,) if kind == "della" else (),
+             linear_parts=_make_linear_parts(kind, consensus), parts_are_deltas=kind == "none" and not consensus,
+             rules=(DELLA_RULE,) if kind == "della" else (),
              # int32 ranks; float32 uniforms; della: 16-bit uniform and row rank in one int32 (CUDA: the rank alone)
              state_bytes={"none": 0, "magnitude": 4, "outliers": 4, "random": 4, "della": 4}[kind],
              hashed_bytes={"random": 4, "della": 2}.get(kind, 0),
