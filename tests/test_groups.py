@@ -170,3 +170,21 @@ def test_a_grouped_model_saves_as_the_chunk_by_chunk_one(arch, tiny_family, tmp_
         assert set(load_file(state / "model.safetensors")) >= set(saved[grouped])
     assert set(saved[True]) == set(saved[False])
     assert all(torch.equal(v, saved[False][k]) for k, v in saved[True].items())
+
+
+def test_linear_is_task_arithmetics_one_call_where_it_is_task_arithmetic(tiny_family):
+    """linear with normalize (or weights summing to 1) is task arithmetic at lambda 1 with normalize: it takes
+    task arithmetic's one call and gives its weights; W * base (normalize off, W != 1) merges chunk by chunk."""
+    from mergesearch.plan import Plan
+
+    base, experts = tiny_family("llama", 3)
+    m = Materializer(base, experts, "linear", device="cpu", chunks=2, seed=3, compiled=True)
+    w = [0.2, 0.5, 0.9]
+    got, ran = _run(m, m.plan(weight=w))
+    assert {k for k in ran if k[0].startswith("group_")}, ran
+    ta = Plan.full("task_arithmetic", m.tensors, 3, chunks=m.chunks, weight=w, normalize=1.0)
+    want, _ = _run(m, ta)  # a method that prepares nothing runs on any materialiser
+    assert all(torch.equal(v, want[k]) for k, v in got.items())
+    plain, ran = _run(m, m.plan(weight=w, normalize=0.0))
+    assert not ran  # W * base: the eager adds
+    assert not all(torch.equal(v, got[k]) for k, v in plain.items())

@@ -7,7 +7,11 @@ zero task vector, so it still counts in the weights). With x_i = base + d_i the 
     normalize:   base + sum_i (w_i / W) d_i          W = sum_i w_i
     otherwise:   W * base + sum_i w_i d_i
 
-which streams each source once (`add(out=)` then `add_(alpha=)`), no temporaries.
+The first (and the second where W = 1) is task arithmetic at lambda 1 (with normalize), so it runs task
+arithmetic's kernels: on the CPU and CUDA alike, every chunk of a candidate in one compiled pass that
+reads each source byte once (`group`), where the eager adds below read the output back once per expert
+(0.76 of torch.add's bandwidth, 1.3x task arithmetic's time, on a 134M Llama with 3 experts). The rest
+(W * base) streams each source once with `mul(out=)` then `add_(alpha=)`.
 """
 
 from __future__ import annotations
@@ -15,7 +19,30 @@ from __future__ import annotations
 import torch
 
 from mergesearch.errors import CandidateError
+from mergesearch.operators import registry
 from mergesearch.operators.registry import WEIGHT, is_on, normalize_param, register
+
+_TINY_SUM = 1e-8  # task arithmetic does not divide by weight sums this small (linear_divisor); linear does
+
+
+def _as_task_arithmetic(p: dict) -> dict | None:
+    """Task arithmetic's parameters that give this linear merge, or None where none do (W * base)."""
+    w = p["weight"]
+    total = sum(w)
+    if is_on(p["normalize"]):
+        if total == 0.0:
+            # mergekit divides by zero here (NaN weights); a search must see a failed candidate.
+            raise CandidateError("linear: the weights sum to 0, so normalize=true divides by zero")
+        return {"weight": w, "normalize": 1.0, "lambda": 1.0} if abs(total) >= _TINY_SUM else None
+    return {"weight": w, "normalize": 0.0, "lambda": 1.0} if total == 1.0 else None
+
+
+def _group(out, base, deltas, state, sizes, params, scratch) -> torch.Tensor | None:
+    """Task arithmetic's group kernel where every chunk is task arithmetic (see the module docstring)."""
+    ta = [_as_task_arithmetic(p) for p in params]
+    if any(p is None for p in ta):
+        return None
+    return registry.get("task_arithmetic").group(out, base, deltas, state, sizes, ta, scratch)
 
 
 @register(
@@ -23,24 +50,17 @@ from mergesearch.operators.registry import WEIGHT, is_on, normalize_param, regis
     params=(WEIGHT, normalize_param(True)),
     doc="weighted average of the expert models (model soups)",
     reference="https://arxiv.org/abs/2203.05482",
+    group=_group,
 )
-def linear(out, base, deltas, p, state, scratch) -> None:
+def linear(out, base, deltas, p, state, scratch) -> torch.Tensor | None:
+    ta = _as_task_arithmetic(p)
+    if ta is not None:
+        return registry.get("task_arithmetic").kernel(out, base, deltas, ta, state, scratch)
     w = p["weight"]
     total = sum(w)
-    if is_on(p["normalize"]):
-        if total == 0.0:
-            # mergekit divides by zero here (NaN weights); a search must see a failed candidate.
-            raise CandidateError("linear: the weights sum to 0, so normalize=true divides by zero")
-        coefs, base_scale = [wi / total for wi in w], 1.0
-    else:
-        coefs, base_scale = list(w), total
-    terms = [(d, c) for d, c in zip(deltas, coefs) if c != 0.0]
-    if base_scale != 1.0:
-        torch.mul(base, base_scale, out=out)
-    elif terms:
-        d, c = terms.pop(0)
-        torch.add(base, d, alpha=c, out=out)  # fuses the copy of base with the first term
-    else:
-        out.copy_(base)
-    for d, c in terms:
-        out.add_(d, alpha=c)
+    coefs, base_scale = (list(w), total) if not is_on(p["normalize"]) else ([wi / total for wi in w], 1.0)
+    torch.mul(base, base_scale, out=out)
+    for d, c in zip(deltas, coefs):
+        if c != 0.0:
+            out.add_(d, alpha=c)
+    return None
