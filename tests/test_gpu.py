@@ -141,3 +141,44 @@ def test_study_runs_on_cuda(zoo_test, tmp_path):
     searched = records.search_trials(study)
     assert len(searched) == 3 and all(records.record(t)["device"].startswith("cuda") for t in searched)
     assert all(records.record(t)["device"].startswith("cuda") for t in records.baseline_trials(study))
+
+
+def _hf_rows(model, tok, texts: list[str], max_new: int, batch: int = 8) -> list[list[int]]:
+    """HF `generate` (greedy, left padding) on the model's device; each row up to and including its EOS."""
+    out = []
+    for lo in range(0, len(texts), batch):
+        enc = tok(texts[lo: lo + batch], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        with torch.inference_mode():
+            g = model.generate(**enc, max_new_tokens=max_new, do_sample=False, pad_token_id=0, eos_token_id=2)
+        out += [row[: row.index(2) + 1] if 2 in row else row for row in g[:, enc.input_ids.shape[1]:].tolist()]
+    return out
+
+
+def test_generation_on_cuda_replays_its_captured_step_and_equals_hf_generate(tmp_path, device="cuda"):
+    """The engine on CUDA (float32; prompts sharing a prefix, rows stopping at EOS and refilled): its decode step
+    captured as a CUDA graph, its rows equal HF `generate` on the same device and the CPU engine's. After the
+    weights are written in place (the materialiser's copy_), the kept engine's graph replays on them: its rows
+    equal HF `generate` on the new weights."""
+    from test_evaluate import newline_model, prompts
+
+    from mergesearch.evaluate.engine import GenerationEngine, GenRequest
+
+    model, tok = newline_model(tmp_path / "a")
+    other = newline_model(tmp_path / "b", seed=7)[0].to(device)
+    first = newline_model(tmp_path / "c")[0].to(device)  # the first weights, kept for the reference
+    texts = prompts(20, seed=4)
+    reqs = [GenRequest(tuple(tok(t, add_special_tokens=False).input_ids), 16, frozenset({2})) for t in texts]
+    with torch.inference_mode():
+        on_cpu = GenerationEngine(model, batch_size=8, pad_id=0).generate(reqs)
+    model = model.to(device)
+    engine = GenerationEngine(model, batch_size=8, pad_id=0)
+    with torch.inference_mode():
+        before = engine.generate(reqs)
+        captured = engine.graph_state
+        for p, q in zip(model.parameters(), other.parameters()):
+            p.copy_(q)
+        after = engine.generate(reqs)
+    if device == "cuda":
+        assert captured == engine.graph_state == "captured", engine.graph_state
+    assert before == on_cpu == _hf_rows(first, tok, texts, 16)
+    assert after == _hf_rows(other, tok, texts, 16) and after != before
