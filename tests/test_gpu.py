@@ -182,3 +182,27 @@ def test_generation_on_cuda_replays_its_captured_step_and_equals_hf_generate(tmp
         assert captured == engine.graph_state == "captured", engine.graph_state
     assert before == on_cpu == _hf_rows(first, tok, texts, 16)
     assert after == _hf_rows(other, tok, texts, 16) and after != before
+
+
+def test_bf16_one_pass_decisions_on_cuda_equal_generation(device="cuda"):
+    """The bf16 tie guard (`_scoring.TIE_EPS_16BIT`, measured on the CPU) on CUDA, whose kernels round otherwise:
+    the shipped demo zoo's experts in bf16 on their calib questions, every one-pass decision equal to
+    generation's, and some decided by one pass (the check is not empty)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mergesearch.evaluate import Evaluator, load_task
+    from mergesearch.zoo import load_manifest
+    from mergesearch.zoo.shipped import shipped_zoo
+
+    zoo = shipped_zoo("demo")
+    m = load_manifest(zoo)
+    tok = AutoTokenizer.from_pretrained(zoo / m["base"])
+    decided = 0
+    for skill in m["skills"]:
+        model = AutoModelForCausalLM.from_pretrained(zoo / m["experts"][skill], dtype=torch.bfloat16).to(device)
+        task = load_task(str(zoo / m["data"][skill]["calib"]), name=skill, limit=60)
+        fast = Evaluator(model.eval(), tok, [task], batch_size=32).evaluate().records[skill]
+        slow = Evaluator(model, tok, [task], batch_size=32, shortcut=False).evaluate().records[skill]
+        assert [r["exact_match"] for r in fast] == [r["exact_match"] for r in slow], skill
+        decided += sum(r["decided_by"] == "one-pass" for r in fast)
+    assert decided > 0
