@@ -8,9 +8,10 @@ What the materialiser, evaluator and fit hold on the merge device, in bytes:
              largest tensor's are on the device at a time
   model      the one preallocated model the candidates are written into
   scratch    the kernels' reusable buffers: as many blocks of min(largest chunk, the device's block) and
-             whole-chunk buffers as the method declares (`Operator.scratch_bytes`), and, for a method that rescales by default (DARE, DELLA) where its compiled formula writes the
-             kept entries (`writes_kept_entries`: DARE and DELLA in bf16/fp16 off CUDA), one buffer per expert the
-             size of the largest tensor in the merge dtype
+             whole-chunk buffers as the method declares (`Operator.scratch_bytes`), and, for a method that
+             rescales by default (DARE, DELLA) where its compiled formula writes the kept entries
+             (`writes_kept_entries`: DARE and DELLA in bf16/fp16 off CUDA), one buffer per expert the size of
+             the largest tensor in the merge dtype
   evaluator  the larger of one-pass scoring, one batch of logits (batch x tokens x vocab, float32) and the
              hidden states of a layer, and generation: the engine's preallocated KV cache (batch slots x
              the generated tokens plus a prompt, keys and values of every layer; the few-shot prefix shared
