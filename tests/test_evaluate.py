@@ -670,3 +670,34 @@ def test_prefix_stable_decoders():
     assert not decode_is_prefix_stable(wrap(decoders.ByteLevel(), cleanup=True))  # " ." becomes "."
     assert not decode_is_prefix_stable(wrap(decoders.Strip(" ", 0, 1)))  # a trailing strip
     assert not decode_is_prefix_stable(wrap(decoders.WordPiece()))
+
+
+@pytest.mark.parametrize("n_tied", [2, 3, 4])
+def test_a_near_tie_of_tokens_that_all_part_from_the_answer_is_decided_in_one_pass(tmp_path, n_tied):
+    """A hook ties n_tied tokens ("x", "y", ...) at the top of every position, so greedy takes one of them (float
+    noise would decide which). Where none of them is the answer's next token every start greedy can take parts
+    from the answer: wrong, decided by the one pass, as generation decides it. Where the answer's next token is
+    one of them, or more than TIED_MOST tokens tie, only generation can tell."""
+    from mergesearch.evaluate import _scoring
+
+    model, tok = newline_model(tmp_path / "m")
+    tied = tok.convert_tokens_to_ids(["x", "y", "w", "v"][:n_tied])
+
+    def tie(module, args, out):
+        out = out.clone()
+        out[..., tied] = out.max(-1, keepdim=True).values + 1.0
+        return out
+
+    model.lm_head.register_forward_hook(tie)
+    rows = [{"id": f"a{i}", "prompt": p, "answer": "abc"} for i, p in enumerate(prompts(6, seed=1))]
+    rows += [{"id": f"x{i}", "prompt": p, "answer": "xyz"} for i, p in enumerate(prompts(6, seed=2))]
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = load_task(path)
+    fast = Evaluator(model, tok, [task], batch_size=4).evaluate().records[task.name]
+    slow = Evaluator(model, tok, [task], batch_size=4, shortcut=False).evaluate().records[task.name]
+    assert [r["exact_match"] for r in fast] == [r["exact_match"] for r in slow] == [0.0] * 12
+    by = {r["id"]: r["decided_by"] for r in fast}
+    parting = n_tied <= _scoring.TIED_MOST
+    assert all(by[f"a{i}"] == ("one-pass" if parting else "generation") for i in range(6)), by
+    assert all(by[f"x{i}"] == "generation" for i in range(6)), by  # "x", the answer's first token, is tied

@@ -141,7 +141,7 @@ class ExactMatch(Prepared):
         uniq = sl["uniq"]
         stop_ids = stop_tokens(ev.tokenizer, task.until, ev.eos_id)
         ll: list[float | None] = [0.0 if ev.gold_pass(task) else None] * len(uniq)
-        proven: dict[int, tuple[list[int], bool] | None] = {}
+        proven: dict[int, list[tuple[list[int], bool]]] = {}
         for chunk, batch in sl["batches"]:
             lls, known = scoring.score_gen_batch(ev.model, batch, task.max_new_tokens, stop_ids, ev.skipped,
                                                  ev.max_len)
@@ -152,15 +152,24 @@ class ExactMatch(Prepared):
         for n_pass in range(1, MAX_PASSES + 1):
             retry = {}
             for u, known in proven.items():
-                if known is None:
+                if not known:
                     continue
-                text = ev.text_of(known[0])
                 it = self.items[uniq[u]]
-                match, output = scoring.decide(text, known[1], ev.prefix_stable, task, it.example.answers)
+                if len(known) > 1:  # a near-tie's tokens, each a start greedy may take: decided where all agree
+                    verdicts = [scoring.decide(ev.text_of(t), c, ev.prefix_stable, task, it.example.answers)
+                                for t, c in known]
+                    matches, outputs = {m for m, _ in verdicts}, {o for _, o in verdicts}
+                    if len(matches) == 1 and None not in matches:  # the text before the tie is what is proven
+                        decided[u] = (matches.pop(), outputs.pop() if len(outputs) == 1 else None,
+                                      ev.text_of(known[0][0][:-1]), n_pass)
+                    continue
+                toks, complete = known[0]
+                text = ev.text_of(toks)
+                match, output = scoring.decide(text, complete, ev.prefix_stable, task, it.example.answers)
                 if match is not None:
                     decided[u] = (match, output, text, n_pass)
-                elif not known[1] and ev.prefix_stable and n_pass < MAX_PASSES:
-                    nxt = scoring.follow_greedy(it, known[0], text, ev.tokenizer, ev.max_len)
+                elif not complete and ev.prefix_stable and n_pass < MAX_PASSES:
+                    nxt = scoring.follow_greedy(it, toks, text, ev.tokenizer, ev.max_len)
                     if nxt is not None:
                         retry[u] = nxt
             if not retry:

@@ -42,6 +42,9 @@ from mergesearch.evaluate.text import encode, encode_pair
 # decided by one pass).
 TIE_EPS = {torch.float32: 64, torch.float64: 64}
 TIE_EPS_16BIT = 8
+# A near-tie whose tokens all part from the gold answer still decides an example where each of them does alike
+# (greedy emits one of them): at most this many tied tokens are followed.
+TIED_MOST = 3
 
 
 def tie_tolerance(dtype: torch.dtype) -> float:
@@ -466,15 +469,17 @@ def score_choice_batch(model, batch: ChoiceBatch) -> list[list[float]]:
 
 
 def score_gen_batch(model, batch: GenBatch, max_new_tokens: int, stop_ids: set[int], skipped: set[int],
-                    max_len: int | None) -> tuple[list[float], list[tuple[list[int], bool] | None]]:
+                    max_len: int | None) -> tuple[list[float], list[list[tuple[list[int], bool]]]]:
     """One teacher-forced pass: gold log-probs and the first tokens greedy decoding is proven to emit.
 
     Greedy decoding emits the gold tokens for as long as each is the argmax at its position; the first
     argmax that is not the gold token (or is a stop) is its next token, and after that the pass knows
-    nothing more. Returns (gold log-prob per example, per example (proven tokens, complete) or None
-    where the pass proves nothing usable). complete: generation ends right there (a stop/EOS token, or
-    max_new_tokens used up). None: a special token other than EOS (it decodes to nothing, so the text is
-    unchanged but generation goes on) or a near-tie float noise could flip (`TIE_EPS`).
+    nothing more. Returns (gold log-prob per example, per example the starts greedy's output is proven to
+    take: one (tokens, complete), or one per token of a near-tie where every tied token parts from the gold
+    answer (greedy takes one of them, float noise decides which: `TIE_EPS`), or none where the pass proves
+    nothing usable). complete: generation ends right there (a stop/EOS token, or max_new_tokens used up).
+    None proven: a special token other than EOS (it decodes to nothing, so the text is unchanged but
+    generation goes on), a near-tie the gold token is part of, or one of more than TIED_MOST tokens.
     """
     cache = _run_prefix(model, batch.prefix, len(batch.items))
     if cache is None:
@@ -487,30 +492,38 @@ def score_gen_batch(model, batch: GenBatch, max_new_tokens: int, stop_ids: set[i
     rows = torch.arange(len(batch.items), device=logits.device)[:, None]
     ll = (_logprobs(logits, rows, batch.ll_pos, batch.ll_tok) * batch.ll_mask).sum(-1).tolist()
     if batch.g_pos is None:
-        return ll, [None] * len(batch.items)
-    top2 = logits[rows, batch.g_pos].topk(2, dim=-1)  # (B, G+1, 2)
-    # the largest difference noise could explain at each position
-    tol = tie_tolerance(logits.dtype) * top2.values[..., 0].float().abs().clamp(min=1.0)
-    gap = ((top2.values[..., 0] - top2.values[..., 1]).float() - tol).tolist()
-    best = top2.indices[..., 0].tolist()
-    proven: list[tuple[list[int], bool] | None] = []
+        return ll, [[] for _ in batch.items]
+    k = min(TIED_MOST + 1, logits.shape[-1])
+    top = logits[rows, batch.g_pos].topk(k, dim=-1)  # (B, G+1, k)
+    values = top.values.float()
+    # the largest difference noise could explain at each position, and the tokens within it of the top
+    tol = tie_tolerance(logits.dtype) * values[..., 0].abs().clamp(min=1.0)
+    tied = (values >= values[..., :1] - tol[..., None]).tolist()  # (B, G+1, k)
+    index = top.indices.tolist()
+    proven: list[list[tuple[list[int], bool]]] = []
     for i, it in enumerate(batch.items):
         gold = it.whole[it.gen_start:]
-        toks: list[int] | None = gold[:max_new_tokens]  # if greedy follows gold until the tokens run out
+        starts = [gold[:max_new_tokens]]  # if greedy follows gold until the tokens run out
         for j in range(min(len(gold) + 1, max_new_tokens)):
-            b = best[i][j]
-            if gap[i][j] <= 0 or b in skipped:
-                toks = None
+            ties = [t for t, near in zip(index[i][j], tied[i][j]) if near]
+            if len(ties) > 1:  # a near-tie: decidable only where no tied token is the gold one
+                parts = len(ties) < k and (j == len(gold) or gold[j] not in ties)
+                starts = [gold[:j] + [t] for t in ties] if parts else []
                 break
-            if j == len(gold) or b != gold[j] or b in stop_ids:
-                toks = gold[:j] + [b]
+            b = ties[0]
+            if j == len(gold) or b != gold[j] or b in stop_ids or b in skipped:
+                starts = [gold[:j] + [b]]
                 break
-        if toks is None:
-            proven.append(None)
-            continue
-        complete = toks[-1] in stop_ids or len(toks) >= max_new_tokens
-        if complete and toks[-1] not in stop_ids and max_len is not None and len(it.prompt_ids) + max_new_tokens > max_len:
-            proven.append(None)  # generation may be cut by the context length before max_new_tokens
-            continue
-        proven.append((toks, complete))
+        out = []
+        for toks in starts:
+            complete = toks[-1] in stop_ids or len(toks) >= max_new_tokens
+            cut_short = (complete and toks[-1] not in stop_ids and max_len is not None
+                         and len(it.prompt_ids) + max_new_tokens > max_len)
+            if toks[-1] in skipped or cut_short:
+                # a special token: the text stays, generation goes on; or generation may be cut by the context
+                # length before max_new_tokens
+                out = []
+                break
+            out.append((toks, complete))
+        proven.append(out)
     return ll, proven
