@@ -259,8 +259,8 @@ def is_on(x: float) -> bool:
 # separate torch op. On a CPU a block stays in the L2 cache (a dozen float32 buffers of 128K entries),
 # where an elementwise op runs ~3-4x faster than streaming from memory. On a GPU each op is a kernel
 # launch of a few microseconds: 128K-entry blocks made TIES 100-250x slower than task arithmetic on an
-# H200, so a chunk is processed whole up to 32M entries (which bounds the scratch buffers: a dozen
-# blocks, ~1.5 GB in float32, whatever the model's largest tensor).
+# H200, so a chunk is processed whole up to 32M entries (which bounds the eager kernel's scratch: at most 9 + E
+# blocks, Operator.scratch_blocks, ~1.5 GB in float32 for 3 experts, whatever the model's largest tensor).
 BLOCK_ENTRIES = {"cpu": 1 << 17, "cuda": 1 << 25}
 _BLOCK_DEFAULT = 1 << 25  # other accelerators (mps, xpu): launch-bound like CUDA
 
@@ -273,8 +273,11 @@ def block_entries(device: str | torch.device) -> int:
 # Which chunks the task-arithmetic family merges with its compiled formula (operators/fused.py, one pass over
 # the sources) instead of the eager block kernel: chunks of at least COMPILED_MIN_ENTRIES in the device's
 # COMPILED_DTYPES, in models of at least COMPILED_MIN_MODEL entries on that device.
-# - bf16/fp16 are compiled on CUDA only. On a CPU the compiled bf16 formula was 2x slower than the eager
-#   kernel (it converts every entry to float32 and back); on a GPU the eager kernel's ~20 launches per block
+# - bf16 is compiled on both devices, fp16 on CUDA only. On a CPU the compiled bf16 formula was once 2x slower
+#   than the eager kernel; with torch 2.13 it is faster for every sparse method (2026-12-07, one 16.8M-entry
+#   bf16 chunk, 3 experts, 2 threads: ties 34 against 98 ms, dare_ties 120 / 217, breadcrumbs_ties 28 / 121,
+#   della 202 / 348, della_linear 191 / 222, dare_linear 133 / 144; the same weights), while plain task arithmetic
+#   stays eager there (16 against 8 ms: `Scratch.compiled`). On a GPU the eager kernel's ~20 launches per block
 #   cost more. The formula rounds to bf16 wherever the eager kernel writes a bf16 tensor, so that elected
 #   signs stay the eager kernel's (within two bf16 steps, tests/test_fused.py).
 # - Below COMPILED_MIN_ENTRIES the call's fixed cost (guards, the candidate's parameters as tensors) is more
@@ -284,7 +287,7 @@ def block_entries(device: str | torch.device) -> int:
 #   model ~0.04 s. GPUs save more per entry (one kernel instead of ~20 launches per block).
 # MERGESEARCH_FUSED=0 runs the eager kernel everywhere; MERGESEARCH_FUSED=1 compiles every chunk of any model
 # in the device's dtypes (benchmarks: the two paths side by side).
-COMPILED_DTYPES = {"cpu": (torch.float32,), "cuda": (torch.float32, torch.bfloat16, torch.float16)}
+COMPILED_DTYPES = {"cpu": (torch.float32, torch.bfloat16), "cuda": (torch.float32, torch.bfloat16, torch.float16)}
 # Where the compiled formula computes DARE's and DELLA's uniforms in the kernel instead of reading them
 # (operators/counter.py): a GPU has arithmetic to spare and reads a bf16 delta in half the bytes of its uniforms;
 # a CPU's integer hash cost more than the read.
