@@ -10,8 +10,9 @@ What the materialiser, evaluator and fit hold on the merge device, in bytes:
   scratch    the kernels' reusable buffers: as many blocks of min(largest chunk, the device's block) and
              whole-chunk buffers as the method declares (`Operator.scratch_bytes`), and, for a method that
              rescales by default (DARE, DELLA) where its compiled formula writes the kept entries
-             (`writes_kept_entries`: DARE and DELLA in bf16/fp16 off CUDA), one buffer per expert the size of
-             the largest tensor in the merge dtype
+             (`writes_kept_entries`: DARE and DELLA in bf16/fp16 off CUDA; fp16 on the CPU runs the eager
+             kernel but is counted the same), one buffer per expert the size of the largest tensor in the merge
+             dtype
   evaluator  the larger of one-pass scoring, one batch of logits (batch x tokens x vocab, float32) and the
              hidden states of a layer, and generation: the engine's preallocated KV cache (batch slots x
              the generated tokens plus a prompt, keys and values of every layer; the few-shot prefix shared

@@ -24,10 +24,11 @@ CHAIN = Path(__file__).parent / "data" / "chain"
 
 
 def hf_tokens(model, tok, texts: list[str], max_new: int, batch: int = 8) -> list[list[int]]:
-    """HF `generate` (greedy, left padding) per batch; each row up to and including its EOS."""
+    """HF `generate` (greedy, left padding) per batch, on the model's device; each row up to and including its
+    EOS."""
     out = []
     for lo in range(0, len(texts), batch):
-        enc = tok(texts[lo: lo + batch], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tok(texts[lo: lo + batch], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         with torch.inference_mode():
             g = model.generate(**enc, max_new_tokens=max_new, do_sample=False, pad_token_id=0, eos_token_id=2)
         for row in g[:, enc.input_ids.shape[1]:].tolist():

@@ -143,23 +143,13 @@ def test_study_runs_on_cuda(zoo_test, tmp_path):
     assert all(records.record(t)["device"].startswith("cuda") for t in records.baseline_trials(study))
 
 
-def _hf_rows(model, tok, texts: list[str], max_new: int, batch: int = 8) -> list[list[int]]:
-    """HF `generate` (greedy, left padding) on the model's device; each row up to and including its EOS."""
-    out = []
-    for lo in range(0, len(texts), batch):
-        enc = tok(texts[lo: lo + batch], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-        with torch.inference_mode():
-            g = model.generate(**enc, max_new_tokens=max_new, do_sample=False, pad_token_id=0, eos_token_id=2)
-        out += [row[: row.index(2) + 1] if 2 in row else row for row in g[:, enc.input_ids.shape[1]:].tolist()]
-    return out
-
-
 def test_generation_on_cuda_replays_its_captured_step_and_equals_hf_generate(tmp_path, device="cuda"):
     """The engine on CUDA (float32; prompts sharing a prefix, rows stopping at EOS and refilled): its decode step
     captured as a CUDA graph, its rows equal HF `generate` on the same device and the CPU engine's. After the
     weights are written in place (the materialiser's copy_), the kept engine's graph replays on them: its rows
     equal HF `generate` on the new weights."""
     from test_evaluate import newline_model, prompts
+    from test_generate import hf_tokens
 
     from mergesearch.evaluate.engine import GenerationEngine, GenRequest
 
@@ -180,8 +170,8 @@ def test_generation_on_cuda_replays_its_captured_step_and_equals_hf_generate(tmp
         after = engine.generate(reqs)
     if device == "cuda":
         assert captured == engine.graph_state == "captured", engine.graph_state
-    assert before == on_cpu == _hf_rows(first, tok, texts, 16)
-    assert after == _hf_rows(other, tok, texts, 16) and after != before
+    assert before == on_cpu == hf_tokens(first, tok, texts, 16)
+    assert after == hf_tokens(other, tok, texts, 16) and after != before
 
 
 def test_bf16_one_pass_decisions_on_cuda_equal_generation(device="cuda"):

@@ -264,6 +264,14 @@ def test_della_rule_is_one_rule_for_kernel_plan_and_space(density, epsilon, bad)
     assert operators.get("della").rules[0].repair is della_epsilon_cap
 
 
+def _kernel_params(op, n: int, values: dict) -> dict:
+    """A kernel's parameters for n experts: `values` where given, else each parameter's default."""
+    from mergesearch.operators.registry import resolve_chunk_params
+
+    return resolve_chunk_params(op, {p.name: [float(values.get(p.name, p.default))] * (n if p.per_expert else 1)
+                                     for p in op.params})
+
+
 # the settings that allocate the most scratch: sparsified (density < 1), rescaled, per-row angles
 _SCRATCH_SETTINGS = [{}, {"density": 0.5, "epsilon": 0.1}, {"density": 0.5, "epsilon": 0.1, "rescale": 0.0},
                      {"density": 0.5, "epsilon": 0.1, "rescale": 1.0}, {"filter_wise": 1.0}]
@@ -274,7 +282,7 @@ def test_declared_scratch_is_what_the_eager_kernel_holds(name):
     """mergesearch.memory counts a method's Scratch from its declaration (`Operator.scratch_bytes`): the
     eager kernel, over a chunk of several blocks, holds at most that in every setting and exactly that in
     float32 in the largest (1, 3 and 5 experts)."""
-    from mergesearch.operators.registry import Scratch, resolve_chunk_params
+    from mergesearch.operators.registry import Scratch
 
     op = operators.get(name)
     block = 512
@@ -285,9 +293,7 @@ def test_declared_scratch_is_what_the_eager_kernel_holds(name):
             declared = op.scratch_bytes(n, base.numel(), block, base.element_size())
             held = []
             for setting in _SCRATCH_SETTINGS:
-                width = {p.name: n if p.per_expert else 1 for p in op.params}
-                params = resolve_chunk_params(op, {p.name: [float(setting.get(p.name, p.default))] * width[p.name]
-                                                   for p in op.params})
+                params = _kernel_params(op, n, setting)
                 scratch = Scratch(block)  # the eager kernel (no compiled formula)
                 state = op.prepare(base, deltas, torch.Generator().manual_seed(0)) if op.prepare else {}
                 op.kernel(torch.empty_like(base), base, deltas, params, state, scratch)
@@ -305,9 +311,7 @@ def test_linear_parts_are_the_deltas_themselves_exactly_where_declared(name):
     n = _n_experts(op)
     base, experts = _sources(n=n)
     deltas = [e - base for e in experts]
-    values = {p.name: p.default for p in op.params} | {"lambda": 1.0, "density": 0.5}
-    params = {p.name: tuple([float(values[p.name])] * n) if p.per_expert else float(values[p.name])
-              for p in op.params}
+    params = _kernel_params(op, n, {"lambda": 1.0, "density": 0.5})
     state = op.prepare(base, deltas, torch.Generator().manual_seed(0)) if op.prepare else {}
     parts = op.linear_parts(base, deltas, params, state)
     shared = [p.untyped_storage().data_ptr() == d.untyped_storage().data_ptr() for p, d in zip(parts, deltas)]

@@ -22,8 +22,6 @@ from mergesearch.errors import CandidateError
 from mergesearch.operators import registry
 from mergesearch.operators.registry import WEIGHT, is_on, normalize_param, register
 
-_TINY_SUM = 1e-8  # task arithmetic does not divide by weight sums this small (linear_divisor); linear does
-
 
 def _as_task_arithmetic(p: dict) -> dict | None:
     """Task arithmetic's parameters that give this linear merge, or None where none do (W * base)."""
@@ -33,7 +31,11 @@ def _as_task_arithmetic(p: dict) -> dict | None:
         if total == 0.0:
             # mergekit divides by zero here (NaN weights); a search must see a failed candidate.
             raise CandidateError("linear: the weights sum to 0, so normalize=true divides by zero")
-        return {"weight": w, "normalize": 1.0, "lambda": 1.0} if abs(total) >= _TINY_SUM else None
+        # imported here: linear registers before the task-arithmetic family (the order `names()` keeps)
+        from mergesearch.operators.task_arithmetic import linear_divisor
+
+        # task arithmetic does not divide by a sum of ~0 (linear_divisor); linear does
+        return {"weight": w, "normalize": 1.0, "lambda": 1.0} if linear_divisor(w, True) == total else None
     return {"weight": w, "normalize": 0.0, "lambda": 1.0} if total == 1.0 else None
 
 
