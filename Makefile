@@ -29,9 +29,13 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 demo: install
 	$(BIN)/mergesearch demo
 
-# pytest exits 5 when it collected no test: that is a failure here, never a silent pass.
+# pytest exits 5 when it collected no test: that is a failure here, never a silent pass. The suite runs in
+# pytest-xdist workers, one per core up to TEST_WORKERS: most of its time is torch.compile's single-threaded
+# Python (the merge formulas' tests), which a second core runs beside (2 cores, cold compile cache: 12.6 min, not 20).
+# `make test TEST_WORKERS=1` runs it in one process.
+TEST_WORKERS ?= 4
 test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	$(BIN)/python -m pytest -n auto --maxprocesses $(TEST_WORKERS) $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 # A benchmark exits 1 when it misses a target (its MISS lines say which) and 77 when this machine lacks its

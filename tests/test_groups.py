@@ -8,6 +8,9 @@ bf16 (run here on the CPU: CI has no GPU). Every test checks which calls ran (`f
 
 from __future__ import annotations
 
+import collections
+import functools
+
 import pytest
 import torch
 
@@ -188,3 +191,22 @@ def test_linear_is_task_arithmetics_one_call_where_it_is_task_arithmetic(tiny_fa
     plain, ran = _run(m, m.plan(weight=w, normalize=0.0))
     assert not ran  # W * base: the eager adds
     assert not all(torch.equal(v, got[k]) for k, v in plain.items())
+
+
+def test_each_formula_compiles_once_for_all_chunks_and_runs(tiny_family, monkeypatch):
+    """One graph per compiled formula for a whole study: chunks of 2-d weights and of 1-d norms alike, a group's
+    runs of one chunk and of several (DELLA in bf16 on the CPU writes its kept entries run by run). dynamo had
+    guarded an input view's base, and sizes and strides of the bounds that happened to match, and compiled these
+    four formulas ten times (a recompile costs seconds on a CPU, more on CUDA)."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(fused, "_compiled", functools.cache(fused._compiled.__wrapped__))  # graphs of its own
+    base, experts = tiny_family("llama", 3)
+    values = {k: (v + [0.5] if isinstance(v, list) else v) for k, v in PARAMS["della"].items()}
+    before, ran = counters["stats"]["unique_graphs"], collections.Counter()
+    for grouped in (False, True):
+        m = Materializer(base, experts, "della", device="cpu", dtype="bfloat16", chunks=2, seed=3, compiled=True,
+                         grouped=grouped)
+        ran.update(_run(m, _varied(m, values))[1])
+    assert {k[0] for k in ran} == {"nums", "merge", "group_nums", "group_merge"}, ran
+    assert counters["stats"]["unique_graphs"] - before == len(ran), ran

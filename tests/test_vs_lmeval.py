@@ -7,6 +7,9 @@ HFLM wrapper around the same in-memory model; nothing of our scorer is used on i
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -154,3 +157,18 @@ def test_shipped_yaml_through_lmeval_equals_fast_path(zoo, zoo_model):
     for rec in res.records[lm_task.name]:
         doc_id = rows[int(rec["id"])]["id"]
         assert rec["exact_match"] == by_id[doc_id]["exact_match"]
+
+
+def test_rewritten_task_yamls_live_as_long_as_the_process(zoo_test, tmp_path):
+    """A YAML rewritten for local data files (one folder per rewrite, which lm-eval includes whole) lives in one
+    temporary folder of the process, removed at its exit: each rewrite had left a folder in the temp dir for good."""
+    data = zoo_test / "data" / "successor.calib.jsonl"
+    code = ("from mergesearch.evaluate.lmeval import ZOO_TEMPLATE, resolve_lmeval_spec\n"
+            "from pathlib import Path\n"
+            f"specs = [resolve_lmeval_spec(str(ZOO_TEMPLATE), data_files={str(data)!r})[0] for _ in range(2)]\n"
+            "print(len({s.include_path for s in specs}), all(any(Path(s.include_path).glob('*.yaml')) for s in specs))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, TMPDIR=str(tmp_path)))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["2", "True"]  # two folders, each with its YAML, while the process ran
+    assert not list(tmp_path.iterdir())  # and nothing left behind

@@ -8,6 +8,7 @@ just written. lm-eval's import and TaskManager indexing happen once per Evaluato
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -96,9 +97,16 @@ def resolve_lmeval_spec(spec: str, *, name: str | None = None, data_files=None) 
         cfg["task"] = name
     if isinstance(cfg.get("include"), str) and not Path(cfg["include"]).is_absolute():
         cfg["include"] = str((path.parent / cfg["include"]).resolve())
-    folder = Path(tempfile.mkdtemp(prefix="mergesearch-lmeval-"))
+    folder = Path(tempfile.mkdtemp(dir=_rewrites().name))  # a folder each: lm-eval includes a whole folder
     (folder / path.name).write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
     return LmEvalSpec(cfg["task"], str(folder)), str(path)
+
+
+@functools.cache
+def _rewrites() -> tempfile.TemporaryDirectory:
+    """Where this process writes rewritten task YAMLs: one temporary folder, removed when the process exits (each
+    rewrite had left a folder of its own in the temp dir for good)."""
+    return tempfile.TemporaryDirectory(prefix="mergesearch-lmeval-")
 
 
 def _metric_name(key: str) -> str:

@@ -39,6 +39,7 @@ import types
 import warnings
 
 import torch
+import torch.fx.experimental._config as fx_config  # dynamo's duck sizing (`_call`)
 
 from mergesearch.operators import counter
 
@@ -414,6 +415,13 @@ def _compiled(what: str, sp: Sparsifier, *flags: bool):
     return torch.compile(own, dynamic=True, fullgraph=True, options={"emulate_precision_casts": True})
 
 
+def unviewed(t: torch.Tensor) -> torch.Tensor:
+    """t as a tensor of its own over the same memory (`detach`: no view base), for a formula's input. dynamo guards
+    an input view's base, its sizes and strides: a chunk of a 2-d weight, then one of a 1-d norm, compiled every
+    formula twice (seconds on a CPU, more on CUDA)."""
+    return t.detach()
+
+
 _GRAPHS = 128  # compiled graphs kept per formula (dynamo's default: 8; its limit is process-wide, for any code)
 _BROKEN: set[tuple] = set()  # (what, sparsifier, *flags, dtype, device type) whose compile failed
 _RAN: set[tuple] = set()  # the same, for those that ran once
@@ -440,6 +448,10 @@ def _call(key: tuple, sample: torch.Tensor, *args) -> tuple[bool, object]:
             # Each expert count (and each dtype of the mask sources) is a graph of its own: a process that merges
             # several expert sets may hold more than dynamo's default of 8 graphs per code object.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _GRAPHS)
+            # No duck sizing: it ties sizes and strides that happen to be equal on the first call (3 experts and
+            # 3 chunks in a run, a (2, E) table's 2 and a (E, 2) bound's stride) and recompiles (seconds on a
+            # CPU, more on CUDA) when they differ on a later one. Sizes that must agree agree by the ops.
+            fx_config.use_duck_shape = False
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # inductor's own notices, once per graph
                 result = _compiled(*key)(*args)

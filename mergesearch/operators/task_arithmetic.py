@@ -556,8 +556,9 @@ def _merge_compiled(kind: str, rules: _Rules, o, b, ds, state, scratch: Scratch)
     over the sources (with `rescale`, a first pass for the kept L1 norms). Returns the float32 sum of what it
     wrote; None where it cannot compile here: the eager kernel's turn."""
     n, dev, n_exp = b.numel(), b.device, len(ds)
+    o, b, ds = fused.unviewed(o), fused.unviewed(b), [fused.unviewed(d) for d in ds]
     sp = _sparsifier(kind, scratch)
-    srcs = [_chunk_sources(sp, state, e, dev) for e in range(n_exp)]
+    srcs = [[fused.unviewed(x) for x in _chunk_sources(sp, state, e, dev)] for e in range(n_exp)]
     lim, numbers = _numbers(rules, sp, n, n_exp)
     lim = _on_device(lim, _lim_dtype(sp, srcs), dev)  # (E, k)
     numbers = _on_device(numbers, torch.float32, dev)  # the candidate's numbers in one copy
@@ -568,11 +569,12 @@ def _merge_compiled(kind: str, rules: _Rules, o, b, ds, state, scratch: Scratch)
         if not writes_kept_entries(_entry_bytes(sp, state), b.element_size()):
             return fused.merge_rescaled(sp, rules.consensus, rules.normalize, o, b, ds, srcs, lim, state["l1"],
                                         numbers)
-        kept = [scratch.get(f"kept{e}", b) for e in range(n_exp)]
+        kept = [fused.unviewed(scratch.get(f"kept{e}", b)) for e in range(n_exp)]
         numbers = fused.rescaled_nums(sp, kept, ds, srcs, lim, state["l1"], numbers)
         if numbers is None:
             return None
-        sp, ds, srcs = fused.DENSE, kept, [[] for _ in range(n_exp)]
+        # DENSE's bounds are read by no one: (E, 1) as a group's, so that both share the compiled graph
+        sp, ds, srcs, lim = fused.DENSE, kept, [[] for _ in range(n_exp)], torch.zeros(n_exp, 1, device=dev)
     return fused.merge(sp, rules.consensus, rules.normalize, o, b, ds, srcs, lim, numbers)
 
 
@@ -670,23 +672,26 @@ def _make_group_kernel(kind: str, consensus: bool):
         total = None
         dense_lim = torch.zeros(n_exp, len(sizes), 1, device=dev)
         for b0, b1, c0, c1, cob in _segments(state, sizes, base.shape[1]):
-            # A run of one chunk (the largest ones) takes the chunk's formulas, on flat views.
+            # A run of one chunk (the largest ones) takes the chunk's formulas, on flat views. Each input as the
+            # chunk path passes it (unviewed, contiguous bounds), so that both share the compiled graphs.
             one = c1 - c0 == 1
             cut = functools.partial(_run_of, b0=b0, b1=b1, flat=one)
-            kept = [scratch.get(f"kept{e}", cut(base)) for e in range(n_exp)]
+            kept = [fused.unviewed(scratch.get(f"kept{e}", cut(base))) for e in range(n_exp)]
             nothing = [[] for _ in range(n_exp)]
-            run_srcs = [_run_sources(sp, xs, cut, b0, c0, c1, dev) for xs in srcs]
+            run_srcs = [[fused.unviewed(x) for x in _run_sources(sp, xs, cut, b0, c0, c1, dev)] for xs in srcs]
+            run_ds = [fused.unviewed(cut(d)) for d in deltas]
+            run_out, run_base = fused.unviewed(cut(out)), fused.unviewed(cut(base))
             if one:
-                nums = fused.rescaled_nums(sp, kept, [cut(d) for d in deltas], run_srcs,
-                                           lim[:, c0], state["l1"][c0], table[c0])
-                written = None if nums is None else fused.merge(fused.DENSE, consensus, normalize, cut(out),
-                                                                cut(base), kept, nothing, dense_lim[:, c0], nums)
+                nums = fused.rescaled_nums(sp, kept, run_ds, run_srcs, lim[:, c0].contiguous(), state["l1"][c0],
+                                           table[c0])
+                written = None if nums is None else fused.merge(fused.DENSE, consensus, normalize, run_out, run_base,
+                                                                kept, nothing, dense_lim[:, c0].contiguous(), nums)
             else:
-                nums = fused.group_rescaled_nums(sp, kept, [cut(d) for d in deltas], run_srcs, lim[:, c0:c1],
+                nums = fused.group_rescaled_nums(sp, kept, run_ds, run_srcs, lim[:, c0:c1].contiguous(),
                                                  state["l1"][c0:c1], table[c0:c1], cob)
-                written = None if nums is None else fused.merge_group(fused.DENSE, consensus, normalize, cut(out),
-                                                                      cut(base), kept, nothing, dense_lim[:, c0:c1],
-                                                                      nums, cob)
+                written = None if nums is None else fused.merge_group(fused.DENSE, consensus, normalize, run_out,
+                                                                      run_base, kept, nothing,
+                                                                      dense_lim[:, c0:c1].contiguous(), nums, cob)
             if written is None:
                 return None
             total = written if total is None else total + written
