@@ -415,11 +415,11 @@ def _compiled(what: str, sp: Sparsifier, *flags: bool):
     return torch.compile(own, dynamic=True, fullgraph=True, options={"emulate_precision_casts": True})
 
 
-def unviewed(t: torch.Tensor) -> torch.Tensor:
-    """t as a tensor of its own over the same memory (`detach`: no view base), for a formula's input. dynamo guards
-    an input view's base, its sizes and strides: a chunk of a 2-d weight, then one of a 1-d norm, compiled every
-    formula twice (seconds on a CPU, more on CUDA)."""
-    return t.detach()
+def _unviewed(args) -> list:
+    """args with every tensor, also in lists, passed as a tensor of its own over the same memory (`detach`: no
+    view base). dynamo guards an input view's base, its sizes and strides: a chunk of a 2-d weight, then one of a
+    1-d norm, compiled every formula twice (seconds on a CPU, more on CUDA)."""
+    return [a.detach() if isinstance(a, torch.Tensor) else _unviewed(a) if isinstance(a, list) else a for a in args]
 
 
 _GRAPHS = 128  # compiled graphs kept per formula (dynamo's default: 8; its limit is process-wide, for any code)
@@ -441,6 +441,7 @@ def _call(key: tuple, sample: torch.Tensor, *args) -> tuple[bool, object]:
     sig = (*key, sample.dtype, sample.device.type)
     if sig in _BROKEN:
         return False, None
+    args = _unviewed(args)
     try:
         if sig in _RAN:
             result = _compiled(*key)(*args)

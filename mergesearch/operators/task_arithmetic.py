@@ -556,9 +556,8 @@ def _merge_compiled(kind: str, rules: _Rules, o, b, ds, state, scratch: Scratch)
     over the sources (with `rescale`, a first pass for the kept L1 norms). Returns the float32 sum of what it
     wrote; None where it cannot compile here: the eager kernel's turn."""
     n, dev, n_exp = b.numel(), b.device, len(ds)
-    o, b, ds = fused.unviewed(o), fused.unviewed(b), [fused.unviewed(d) for d in ds]
     sp = _sparsifier(kind, scratch)
-    srcs = [[fused.unviewed(x) for x in _chunk_sources(sp, state, e, dev)] for e in range(n_exp)]
+    srcs = [_chunk_sources(sp, state, e, dev) for e in range(n_exp)]
     lim, numbers = _numbers(rules, sp, n, n_exp)
     lim = _on_device(lim, _lim_dtype(sp, srcs), dev)  # (E, k)
     numbers = _on_device(numbers, torch.float32, dev)  # the candidate's numbers in one copy
@@ -569,7 +568,7 @@ def _merge_compiled(kind: str, rules: _Rules, o, b, ds, state, scratch: Scratch)
         if not writes_kept_entries(_entry_bytes(sp, state), b.element_size()):
             return fused.merge_rescaled(sp, rules.consensus, rules.normalize, o, b, ds, srcs, lim, state["l1"],
                                         numbers)
-        kept = [fused.unviewed(scratch.get(f"kept{e}", b)) for e in range(n_exp)]
+        kept = [scratch.get(f"kept{e}", b) for e in range(n_exp)]
         numbers = fused.rescaled_nums(sp, kept, ds, srcs, lim, state["l1"], numbers)
         if numbers is None:
             return None
@@ -672,15 +671,15 @@ def _make_group_kernel(kind: str, consensus: bool):
         total = None
         dense_lim = torch.zeros(n_exp, len(sizes), 1, device=dev)
         for b0, b1, c0, c1, cob in _segments(state, sizes, base.shape[1]):
-            # A run of one chunk (the largest ones) takes the chunk's formulas, on flat views. Each input as the
-            # chunk path passes it (unviewed, contiguous bounds), so that both share the compiled graphs.
+            # A run of one chunk (the largest ones) takes the chunk's formulas, on flat views, its bounds
+            # contiguous as the chunk path's, so that both share the compiled graphs.
             one = c1 - c0 == 1
             cut = functools.partial(_run_of, b0=b0, b1=b1, flat=one)
-            kept = [fused.unviewed(scratch.get(f"kept{e}", cut(base))) for e in range(n_exp)]
+            kept = [scratch.get(f"kept{e}", cut(base)) for e in range(n_exp)]
             nothing = [[] for _ in range(n_exp)]
-            run_srcs = [[fused.unviewed(x) for x in _run_sources(sp, xs, cut, b0, c0, c1, dev)] for xs in srcs]
-            run_ds = [fused.unviewed(cut(d)) for d in deltas]
-            run_out, run_base = fused.unviewed(cut(out)), fused.unviewed(cut(base))
+            run_srcs = [_run_sources(sp, xs, cut, b0, c0, c1, dev) for xs in srcs]
+            run_ds = [cut(d) for d in deltas]
+            run_out, run_base = cut(out), cut(base)
             if one:
                 nums = fused.rescaled_nums(sp, kept, run_ds, run_srcs, lim[:, c0].contiguous(), state["l1"][c0],
                                            table[c0])
