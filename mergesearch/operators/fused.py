@@ -273,13 +273,15 @@ def _round(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x if dtype == torch.float32 else x.to(dtype).to(torch.float32)
 
 
-# L1 norms in fixed point: |entry| * 2**k (k per expert and chunk, `l1_scale`) truncated to int64 and summed in
-# int64. Integer sums are exact in any order, so the eager kernel's block sums, the compiled reduction and a
-# group's per-block sums all give the same norms, hence the same rescale factors and elected signs, on every
-# device. float64 sums did too (rounded to the same float32 factor), but cost 2x a float32 sum on a CPU (a DARE or
-# DELLA candidate's first pass: 1.45x task arithmetic's time instead of 1.2x by bytes); int64 ones cost ~1.1x.
-# k puts the chunk's largest |entry| just below 2**(62 - ceil(log2 n)): the sum cannot overflow, and each entry
-# loses less than 2**-(62 - ceil(log2 n)) of the largest (2**-33 in a 2**29-entry chunk).
+# L1 norms in fixed point: |entry| * 2**k (k per expert and chunk, `l1_scale`) rounded to an integer and summed in
+# float64, where integers below 2**53 are exact: integer sums are exact in any order, so the eager kernel's block
+# sums, the compiled reduction and a group's per-block sums all give the same norms, hence the same rescale factors
+# and elected signs, on every device. Why float64 and not int64: a float32 -> int64 conversion has no vector
+# instruction before AVX-512 (inductor's C++ converted entry by entry), and it was most of a DARE or DELLA first
+# pass on an AVX2 CPU (a bf16 DARE candidate's 3 x 16.8M entries: 120 ms, against 25 ms rounded in float32 and
+# summed in float64). k puts the chunk's largest |entry| just below 2**(52 - ceil(log2 n)): n rounded entries sum
+# to at most 2**52, and rounding (not truncating: its errors cancel instead of adding up) moves each entry by at
+# most 2**-(53 - ceil(log2 n)) of the largest (2**-24 in a 2**29-entry chunk).
 
 
 def l1_scale(d: torch.Tensor) -> float:
@@ -287,15 +289,15 @@ def l1_scale(d: torch.Tensor) -> float:
     amax = float(torch.linalg.vector_norm(d, math.inf)) if d.numel() else 0.0  # no |d| copy of the chunk
     if amax == 0.0 or not math.isfinite(amax):
         return 1.0
-    k = 62 - max(1, d.numel() - 1).bit_length() - math.frexp(amax)[1]
+    k = 52 - max(1, d.numel() - 1).bit_length() - math.frexp(amax)[1]
     return 2.0 ** max(-126, min(126, k))
 
 
 def fixed_l1(a: torch.Tensor, scale: torch.Tensor | float, dim: int | None = None) -> torch.Tensor:
-    """int64: the fixed-point sum of `a` (>= 0; float32, or cast to it) at `scale` (float32: |a| * scale is
-    exact), along `dim` (None: all)."""
-    x = (a.to(torch.float32) * scale).to(torch.int64)
-    return x.sum() if dim is None else x.sum(dim=dim)
+    """float64 holding an integer: the fixed-point sum of `a` (>= 0; float32, or cast to it) at `scale` (float32:
+    |a| * scale is exact, and so is its rounding), along `dim` (None: all)."""
+    x = torch.round(a.to(torch.float32) * scale)
+    return x.sum(dtype=torch.float64) if dim is None else x.sum(dim=dim, dtype=torch.float64)
 
 
 def _kept_l1(sp: Sparsifier, kept, ds, srcs, lim, l1, cob=None, n_chunks=None) -> torch.Tensor:
@@ -313,7 +315,7 @@ def _kept_l1(sp: Sparsifier, kept, ds, srcs, lim, l1, cob=None, n_chunks=None) -
     per_block = scale.to(torch.float32) if cob is None else scale.to(torch.float32)[cob]  # (E,) or (blocks, E)
     norms = []
     for e, d in enumerate(ds):
-        t = _masked(sp, d, srcs[e], lim[e])
+        t = _masked(sp, d.to(torch.float32), srcs[e], lim[e])  # float32: bf16 ops would round (exact, but slow)
         if kept is not None:
             kept[e].copy_(t)
         if cob is None:

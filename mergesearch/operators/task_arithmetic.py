@@ -98,7 +98,7 @@ DELLA_RULE = ParamRule(("density", "epsilon"), della_out_of_range, della_range_m
 # --- precomputation (once per chunk) ---------------------------------------------------------------
 
 
-_L1_BLOCK = 1 << 24  # entries per step of `_l1` (a chunk's int64 copy at once would be 2x its float32 size)
+_L1_BLOCK = 1 << 24  # entries per step of `_l1` (a chunk's float32 copy at once would be as large as a float32 chunk)
 
 
 def _l1(deltas) -> torch.Tensor:
@@ -111,7 +111,7 @@ def _l1(deltas) -> torch.Tensor:
         scale, flat = fused.l1_scale(d), d.reshape(-1)
         total = sum(int(fused.fixed_l1(flat[lo:lo + _L1_BLOCK].abs(), scale))
                     for lo in range(0, flat.numel(), _L1_BLOCK))
-        rows.append((total / scale, scale))  # total < 2**62: exact in Python, one rounding to float64
+        rows.append((total / scale, scale))  # total < 2**53: exact in Python, one rounding to float64
     return torch.tensor(rows, dtype=torch.float64, device=deltas[0].device).T.contiguous()
 
 
@@ -377,7 +377,7 @@ class _Rules:
         if not sparse:
             return {}
         n = ds[0].numel()
-        acc = torch.zeros(len(self.keep), dtype=torch.int64, device=ds[0].device)
+        acc = torch.zeros(len(self.keep), dtype=torch.float64, device=ds[0].device)  # integers: fixed_l1
         scale = state["l1"][1].float()
         for lo in range(0, n, block):
             hi = min(n, lo + block)
@@ -388,7 +388,7 @@ class _Rules:
                 a = scratch.get("abs", d)
                 torch.abs(d, out=a)
                 acc[e] += fused.fixed_l1(a.mul_(m), scale[e])
-        f = self.factor_vector(acc.double() / state["l1"][1], state)
+        f = self.factor_vector(acc / state["l1"][1], state)
         return {e: f[e] for e in sparse}
 
     def terms(self, ds, lo: int, hi: int, state, scratch: Scratch, factors: dict, unit: bool = False):
