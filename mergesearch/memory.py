@@ -3,16 +3,14 @@
 What the materialiser, evaluator and fit hold on the merge device, in bytes:
 
   sources    base + one task vector per expert in the merge dtype, plus the method's precomputed
-             state per entry and expert (magnitude ranks int32; DARE uniforms float32; DELLA
-             uniforms and row ranks float32); with streaming they stay in host memory and only the
-             largest tensor's are on the device at a time
+             state per entry and expert that the device stores (`Operator.stored_state_bytes`: magnitude
+             ranks int32; on the CPU DARE's uniforms float32 and DELLA's uniform and row rank in one int32;
+             on CUDA, which computes the uniforms in the kernel, DELLA's row ranks int16); with streaming
+             they stay in host memory and only the largest tensor's are on the device at a time
   model      the one preallocated model the candidates are written into
   scratch    the kernels' reusable buffers: as many blocks of min(largest chunk, the device's block) and
-             whole-chunk buffers as the method declares (`Operator.scratch_bytes`), and, for a method that
-             rescales by default (DARE, DELLA) where its compiled formula writes the kept entries
-             (`writes_kept_entries`: DARE and DELLA in bf16/fp16 off CUDA; fp16 on the CPU runs the eager
-             kernel but is counted the same), one buffer per expert the size of the largest tensor in the merge
-             dtype
+             whole-chunk buffers as the method declares (`Operator.scratch_bytes`); the compiled formula
+             writes none
   evaluator  the larger of one-pass scoring, one batch of logits (batch x tokens x vocab, float32) and the
              hidden states of a layer, and generation: the engine's preallocated KV cache (batch slots x
              the generated tokens plus a prompt, keys and values of every layer; the few-shot prefix shared
@@ -35,8 +33,6 @@ from dataclasses import asdict, dataclass
 import torch
 
 from mergesearch import operators
-from mergesearch.operators import is_on
-from mergesearch.operators.task_arithmetic import writes_kept_entries
 from mergesearch.checkpoints import TensorInfo, parse_dtype
 from mergesearch.config import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, LMEVAL_MAX_GEN_TOKS
 from mergesearch.evaluate.tasks import is_lmeval_spec
@@ -88,9 +84,6 @@ def estimate(tensors: Sequence[TensorInfo], n_experts: int, method: str, dtype: 
     resident = n * per_entry
     block = operators.block_entries(device)
     scratch = op.scratch_bytes(n_experts, largest, block, size)
-    rescales = "rescale" in op.param_names and is_on(op.param("rescale").default)
-    if rescales and state_bytes and writes_kept_entries(state_bytes, size):
-        scratch += n_experts * largest * size
     if vocab is None or hidden is None:  # from the embedding: (vocab, hidden)
         emb = max(floats, key=lambda t: t.numel if len(t.shape) == 2 else 0, default=None)
         vocab, hidden = (emb.shape[0], emb.shape[1]) if emb is not None and len(emb.shape) == 2 else (1, 1)

@@ -139,37 +139,25 @@ def test_a_fit_over_streamed_sources_counts_every_task_vector_on_the_device():
     assert ties.fit == streamed.fit
 
 
-def test_the_estimate_counts_the_kept_entries_the_compiled_formula_writes():
-    """DARE/DELLA's compiled first pass writes each expert's kept entries of a chunk into scratch where the mask's
-    stored sources take more bytes per entry than the delta: one buffer per expert the size of the largest tensor,
-    in the merge dtype, on top of the blocks: DARE's float32 uniforms (4 bytes), DELLA's 16-bit uniform and row
-    rank (4 bytes) against a bf16 delta. On CUDA the uniforms are computed in the kernel, not stored: DARE reads
-    no per-entry source there (no buffers, no state), DELLA its row ranks (int16, 2 bytes: no buffers either).
-    TIES writes none."""
-    from mergesearch import memory
+def test_the_estimate_counts_the_state_each_device_stores_and_the_kernels_blocks():
+    """Scratch: the eager kernel's declared blocks and nothing more (the compiled formula writes no buffers).
+    Sources per entry and expert: the delta plus the state the device stores: DARE's float32 uniforms and DELLA's
+    16-bit uniform and row rank (4 bytes) on the CPU; on CUDA the uniforms are computed in the kernel, not stored:
+    DARE keeps nothing per entry there, DELLA its row ranks (int16, 2 bytes)."""
+    from mergesearch import memory, operators
 
     tensors = _llama_tensors(4096, 11008, 32, 32, 32, 32000)
     largest = max(t.numel for t in tensors)
     n = sum(t.numel for t in tensors)
-    cases = (("cuda", 3, "bfloat16", 2, False, False), ("cuda", 2, "float32", 4, False, False),
-             ("cpu", 3, "bfloat16", 2, True, True), ("cpu", 2, "float32", 4, False, False))
-    from mergesearch import operators
-
-    for device, n_experts, dtype, size, della_writes, dare_writes in cases:
-        def blocks(method: str) -> int:  # the eager kernel's declared blocks
-            return operators.get(method).scratch_bytes(n_experts, largest, operators.block_entries(device), size)
-
-        ties = memory.estimate(tensors, n_experts, "ties", dtype, device=device)
-        assert ties.scratch == blocks("ties") > 0, (device, dtype)
-        buffers = n_experts * largest * size
-        della = memory.estimate(tensors, n_experts, "della", dtype, device=device)
-        assert della.scratch - blocks("della") == (buffers if della_writes else 0), (device, dtype)
-        dare = memory.estimate(tensors, n_experts, "dare_ties", dtype, device=device)
-        assert dare.scratch - blocks("dare_ties") == (buffers if dare_writes else 0), (device, dtype)
-        # per entry and expert: the delta, plus the stored state (DARE: uniforms on the CPU only; DELLA: + ranks)
+    for device, n_experts, dtype, size in (("cuda", 3, "bfloat16", 2), ("cuda", 2, "float32", 4),
+                                           ("cpu", 3, "bfloat16", 2), ("cpu", 2, "float32", 4)):
         ta = memory.estimate(tensors, n_experts, "task_arithmetic", dtype, device=device)
-        assert dare.sources - ta.sources == n * n_experts * (4 if device == "cpu" else 0), (device, dtype)
-        assert della.sources - ta.sources == n * n_experts * (4 if device == "cpu" else 2), (device, dtype)
+        for method, state in (("ties", 4), ("dare_ties", 4 if device == "cpu" else 0),
+                              ("della", 4 if device == "cpu" else 2)):
+            est = memory.estimate(tensors, n_experts, method, dtype, device=device)
+            blocks = operators.get(method).scratch_bytes(n_experts, largest, operators.block_entries(device), size)
+            assert est.scratch == blocks > 0, (method, device, dtype)
+            assert est.sources - ta.sources == n * n_experts * state, (method, device, dtype)
 
 
 def test_the_sources_estimate_is_what_the_materialiser_holds(tiny_family):

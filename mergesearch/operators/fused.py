@@ -16,13 +16,14 @@ Which entries an expert keeps is a `Sparsifier` (one small class per kind: magni
 DELLA's uniforms and row ranks); the formulas are written once for all of them.
 
 With `rescale` (DARE, DELLA) a first pass sums each expert's kept L1 norm and turns the norms into the candidate's
-coefficients. Where the mask's sources take more bytes per entry than the delta (stored uniforms against a bf16/fp16
-delta: task_arithmetic.writes_kept_entries) that pass also writes the kept entries into scratch buffers, and the merge
-pass, a second call, reads them instead of the delta and its sources; otherwise both passes are one graph, one
-call (`_merge_rescaled`): on a GPU a call's host time is more than a mid-sized chunk's merge. The norms are summed
-in fixed point on both paths (the eager kernel per block, this one in one reduction; `l1_scale`): integer sums are
-the same in any order, where float32 sums were not (a factor one ulp apart flips the elected sign of the rare
-entries whose vote is ~0).
+coefficients, and the merge pass reads the deltas and the mask's sources again: both passes are one graph, one
+call (`_merge_rescaled`), on every device and dtype. On a GPU a call's host time is more than a mid-sized chunk's
+merge; on a CPU (torch 2.13) writing the kept entries for the merge pass to read instead was slower even where the
+sources are twice a bf16 delta's bytes, as inductor wrote them in loops of their own that read the sources again
+(bench_merge, bf16, 134M, vs task arithmetic: DARE 2.54x written, 1.87x in one call; DELLA 5.49x, 4.62x). The
+norms are summed in fixed point on both paths (the eager kernel per block, this one in one reduction; `l1_scale`):
+integer sums are the same in any order, where float32 sums were not (a factor one ulp apart flips the elected sign
+of the rare entries whose vote is ~0).
 
 The merge pass also returns the sum of what it wrote, so the materialiser's NaN/inf check reads nothing again.
 
@@ -300,24 +301,19 @@ def fixed_l1(a: torch.Tensor, scale: torch.Tensor | float, dim: int | None = Non
     return x.sum(dtype=torch.float64) if dim is None else x.sum(dim=dim, dtype=torch.float64)
 
 
-def _kept_l1(sp: Sparsifier, kept, ds, srcs, lim, l1, cob=None, n_chunks=None) -> torch.Tensor:
+def _kept_l1(sp: Sparsifier, ds, srcs, lim, l1, cob=None, n_chunks=None) -> torch.Tensor:
     """(E,) float64: each expert's L1 norm over the entries it keeps, in fixed point at its scale (l1: (2, E),
-    row 1 the scales; see `l1_scale`). With `kept` (a list of buffers like ds), also write each expert's kept
-    entries there (its dropped ones 0), in the chunk's dtype: exact, an entry is d or 0. A group's (`merge_group`:
-    (blocks, B) tensors, cob (blocks,) each block's chunk, l1 (chunks, 2, E)): (n_chunks, E), each chunk's norms,
-    summed per block and then per chunk.
+    row 1 the scales; see `l1_scale`). A group's (`merge_group`: (blocks, B) tensors, cob (blocks,) each block's
+    chunk, l1 (chunks, 2, E)): (n_chunks, E), each chunk's norms, summed per block and then per chunk.
 
-    Flat tensors: inductor stores the kept entries in the loop of the expert's own reduction (a full one; it
-    did not fuse a store into a per-row reduction's loop). A mask of one byte per entry was slower on a CPU:
-    inductor wrote it in a loop of its own, which read the sources again. All experts in one call: on a GPU
-    each call costs more host time (guards, the wrapper) than the kernel of a mid-sized tensor."""
+    A mask of one byte per entry was slower on a CPU: inductor wrote it in a loop of its own, which read the
+    sources again. All experts in one call: on a GPU each call costs more host time (guards, the wrapper) than
+    the kernel of a mid-sized tensor."""
     scale = l1[..., 1, :]
     per_block = scale.to(torch.float32) if cob is None else scale.to(torch.float32)[cob]  # (E,) or (blocks, E)
     norms = []
     for e, d in enumerate(ds):
         t = _masked(sp, d.to(torch.float32), srcs[e], lim[e])  # float32: bf16 ops would round (exact, but slow)
-        if kept is not None:
-            kept[e].copy_(t)
         if cob is None:
             norms.append(fixed_l1(t.abs(), per_block[e]))
         else:
@@ -337,17 +333,16 @@ def rescale_factor(before: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     return torch.where(small, torch.ones_like(kept), before / kept.clamp_min(RESCALE_EPS)).float()
 
 
-def _rescaled_nums(sp: Sparsifier, kept, ds, srcs, lim, l1, nums, cob=None) -> torch.Tensor:
+def _rescaled_nums(sp: Sparsifier, ds, srcs, lim, l1, nums, cob=None) -> torch.Tensor:
     """`nums` (see `_merge`) with the coefficients of the rescaled experts (nums[E:2E] > 0) times their L1 rescale
     factors, rounded to the chunk's dtype as the eager kernel rounds them. Every expert's kept L1 norm is summed
-    here (`_kept_l1`, which also writes the kept entries into `kept` unless it is None): the experts that are not
-    rescaled keep all their entries or have coefficient 0, so their kept entries (d or 0) are right too.
+    here (`_kept_l1`); an expert that is not rescaled keeps its coefficient (factor 1).
     l1: (2, E) float64, each expert's fixed-point L1 norm over the chunk and its scale (prepare's "l1"). A group's
     (cob given): nums is the (chunks, 3E + 1) table, l1 (chunks, 2, E), lim (E, blocks, K) the bounds gathered per
     block."""
     n_exp = len(ds)
     coef, rs = nums[..., :n_exp], nums[..., n_exp:2 * n_exp]
-    kept_l1 = _kept_l1(sp, kept, ds, srcs, lim, l1, cob, nums.shape[0])
+    kept_l1 = _kept_l1(sp, ds, srcs, lim, l1, cob, nums.shape[0])
     c = rescale_factor(l1[..., 0, :], torch.where(rs > 0, kept_l1, torch.zeros_like(kept_l1))) * coef
     return torch.cat([torch.where(rs > 0, _round(c, ds[0].dtype), c), nums[..., n_exp:]], dim=-1)
 
@@ -357,8 +352,7 @@ def _merge_rescaled(sp: Sparsifier, consensus: bool, normalize: bool, out, b, ds
     """`_merge` of a chunk with `rescale` in one graph: the kept L1 norms and the coefficients
     (`_rescaled_nums`), then the merge, which reads the deltas and their mask sources again. One call per chunk
     instead of two: the host time of a call is more than a mid-sized chunk's merge on a GPU."""
-    return _merge(sp, consensus, normalize, out, b, ds, srcs, lim, _rescaled_nums(sp, None, ds, srcs, lim, l1,
-                                                                                  nums))
+    return _merge(sp, consensus, normalize, out, b, ds, srcs, lim, _rescaled_nums(sp, ds, srcs, lim, l1, nums))
 
 
 # --- a group: many chunks in one call ------------------------------------------------------------------------------
@@ -383,24 +377,18 @@ def _group_rescaled(sp: Sparsifier, consensus: bool, normalize: bool, out, b, ds
                     ) -> torch.Tensor:
     """`_merge_rescaled` of a group (l1: (chunks, 2, E) float64 each chunk's L1 norms and scales)."""
     lim, srcs = lim[:, cob], _per_block(sp, srcs, cob)
-    table = _rescaled_nums(sp, None, ds, srcs, lim, l1, table, cob)
+    table = _rescaled_nums(sp, ds, srcs, lim, l1, table, cob)
     return _merge(sp, consensus, normalize, out, b, ds, srcs, lim, table[cob])
 
 
-def _group_nums(sp: Sparsifier, kept, ds, srcs, lim, l1, table, cob) -> torch.Tensor:
-    """`_rescaled_nums` of a group: the (chunks, 3E + 1) table with the rescale factors applied."""
-    return _rescaled_nums(sp, kept, ds, _per_block(sp, srcs, cob), lim[:, cob], l1, table, cob)
-
-
-_FORMULAS = {"merge": _merge, "rescaled": _merge_rescaled, "nums": _rescaled_nums,
-             "group_merge": _group_merge, "group_rescaled": _group_rescaled, "group_nums": _group_nums}
+_FORMULAS = {"merge": _merge, "rescaled": _merge_rescaled, "group_merge": _group_merge,
+             "group_rescaled": _group_rescaled}
 
 
 @functools.cache
 def _compiled(what: str, sp: Sparsifier, *flags: bool):
     """The compiled formula `what` (a key of _FORMULAS) for one kind of chunk: "merge" or "rescaled" (flags:
-    consensus, normalize), or "nums" (`_rescaled_nums` writing the kept entries; no flags); "group_" the same for
-    a group of chunks.
+    consensus, normalize); "group_" the same for a group of chunks.
 
     Each gets a code object of its own: dynamo keeps its compiled graphs and their guards per code object
     and checks them one after another on every call, so formulas sharing one (a closure or a partial) made
@@ -484,14 +472,6 @@ def merge_rescaled(sp: Sparsifier, consensus: bool, normalize: bool, out, b, ds,
     return _call(("rescaled", sp, consensus, normalize), b, out, b, ds, srcs, lim, l1, nums)[1]
 
 
-def rescaled_nums(sp: Sparsifier, kept, ds, srcs, lim, l1, nums) -> torch.Tensor | None:
-    """`nums` with the rescale factors applied, the kept entries written into `kept` (see `_rescaled_nums`): the
-    first of two calls, the merge (DENSE, over `kept`) the second. One graph for both wrote the kept entries twice
-    (inductor keeps them in buffers of its own and copies those into `kept` at the end): 2x the candidate's time.
-    None where the compiled formula is unavailable."""
-    return _call(("nums", sp), ds[0], kept, ds, srcs, lim, l1, nums)[1]
-
-
 def merge_group(sp: Sparsifier, consensus: bool, normalize: bool, out, b, ds, srcs, lim, table, cob
                 ) -> torch.Tensor | None:
     """`merge` of a group of chunks in one call (see `_group_merge`); None where the formula is unavailable."""
@@ -502,9 +482,3 @@ def merge_group_rescaled(sp: Sparsifier, consensus: bool, normalize: bool, out, 
                          ) -> torch.Tensor | None:
     """`merge_rescaled` of a group of chunks in one call; None where the formula is unavailable."""
     return _call(("group_rescaled", sp, consensus, normalize), b, out, b, ds, srcs, lim, l1, table, cob)[1]
-
-
-def group_rescaled_nums(sp: Sparsifier, kept, ds, srcs, lim, l1, table, cob) -> torch.Tensor | None:
-    """`rescaled_nums` of a group of chunks: the table with the rescale factors applied, the kept entries written
-    into `kept`; None where the formula is unavailable."""
-    return _call(("group_nums", sp), ds[0], kept, ds, srcs, lim, l1, table, cob)[1]

@@ -36,8 +36,6 @@ densities share the random numbers (nested masks), which takes noise out of comp
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from mergesearch.errors import CandidateError
@@ -512,11 +510,6 @@ def _chunk_sources(sp: fused.Sparsifier, state: dict, e: int, device: torch.devi
     return [state["key"][e], _zero(device), *(state[key][e] for key in sp.sources)]
 
 
-def _entry_bytes(sp: fused.Sparsifier, state: dict) -> int:
-    """Bytes per entry of an expert's per-entry sources of `sp` (`writes_kept_entries`)."""
-    return sum(state[key][0].element_size() for key in sp.sources)
-
-
 def _on_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A small tensor of Python values on `device`, made on the host and copied non_blocking. A blocking copy
     from pageable memory synchronises the stream (torch's copy_ waits for it), which would make the host wait
@@ -524,18 +517,6 @@ def _on_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.
     before it returns, so the host tensor may go; CUDA allows it to wait for the stream first, which small
     copies usually don't (not yet measured here: no GPU)."""
     return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
-
-
-def writes_kept_entries(source_bytes: int, entry_bytes: int) -> bool:
-    """Whether the compiled first pass of a rescaled chunk writes each expert's kept entries to scratch for the
-    merge pass to read: where its mask's sources take more bytes per entry than the delta (stored uniforms,
-    DARE's float32 and DELLA's packed with its row ranks, 4 bytes, against a bf16/fp16 delta). Writing the
-    entries and reading them back moves two entry sizes; reading the delta and the sources again moves one entry
-    size and the sources.
-    Measured on a CPU (float32, the 134M benchmark model, 2 threads, A/B runs in one process, float32 uniforms and
-    ranks then): DELLA took 0.78-0.88x its time with the kept entries written, DARE 1.4-1.7x (a CPU reads a line
-    before it writes it). With equal bytes nothing is written: the same traffic, one call, no scratch."""
-    return source_bytes > entry_bytes
 
 
 def _numbers(rules: _Rules, sp: fused.Sparsifier, n: int, n_exp: int) -> tuple[list, list[float]]:
@@ -561,19 +542,8 @@ def _merge_compiled(kind: str, rules: _Rules, o, b, ds, state, scratch: Scratch)
     lim, numbers = _numbers(rules, sp, n, n_exp)
     lim = _on_device(lim, _lim_dtype(sp, srcs), dev)  # (E, k)
     numbers = _on_device(numbers, torch.float32, dev)  # the candidate's numbers in one copy
-    if rules.rescaled:
-        # A first pass sums the experts' kept L1 norms and makes the coefficients. Where `writes_kept_entries`,
-        # it also writes the kept entries to scratch (a call of its own), and the merge pass reads those instead
-        # of the deltas and their sources again; otherwise both passes are one call.
-        if not writes_kept_entries(_entry_bytes(sp, state), b.element_size()):
-            return fused.merge_rescaled(sp, rules.consensus, rules.normalize, o, b, ds, srcs, lim, state["l1"],
-                                        numbers)
-        kept = [scratch.get(f"kept{e}", b) for e in range(n_exp)]
-        numbers = fused.rescaled_nums(sp, kept, ds, srcs, lim, state["l1"], numbers)
-        if numbers is None:
-            return None
-        # DENSE's bounds are read by no one: (E, 1) as a group's, so that both share the compiled graph
-        sp, ds, srcs, lim = fused.DENSE, kept, [[] for _ in range(n_exp)], torch.zeros(n_exp, 1, device=dev)
+    if rules.rescaled:  # the kept L1 norms, the coefficients and the merge in one call (fused.py)
+        return fused.merge_rescaled(sp, rules.consensus, rules.normalize, o, b, ds, srcs, lim, state["l1"], numbers)
     return fused.merge(sp, rules.consensus, rules.normalize, o, b, ds, srcs, lim, numbers)
 
 
@@ -603,44 +573,11 @@ def _make_kernel(kind: str, consensus: bool):
     return kernel
 
 
-def _segments(state: dict, sizes: list[int], block: int) -> list[tuple[int, int, int, int, torch.Tensor]]:
-    """The group cut at chunk boundaries into runs of at most its largest chunk's entries: (first block, end
-    block, first chunk, end chunk, the run's cob). Where a first pass writes the experts' kept entries, it writes
-    one run at a time, so their scratch stays E x the largest chunk, as chunk by chunk (mergesearch.memory).
-    Made once per group (kept in its state)."""
-    if "segments" not in state:
-        cap, runs, start, total, b0 = max(sizes), [], 0, 0, 0
-        for c, n in enumerate(sizes + [None]):
-            if n is None or (total and total + n > cap):
-                b1 = b0 + total // block
-                runs.append((b0, b1, start, c, state["cob"][b0:b1] - start))
-                b0, start, total = b1, c, 0
-            if n is not None:
-                total += n
-        state["segments"] = runs
-    return state["segments"]
-
-
-def _run_of(x: torch.Tensor, b0: int, b1: int, flat: bool) -> torch.Tensor:
-    """Blocks [b0, b1) of a group's (blocks, B) tensor; `flat`: as one flat chunk."""
-    return x[b0:b1].reshape(-1) if flat else x[b0:b1]
-
-
-def _run_sources(sp: fused.Sparsifier, xs: list, cut, b0: int, c0: int, c1: int, device) -> list:
-    """One expert's sources cut to a run: a hashed sparsifier's keys to its chunks (a run of one: that chunk's key,
-    whose first entry is 0), the rest to its blocks."""
-    if not sp.hashed:
-        return [cut(x) for x in xs]
-    if c1 - c0 == 1:
-        return [xs[0][c0], _zero(device), *(cut(x) for x in xs[2:])]
-    return [xs[0][c0:c1], cut(xs[1]), *(cut(x) for x in xs[2:])]
-
-
 def _make_group_kernel(kind: str, consensus: bool):
     def group(out, base, deltas, state, sizes, params, scratch) -> torch.Tensor | None:
-        """Merge the group's chunks (see operators' `group` contract) with the compiled formula in one call, or
-        one run at a time where the kept entries are written (`_segments`); the same rules chunk by chunk as the
-        kernel, so the same weights. None where the formula does not serve these chunks here."""
+        """Merge the group's chunks (see operators' `group` contract) with the compiled formula in one call; the
+        same rules chunk by chunk as the kernel, so the same weights. None where the formula does not serve these
+        chunks here."""
         n_exp, dev = len(deltas), base.device
         if len(sizes) < 2:  # one chunk: its own formula (a group of one tripped inductor's scatter of one row)
             return None
@@ -665,36 +602,8 @@ def _make_group_kernel(kind: str, consensus: bool):
         normalize = rules[0].normalize
         if not any(r.rescaled for r in rules):
             return fused.merge_group(sp, consensus, normalize, out, base, deltas, srcs, lim, table, state["cob"])
-        if not writes_kept_entries(_entry_bytes(sp, state), base.element_size()):
-            return fused.merge_group_rescaled(sp, consensus, normalize, out, base, deltas, srcs, lim, state["l1"],
-                                              table, state["cob"])
-        total = None
-        dense_lim = torch.zeros(n_exp, len(sizes), 1, device=dev)
-        for b0, b1, c0, c1, cob in _segments(state, sizes, base.shape[1]):
-            # A run of one chunk (the largest ones) takes the chunk's formulas, on flat views, its bounds
-            # contiguous as the chunk path's, so that both share the compiled graphs.
-            one = c1 - c0 == 1
-            cut = functools.partial(_run_of, b0=b0, b1=b1, flat=one)
-            kept = [scratch.get(f"kept{e}", cut(base)) for e in range(n_exp)]
-            nothing = [[] for _ in range(n_exp)]
-            run_srcs = [_run_sources(sp, xs, cut, b0, c0, c1, dev) for xs in srcs]
-            run_ds = [cut(d) for d in deltas]
-            run_out, run_base = cut(out), cut(base)
-            if one:
-                nums = fused.rescaled_nums(sp, kept, run_ds, run_srcs, lim[:, c0].contiguous(), state["l1"][c0],
-                                           table[c0])
-                written = None if nums is None else fused.merge(fused.DENSE, consensus, normalize, run_out, run_base,
-                                                                kept, nothing, dense_lim[:, c0].contiguous(), nums)
-            else:
-                nums = fused.group_rescaled_nums(sp, kept, run_ds, run_srcs, lim[:, c0:c1].contiguous(),
-                                                 state["l1"][c0:c1], table[c0:c1], cob)
-                written = None if nums is None else fused.merge_group(fused.DENSE, consensus, normalize, run_out,
-                                                                      run_base, kept, nothing,
-                                                                      dense_lim[:, c0:c1].contiguous(), nums, cob)
-            if written is None:
-                return None
-            total = written if total is None else total + written
-        return total
+        return fused.merge_group_rescaled(sp, consensus, normalize, out, base, deltas, srcs, lim, state["l1"], table,
+                                          state["cob"])
 
     return group
 
