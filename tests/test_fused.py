@@ -268,3 +268,24 @@ def test_the_compiled_formulas_own_sum_still_catches_weights_that_overflow(metho
     with pytest.raises(CandidateError, match=r"not finite .*layers\.1\.mlp\.up_proj\.weight"):
         m.materialize(m.plan(**params))
     assert sum(fused.calls.values()) > before
+
+
+def test_the_fixed_point_l1_norm_is_exact_in_any_order_and_cannot_overflow():
+    """The rescale's L1 norms are integers held in float64 (`fused.fixed_l1` at `fused.l1_scale`): the same sum
+    whole, by blocks in any order, per row, and below 2**53 even when every entry is the chunk's largest; each entry
+    is rounded to within half a unit of the scale."""
+    g = torch.Generator().manual_seed(0)
+    n = (1 << 20) + 3  # rounds up to 2**21 in the scale's bound
+    d = torch.randn(n, generator=g) * 0.02
+    scale = fused.l1_scale(d)
+    whole = fused.fixed_l1(d.abs(), scale)
+    assert whole.dtype == torch.float64 and float(whole) == int(whole)
+    pieces = [fused.fixed_l1(d[lo:lo + 4099].abs(), scale) for lo in range(0, n, 4099)]
+    assert float(whole) == sum(int(p) for p in reversed(pieces))
+    rows = fused.fixed_l1(d[:1 << 20].abs().view(256, -1), scale, dim=1)
+    assert int(rows.sum()) == int(fused.fixed_l1(d[:1 << 20].abs(), scale))
+    exact = d.double().abs().sum()
+    assert abs(float(whole) / scale - float(exact)) <= n * 0.5 / scale
+    worst = torch.full((n,), float(d.abs().max()))  # every entry the largest: the bound's case
+    total = fused.fixed_l1(worst, scale)
+    assert float(total) <= 2 ** 52 and float(total) == n * round(float(worst[0]) * scale)

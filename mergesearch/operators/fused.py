@@ -282,7 +282,7 @@ def _round(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 # pass on an AVX2 CPU (a bf16 DARE candidate's 3 x 16.8M entries: 120 ms, against 25 ms rounded in float32 and
 # summed in float64). k puts the chunk's largest |entry| just below 2**(52 - ceil(log2 n)): n rounded entries sum
 # to at most 2**52, and rounding (not truncating: its errors cancel instead of adding up) moves each entry by at
-# most 2**-(53 - ceil(log2 n)) of the largest (2**-24 in a 2**29-entry chunk).
+# most 2**-(52 - ceil(log2 n)) of the largest (2**-23 in a 2**29-entry chunk).
 
 
 def l1_scale(d: torch.Tensor) -> float:

@@ -96,7 +96,7 @@ DELLA_RULE = ParamRule(("density", "epsilon"), della_out_of_range, della_range_m
 # --- precomputation (once per chunk) ---------------------------------------------------------------
 
 
-_L1_BLOCK = 1 << 24  # entries per step of `_l1` (a chunk's float32 copy at once would be as large as a float32 chunk)
+_L1_BLOCK = 1 << 24  # entries per step of `_l1`: its float32 temporaries stay 64 MiB for a chunk of any size
 
 
 def _l1(deltas) -> torch.Tensor:
