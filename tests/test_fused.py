@@ -150,7 +150,8 @@ def test_the_cuda_policys_compiled_fp16_gives_the_eager_fp16_weights(method, mon
 
 
 @pytest.mark.parametrize("method, dtype", [("dare_ties", torch.float32), ("dare_ties", torch.bfloat16),
-                                           ("della_linear", torch.bfloat16), ("ties", torch.bfloat16)])
+                                           ("della_linear", torch.float32), ("della_linear", torch.bfloat16),
+                                           ("ties", torch.bfloat16)])
 def test_a_rescaled_chunk_is_one_call_in_every_dtype(method, dtype, monkeypatch):
     """The kept L1 norms, the coefficients and the merge in one compiled call per chunk, also where the mask's
     stored sources take more bytes per entry than a bf16 delta (DARE's float32 uniforms, DELLA's packed int32,

@@ -319,7 +319,7 @@ def _kept_l1(sp: Sparsifier, ds, srcs, lim, l1, cob=None, n_chunks=None) -> torc
         else:
             sums = fixed_l1(t.abs(), per_block[:, e:e + 1], dim=1)
             norms.append(sums.new_zeros(n_chunks).index_add(0, cob, sums))
-    return torch.stack(norms, dim=-1).to(torch.float64) / scale
+    return torch.stack(norms, dim=-1) / scale  # fixed_l1's sums are float64 already
 
 
 RESCALE_EPS = 1e-7  # mergekit's rescaled_masked_tensor eps
