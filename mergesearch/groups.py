@@ -51,6 +51,7 @@ class Group:
         self.buffers: dict[object, torch.Tensor] = {}  # slot -> (total,) flat buffer
         self.state: dict[str, object] = {}  # the group's state (operators' `group` contract), made by `add_state`
         self._norms: dict[str, list[torch.Tensor]] = {}  # per-chunk (E,) state tensors, stacked by `finish_state`
+        self._host: dict[str, list] = {}  # per-chunk state that is not tensors (kept in host memory), listed
 
     def __contains__(self, i: int) -> bool:
         return i in self.offsets
@@ -75,7 +76,8 @@ class Group:
 
     def add_state(self, i: int, c: int, state: dict) -> dict:
         """Chunk c of tensor i's prepared state, its per-entry tensors moved into the group's flat buffers (the
-        returned dict holds their views); its (E,) tensors (norms) are kept for `finish_state`."""
+        returned dict holds their views); its (E,) tensors (norms) and its other values (host-memory state such as
+        TIES's rank order on CUDA) are kept for `finish_state`."""
         at, n = self.chunk_offsets[i, c], self.sizes[self.chunk_index[i, c]]
         out = {}
         for key, value in state.items():
@@ -89,26 +91,30 @@ class Group:
             else:
                 if isinstance(value, torch.Tensor):
                     self._norms.setdefault(key, []).append(value)
+                else:
+                    self._host.setdefault(key, []).append(value)
                 out[key] = value
         return out
 
     def finish_state(self, n_experts: int, device: torch.device) -> None:
         """Make the group's state: each per-entry state as (blocks, B) views per expert, each per-chunk (E,) state
-        stacked to (chunks, E) (norms, the uniforms' keys), "cob" (blocks,) int64 each block's chunk, and "at"
-        (blocks, 1) int64 each block's first entry in its chunk."""
+        stacked to (chunks, E) (norms, the uniforms' keys), each other per-chunk value as a list in layout order,
+        "cob" (blocks,) int64 each block's chunk, and "at" (blocks, 1) int64 each block's first entry in its
+        chunk."""
         for slot, buf in self.buffers.items():
             if isinstance(slot, tuple) and slot[0] == "state":
                 _, key, e = slot
                 self.state.setdefault(key, [None] * n_experts)[e] = self.blocks(buf)
         for key, rows in self._norms.items():
             self.state[key] = torch.stack(rows)
+        self.state.update(self._host)
         counts = torch.tensor([n // self.block for n in self.sizes])
         cob = torch.repeat_interleave(torch.arange(len(self.sizes)), counts)
         self.state["cob"] = cob.to(device)
         # (blocks, 1) int64: each block's first entry within its chunk (hashed uniforms count entries per chunk)
         first = torch.cumsum(counts, 0) - counts
         self.state["at"] = ((torch.arange(len(cob)) - first[cob]) * self.block).view(-1, 1).to(device)
-        self._norms = {}
+        self._norms, self._host = {}, {}
 
     def blocks(self, buf: torch.Tensor) -> torch.Tensor:
         """A flat buffer viewed as (blocks, B)."""

@@ -3,10 +3,11 @@
 What the materialiser, evaluator and fit hold on the merge device, in bytes:
 
   sources    base + one task vector per expert in the merge dtype, plus the method's precomputed
-             state per entry and expert that the device stores (`Operator.stored_state_bytes`: magnitude
-             ranks int32; on the CPU DARE's uniforms float32 and DELLA's uniform and row rank in one int32;
-             on CUDA, which computes the uniforms in the kernel, DELLA's row ranks int16); with streaming
-             they stay in host memory and only the largest tensor's are on the device at a time
+             state per entry and expert that the device stores (`Operator.stored_state_bytes`: on the CPU
+             magnitude ranks int32, DARE's uniforms float32 and DELLA's uniform and row rank in one int32;
+             on CUDA, which computes the uniforms in the kernel and keeps TIES's rank order in host memory
+             (`host_state`), DELLA's row ranks int16 only); with streaming they stay in host memory and
+             only the largest tensor's are on the device at a time
   model      the one preallocated model the candidates are written into
   scratch    the kernels' reusable buffers: as many blocks of min(largest chunk, the device's block) and
              whole-chunk buffers as the method declares (`Operator.scratch_bytes`); the compiled formula
@@ -54,6 +55,7 @@ class MemoryEstimate:
     streaming: bool
     sources: int  # on the device (streaming: the largest tensor's only)
     host_sources: int  # in host memory (streaming), else 0
+    host_state: int  # state kept in host memory whether streaming or not (CUDA: TIES's rank order), not on the device
     model: int
     scratch: int
     evaluator: int
@@ -102,7 +104,8 @@ def estimate(tensors: Sequence[TensorInfo], n_experts: int, method: str, dtype: 
         fit_bytes = largest * size + batch_size * tokens * hidden * layers * 16 * size + parts
     return MemoryEstimate(device=str(device), streaming=streaming,
                           sources=largest * per_entry if streaming else resident,
-                          host_sources=resident if streaming else 0, model=n * size, scratch=scratch,
+                          host_sources=resident if streaming else 0,
+                          host_state=n * n_experts * op.host_state_bytes(device), model=n * size, scratch=scratch,
                           evaluator=evaluator, fit=fit_bytes)
 
 
@@ -193,6 +196,8 @@ def format_estimate(est: dict, free: int | None = None) -> list[str]:
             f"{est['total'] / GiB:.2f} GiB ({parts} GiB)")
     if est["host_sources"]:
         line += f"; host memory for the streamed sources {est['host_sources'] / GiB:.2f} GiB"
+    if est.get("host_state"):
+        line += f"; host memory for the magnitude ranks' order {est['host_state'] / GiB:.2f} GiB"
     lines = [line]
     if free is not None:
         lines.append(f"free on {est['device']} now: {free / GiB:.1f} GiB")

@@ -12,8 +12,8 @@ candidate: a new density or weight never recompiles. It repeats the eager kernel
 signs are the eager kernel's and its values equal within float32 rounding (bf16: two bf16 steps at most);
 tests/test_fused.py checks that for every method.
 
-Which entries an expert keeps is a `Sparsifier` (one small class per kind: magnitude ranks, DARE's uniforms,
-DELLA's uniforms and row ranks); the formulas are written once for all of them.
+Which entries an expert keeps is a `Sparsifier` (one small class per kind: magnitude ranks, or on CUDA the entry
+at each rank bound, DARE's uniforms, DELLA's uniforms and row ranks); the formulas are written once for all of them.
 
 With `rescale` (DARE, DELLA) a first pass sums each expert's kept L1 norm and turns the norms into the candidate's
 coefficients, and the merge pass reads the deltas and the mask's sources again: both passes are one graph, one
@@ -59,6 +59,8 @@ class Sparsifier:
     # expert's key for the chunk and the position of the first entry in its chunk (0-d for a chunk; a group's
     # (blocks, 1), each block's first entry).
     hashed = False
+    # The kernel counts entry positions (srcs = [at, *sources], `at` as a hashed sparsifier's) but hashes nothing.
+    positional = False
 
     def keep(self, srcs: list[torch.Tensor], lim: torch.Tensor, d: torch.Tensor) -> torch.Tensor | None:
         """(n,) bool: the kept entries of one expert (d: its delta, for the shape); None: every entry."""
@@ -88,6 +90,31 @@ class _Magnitude(Sparsifier):
 
     def keep_none(self):
         return (0, 0)
+
+
+class _Ordered(_Magnitude):
+    """TIES / breadcrumbs on a device that keeps no per-entry ranks (CUDA; `task_arithmetic.MagnitudeOrder`): the
+    same rank bounds [lo, hi), each given as the entry of rank x - 1, found in the sort order kept in host memory,
+    so that the kernel reads nothing but the deltas. In the total order of ranks (|d| descending, then index
+    ascending) an entry ranks below x iff |d| > t, or |d| == t and its index <= p, where p is the entry of rank
+    x - 1 and t its |d|: the same masks as the ranks, ties included. A bound's lim columns are (p, g): p as
+    above (-1 for x = 0: nothing ranks below 0), g where t is read (p's flat position among the deltas passed:
+    a group's chunks lie one after another; for x = 0 the largest entry, above which nothing lies)."""
+
+    sources, positional = (), True
+
+    def keep(self, srcs, lim, d):
+        a = d.abs()
+        flat, index = a.reshape(-1), srcs[0] + torch.arange(d.shape[-1], device=d.device)
+        return _ranks_below(a, flat, index, lim, 2) & ~_ranks_below(a, flat, index, lim, 0)
+
+
+def _ranks_below(a, flat, index, lim, i) -> torch.Tensor:
+    """Entries (|d| a, positions `index`) that rank below the bound in lim's columns i, i + 1 (`_Ordered`)."""
+    p = _col(lim, i)
+    g = _col(lim, i + 1)
+    t = flat[g.reshape(-1)].reshape(g.shape)  # a gather: `flat[g]` of a 0-d g (and torch.take) would read g
+    return (a > t) | ((a == t) & (index <= p))
 
 
 class _Random(Sparsifier):
@@ -199,7 +226,7 @@ class _HashedDella(_Della):
         return _uniforms(srcs, d, units=True) < (row_ranks(srcs[2]) * _col(lim, 0) + _col(lim, 1))
 
 
-DENSE, MAGNITUDE, RANDOM, DELLA = _Dense(), _Magnitude(), _Random(), _Della()
+DENSE, MAGNITUDE, ORDERED, RANDOM, DELLA = _Dense(), _Magnitude(), _Ordered(), _Random(), _Della()
 HASHED_RANDOM, HASHED_DELLA = _HashedRandom(), _HashedDella()
 
 

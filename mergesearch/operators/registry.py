@@ -112,8 +112,11 @@ class Operator:
     rules: tuple[ParamRule, ...] = ()
     # Bytes of `prepare`'s state per entry and expert (ranks, random fields): what mergesearch.memory counts.
     state_bytes: int = 0
-    # ... of which not stored on a device that computes them (HASHED_DEVICES: DARE's and DELLA's uniforms).
+    # ... of which not stored on a device that computes them (HASHED_DEVICES: DARE's and DELLA's uniforms; TIES's
+    # ranks, which that device replaces by the rank order in host memory: `host_bytes`).
     hashed_bytes: int = 0
+    # Bytes per entry and expert that a HASHED_DEVICES merge keeps in host memory instead (TIES's rank order).
+    host_bytes: int = 0
     # group(out, base, deltas, state, sizes, params, scratch) -> None | Tensor: many chunks merged in one call
     # (see the package docstring); None: the method merges chunk by chunk only.
     group: Callable[..., torch.Tensor | None] | None = None
@@ -126,6 +129,10 @@ class Operator:
     def stored_state_bytes(self, device: str | torch.device) -> int:
         """Bytes of `prepare`'s state per entry and expert that `device` stores (see `hashed_bytes`)."""
         return self.state_bytes - (self.hashed_bytes if torch.device(device).type in HASHED_DEVICES else 0)
+
+    def host_state_bytes(self, device: str | torch.device) -> int:
+        """Bytes of `prepare`'s state per entry and expert that a merge on `device` keeps in host memory."""
+        return self.host_bytes if torch.device(device).type in HASHED_DEVICES else 0
 
     def scratch_bytes(self, n_experts: int, largest: int, block: int, size: int) -> int:
         """Bytes of the buffers the kernel holds for chunks of at most `largest` entries of `size` bytes each,
@@ -164,7 +171,7 @@ def register(name: str, *, params: Sequence[Param], doc: str, min_experts: int =
              max_experts: int | None = None, prepare: Prepare | None = None, reference: str = "",
              ignored_mergekit_keys: Sequence[str] = (),
              linear_parts: Callable[..., list[torch.Tensor]] | None = None, parts_are_deltas: bool = False,
-             rules: Sequence[ParamRule] = (), state_bytes: int = 0, hashed_bytes: int = 0,
+             rules: Sequence[ParamRule] = (), state_bytes: int = 0, hashed_bytes: int = 0, host_bytes: int = 0,
              group: Callable[..., torch.Tensor | None] | None = None, scratch_blocks: tuple[int, int] = (0, 0),
              scratch_chunks: int = 0) -> Callable[[Kernel], Kernel]:
     """Decorator: register `kernel` as merge method `name` (the one place a method is added)."""
@@ -176,8 +183,8 @@ def register(name: str, *, params: Sequence[Param], doc: str, min_experts: int =
                                    min_experts=min_experts, max_experts=max_experts, prepare=prepare,
                                    reference=reference, ignored_mergekit_keys=frozenset(ignored_mergekit_keys),
                                    linear_parts=linear_parts, parts_are_deltas=parts_are_deltas,
-                                   rules=tuple(rules), state_bytes=state_bytes,
-                                   hashed_bytes=hashed_bytes, group=group, scratch_blocks=scratch_blocks,
+                                   rules=tuple(rules), state_bytes=state_bytes, hashed_bytes=hashed_bytes,
+                                   host_bytes=host_bytes, group=group, scratch_blocks=scratch_blocks,
                                    scratch_chunks=scratch_chunks)
         return kernel
 

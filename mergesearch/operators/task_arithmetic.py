@@ -26,7 +26,11 @@ All of mergekit's `GeneralizedTaskArithmeticMerge` methods, with its semantics:
 
 Speed: sparsification never sorts on the hot path. `prepare` sorts each chunk's |d| once and
 keeps each entry's rank in that order (int32, 0 = largest), so a density's mask is one integer
-comparison (rank < k; breadcrumbs: two), exact at ties, with no threshold to look up.
+comparison (rank < k; breadcrumbs: two), exact at ties, with no threshold to look up. On CUDA (HASHED_DEVICES)
+the device keeps no ranks: the sort order stays in host memory (`MagnitudeOrder`), a candidate looks up the entry
+at each rank bound there, and the kernel compares each entry with it (|d| and index: fused._Ordered), the same
+masks from the deltas alone. 4 bytes per entry and expert move from the GPU to the host: a 7B TIES study with 3
+experts in bf16 needs ~50 GiB of sources on the GPU instead of ~126, and fits an 80 GB one.
 DARE/DELLA's uniform numbers are a hash of each entry's position in its chunk under a key per expert and chunk,
 drawn from the seeded generator (operators/counter.py; float32 fields, kept iff u < p). The CPU stores them once;
 the compiled formula on CUDA computes them in the kernel instead of reading them (the same numbers, bit for bit).
@@ -35,6 +39,8 @@ densities share the random numbers (nested masks), which takes noise out of comp
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 
@@ -113,20 +119,72 @@ def _l1(deltas) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float64, device=deltas[0].device).T.contiguous()
 
 
-def magnitude_rank(d: torch.Tensor) -> torch.Tensor:
-    """(n,) rank of each entry of d (flattened) by |d|, 0 = largest; equal |d|: lower index first.
+def _index_dtype(n: int) -> torch.dtype:
+    # int32 where n fits (half the memory of int64, and compared as fast as float32 on CPU)
+    return torch.int32 if n < 2**31 else torch.int64
 
-    int32 where n fits (half the memory of int64, and compared as fast as float32 on CPU).
-    """
-    n = d.numel()
+
+def magnitude_order(d: torch.Tensor) -> torch.Tensor:
+    """(n,) the flat indices of d's entries in rank order: by |d| descending, equal |d| lower index first."""
     order = torch.sort(d.abs().reshape(-1), descending=True, stable=True).indices
-    dtype = torch.int32 if n < 2**31 else torch.int64
+    return order.to(_index_dtype(d.numel()))
+
+
+def magnitude_rank(d: torch.Tensor) -> torch.Tensor:
+    """(n,) rank of each entry of d (flattened) by |d|, 0 = largest; equal |d|: lower index first."""
+    n, dtype = d.numel(), _index_dtype(d.numel())
     rank = torch.empty(n, dtype=dtype, device=d.device)
-    rank[order] = torch.arange(n, dtype=dtype, device=d.device)
+    rank[magnitude_order(d).long()] = torch.arange(n, dtype=dtype, device=d.device)
     return rank
 
 
+class MagnitudeOrder:
+    """A chunk's rank order per expert (`magnitude_order`), in host memory: TIES's and breadcrumbs' state on a
+    device that keeps no ranks (CUDA, see the module docstring). Not a tensor, so the materialiser neither moves
+    it to the device nor lays it out in a group's buffers (mergesearch.groups keeps one per chunk)."""
+
+    def __init__(self, orders: list[torch.Tensor]):
+        self._orders = [o.cpu().numpy() for o in orders]  # numpy: a scalar lookup costs ~0.1 us, torch's ~2
+
+    @property
+    def nbytes(self) -> int:
+        return sum(o.nbytes for o in self._orders)
+
+    def entry(self, e: int, rank: int) -> int:
+        """The flat index of expert e's entry of rank `rank`."""
+        return int(self._orders[e][rank])
+
+    def bounds(self, e: int, lo: int, hi: int, offset: int = 0) -> tuple[int, int, int, int]:
+        """Expert e's rank bounds [lo, hi) as fused._Ordered's lim: (p, g) of lo, then of hi; `offset`: the
+        chunk's first entry among the deltas the kernel is given (a group's flat buffer)."""
+        return (*self._bound(e, lo, offset), *self._bound(e, hi, offset))
+
+    def _bound(self, e: int, x: int, offset: int) -> tuple[int, int]:
+        if x <= 0 or not len(self._orders[e]):  # nothing ranks below 0: read the largest |d|, compare with p = -1
+            return -1, offset + (self.entry(e, 0) if len(self._orders[e]) else 0)
+        p = self.entry(e, x - 1)
+        return p, offset + p
+
+
+def _below(order: MagnitudeOrder, e: int, x: int, d: torch.Tensor, lo: int, a: torch.Tensor, out: torch.Tensor
+           ) -> None:
+    """out (1/0) = which of the entries lo, lo + 1, ... of the chunk (|d|: a) rank below x, from expert e's order:
+    |d| >= t up to the entry p of rank x - 1, |d| > t after it (t = |d_p|, read on the device: no sync)."""
+    if x <= 0:
+        out.zero_()
+        return
+    p = order.entry(e, x - 1)
+    t = d[p].abs()
+    q = min(max(p + 1 - lo, 0), a.numel())
+    torch.ge(a[:q], t, out=out[:q])
+    torch.gt(a[q:], t, out=out[q:])
+
+
 def _prepare_magnitude(base, deltas, gen) -> dict:
+    """"rank" (n,) int32 per expert, or where the device keeps no ranks (`_hashed`) "order" (`MagnitudeOrder`, in
+    host memory); "l1" as DARE's (for `rescale`)."""
+    if _hashed(deltas):
+        return {"order": MagnitudeOrder([magnitude_order(d) for d in deltas]), "l1": _l1(deltas)}
     return {"rank": [magnitude_rank(d) for d in deltas], "l1": _l1(deltas)}
 
 
@@ -137,7 +195,8 @@ def _keys(deltas, gen: torch.Generator) -> list[int]:
 
 def _hashed(deltas) -> bool:
     """Whether the device computes the uniforms instead of storing them (registry.HASHED_DEVICES: CUDA): the
-    compiled formula hashes them in the kernel, the eager kernel per block (`_hash`)."""
+    compiled formula hashes them in the kernel, the eager kernel per block (`_hash`); and keeps TIES's rank order
+    in host memory (`MagnitudeOrder`)."""
     return (deltas[0].device.type if deltas else "cpu") in registry.HASHED_DEVICES
 
 
@@ -189,8 +248,8 @@ class _Keep:
     dense = False  # every entry kept: no mask
     empty = False  # no entry kept: the expert contributes nothing
 
-    def mask(self, e: int, lo: int, hi: int, state: dict, scratch: Scratch, m: torch.Tensor) -> None:
-        """Write expert e's 0/1 keep mask for flat entries [lo, hi) of the chunk into m."""
+    def mask(self, e: int, d: torch.Tensor, lo: int, hi: int, state: dict, scratch: Scratch, m: torch.Tensor) -> None:
+        """Write expert e's 0/1 keep mask for flat entries [lo, hi) of the chunk (d: its whole flat delta) into m."""
         raise NotImplementedError
 
     def limits(self, sp: fused.Sparsifier, n: int) -> tuple[float, ...]:
@@ -219,8 +278,12 @@ class _Top(_Keep):
     def __init__(self, k: int):
         self.k = k
 
-    def mask(self, e, lo, hi, state, scratch, m) -> None:
-        torch.lt(state["rank"][e][lo:hi], self.k, out=m)
+    def mask(self, e, d, lo, hi, state, scratch, m) -> None:
+        if "rank" in state:
+            torch.lt(state["rank"][e][lo:hi], self.k, out=m)
+            return
+        a = scratch.get("abs", m)
+        _below(state["order"], e, self.k, d, lo, torch.abs(d[lo:hi], out=a), m)
 
     def limits(self, sp, n):
         return (0, self.k)
@@ -232,12 +295,18 @@ class _Band(_Keep):
     def __init__(self, lo_rank: int, hi_rank: int):
         self.lo_rank, self.hi_rank = lo_rank, hi_rank
 
-    def mask(self, e, lo, hi, state, scratch, m) -> None:
-        r = state["rank"][e][lo:hi]
-        torch.lt(r, self.hi_rank, out=m)
+    def mask(self, e, d, lo, hi, state, scratch, m) -> None:
         m2 = scratch.get("mask2", m)
-        torch.ge(r, self.lo_rank, out=m2)
-        m.mul_(m2)
+        if "rank" in state:
+            r = state["rank"][e][lo:hi]
+            torch.lt(r, self.hi_rank, out=m)
+            torch.ge(r, self.lo_rank, out=m2)
+            m.mul_(m2)
+            return
+        a = torch.abs(d[lo:hi], out=scratch.get("abs", m))
+        _below(state["order"], e, self.hi_rank, d, lo, a, m)
+        _below(state["order"], e, self.lo_rank, d, lo, a, m2)
+        m.sub_(m2)  # the entries below lo are below hi too
 
     def limits(self, sp, n):
         return (self.lo_rank, self.hi_rank)
@@ -249,7 +318,7 @@ class _Random(_Keep):
     def __init__(self, p: float):
         self.p = p
 
-    def mask(self, e, lo, hi, state, scratch, m) -> None:
+    def mask(self, e, d, lo, hi, state, scratch, m) -> None:
         u = state["u"][e][lo:hi] if "u" in state else _hash(state, e, lo, hi)
         torch.lt(u, self.p, out=m)
 
@@ -264,7 +333,7 @@ class _Della(_Keep):
     def __init__(self, slope: float, offset: float):
         self.slope, self.offset = slope * fused.DELLA_UNITS[0], offset * fused.DELLA_UNITS[1]
 
-    def mask(self, e, lo, hi, state, scratch, m) -> None:
+    def mask(self, e, d, lo, hi, state, scratch, m) -> None:
         q = scratch.get("q", m, torch.float32)
         if "ur" in state:
             ur, tmp = state["ur"][e][lo:hi], scratch.get("i", m, torch.int32)
@@ -382,7 +451,7 @@ class _Rules:
             for e in sparse:
                 d = ds[e][lo:hi]
                 m = scratch.get("m", d)
-                self.keep[e].mask(e, lo, hi, state, scratch, m)
+                self.keep[e].mask(e, ds[e], lo, hi, state, scratch, m)
                 a = scratch.get("abs", d)
                 torch.abs(d, out=a)
                 acc[e] += fused.fixed_l1(a.mul_(m), scale[e])
@@ -410,7 +479,7 @@ class _Rules:
                 continue
             wd = torch.empty_like(d) if unit else scratch.get(f"W{i}", d)
             m = scratch.get("m", d)
-            self.keep[e].mask(e, lo, hi, state, scratch, m)
+            self.keep[e].mask(e, ds[e], lo, hi, state, scratch, m)
             torch.mul(d, m, out=wd)
             if e in factors:
                 wd.mul_((factors[e] * c).to(wd.dtype))
@@ -481,13 +550,14 @@ _SPARSIFIERS = {"none": fused.DENSE, "magnitude": fused.MAGNITUDE, "outliers": f
                 "random": fused.RANDOM, "della": fused.DELLA}
 
 
-_HASHED = {fused.RANDOM: fused.HASHED_RANDOM, fused.DELLA: fused.HASHED_DELLA}
+_HASHED = {fused.MAGNITUDE: fused.ORDERED, fused.RANDOM: fused.HASHED_RANDOM, fused.DELLA: fused.HASHED_DELLA}
 
 
 def _sparsifier(kind: str, scratch: Scratch) -> fused.Sparsifier:
     """The compiled formula's sparsifier of `kind` on this device: where `scratch.hashed` (CUDA), DARE's and DELLA's
     uniforms are computed in the kernel from their keys instead of read (operators/counter.py): 4 (DELLA: 2) bytes
-    per entry and expert less to read, the same masks."""
+    per entry and expert less to read, the same masks; TIES's and breadcrumbs' ranks are not read either, their
+    bounds come from the rank order in host memory (fused._Ordered)."""
     sp = _SPARSIFIERS[kind]
     return _HASHED.get(sp, sp) if scratch.hashed else sp
 
@@ -505,9 +575,10 @@ def _zero(device: torch.device) -> torch.Tensor:
 
 def _chunk_sources(sp: fused.Sparsifier, state: dict, e: int, device: torch.device) -> list[torch.Tensor]:
     """Expert e's sources of `sp` in a chunk's state: hashed, its key and the chunk's first entry (0) first."""
-    if not sp.hashed:
-        return [state[key][e] for key in sp.sources]
-    return [state["key"][e], _zero(device), *(state[key][e] for key in sp.sources)]
+    sources = [state[key][e] for key in sp.sources]
+    if sp.hashed:
+        return [state["key"][e], _zero(device), *sources]
+    return [_zero(device), *sources] if sp.positional else sources
 
 
 def _on_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -519,10 +590,14 @@ def _on_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.
     return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
-def _numbers(rules: _Rules, sp: fused.Sparsifier, n: int, n_exp: int) -> tuple[list, list[float]]:
+def _numbers(rules: _Rules, sp: fused.Sparsifier, n: int, n_exp: int, order: MagnitudeOrder | None = None
+             ) -> tuple[list, list[float]]:
     """A chunk's rules as the compiled formula's inputs: each expert's bounds of `sp` (E, k), and the (3E + 1,)
-    numbers: coefficients, rescaled flags, weights, lambda (fused._merge)."""
+    numbers: coefficients, rescaled flags, weights, lambda (fused._merge). fused.ORDERED's bounds are found in the
+    chunk's `order`."""
     lim = [rules.keep[e].limits(sp, n) if sp is not fused.DENSE else (0.0,) for e in range(n_exp)]
+    if sp is fused.ORDERED:
+        lim = [order.bounds(e, *bounds) for e, bounds in enumerate(lim)]
     numbers = ([rules.coef.get(e, 0.0) for e in range(n_exp)] + [float(e in rules.rescaled) for e in range(n_exp)]
                + list(rules.weight) + [rules.lam])
     return lim, numbers
@@ -539,7 +614,7 @@ def _merge_compiled(kind: str, rules: _Rules, o, b, ds, state, scratch: Scratch)
     n, dev, n_exp = b.numel(), b.device, len(ds)
     sp = _sparsifier(kind, scratch)
     srcs = [_chunk_sources(sp, state, e, dev) for e in range(n_exp)]
-    lim, numbers = _numbers(rules, sp, n, n_exp)
+    lim, numbers = _numbers(rules, sp, n, n_exp, state.get("order"))
     lim = _on_device(lim, _lim_dtype(sp, srcs), dev)  # (E, k)
     numbers = _on_device(numbers, torch.float32, dev)  # the candidate's numbers in one copy
     if rules.rescaled:  # the kept L1 norms, the coefficients and the merge in one call (fused.py)
@@ -593,10 +668,11 @@ def _make_group_kernel(kind: str, consensus: bool):
             return None
         sp = fused.DENSE if plain else _sparsifier(kind, scratch)
         # a hashed sparsifier's keys (chunks,) and each block's first entry in its chunk, then per-entry sources
-        srcs = [([state["key"][:, e], state["at"]] if sp.hashed else []) + [state[key][e] for key in sp.sources]
-                for e in range(n_exp)]
-        numbers = {id(r): _numbers(r, sp, key[0], n_exp) for key, r in memo.items()}
-        parts = [numbers[id(r)] for r in rules]
+        srcs = [([state["key"][:, e], state["at"]] if sp.hashed else [state["at"]] if sp.positional else [])
+                + [state[key][e] for key in sp.sources] for e in range(n_exp)]
+        numbers = {id(r): _numbers(r, sp, key[0], n_exp) for key, r in memo.items() if sp is not fused.ORDERED}
+        parts = [numbers[id(r)] if sp is not fused.ORDERED else _ordered_numbers(r, n, n_exp, state["order"][c], at)
+                 for c, (r, n, at) in enumerate(zip(rules, sizes, itertools.accumulate(sizes, initial=0)))]
         lim = _on_device([[lim[e] for lim, _ in parts] for e in range(n_exp)], _lim_dtype(sp, srcs), dev)  # (E, C, k)
         table = _on_device([numbers for _, numbers in parts], torch.float32, dev)  # (C, 3E + 1)
         normalize = rules[0].normalize
@@ -606,6 +682,13 @@ def _make_group_kernel(kind: str, consensus: bool):
                                           state["cob"])
 
     return group
+
+
+def _ordered_numbers(rules: _Rules, n: int, n_exp: int, order: MagnitudeOrder, at: int):
+    """`_numbers` of a group's n-entry chunk with fused.ORDERED's bounds, found in the chunk's order (the same rules
+    give other bounds in each chunk) and placed at the chunk's first entry `at` in the group's buffers."""
+    lim, numbers = _numbers(rules, fused.MAGNITUDE, n, n_exp)
+    return [order.bounds(e, *bounds, at) for e, bounds in enumerate(lim)], numbers
 
 
 def _make_linear_parts(kind: str, consensus: bool):
@@ -678,9 +761,11 @@ def _register(name: str, kind: str, consensus: bool, normalize: bool, rescale: b
     register(name, params=params, doc=doc, prepare=prepare, reference=ref, ignored_mergekit_keys=ignored,
              linear_parts=_make_linear_parts(kind, consensus), parts_are_deltas=kind == "none" and not consensus,
              rules=(DELLA_RULE,) if kind == "della" else (),
-             # int32 ranks; float32 uniforms; della: 16-bit uniform and row rank in one int32 (CUDA: the rank alone)
+             # int32 ranks (CUDA: the rank order, in host memory); float32 uniforms; della: 16-bit uniform and row rank
+             # in one int32 (CUDA: the rank alone)
              state_bytes={"none": 0, "magnitude": 4, "outliers": 4, "random": 4, "della": 4}[kind],
-             hashed_bytes={"random": 4, "della": 2}.get(kind, 0),
+             hashed_bytes={"magnitude": 4, "outliers": 4, "random": 4, "della": 2}.get(kind, 0),
+             host_bytes={"magnitude": 4, "outliers": 4}.get(kind, 0),
              group=_make_group_kernel(kind, consensus),
              scratch_blocks=_SCRATCH_BLOCKS[kind, consensus])(_make_kernel(kind, consensus))
 
