@@ -374,6 +374,8 @@ def _cmd_validate(args) -> int:
     for plan in ("resident", "streaming"):
         print(*format_estimate(mem[plan]), sep="\n")
     print(f"free on {mem['resident']['device']} now: {mem['free'] / 2 ** 30:.1f} GiB; {mem['why']}")
+    if mem.get("host_warning"):
+        print(f"warning: {mem['host_warning']}")
     print(f"storage: {v['storage']} ({'study exists: run resumes it' if v['storage_exists'] else 'new study'})")
     return 0
 

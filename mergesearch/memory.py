@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -181,11 +181,23 @@ def study_estimates(cfg, tensors: Sequence[TensorInfo], n_experts: int) -> dict:
     streamed = estimate(tensors, n_experts, cfg.merge.method, cfg.merge.dtype, streaming=True, **kw)
     if missing:
         return {"resident": resident.as_dict(), "streaming": streamed.as_dict(), "free": 0, "streams": None,
-                "why": f"not decided here: {missing}"}
+                "why": f"not decided here: {missing}", "host_warning": None}
     free = free_bytes(dev)
     streaming, why = choose_streaming(cfg.merge.streaming, resident, free)
     return {"resident": resident.as_dict(), "streaming": streamed.as_dict(), "free": free,
-            "streams": streaming, "why": why}
+            "streams": streaming, "why": why, "host_warning": host_shortfall(resident, cfg.merge.method)}
+
+
+def host_shortfall(est: MemoryEstimate, method: str, free: int | None = None) -> str | None:
+    """A warning where the state a merge keeps in host memory whether streaming or not (`host_state`: TIES's rank
+    order on CUDA) will not fit the host's available memory (`free`: now), else None."""
+    free = free_bytes("cpu") if free is None else free
+    if not est.host_state or not free or fits(replace(est, sources=est.host_state, model=0, scratch=0, evaluator=0,
+                                                     fit=0), free):
+        return None
+    return (f"{method} keeps its magnitude ranks' order in host memory on {est.device}: "
+            f"{est.host_state / GiB:.1f} GiB, and the host has {free / GiB:.1f} GiB available (expect swapping or "
+            "an out-of-memory kill: fewer experts, or a method without magnitude ranks such as dare_ties)")
 
 
 def format_estimate(est: dict, free: int | None = None) -> list[str]:

@@ -160,3 +160,16 @@ def test_scratch_buffers_of_the_eager_ordered_masks_are_declared():
             op.kernel(ranked, base, deltas, _kernel_params(op, 3, setting),
                       op.prepare(base, deltas, torch.Generator()), Scratch(512))
             assert torch.equal(out, ranked), (name, setting)
+
+
+def test_a_host_too_small_for_the_order_is_warned_about():
+    from test_devices import _llama_tensors
+
+    tensors = _llama_tensors(4096, 11008, 32, 32, 32, 32000)
+    est = memory.estimate(tensors, 3, "ties", "bfloat16", device="cuda")
+    warning = memory.host_shortfall(est, "ties", free=64 * memory.GiB)
+    assert warning.startswith("ties keeps its magnitude ranks' order in host memory on cuda: 75.3 GiB")
+    assert "64.0 GiB available" in warning
+    assert memory.host_shortfall(est, "ties", free=128 * memory.GiB) is None
+    ta = memory.estimate(tensors, 3, "task_arithmetic", "bfloat16", device="cuda")
+    assert memory.host_shortfall(ta, "task_arithmetic", free=1) is None

@@ -128,6 +128,8 @@ class Workbench:
             plans = memory.study_estimates(cfg, tensors, len(experts))
             streaming = plans["streams"]
             log.info(plans["why"])
+            if plans["host_warning"]:
+                log.warning(plans["host_warning"])
         dev = resolve_device(cfg.merge.device)
         if dev.type == "cuda":
             # this process's GPU: what a bare torch.cuda call means (streams, synchronize, pinned memory's
