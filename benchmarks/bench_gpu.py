@@ -204,32 +204,10 @@ def h2d_bandwidth(numel: int, dtype: torch.dtype, device: torch.device, repeat: 
     return numel * (torch.finfo(dtype).bits // 8) / s / 1e9
 
 
-# TIES's masks under the other device's policy, printed beside the device's own (not a target): on CUDA the int32
-# ranks read on the device (the CPU's policy, which a 7B TIES study cannot afford), on the CPU the rank order in host
-# memory (CUDA's, task_arithmetic.MagnitudeOrder). Whether reading no ranks is also faster on a GPU is measured here.
-FLIPPED = "ties (other device's masks)"
-
-
-@contextlib.contextmanager
-def flipped_policy(device: torch.device, flip: bool):
-    """registry.HASHED_DEVICES with `device`'s membership flipped while a materialiser is built (its prepared state
-    and its Scratch take the policy then)."""
-    from mergesearch.operators import registry
-
-    saved = set(registry.HASHED_DEVICES)
-    if flip:
-        registry.HASHED_DEVICES ^= {device.type}
-    try:
-        yield
-    finally:
-        registry.HASHED_DEVICES.clear()
-        registry.HASHED_DEVICES.update(saved)
-
-
 def merge_rows(base: Path, experts: list[Path], n_params: int, device: torch.device, repeat: int,
                methods=METHODS, dtypes=("float32", "bfloat16")) -> list[dict]:
-    """One row per dtype and method (methods sharing a precomputation share a materialiser), TIES under the other
-    device's mask policy (`FLIPPED`), then task arithmetic streamed from pinned host memory."""
+    """One row per dtype and method (methods sharing a precomputation share a materialiser), then task
+    arithmetic streamed from pinned host memory."""
     from mergesearch import operators
     from mergesearch.materializer import Materializer
     from mergesearch.operators import fused
@@ -243,17 +221,16 @@ def merge_rows(base: Path, experts: list[Path], n_params: int, device: torch.dev
         h2d = h2d_bandwidth(n_params, tdt, device, repeat)
         ta_s = None
         key, m, prep = None, None, 0.0
-        for method in [*methods, *([FLIPPED] if "ties" in methods else []), "task_arithmetic (streaming)"]:
-            streaming, flipped = method.endswith("(streaming)"), method == FLIPPED
+        for method in [*methods, "task_arithmetic (streaming)"]:
+            streaming = method.endswith("(streaming)")
             name = method.split(" ")[0]
             exps = experts[:1] if name == "slerp" else experts
-            want = (operators.get(name).prepare, len(exps), streaming, flipped)
+            want = (operators.get(name).prepare, len(exps), streaming)
             if want != key:
                 m = None
                 free(device)
                 t0 = time.perf_counter()
-                with flipped_policy(device, flipped):
-                    m = Materializer(base, exps, name, dtype=dtype, device=device, streaming=streaming)
+                m = Materializer(base, exps, name, dtype=dtype, device=device, streaming=streaming)
                 prep, key = time.perf_counter() - t0, want
             else:
                 prep = 0.0
@@ -265,7 +242,7 @@ def merge_rows(base: Path, experts: list[Path], n_params: int, device: torch.dev
             s = timed(lambda: m.materialize(plan), device, repeat)
             gbs = (len(exps) + 2) * nbytes / s / 1e9
             row = {"dtype": dtype, "method": method, "ran": plan.method, "ms": s * 1e3, "gbs": gbs, "add": add, "vs_add": gbs / add,
-                   "prep_s": prep, "eager_ms": None, "chunks_ms": None, "info": flipped}
+                   "prep_s": prep, "eager_ms": None, "chunks_ms": None}
             ran = fused.calls - before
             if ran:  # the compiled formula ran: the eager kernel beside it
                 if any(k[0].startswith("group_") for k in ran):  # in one call per candidate: chunk by chunk too
@@ -308,7 +285,7 @@ def check_merge(checks, rows: list[dict]) -> None:
         elif "h2d" in r:
             checks.check(f"streaming {r['dtype']} at {r['vs_h2d']:.2f} of pinned host-to-device bandwidth "
                          f"(target >= {TARGETS['stream_vs_h2d']})", r["vs_h2d"] >= TARGETS["stream_vs_h2d"])
-        elif r["vs_ta"] is not None and not r.get("info"):
+        elif r["vs_ta"] is not None:
             checks.check(f"{r['method']} {r['dtype']}: {r['vs_ta']:.1f}x task arithmetic per candidate "
                          f"(target <= {TARGETS['vs_ta']:g}x)", r["vs_ta"] <= TARGETS["vs_ta"])
 

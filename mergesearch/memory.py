@@ -4,10 +4,10 @@ What the materialiser, evaluator and fit hold on the merge device, in bytes:
 
   sources    base + one task vector per expert in the merge dtype, plus the method's precomputed
              state per entry and expert that the device stores (`Operator.stored_state_bytes`: on the CPU
-             magnitude ranks int32, DARE's uniforms float32 and DELLA's uniform and row rank in one int32;
-             on CUDA, which computes the uniforms in the kernel and keeps TIES's rank order in host memory
-             (`host_state`), DELLA's row ranks int16 only); with streaming they stay in host memory and
-             only the largest tensor's are on the device at a time
+             TIES's rank order int32 (in host memory, which is the CPU's), DARE's uniforms float32 and
+             DELLA's uniform and row rank in one int32; on CUDA, which computes the uniforms in the kernel
+             and leaves TIES's rank order in host memory (`host_state`), DELLA's row ranks int16 only); with
+             streaming they stay in host memory and only the largest tensor's are on the device at a time
   model      the one preallocated model the candidates are written into
   scratch    the kernels' reusable buffers: as many blocks of min(largest chunk, the device's block) and
              whole-chunk buffers as the method declares (`Operator.scratch_bytes`); the compiled formula
@@ -55,7 +55,7 @@ class MemoryEstimate:
     streaming: bool
     sources: int  # on the device (streaming: the largest tensor's only)
     host_sources: int  # in host memory (streaming), else 0
-    host_state: int  # state kept in host memory whether streaming or not (CUDA: TIES's rank order), not on the device
+    host_state: int  # state a GPU merge keeps in host memory, streaming or not (TIES's rank order); 0 on the CPU
     model: int
     scratch: int
     evaluator: int

@@ -206,8 +206,7 @@ def test_gpu_bench_script_runs_end_to_end_on_the_cpu(tmp_path):
     assert "one-pass decisions equal to generation's (every example generated)" in out
     got = json.loads((tmp_path / "gpu.json").read_text())
     rows = got["merge"]
-    assert {r["method"] for r in rows} >= {"task_arithmetic", "dare_ties", "breadcrumbs_ties", "della_linear",
-                                           "ties (other device's masks)"}  # on the CPU: CUDA's, from the order
+    assert {r["method"] for r in rows} >= {"task_arithmetic", "dare_ties", "breadcrumbs_ties", "della_linear"}
     assert all(r["ran"] == r["method"].split(" ")[0] for r in rows), [(r["method"], r["ran"]) for r in rows]
     assert got["compile_failures"] == [] and "fell back to the eager kernel: 0 (target: none)" in out
 

@@ -141,10 +141,10 @@ def test_a_fit_over_streamed_sources_counts_every_task_vector_on_the_device():
 
 def test_the_estimate_counts_the_state_each_device_stores_and_the_kernels_blocks():
     """Scratch: the eager kernel's declared blocks and nothing more (the compiled formula writes no buffers).
-    Sources per entry and expert: the delta plus the state the device stores: TIES's int32 ranks, DARE's float32
-    uniforms and DELLA's 16-bit uniform and row rank (4 bytes) on the CPU; on CUDA the uniforms are computed in the
-    kernel, not stored, and TIES's rank order stays in host memory: TIES and DARE keep nothing per entry there,
-    DELLA its row ranks (int16, 2 bytes)."""
+    Sources per entry and expert: the delta plus the state the device stores: TIES's int32 rank order (in host
+    memory, the CPU's own), DARE's float32 uniforms and DELLA's 16-bit uniform and row rank (4 bytes) on the CPU;
+    on CUDA the uniforms are computed in the kernel, not stored, and TIES's rank order stays in host memory: TIES
+    and DARE keep nothing per entry there, DELLA its row ranks (int16, 2 bytes)."""
     from mergesearch import memory, operators
 
     tensors = _llama_tensors(4096, 11008, 32, 32, 32, 32000)
@@ -174,6 +174,7 @@ def test_the_sources_estimate_is_what_the_materialiser_holds(tiny_family):
             held += b.nbytes + sum(d.nbytes for d in ds)
             held += sum(v.nbytes for s in states for xs in s.values() if isinstance(xs, list)
                         for v in xs if isinstance(v, torch.Tensor) and v.dim())
+            held += sum(s["order"].nbytes for s in states if "order" in s)  # TIES: host memory, the CPU's own
         est = memory.estimate(m.tensors, 2, method, "bfloat16", device="cpu")
         assert est.sources == held, method
         assert est.model == sum(p.nbytes for p in m.model.parameters())

@@ -12,8 +12,8 @@ candidate: a new density or weight never recompiles. It repeats the eager kernel
 signs are the eager kernel's and its values equal within float32 rounding (bf16: two bf16 steps at most);
 tests/test_fused.py checks that for every method.
 
-Which entries an expert keeps is a `Sparsifier` (one small class per kind: magnitude ranks, or on CUDA the entry
-at each rank bound, DARE's uniforms, DELLA's uniforms and row ranks); the formulas are written once for all of them.
+Which entries an expert keeps is a `Sparsifier` (one small class per kind: magnitude rank bounds, DARE's uniforms,
+DELLA's uniforms and row ranks); the formulas are written once for all of them.
 
 With `rescale` (DARE, DELLA) a first pass sums each expert's kept L1 norm and turns the norms into the candidate's
 coefficients, and the merge pass reads the deltas and the mask's sources again: both passes are one graph, one
@@ -54,7 +54,7 @@ class Sparsifier:
     so one compiled graph serves every expert of a chunk."""
 
     sources: tuple[str, ...] = ()
-    integer = False  # bounds in the sources' integer dtype (ranks), else float32
+    integer = False  # integer bounds (int64: magnitude rank bounds), else float32
     # The uniforms are computed in the kernel (operators/counter.py), not read: srcs = [key, at, *sources], the
     # expert's key for the chunk and the position of the first entry in its chunk (0-d for a chunk; a group's
     # (blocks, 1), each block's first entry).
@@ -78,12 +78,27 @@ class _Dense(Sparsifier):
 
 
 class _Magnitude(Sparsifier):
-    """TIES / breadcrumbs: magnitude ranks in [lo, hi)."""
+    """TIES / breadcrumbs: the entries of magnitude rank in [lo, hi), read from the deltas alone.
 
-    sources, integer = ("rank",), True
+    Ranks order a chunk's entries by |d| descending, then by index ascending; the sort order is kept in host memory
+    (`task_arithmetic.MagnitudeOrder`) and each bound x is given as the entry p of rank x - 1, looked up there. An
+    entry ranks below x iff |d| > t, or |d| == t and its index <= p, where t = |d_p|: the masks of the ranks, ties
+    included, with no per-entry state on the device. A bound's lim columns are (p, g): p as above (-1 for x = 0:
+    nothing ranks below 0; `EVERY` for x = n: every entry does; both whatever the deltas), g where t is read (p's flat
+    position among the deltas passed: a group's chunks lie one after another; for x = 0 the largest entry, above
+    which nothing lies).
+
+    Until 2026-12-07 each entry's int32 rank was stored and compared: 4 bytes per entry and expert more on the
+    device (a 7B TIES study with 3 experts did not fit an 80 GB GPU), and slower even on a CPU (one 16.8M-entry
+    chunk, 3 experts, float32: ranks 46 ms, this 31 ms; bf16 72 and 63 ms). Positions are int32 (a chunk has fewer
+    than 2**31 entries: MagnitudeOrder): with int64 positions this formula was as slow as the ranks on a CPU."""
+
+    sources, integer, positional = (), True, True
 
     def keep(self, srcs, lim, d):
-        return (srcs[0] >= _col(lim, 0)) & (srcs[0] < _col(lim, 1))
+        a = d.abs()
+        index = srcs[0].to(torch.int32) + torch.arange(d.shape[-1], device=d.device, dtype=torch.int32)
+        return _ranks_below(a, index, lim, 2) & ~_ranks_below(a, index, lim, 0)
 
     def keep_all(self, n):
         return (0, n)
@@ -92,28 +107,18 @@ class _Magnitude(Sparsifier):
         return (0, 0)
 
 
-class _Ordered(_Magnitude):
-    """TIES / breadcrumbs on a device that keeps no per-entry ranks (CUDA; `task_arithmetic.MagnitudeOrder`): the
-    same rank bounds [lo, hi), each given as the entry of rank x - 1, found in the sort order kept in host memory,
-    so that the kernel reads nothing but the deltas. In the total order of ranks (|d| descending, then index
-    ascending) an entry ranks below x iff |d| > t, or |d| == t and its index <= p, where p is the entry of rank
-    x - 1 and t its |d|: the same masks as the ranks, ties included. A bound's lim columns are (p, g): p as
-    above (-1 for x = 0: nothing ranks below 0), g where t is read (p's flat position among the deltas passed:
-    a group's chunks lie one after another; for x = 0 the largest entry, above which nothing lies)."""
-
-    sources, positional = (), True
-
-    def keep(self, srcs, lim, d):
-        a = d.abs()
-        flat, index = a.reshape(-1), srcs[0] + torch.arange(d.shape[-1], device=d.device)
-        return _ranks_below(a, flat, index, lim, 2) & ~_ranks_below(a, flat, index, lim, 0)
+EVERY = 2 ** 31 - 1  # a rank bound's p where every entry of the chunk ranks below it (`_Magnitude`)
 
 
-def _ranks_below(a, flat, index, lim, i) -> torch.Tensor:
-    """Entries (|d| a, positions `index`) that rank below the bound in lim's columns i, i + 1 (`_Ordered`)."""
-    p = _col(lim, i)
+def _ranks_below(a, index, lim, i) -> torch.Tensor:
+    """Entries (|d| a, positions `index`) that rank below the bound in lim's columns i, i + 1 (`_Magnitude`)."""
+    p = _col(lim, i).to(torch.int32)
     g = _col(lim, i + 1)
-    t = flat[g.reshape(-1)].reshape(g.shape)  # a gather: `flat[g]` of a 0-d g (and torch.take) would read g
+    # a gather: `flat[g]` of a 0-d g (and torch.take) would read g on the host (inductor cannot compile it)
+    t = a.reshape(-1)[g.reshape(-1)].reshape(g.shape)
+    # p -1 (nothing) and EVERY decide whatever the deltas hold: t past every |d| (none is larger; p < every index)
+    # or below every |d| (all are larger). Per bound, not per entry: a test of p per entry cost 1.5x the formula.
+    t = torch.where(p < 0, math.inf, torch.where(p == EVERY, -1.0, t))
     return (a > t) | ((a == t) & (index <= p))
 
 
@@ -226,7 +231,7 @@ class _HashedDella(_Della):
         return _uniforms(srcs, d, units=True) < (row_ranks(srcs[2]) * _col(lim, 0) + _col(lim, 1))
 
 
-DENSE, MAGNITUDE, ORDERED, RANDOM, DELLA = _Dense(), _Magnitude(), _Ordered(), _Random(), _Della()
+DENSE, MAGNITUDE, RANDOM, DELLA = _Dense(), _Magnitude(), _Random(), _Della()
 HASHED_RANDOM, HASHED_DELLA = _HashedRandom(), _HashedDella()
 
 

@@ -112,10 +112,10 @@ class Operator:
     rules: tuple[ParamRule, ...] = ()
     # Bytes of `prepare`'s state per entry and expert (ranks, random fields): what mergesearch.memory counts.
     state_bytes: int = 0
-    # ... of which not stored on a device that computes them (HASHED_DEVICES: DARE's and DELLA's uniforms; TIES's
-    # ranks, which that device replaces by the rank order in host memory: `host_bytes`).
+    # ... of which not stored on a device that computes them (HASHED_DEVICES: DARE's and DELLA's uniforms), or that
+    # stays in host memory, not on such a device (TIES's rank order: `host_bytes`).
     hashed_bytes: int = 0
-    # Bytes per entry and expert that a HASHED_DEVICES merge keeps in host memory instead (TIES's rank order).
+    # Bytes per entry and expert a HASHED_DEVICES merge keeps in host memory (on the CPU they are its memory).
     host_bytes: int = 0
     # group(out, base, deltas, state, sizes, params, scratch) -> None | Tensor: many chunks merged in one call
     # (see the package docstring); None: the method merges chunk by chunk only.

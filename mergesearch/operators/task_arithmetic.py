@@ -24,13 +24,11 @@ All of mergekit's `GeneralizedTaskArithmeticMerge` methods, with its semantics:
    over all, divisor sum_i w_i (|.| < 1e-8 -> 1);
 4. normalize divides by the divisor; the result is scaled by lambda and added to the base.
 
-Speed: sparsification never sorts on the hot path. `prepare` sorts each chunk's |d| once and
-keeps each entry's rank in that order (int32, 0 = largest), so a density's mask is one integer
-comparison (rank < k; breadcrumbs: two), exact at ties, with no threshold to look up. On CUDA (HASHED_DEVICES)
-the device keeps no ranks: the sort order stays in host memory (`MagnitudeOrder`), a candidate looks up the entry
-at each rank bound there, and the kernel compares each entry with it (|d| and index: fused._Ordered), the same
-masks from the deltas alone. 4 bytes per entry and expert move from the GPU to the host: a 7B TIES study with 3
-experts in bf16 needs ~50 GiB of sources on the GPU instead of ~126, and fits an 80 GB one.
+Speed: sparsification never sorts on the hot path. `prepare` sorts each chunk's |d| once and keeps the order in
+host memory (`MagnitudeOrder`, int32 per entry and expert); a candidate looks up the entry at each rank bound
+there, and the kernel compares each entry with it (|d|, then index: fused._Magnitude): exactly the k largest, ties
+broken by index, from the deltas alone. Until 2026-12-07 each entry's int32 rank was kept on the merge device
+instead: on a GPU a 7B TIES study with 3 experts in bf16 needed ~126 GiB of sources, now ~50, and fits 80 GB.
 DARE/DELLA's uniform numbers are a hash of each entry's position in its chunk under a key per expert and chunk,
 drawn from the seeded generator (operators/counter.py; float32 fields, kept iff u < p). The CPU stores them once;
 the compiled formula on CUDA computes them in the kernel instead of reading them (the same numbers, bit for bit).
@@ -44,7 +42,7 @@ import itertools
 
 import torch
 
-from mergesearch.errors import CandidateError
+from mergesearch.errors import CandidateError, OperatorError
 from mergesearch.operators import counter, fused, registry
 from mergesearch.operators.registry import (
     DENSITY,
@@ -119,29 +117,21 @@ def _l1(deltas) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float64, device=deltas[0].device).T.contiguous()
 
 
-def _index_dtype(n: int) -> torch.dtype:
-    # int32 where n fits (half the memory of int64, and compared as fast as float32 on CPU)
-    return torch.int32 if n < 2**31 else torch.int64
+MAX_MAGNITUDE_CHUNK = 2**31 - 1  # entries: positions are int32 in the order and in the kernel (fused._Magnitude)
 
 
 def magnitude_order(d: torch.Tensor) -> torch.Tensor:
-    """(n,) the flat indices of d's entries in rank order: by |d| descending, equal |d| lower index first."""
-    order = torch.sort(d.abs().reshape(-1), descending=True, stable=True).indices
-    return order.to(_index_dtype(d.numel()))
-
-
-def magnitude_rank(d: torch.Tensor) -> torch.Tensor:
-    """(n,) rank of each entry of d (flattened) by |d|, 0 = largest; equal |d|: lower index first."""
-    n, dtype = d.numel(), _index_dtype(d.numel())
-    rank = torch.empty(n, dtype=dtype, device=d.device)
-    rank[magnitude_order(d).long()] = torch.arange(n, dtype=dtype, device=d.device)
-    return rank
+    """(n,) int32: the flat indices of d's entries in rank order: by |d| descending, equal |d| lower index first."""
+    if d.numel() > MAX_MAGNITUDE_CHUNK:
+        raise OperatorError(f"a chunk of {d.numel():,} entries is too large for the magnitude masks (at most "
+                            f"{MAX_MAGNITUDE_CHUNK:,}): split the tensor with chunks: 2 or more")
+    return torch.sort(d.abs().reshape(-1), descending=True, stable=True).indices.to(torch.int32)
 
 
 class MagnitudeOrder:
-    """A chunk's rank order per expert (`magnitude_order`), in host memory: TIES's and breadcrumbs' state on a
-    device that keeps no ranks (CUDA, see the module docstring). Not a tensor, so the materialiser neither moves
-    it to the device nor lays it out in a group's buffers (mergesearch.groups keeps one per chunk)."""
+    """A chunk's rank order per expert (`magnitude_order`), in host memory: TIES's and breadcrumbs' state (see the
+    module docstring). Not a tensor, so the materialiser neither moves it to the device nor lays it out in a
+    group's buffers (mergesearch.groups keeps one per chunk)."""
 
     def __init__(self, orders: list[torch.Tensor]):
         self._orders = [o.cpu().numpy() for o in orders]  # numpy: a scalar lookup costs ~0.1 us, torch's ~2
@@ -150,18 +140,25 @@ class MagnitudeOrder:
     def nbytes(self) -> int:
         return sum(o.nbytes for o in self._orders)
 
+    def size(self, e: int) -> int:
+        """Entries of expert e's chunk."""
+        return len(self._orders[e])
+
     def entry(self, e: int, rank: int) -> int:
         """The flat index of expert e's entry of rank `rank`."""
         return int(self._orders[e][rank])
 
     def bounds(self, e: int, lo: int, hi: int, offset: int = 0) -> tuple[int, int, int, int]:
-        """Expert e's rank bounds [lo, hi) as fused._Ordered's lim: (p, g) of lo, then of hi; `offset`: the
+        """Expert e's rank bounds [lo, hi) as fused._Magnitude's lim: (p, g) of lo, then of hi; `offset`: the
         chunk's first entry among the deltas the kernel is given (a group's flat buffer)."""
         return (*self._bound(e, lo, offset), *self._bound(e, hi, offset))
 
     def _bound(self, e: int, x: int, offset: int) -> tuple[int, int]:
-        if x <= 0 or not len(self._orders[e]):  # nothing ranks below 0: read the largest |d|, compare with p = -1
-            return -1, offset + (self.entry(e, 0) if len(self._orders[e]) else 0)
+        n = self.size(e)
+        if x <= 0 or not n:  # nothing ranks below 0: read the largest |d|, compare with p = -1
+            return -1, offset + (self.entry(e, 0) if n else 0)
+        if x >= n:  # everything: kept whatever the deltas hold (t is not read)
+            return fused.EVERY, offset
         p = self.entry(e, x - 1)
         return p, offset + p
 
@@ -170,8 +167,8 @@ def _below(order: MagnitudeOrder, e: int, x: int, d: torch.Tensor, lo: int, a: t
            ) -> None:
     """out (1/0) = which of the entries lo, lo + 1, ... of the chunk (|d|: a) rank below x, from expert e's order:
     |d| >= t up to the entry p of rank x - 1, |d| > t after it (t = |d_p|, read on the device: no sync)."""
-    if x <= 0:
-        out.zero_()
+    if x <= 0 or x >= order.size(e):  # none or every entry, whatever the deltas hold
+        out.fill_(0 if x <= 0 else 1)
         return
     p = order.entry(e, x - 1)
     t = d[p].abs()
@@ -181,11 +178,9 @@ def _below(order: MagnitudeOrder, e: int, x: int, d: torch.Tensor, lo: int, a: t
 
 
 def _prepare_magnitude(base, deltas, gen) -> dict:
-    """"rank" (n,) int32 per expert, or where the device keeps no ranks (`_hashed`) "order" (`MagnitudeOrder`, in
-    host memory); "l1" as DARE's (for `rescale`)."""
-    if _hashed(deltas):
-        return {"order": MagnitudeOrder([magnitude_order(d) for d in deltas]), "l1": _l1(deltas)}
-    return {"rank": [magnitude_rank(d) for d in deltas], "l1": _l1(deltas)}
+    """"order" (`MagnitudeOrder`, in host memory: sorted on the device, then copied); "l1" as DARE's (for
+    `rescale`)."""
+    return {"order": MagnitudeOrder([magnitude_order(d) for d in deltas]), "l1": _l1(deltas)}
 
 
 def _keys(deltas, gen: torch.Generator) -> list[int]:
@@ -195,8 +190,7 @@ def _keys(deltas, gen: torch.Generator) -> list[int]:
 
 def _hashed(deltas) -> bool:
     """Whether the device computes the uniforms instead of storing them (registry.HASHED_DEVICES: CUDA): the
-    compiled formula hashes them in the kernel, the eager kernel per block (`_hash`); and keeps TIES's rank order
-    in host memory (`MagnitudeOrder`)."""
+    compiled formula hashes them in the kernel, the eager kernel per block (`_hash`)."""
     return (deltas[0].device.type if deltas else "cpu") in registry.HASHED_DEVICES
 
 
@@ -279,11 +273,7 @@ class _Top(_Keep):
         self.k = k
 
     def mask(self, e, d, lo, hi, state, scratch, m) -> None:
-        if "rank" in state:
-            torch.lt(state["rank"][e][lo:hi], self.k, out=m)
-            return
-        a = scratch.get("abs", m)
-        _below(state["order"], e, self.k, d, lo, torch.abs(d[lo:hi], out=a), m)
+        _below(state["order"], e, self.k, d, lo, torch.abs(d[lo:hi], out=scratch.get("abs", m)), m)
 
     def limits(self, sp, n):
         return (0, self.k)
@@ -297,12 +287,6 @@ class _Band(_Keep):
 
     def mask(self, e, d, lo, hi, state, scratch, m) -> None:
         m2 = scratch.get("mask2", m)
-        if "rank" in state:
-            r = state["rank"][e][lo:hi]
-            torch.lt(r, self.hi_rank, out=m)
-            torch.ge(r, self.lo_rank, out=m2)
-            m.mul_(m2)
-            return
         a = torch.abs(d[lo:hi], out=scratch.get("abs", m))
         _below(state["order"], e, self.hi_rank, d, lo, a, m)
         _below(state["order"], e, self.lo_rank, d, lo, a, m2)
@@ -550,14 +534,13 @@ _SPARSIFIERS = {"none": fused.DENSE, "magnitude": fused.MAGNITUDE, "outliers": f
                 "random": fused.RANDOM, "della": fused.DELLA}
 
 
-_HASHED = {fused.MAGNITUDE: fused.ORDERED, fused.RANDOM: fused.HASHED_RANDOM, fused.DELLA: fused.HASHED_DELLA}
+_HASHED = {fused.RANDOM: fused.HASHED_RANDOM, fused.DELLA: fused.HASHED_DELLA}
 
 
 def _sparsifier(kind: str, scratch: Scratch) -> fused.Sparsifier:
     """The compiled formula's sparsifier of `kind` on this device: where `scratch.hashed` (CUDA), DARE's and DELLA's
     uniforms are computed in the kernel from their keys instead of read (operators/counter.py): 4 (DELLA: 2) bytes
-    per entry and expert less to read, the same masks; TIES's and breadcrumbs' ranks are not read either, their
-    bounds come from the rank order in host memory (fused._Ordered)."""
+    per entry and expert less to read, the same masks."""
     sp = _SPARSIFIERS[kind]
     return _HASHED.get(sp, sp) if scratch.hashed else sp
 
@@ -590,21 +573,21 @@ def _on_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.
     return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
-def _numbers(rules: _Rules, sp: fused.Sparsifier, n: int, n_exp: int, order: MagnitudeOrder | None = None
-             ) -> tuple[list, list[float]]:
+def _numbers(rules: _Rules, sp: fused.Sparsifier, n: int, n_exp: int, order: MagnitudeOrder | None = None,
+             at: int = 0) -> tuple[list, list[float]]:
     """A chunk's rules as the compiled formula's inputs: each expert's bounds of `sp` (E, k), and the (3E + 1,)
-    numbers: coefficients, rescaled flags, weights, lambda (fused._merge). fused.ORDERED's bounds are found in the
-    chunk's `order`."""
+    numbers: coefficients, rescaled flags, weights, lambda (fused._merge). fused.MAGNITUDE's rank bounds are given
+    as entries found in the chunk's `order`, at its first entry `at` among the deltas the formula is given."""
     lim = [rules.keep[e].limits(sp, n) if sp is not fused.DENSE else (0.0,) for e in range(n_exp)]
-    if sp is fused.ORDERED:
-        lim = [order.bounds(e, *bounds) for e, bounds in enumerate(lim)]
+    if sp is fused.MAGNITUDE:
+        lim = [order.bounds(e, *bounds, at) for e, bounds in enumerate(lim)]
     numbers = ([rules.coef.get(e, 0.0) for e in range(n_exp)] + [float(e in rules.rescaled) for e in range(n_exp)]
                + list(rules.weight) + [rules.lam])
     return lim, numbers
 
 
-def _lim_dtype(sp: fused.Sparsifier, srcs) -> torch.dtype:
-    return srcs[0][0].dtype if sp.integer else torch.float32  # ranks' bounds are integers
+def _lim_dtype(sp: fused.Sparsifier) -> torch.dtype:
+    return torch.int64 if sp.integer else torch.float32  # rank bounds are entries' positions
 
 
 def _merge_compiled(kind: str, rules: _Rules, o, b, ds, state, scratch: Scratch) -> torch.Tensor | None:
@@ -615,7 +598,7 @@ def _merge_compiled(kind: str, rules: _Rules, o, b, ds, state, scratch: Scratch)
     sp = _sparsifier(kind, scratch)
     srcs = [_chunk_sources(sp, state, e, dev) for e in range(n_exp)]
     lim, numbers = _numbers(rules, sp, n, n_exp, state.get("order"))
-    lim = _on_device(lim, _lim_dtype(sp, srcs), dev)  # (E, k)
+    lim = _on_device(lim, _lim_dtype(sp), dev)  # (E, k)
     numbers = _on_device(numbers, torch.float32, dev)  # the candidate's numbers in one copy
     if rules.rescaled:  # the kept L1 norms, the coefficients and the merge in one call (fused.py)
         return fused.merge_rescaled(sp, rules.consensus, rules.normalize, o, b, ds, srcs, lim, state["l1"], numbers)
@@ -670,10 +653,13 @@ def _make_group_kernel(kind: str, consensus: bool):
         # a hashed sparsifier's keys (chunks,) and each block's first entry in its chunk, then per-entry sources
         srcs = [([state["key"][:, e], state["at"]] if sp.hashed else [state["at"]] if sp.positional else [])
                 + [state[key][e] for key in sp.sources] for e in range(n_exp)]
-        numbers = {id(r): _numbers(r, sp, key[0], n_exp) for key, r in memo.items() if sp is not fused.ORDERED}
-        parts = [numbers[id(r)] if sp is not fused.ORDERED else _ordered_numbers(r, n, n_exp, state["order"][c], at)
-                 for c, (r, n, at) in enumerate(zip(rules, sizes, itertools.accumulate(sizes, initial=0)))]
-        lim = _on_device([[lim[e] for lim, _ in parts] for e in range(n_exp)], _lim_dtype(sp, srcs), dev)  # (E, C, k)
+        if sp is fused.MAGNITUDE:  # bounds found in each chunk's own order, at its first entry in the buffers
+            parts = [_numbers(r, sp, n, n_exp, order, at) for r, n, order, at
+                     in zip(rules, sizes, state["order"], itertools.accumulate(sizes, initial=0))]
+        else:
+            numbers = {id(r): _numbers(r, sp, key[0], n_exp) for key, r in memo.items()}
+            parts = [numbers[id(r)] for r in rules]
+        lim = _on_device([[lim[e] for lim, _ in parts] for e in range(n_exp)], _lim_dtype(sp), dev)  # (E, C, k)
         table = _on_device([numbers for _, numbers in parts], torch.float32, dev)  # (C, 3E + 1)
         normalize = rules[0].normalize
         if not any(r.rescaled for r in rules):
@@ -682,13 +668,6 @@ def _make_group_kernel(kind: str, consensus: bool):
                                           state["cob"])
 
     return group
-
-
-def _ordered_numbers(rules: _Rules, n: int, n_exp: int, order: MagnitudeOrder, at: int):
-    """`_numbers` of a group's n-entry chunk with fused.ORDERED's bounds, found in the chunk's order (the same rules
-    give other bounds in each chunk) and placed at the chunk's first entry `at` in the group's buffers."""
-    lim, numbers = _numbers(rules, fused.MAGNITUDE, n, n_exp)
-    return [order.bounds(e, *bounds, at) for e, bounds in enumerate(lim)], numbers
 
 
 def _make_linear_parts(kind: str, consensus: bool):
@@ -761,8 +740,8 @@ def _register(name: str, kind: str, consensus: bool, normalize: bool, rescale: b
     register(name, params=params, doc=doc, prepare=prepare, reference=ref, ignored_mergekit_keys=ignored,
              linear_parts=_make_linear_parts(kind, consensus), parts_are_deltas=kind == "none" and not consensus,
              rules=(DELLA_RULE,) if kind == "della" else (),
-             # int32 ranks (CUDA: the rank order, in host memory); float32 uniforms; della: 16-bit uniform and row rank
-             # in one int32 (CUDA: the rank alone)
+             # the int32 rank order (in host memory: on CUDA not the device's); float32 uniforms; della: 16-bit uniform
+             # and row rank in one int32 (CUDA: the rank alone)
              state_bytes={"none": 0, "magnitude": 4, "outliers": 4, "random": 4, "della": 4}[kind],
              hashed_bytes={"magnitude": 4, "outliers": 4, "random": 4, "della": 2}.get(kind, 0),
              host_bytes={"magnitude": 4, "outliers": 4}.get(kind, 0),
