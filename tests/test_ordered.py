@@ -49,11 +49,13 @@ def test_the_entry_at_a_rank_bound_gives_the_ranks_masks_ties_included(dtype):
         want = (rank >= lo) & (rank < hi)
         # the compiled formula's arithmetic, run eagerly here: a chunk's 0-d bounds and a group's per-block rows
         lim = torch.tensor(order.bounds(0, lo, hi))
-        got = fused.MAGNITUDE.keep([torch.zeros((), dtype=torch.int64)], lim, d.float())
+        t = fused.magnitude_thresholds(d, lim)
+        got = fused.MAGNITUDE.keep([torch.zeros((), dtype=torch.int64), t], lim, d.float())
         assert torch.equal(got, want), (lo, hi)
         blocks = d.float().view(50, 100)
         at = (torch.arange(50) * 100).view(-1, 1)
-        assert torch.equal(fused.MAGNITUDE.keep([at], lim.expand(50, 4), blocks).reshape(-1), want), (lo, hi)
+        assert torch.equal(fused.MAGNITUDE.keep([at, t.expand(50, 2)], lim.expand(50, 4), blocks).reshape(-1),
+                           want), (lo, hi)
         # the eager kernel's, block by block (rank < hi only: _Band subtracts two of these)
         for start in (0, 1_000, 4_900):
             out = torch.empty(100, dtype=dtype)

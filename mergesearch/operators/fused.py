@@ -59,7 +59,8 @@ class Sparsifier:
     # expert's key for the chunk and the position of the first entry in its chunk (0-d for a chunk; a group's
     # (blocks, 1), each block's first entry).
     hashed = False
-    # The kernel counts entry positions (srcs = [at, *sources], `at` as a hashed sparsifier's) but hashes nothing.
+    # The kernel counts entry positions (srcs = [at, t, *sources], `at` as a hashed sparsifier's, t the magnitude
+    # bounds' thresholds: `magnitude_thresholds`) but hashes nothing.
     positional = False
 
     def keep(self, srcs: list[torch.Tensor], lim: torch.Tensor, d: torch.Tensor) -> torch.Tensor | None:
@@ -85,8 +86,8 @@ class _Magnitude(Sparsifier):
     entry ranks below x iff |d| > t, or |d| == t and its index <= p, where t = |d_p|: the masks of the ranks, ties
     included, with no per-entry state on the device. A bound's lim columns are (p, g): p as above (-1 for x = 0:
     nothing ranks below 0; `EVERY` for x = n: every entry does; both whatever the deltas), g where t is read (p's flat
-    position among the deltas passed: a group's chunks lie one after another; for x = 0 the largest entry, above
-    which nothing lies).
+    position among the deltas passed: a group's chunks lie one after another). srcs = [at, t]: t (2,) the bounds'
+    thresholds (`magnitude_thresholds`, gathered before the call), a group's (chunks, 2).
 
     Until 2026-12-07 each entry's int32 rank was stored and compared: 4 bytes per entry and expert more on the
     device (a 7B TIES study with 3 experts did not fit an 80 GB GPU), and slower even on a CPU (one 16.8M-entry
@@ -96,9 +97,9 @@ class _Magnitude(Sparsifier):
     sources, integer, positional = (), True, True
 
     def keep(self, srcs, lim, d):
-        a = d.abs()
+        a, t = d.abs(), srcs[1]
         index = srcs[0].to(torch.int32) + torch.arange(d.shape[-1], device=d.device, dtype=torch.int32)
-        return _ranks_below(a, index, lim, 2) & ~_ranks_below(a, index, lim, 0)
+        return _ranks_below(a, index, _col(lim, 2), _col(t, 1)) & ~_ranks_below(a, index, _col(lim, 0), _col(t, 0))
 
     def keep_all(self, n):
         return (0, n)
@@ -110,16 +111,20 @@ class _Magnitude(Sparsifier):
 EVERY = 2 ** 31 - 1  # a rank bound's p where every entry of the chunk ranks below it (`_Magnitude`)
 
 
-def _ranks_below(a, index, lim, i) -> torch.Tensor:
-    """Entries (|d| a, positions `index`) that rank below the bound in lim's columns i, i + 1 (`_Magnitude`)."""
-    p = _col(lim, i).to(torch.int32)
-    g = _col(lim, i + 1)
-    # a gather: `flat[g]` of a 0-d g (and torch.take) would read g on the host (inductor cannot compile it)
-    t = a.reshape(-1)[g.reshape(-1)].reshape(g.shape)
-    # p -1 (nothing) and EVERY decide whatever the deltas hold: t past every |d| (none is larger; p < every index)
-    # or below every |d| (all are larger). Per bound, not per entry: a test of p per entry cost 1.5x the formula.
-    t = torch.where(p < 0, math.inf, torch.where(p == EVERY, -1.0, t))
-    return (a > t) | ((a == t) & (index <= p))
+def _ranks_below(a, index, p, t) -> torch.Tensor:
+    """Entries (|d| a, positions `index`) that rank below a bound: p its entry, t its threshold (`_Magnitude`)."""
+    return (a > t) | ((a == t) & (index <= p.to(torch.int32)))
+
+
+def magnitude_thresholds(d: torch.Tensor, lim: torch.Tensor) -> torch.Tensor:
+    """(..., 2) float32: the thresholds |d_p| of one expert's magnitude bounds lim (..., 4) (`_Magnitude`), gathered
+    from its deltas d (any shape, flat positions g) on the device, before the formula's call: a gather inside it
+    made inductor write each expert's masked terms of a whole group to buffers of their own and add them in a
+    second loop (breadcrumbs, float32: 3.5x the chunk-by-chunk time). p -1 (nothing) and EVERY decide whatever the
+    deltas hold: t past every |d| (none is larger, and p is below every index), or below every |d|."""
+    p, g = lim[..., 0::2], lim[..., 1::2]
+    t = d.reshape(-1)[g.reshape(-1)].reshape(g.shape).abs().to(torch.float32)
+    return torch.where(p < 0, math.inf, torch.where(p == EVERY, -1.0, t))
 
 
 class _Random(Sparsifier):
@@ -396,7 +401,10 @@ def _merge_rescaled(sp: Sparsifier, consensus: bool, normalize: bool, out, b, ds
 
 
 def _per_block(sp: Sparsifier, srcs, cob):
-    """A hashed sparsifier's keys, (chunks,) per expert, gathered per block: (blocks, 1)."""
+    """A hashed sparsifier's keys, (chunks,) per expert, gathered per block: (blocks, 1); a positional one's
+    thresholds (chunks, 2): (blocks, 2)."""
+    if sp.positional:
+        return [[x[0], x[1][cob], *x[2:]] for x in srcs]
     return [[x[0][cob][:, None], *x[1:]] for x in srcs] if sp.hashed else srcs
 
 

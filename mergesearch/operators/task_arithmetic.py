@@ -599,6 +599,8 @@ def _merge_compiled(kind: str, rules: _Rules, o, b, ds, state, scratch: Scratch)
     srcs = [_chunk_sources(sp, state, e, dev) for e in range(n_exp)]
     lim, numbers = _numbers(rules, sp, n, n_exp, state.get("order"))
     lim = _on_device(lim, _lim_dtype(sp), dev)  # (E, k)
+    if sp.positional:  # the magnitude bounds' thresholds, gathered on the device
+        srcs = [[*s, fused.magnitude_thresholds(ds[e], lim[e])] for e, s in enumerate(srcs)]
     numbers = _on_device(numbers, torch.float32, dev)  # the candidate's numbers in one copy
     if rules.rescaled:  # the kept L1 norms, the coefficients and the merge in one call (fused.py)
         return fused.merge_rescaled(sp, rules.consensus, rules.normalize, o, b, ds, srcs, lim, state["l1"], numbers)
@@ -660,6 +662,8 @@ def _make_group_kernel(kind: str, consensus: bool):
             numbers = {id(r): _numbers(r, sp, key[0], n_exp) for key, r in memo.items()}
             parts = [numbers[id(r)] for r in rules]
         lim = _on_device([[lim[e] for lim, _ in parts] for e in range(n_exp)], _lim_dtype(sp), dev)  # (E, C, k)
+        if sp.positional:  # the magnitude bounds' thresholds (C, 2), gathered on the device
+            srcs = [[*s, fused.magnitude_thresholds(deltas[e], lim[e])] for e, s in enumerate(srcs)]
         table = _on_device([numbers for _, numbers in parts], torch.float32, dev)  # (C, 3E + 1)
         normalize = rules[0].normalize
         if not any(r.rescaled for r in rules):
