@@ -91,7 +91,7 @@ class _Magnitude(Sparsifier):
 
     Until 2026-12-07 each entry's int32 rank was stored and compared: 4 bytes per entry and expert more on the
     device (a 7B TIES study with 3 experts did not fit an 80 GB GPU), and slower on a CPU too (bench_merge, 134M
-    Llama, 3 experts, vs task arithmetic: float32 ties 3.51x -> 2.36x, bf16 2.79x -> 2.16x). Positions are int32 (a
+    Llama, 3 experts, vs task arithmetic: float32 ties 3.51x -> 2.4-3.2x, bf16 2.79x -> 2.16x). Positions are int32 (a
     chunk has fewer than 2**31 entries: MagnitudeOrder): with int64 ones the formula took the ranks' time on a CPU."""
 
     sources, integer, positional = (), True, True
