@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -192,8 +192,7 @@ def host_shortfall(est: MemoryEstimate, method: str, free: int | None = None) ->
     """A warning where the state a merge keeps in host memory whether streaming or not (`host_state`: TIES's rank
     order on CUDA) will not fit the host's available memory (`free`: now), else None."""
     free = free_bytes("cpu") if free is None else free
-    if not est.host_state or not free or fits(replace(est, sources=est.host_state, model=0, scratch=0, evaluator=0,
-                                                     fit=0), free):
+    if not est.host_state or not free or est.host_state <= (1.0 - HEADROOM) * free:  # as `fits`, for the host
         return None
     return (f"{method} keeps its magnitude ranks' order in host memory on {est.device}: "
             f"{est.host_state / GiB:.1f} GiB, and the host has {free / GiB:.1f} GiB available (expect swapping or "

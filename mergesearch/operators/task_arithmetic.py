@@ -154,10 +154,9 @@ class MagnitudeOrder:
         return (*self._bound(e, lo, offset), *self._bound(e, hi, offset))
 
     def _bound(self, e: int, x: int, offset: int) -> tuple[int, int]:
-        n = self.size(e)
-        if x <= 0 or not n:  # nothing ranks below 0: read the largest |d|, compare with p = -1
-            return -1, offset + (self.entry(e, 0) if n else 0)
-        if x >= n:  # everything: kept whatever the deltas hold (t is not read)
+        if x <= 0:  # nothing ranks below 0, whatever the deltas hold (t is not read)
+            return -1, offset
+        if x >= self.size(e):  # everything: kept whatever the deltas hold (t is not read)
             return fused.EVERY, offset
         p = self.entry(e, x - 1)
         return p, offset + p
@@ -579,7 +578,7 @@ def _numbers(rules: _Rules, sp: fused.Sparsifier, n: int, n_exp: int, order: Mag
     numbers: coefficients, rescaled flags, weights, lambda (fused._merge). fused.MAGNITUDE's rank bounds are given
     as entries found in the chunk's `order`, at its first entry `at` among the deltas the formula is given."""
     lim = [rules.keep[e].limits(sp, n) if sp is not fused.DENSE else (0.0,) for e in range(n_exp)]
-    if sp is fused.MAGNITUDE:
+    if sp.positional:
         lim = [order.bounds(e, *bounds, at) for e, bounds in enumerate(lim)]
     numbers = ([rules.coef.get(e, 0.0) for e in range(n_exp)] + [float(e in rules.rescaled) for e in range(n_exp)]
                + list(rules.weight) + [rules.lam])
@@ -655,7 +654,7 @@ def _make_group_kernel(kind: str, consensus: bool):
         # a hashed sparsifier's keys (chunks,) and each block's first entry in its chunk, then per-entry sources
         srcs = [([state["key"][:, e], state["at"]] if sp.hashed else [state["at"]] if sp.positional else [])
                 + [state[key][e] for key in sp.sources] for e in range(n_exp)]
-        if sp is fused.MAGNITUDE:  # bounds found in each chunk's own order, at its first entry in the buffers
+        if sp.positional:  # bounds found in each chunk's own order, at its first entry in the buffers
             parts = [_numbers(r, sp, n, n_exp, order, at) for r, n, order, at
                      in zip(rules, sizes, state["order"], itertools.accumulate(sizes, initial=0))]
         else:
