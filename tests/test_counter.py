@@ -145,6 +145,11 @@ def test_dellas_row_ranks_take_16_bits_and_decode_exactly(ncols):
     assert torch.equal(got, fused.packed_ranks(packed)) and torch.equal(got, fused.packed_ranks(packed, out, tmp))
     assert torch.equal(fused.packed_uniforms(packed), u_bits.float())
     assert torch.equal(fused.packed_uniforms(packed, out, tmp), u_bits.float())
+    # What the compiled formula is passed (float32 bits, fused.as_bits): finite (no NaN pattern a copy could
+    # change), and the same integers once read back, after a copy too.
+    bits = fused.as_bits(packed)
+    assert bits.dtype == torch.float32 and bool(torch.isfinite(bits).all())
+    assert torch.equal(fused.from_bits(bits.clone()), packed)
     got, want = got.double() / 2 ** 14, ranks.double() / max(1, ncols - 1)
     assert float(got[0]) == 0.0 and float(got[-1]) == (1.0 if ncols > 1 else 0.0)
     assert float((got - want).abs().max()) <= 2 ** -15

@@ -149,7 +149,8 @@ class _Della(Sparsifier):
     sources = ("ur",)
 
     def keep(self, srcs, lim, d):
-        return packed_uniforms(srcs[0]) < (packed_ranks(srcs[0]) * _col(lim, 0) + _col(lim, 1))
+        x = from_bits(srcs[0])
+        return packed_uniforms(x) < (packed_ranks(x) * _col(lim, 0) + _col(lim, 1))
 
     def keep_all(self, n):
         return (0.0, 2.0 ** 17)  # u < 2 always
@@ -447,9 +448,30 @@ def _compiled(what: str, sp: Sparsifier, *flags: bool):
 
 def _unviewed(args) -> list:
     """args with every tensor, also in lists, passed as a tensor of its own over the same memory (`detach`: no
-    view base). dynamo guards an input view's base, its sizes and strides: a chunk of a 2-d weight, then one of a
-    1-d norm, compiled every formula twice (seconds on a CPU, more on CUDA)."""
-    return [a.detach() if isinstance(a, torch.Tensor) else _unviewed(a) if isinstance(a, list) else a for a in args]
+    view base), int32 ones as float32 bits (`as_bits`). dynamo guards an input view's base, its sizes and strides:
+    a chunk of a 2-d weight, then one of a 1-d norm, compiled every formula twice (seconds on a CPU, more on
+    CUDA)."""
+    return [as_bits(a.detach()) if isinstance(a, torch.Tensor) else _unviewed(a) if isinstance(a, list) else a
+            for a in args]
+
+
+# int32 tensors cross into a compiled formula as float32 tensors over the same bytes, and the formula reads them
+# back with `from_bits` (a bit cast: no conversion, no copy). Why: inductor's C++ loads a vector of int32 with
+# at::vec's `Vectorized<int32_t>::loadu(ptr, count)`, which (torch 2.13, AVX2) copies every 8 entries through a
+# stack buffer even when the vector is full, where float32's `loadu` is one instruction. A compiled pass reading
+# 16.8M int32 entries took 2.9x the same pass reading them as float32 bits (14 ms vs 4.8 ms), and DELLA's packed
+# uniforms and ranks (`pack`) are its only per-entry sources: on the CPU a DELLA candidate was ~6x task arithmetic,
+# most of it this load. Bit patterns of `pack` are below 2**31 - 2**23 (no NaN or inf: nothing is lost in any copy).
+
+
+def as_bits(x: torch.Tensor) -> torch.Tensor:
+    """x, or an int32 x viewed as float32 (its bits unchanged)."""
+    return x.view(torch.float32) if x.dtype == torch.int32 else x
+
+
+def from_bits(x: torch.Tensor) -> torch.Tensor:
+    """The int32 tensor whose bits x holds (`as_bits`); an int32 x itself."""
+    return x.view(torch.int32)
 
 
 _GRAPHS = 128  # compiled graphs kept per formula (dynamo's default: 8; its limit is process-wide, for any code)
