@@ -215,6 +215,10 @@ def test_the_policy_compiles_float32_chunks_of_large_models_on_cpu_and_cuda(monk
     assert operators.Scratch(compiled_min=0, compiled_dtypes=operators.compiled_dtypes("cuda")).compiled(x.half())
     # task arithmetic stays on the CPU's eager kernel (as fast) unless forced
     assert not scratch.compiled(x, plain=True) and operators.Scratch(compiled_min=0).compiled(x, plain=True)
+    # ... except a float32 group in one call (faster there); a bf16 group stays eager (its emulated rounding is not)
+    assert scratch.compiled(x, plain=True, grouped=True) and not scratch.compiled(x.bfloat16(), True, grouped=True)
+    assert scratch.compiled(x.bfloat16(), grouped=True) and not scratch.compiled(x[1:], True, grouped=True)
+    assert operators.Scratch(compiled_min=0).compiled(x.bfloat16(), True, grouped=True)
 
 
 def test_the_demo_sized_model_merges_eagerly_by_default(tiny_family, monkeypatch):

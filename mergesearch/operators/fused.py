@@ -253,7 +253,8 @@ def _masked(sp: Sparsifier, d: torch.Tensor, srcs, lim) -> torch.Tensor:
     return d if keep is None else d * keep.to(d.dtype)
 
 
-def _merge(sp: Sparsifier, consensus: bool, normalize: bool, out, b, ds, srcs, lim, nums) -> torch.Tensor:
+def _merge(sp: Sparsifier, consensus: bool, normalize: bool, out, b, ds, srcs, lim, nums, rescaled: bool = False
+           ) -> torch.Tensor:
     """out = the family's merge of one chunk (flat tensors), computed in float32 and rounded to the chunk's
     dtype (`_round`) wherever the eager kernel writes a bf16/fp16 tensor, so that both elect the same signs.
     Returns the float32 sum of the written values (in the same loop), which is finite iff they all are.
@@ -263,7 +264,10 @@ def _merge(sp: Sparsifier, consensus: bool, normalize: bool, out, b, ds, srcs, l
     fc = nums[:E] each expert's multiplier of its kept entries (consensus: w_e, times the rescale factor;
     otherwise lambda w_e / W times it; rescaled ones already rounded to the dtype, as the eager kernel rounds
     them); rs = nums[E:2E] 1 for the rescaled experts, whose terms the eager kernel writes (rounds) before adding
-    them; w = nums[2E:3E] the weights for the consensus divisor; lam = nums[3E] lambda.
+    them; w = nums[2E:3E] the weights for the consensus divisor; lam = nums[3E] lambda. `rescaled`: the formula of
+    a method with `rescale` (rs may be 1); elsewhere rs is 0 and no rounding of a rescaled term is written in, as
+    inductor computes both sides of a `where` (a bf16 plain task arithmetic took 3 more bf16 round trips per
+    entry).
     """
     n_exp = len(ds)
     fc, rs, w = ([_col(nums, k * n_exp + e) for e in range(n_exp)] for k in range(3))
@@ -275,7 +279,7 @@ def _merge(sp: Sparsifier, consensus: bool, normalize: bool, out, b, ds, srcs, l
     if not consensus:  # eager: acc = b + c_e t_e, one rounding per add (a rescaled term rounded before)
         acc = base
         for e, t in enumerate(terms):
-            acc = _round(acc + torch.where(rs[e] > 0, _round(t, dt), t), dt)
+            acc = _round(acc + (torch.where(rs[e] > 0, _round(t, dt), t) if rescaled else t), dt)
         return _written(out, acc)
     terms = [_round(t, dt) for t in terms]  # eager: the weighted terms are written in the chunk's dtype
     vote = terms[0]
@@ -303,8 +307,11 @@ def _written(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     inductor fuses with the store; a full sum of the 2-d x made it write x to a buffer of its own and read it back
     (1.8x a TIES candidate's time on a CPU)."""
     out.copy_(x)
-    written = _round(x, out.dtype)
-    return written.sum(dtype=torch.float32) if x.dim() == 1 else written.sum(dim=1, dtype=torch.float32).sum()
+    if out.dtype != torch.float32:
+        # Summed from `out`: a float32 sum of x tiled the loop at 8 entries, and at::vec loads and stores 8 of a
+        # 16-entry bf16 vector through a stack buffer (torch 2.13, AVX2): 4.2x the time of the merge alone.
+        return out.sum(dtype=torch.float32) if x.dim() == 1 else out.sum(dim=1, dtype=torch.float32).sum()
+    return x.sum(dtype=torch.float32) if x.dim() == 1 else x.sum(dim=1, dtype=torch.float32).sum()
 
 
 def _round(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -390,7 +397,8 @@ def _merge_rescaled(sp: Sparsifier, consensus: bool, normalize: bool, out, b, ds
     """`_merge` of a chunk with `rescale` in one graph: the kept L1 norms and the coefficients
     (`_rescaled_nums`), then the merge, which reads the deltas and their mask sources again. One call per chunk
     instead of two: the host time of a call is more than a mid-sized chunk's merge on a GPU."""
-    return _merge(sp, consensus, normalize, out, b, ds, srcs, lim, _rescaled_nums(sp, ds, srcs, lim, l1, nums))
+    return _merge(sp, consensus, normalize, out, b, ds, srcs, lim, _rescaled_nums(sp, ds, srcs, lim, l1, nums),
+                  rescaled=True)
 
 
 # --- a group: many chunks in one call ------------------------------------------------------------------------------
@@ -419,7 +427,7 @@ def _group_rescaled(sp: Sparsifier, consensus: bool, normalize: bool, out, b, ds
     """`_merge_rescaled` of a group (l1: (chunks, 2, E) float64 each chunk's L1 norms and scales)."""
     lim, srcs = lim[:, cob], _per_block(sp, srcs, cob)
     table = _rescaled_nums(sp, ds, srcs, lim, l1, table, cob)
-    return _merge(sp, consensus, normalize, out, b, ds, srcs, lim, table[cob])
+    return _merge(sp, consensus, normalize, out, b, ds, srcs, lim, table[cob], rescaled=True)
 
 
 _FORMULAS = {"merge": _merge, "rescaled": _merge_rescaled, "group_merge": _group_merge,

@@ -362,14 +362,19 @@ class Scratch:
         """Bytes the buffers hold now."""
         return sum(b.numel() * b.element_size() for b in self._bufs.values())
 
-    def compiled(self, chunk: torch.Tensor, plain: bool = False) -> bool:
-        """Whether the family's compiled formula merges `chunk` (the policy: `compiled_min_entries`).
+    def compiled(self, chunk: torch.Tensor, plain: bool = False, grouped: bool = False) -> bool:
+        """Whether the family's compiled formula merges `chunk` (the policy: `compiled_min_entries`), or with
+        `grouped` a group of chunks in one call, `chunk` its base.
 
-        `plain`: task arithmetic at this chunk. The CPU's eager kernel adds whole chunks as fast (the compiled
-        one took 1.1x its time), so there it stays eager unless the formula is forced (compiled_min 0)."""
+        `plain`: task arithmetic at this chunk (every chunk of the group). The CPU's eager kernel adds whole chunks
+        as fast (the compiled one took 1.1x its time), so there it stays eager unless the formula is forced
+        (compiled_min 0); a float32 group in one call took 0.66-0.69x the eager kernel's time, but a bf16 one
+        1.5x (134M Llama, 3 experts, 2 threads: the formula's exact bf16 rounding after every add, which inductor
+        emulates, costs more there than the eager adds)."""
         if self.compiled_min is None or chunk.dtype not in self.compiled_dtypes:
             return False
-        if plain and chunk.device.type == "cpu" and self.compiled_min > 0:
+        eager_adds = plain and chunk.device.type == "cpu" and self.compiled_min > 0
+        if eager_adds and not (grouped and chunk.dtype == torch.float32):
             return False
         return chunk.numel() >= self.compiled_min
 
