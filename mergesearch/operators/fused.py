@@ -454,22 +454,25 @@ def _compiled(what: str, sp: Sparsifier, *flags: bool):
     return torch.compile(own, dynamic=True, fullgraph=True, options={"emulate_precision_casts": True})
 
 
-def _unviewed(args) -> list:
+def _unviewed(args, bits: bool) -> list:
     """args with every tensor, also in lists, passed as a tensor of its own over the same memory (`detach`: no
-    view base), int32 ones as float32 bits (`as_bits`). dynamo guards an input view's base, its sizes and strides:
-    a chunk of a 2-d weight, then one of a 1-d norm, compiled every formula twice (seconds on a CPU, more on
-    CUDA)."""
-    return [as_bits(a.detach()) if isinstance(a, torch.Tensor) else _unviewed(a) if isinstance(a, list) else a
-            for a in args]
+    view base), with `bits` int32 ones as float32 bits (`as_bits`). dynamo guards an input view's base, its sizes
+    and strides: a chunk of a 2-d weight, then one of a 1-d norm, compiled every formula twice (seconds on a CPU,
+    more on CUDA)."""
+    return [(as_bits(a.detach()) if bits else a.detach()) if isinstance(a, torch.Tensor)
+            else _unviewed(a, bits) if isinstance(a, list) else a for a in args]
 
 
-# int32 tensors cross into a compiled formula as float32 tensors over the same bytes, and the formula reads them
-# back with `from_bits` (a bit cast: no conversion, no copy). Why: inductor's C++ loads a vector of int32 with
-# at::vec's `Vectorized<int32_t>::loadu(ptr, count)`, which (torch 2.13, AVX2) copies every 8 entries through a
-# stack buffer even when the vector is full, where float32's `loadu` is one instruction. A compiled pass reading
-# 16.8M int32 entries took 2.9x the same pass reading them as float32 bits (14 ms vs 4.8 ms), and DELLA's packed
-# uniforms and ranks (`pack`) are its only per-entry sources: on the CPU a DELLA candidate was ~6x task arithmetic,
-# most of it this load. Bit patterns of `pack` are below 2**31 - 2**23 (no NaN or inf: nothing is lost in any copy).
+# int32 tensors cross into a float32 chunk's compiled formula as float32 tensors over the same bytes, and the
+# formula reads them back with `from_bits` (a bit cast: no conversion, no copy). Why: inductor's C++ loads a vector
+# of int32 with at::vec's `Vectorized<int32_t>::loadu(ptr, count)`, which (torch 2.13, AVX2) copies every 8 entries
+# through a stack buffer even when the vector is full, where float32's `loadu` is one instruction. A compiled pass
+# reading 16.8M int32 entries took 2.9x the same pass reading them as float32 bits (14 ms vs 4.8 ms), and DELLA's
+# packed uniforms and ranks (`pack`) are its only per-entry sources: on the CPU a float32 DELLA candidate was
+# 6.5x task arithmetic, 4.1x since. Not for a 16-bit chunk: its loop takes 16 entries at a time, inductor writes
+# the bit cast of 16 as a scalar loop whose result is loaded through that same int32 path, and it was slower
+# than the int32 load alone (one 16.8M-entry bf16 chunk, 3 experts, DELLA: 61 against 44 ms). Bit patterns of
+# `pack` are below 2**31 - 2**23 (no NaN or inf: nothing is lost in any copy).
 
 
 def as_bits(x: torch.Tensor) -> torch.Tensor:
@@ -501,7 +504,7 @@ def _call(key: tuple, sample: torch.Tensor, *args) -> tuple[bool, object]:
     sig = (*key, sample.dtype, sample.device.type)
     if sig in _BROKEN:
         return False, None
-    args = _unviewed(args)
+    args = _unviewed(args, bits=sample.dtype == torch.float32)
     try:
         if sig in _RAN:
             result = _compiled(*key)(*args)
