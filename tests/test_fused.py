@@ -160,7 +160,7 @@ def test_a_rescaled_chunk_is_one_call_in_every_dtype(method, dtype, monkeypatch)
     monkeypatch.setitem(operators.registry.COMPILED_DTYPES, "cpu", (torch.float32, torch.bfloat16))
     base, experts = _sources((256, 512), 3, seed=4)
     base, experts = base.to(dtype), [e.to(dtype) for e in experts]
-    sp = {"dare_ties": "_Random", "della_linear": "_Della", "ties": "_Magnitude"}[method]
+    sp = {"dare_ties": "_Random", "della_linear": "_Della", "ties": "_Top"}[method]
     before = fused.calls.copy()
     got, want = _both(method, base, experts, seed=2, chunks=2, **_params(method, 3, rescale=1.0))
     ran = fused.calls - before  # by (what, sparsifier, *flags)

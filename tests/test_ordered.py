@@ -52,6 +52,8 @@ def test_the_entry_at_a_rank_bound_gives_the_ranks_masks_ties_included(dtype):
         t = fused.magnitude_thresholds(d, lim)
         got = fused.MAGNITUDE.keep([torch.zeros((), dtype=torch.int64), t], lim, d.float())
         assert torch.equal(got, want), (lo, hi)
+        if lo == 0:  # TIES's sparsifier, which tests the upper bound alone
+            assert torch.equal(fused.TOP.keep([torch.zeros((), dtype=torch.int64), t], lim, d.float()), want), hi
         blocks = d.float().view(50, 100)
         at = (torch.arange(50) * 100).view(-1, 1)
         assert torch.equal(fused.MAGNITUDE.keep([at, t.expand(50, 2)], lim.expand(50, 4), blocks).reshape(-1),
@@ -87,7 +89,7 @@ def test_every_path_gives_the_same_weights(method, dtype, tiny_family, monkeypat
         m = Materializer(base, experts, method, device="cpu", dtype=dtype, chunks=2, seed=3, **kw)
         before = fused.calls.copy()
         m.materialize(_plan(m, method))
-        ran = {k[0] for k in fused.calls - before if k[1] == "_Magnitude"}
+        ran = {k[0] for k in fused.calls - before if k[1] == ("_Top" if method == "ties" else "_Magnitude")}
         assert ran == ({"merge"} if path == "compiled" else {"group_merge"} if kw["compiled"] else set()), (path, ran)
         got[path] = {k: v.clone() for k, v in m.state_dict().items()}
     for path, state in got.items():

@@ -529,7 +529,7 @@ def _merge_block(rules: _Rules, ob, bb, ds, lo, hi, state, scratch: Scratch, fac
 
 
 # The compiled formula's sparsifier of each kind ("none": the plain task arithmetic of any kind's chunk).
-_SPARSIFIERS = {"none": fused.DENSE, "magnitude": fused.MAGNITUDE, "outliers": fused.MAGNITUDE,
+_SPARSIFIERS = {"none": fused.DENSE, "magnitude": fused.TOP, "outliers": fused.MAGNITUDE,
                 "random": fused.RANDOM, "della": fused.DELLA}
 
 
