@@ -318,11 +318,8 @@ def _written(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     inductor fuses with the store; a full sum of the 2-d x made it write x to a buffer of its own and read it back
     (1.8x a TIES candidate's time on a CPU)."""
     out.copy_(x)
-    if out.dtype != torch.float32:
-        # Summed from `out`: a float32 sum of x tiled the loop at 8 entries, and at::vec loads and stores 8 of a
-        # 16-entry bf16 vector through a stack buffer (torch 2.13, AVX2): 4.2x the time of the merge alone.
-        return out.sum(dtype=torch.float32) if x.dim() == 1 else out.sum(dim=1, dtype=torch.float32).sum()
-    return x.sum(dtype=torch.float32) if x.dim() == 1 else x.sum(dim=1, dtype=torch.float32).sum()
+    written = _round(x, out.dtype)
+    return written.sum(dtype=torch.float32) if x.dim() == 1 else written.sum(dim=1, dtype=torch.float32).sum()
 
 
 def _round(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
