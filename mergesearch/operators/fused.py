@@ -97,8 +97,7 @@ class _Magnitude(Sparsifier):
     sources, integer, positional = (), True, True
 
     def keep(self, srcs, lim, d):
-        a, t = d.abs(), srcs[1]
-        index = srcs[0].to(torch.int32) + torch.arange(d.shape[-1], device=d.device, dtype=torch.int32)
+        a, t, index = d.abs(), srcs[1], _positions(srcs, d)
         return _ranks_below(a, index, _col(lim, 2), _col(t, 1)) & ~_ranks_below(a, index, _col(lim, 0), _col(t, 0))
 
     def keep_all(self, n):
@@ -114,12 +113,15 @@ class _Top(_Magnitude):
     test was half the mask's comparisons per entry (a float32 TIES chunk ~10% faster without it)."""
 
     def keep(self, srcs, lim, d):
-        a = d.abs()
-        index = srcs[0].to(torch.int32) + torch.arange(d.shape[-1], device=d.device, dtype=torch.int32)
-        return _ranks_below(a, index, _col(lim, 2), _col(srcs[1], 1))
+        return _ranks_below(d.abs(), _positions(srcs, d), _col(lim, 2), _col(srcs[1], 1))
 
 
 EVERY = 2 ** 31 - 1  # a rank bound's p where every entry of the chunk ranks below it (`_Magnitude`)
+
+
+def _positions(srcs, d: torch.Tensor) -> torch.Tensor:
+    """int32 positions of d's entries (along its last dimension) in their chunk, from `at` = srcs[0]."""
+    return srcs[0].to(torch.int32) + torch.arange(d.shape[-1], device=d.device, dtype=torch.int32)
 
 
 def _ranks_below(a, index, p, t) -> torch.Tensor:
