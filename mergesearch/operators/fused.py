@@ -482,7 +482,9 @@ def _unviewed(args, bits: bool) -> list:
 # 6.5x task arithmetic, 4.1x since. Not for a 16-bit chunk: its loop takes 16 entries at a time, inductor writes
 # the bit cast of 16 as a scalar loop whose result is loaded through that same int32 path, and it was slower
 # than the int32 load alone (one 16.8M-entry bf16 chunk, 3 experts, DELLA: 61 against 44 ms). Bit patterns of
-# `pack` are below 2**31 - 2**23 (no NaN or inf: nothing is lost in any copy).
+# `pack` are below 2**31 - 2**23 (no NaN or inf: nothing is lost in any copy). So every formula reads an int32
+# source through `from_bits` (DELLA's packed state is the only one); one that did not would fail to compile and
+# fall back to the eager kernel, with the warning `_call` logs.
 
 
 def as_bits(x: torch.Tensor) -> torch.Tensor:
