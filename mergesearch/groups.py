@@ -98,7 +98,8 @@ class Group:
 
     def finish_state(self, n_experts: int, device: torch.device) -> None:
         """Make the group's state: each per-entry state as (blocks, B) views per expert, each per-chunk (E,) state
-        stacked to (chunks, E) (norms, the uniforms' keys), each other per-chunk value as a list in layout order,
+        stacked to (chunks, E) (norms, the uniforms' keys), each other per-chunk value as a list in layout order
+        (or joined into one by its type's `join`: DARE's kept L1 lookup),
         "cob" (blocks,) int64 each block's chunk, and "at" (blocks, 1) int64 each block's first entry in its
         chunk."""
         for slot, buf in self.buffers.items():
@@ -107,7 +108,9 @@ class Group:
                 self.state.setdefault(key, [None] * n_experts)[e] = self.blocks(buf)
         for key, rows in self._norms.items():
             self.state[key] = torch.stack(rows)
-        self.state.update(self._host)
+        for key, rows in self._host.items():  # one per chunk, or one for the group where its type can join them
+            join = getattr(type(rows[0]), "join", None)
+            self.state[key] = join(rows) if join is not None else rows
         counts = torch.tensor([n // self.block for n in self.sizes])
         cob = torch.repeat_interleave(torch.arange(len(self.sizes)), counts)
         self.state["cob"] = cob.to(device)

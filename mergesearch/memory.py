@@ -55,11 +55,14 @@ class MemoryEstimate:
     streaming: bool
     sources: int  # on the device (streaming: the largest tensor's only)
     host_sources: int  # in host memory (streaming), else 0
-    host_state: int  # state a GPU merge keeps in host memory, streaming or not (TIES's rank order); 0 on the CPU
+    # state a merge keeps in host memory, streaming or not: TIES's rank order on a GPU (on the CPU it is in
+    # `sources`), DARE's kept-L1 tables on every device (an upper bound: 2**16 values per tensor and expert at most)
+    host_state: int
     model: int
     scratch: int
     evaluator: int
     fit: int
+    host_what: str = ""  # what `host_state` holds (Operator.host_state_doc)
 
     @property
     def total(self) -> int:
@@ -94,6 +97,8 @@ def estimate(tensors: Sequence[TensorInfo], n_experts: int, method: str, dtype: 
     generation = batch_size * gen * (kv_bytes_per_token(floats, hidden, size) + 8 * hidden * size) \
         + batch_size * vocab * 4
     evaluator = max(scoring, generation)
+    # DARE's kept-L1 tables: per tensor merged whole (chunk-wise coefficients: per chunk, which this leaves out)
+    tables = op.table_bytes * n_experts * sum(min(t.numel, 1 << 16) for t in floats)
     fit_bytes = 0
     if fit:
         layers = _layers(floats)
@@ -105,8 +110,8 @@ def estimate(tensors: Sequence[TensorInfo], n_experts: int, method: str, dtype: 
     return MemoryEstimate(device=str(device), streaming=streaming,
                           sources=largest * per_entry if streaming else resident,
                           host_sources=resident if streaming else 0,
-                          host_state=n * n_experts * op.host_state_bytes(device), model=n * size, scratch=scratch,
-                          evaluator=evaluator, fit=fit_bytes)
+                          host_state=n * n_experts * op.host_state_bytes(device) + tables, model=n * size,
+                          scratch=scratch, evaluator=evaluator, fit=fit_bytes, host_what=op.host_state_doc)
 
 
 def kv_bytes_per_token(tensors: Sequence[TensorInfo], hidden: int, size: int) -> int:
@@ -190,13 +195,15 @@ def study_estimates(cfg, tensors: Sequence[TensorInfo], n_experts: int) -> dict:
 
 def host_shortfall(est: MemoryEstimate, method: str, free: int | None = None) -> str | None:
     """A warning where the state a merge keeps in host memory whether streaming or not (`host_state`: TIES's rank
-    order on CUDA) will not fit the host's available memory (`free`: now), else None."""
+    order on CUDA, DARE's kept-L1 tables) will not fit the host's available memory (`free`: now), else None."""
     free = free_bytes("cpu") if free is None else free
     if not est.host_state or not free or est.host_state <= (1.0 - HEADROOM) * free:  # as `fits`, for the host
         return None
-    return (f"{method} keeps its magnitude ranks' order in host memory on {est.device}: "
+    fix = ("fewer experts, or a method without magnitude ranks such as dare_ties" if "magnitude" in est.host_what
+           else "fewer experts")
+    return (f"{method} keeps its {est.host_what} in host memory on {est.device}: "
             f"{est.host_state / GiB:.1f} GiB, and the host has {free / GiB:.1f} GiB available (expect swapping or "
-            "an out-of-memory kill: fewer experts, or a method without magnitude ranks such as dare_ties)")
+            f"an out-of-memory kill: {fix})")
 
 
 def format_estimate(est: dict, free: int | None = None) -> list[str]:
@@ -208,7 +215,7 @@ def format_estimate(est: dict, free: int | None = None) -> list[str]:
     if est["host_sources"]:
         line += f"; host memory for the streamed sources {est['host_sources'] / GiB:.2f} GiB"
     if est.get("host_state"):
-        line += f"; host memory for the magnitude ranks' order {est['host_state'] / GiB:.2f} GiB"
+        line += f"; host memory for the {est['host_what']} {est['host_state'] / GiB:.2f} GiB"
     lines = [line]
     if free is not None:
         lines.append(f"free on {est['device']} now: {free / GiB:.1f} GiB")

@@ -22,8 +22,9 @@ An operator may also merge many chunks in one call (`group=` in `register`; the 
 
 where the chunks (`sizes` entries each, in order, each a whole number of blocks) lie one after another in flat
 buffers viewed as (blocks, B): `out`, `base`, each of `deltas`, and each per-entry tensor of `state` (the chunks'
-prepared states laid out the same way; "l1": (chunks, 2, E) their norms and scales; "cob": (blocks,) int64 each
-block's chunk);
+prepared states laid out the same way; "l1": (chunks, 2, E) their norms and scales; host-memory state one per chunk
+in layout order, or joined where its type has `join` (DARE's "kept": one lookup for the group); "cob": (blocks,)
+int64 each block's chunk);
 `params` is one parameter dict per chunk, as the kernel gets them. It returns the float32 sum of what it wrote,
 or None where it cannot (the materialiser then runs the kernel chunk by chunk). On a GPU one call per candidate
 instead of one per chunk: a call's host time is more than a mid-sized chunk's kernel.

@@ -15,9 +15,11 @@ tests/test_fused.py checks that for every method.
 Which entries an expert keeps is a `Sparsifier` (one small class per kind: magnitude rank bounds, DARE's uniforms,
 DELLA's uniforms and row ranks); the formulas are written once for all of them.
 
-With `rescale` (DARE, DELLA) a first pass sums each expert's kept L1 norm and turns the norms into the candidate's
-coefficients, and the merge pass reads the deltas and the mask's sources again: both passes are one graph, one
-call (`_merge_rescaled`), on every device and dtype. On a GPU a call's host time is more than a mid-sized chunk's
+With `rescale`, DARE's kept L1 norms are looked up in a table made once per chunk (task_arithmetic.KeptL1, given
+as l1's row 2: `Sparsifier.looked_up`), so its merge is one pass. DELLA's keep rule depends on each entry's row rank
+too, which no small table answers exactly: a first pass sums each expert's kept L1 norm and turns the norms into the
+candidate's coefficients, and the merge pass reads the deltas and the mask's sources again: both passes are one
+graph, one call (`_merge_rescaled`), on every device and dtype. On a GPU a call's host time is more than a mid-sized chunk's
 merge; on a CPU (torch 2.13) writing the kept entries for the merge pass to read instead was slower even where the
 sources are twice a bf16 delta's bytes, as inductor wrote them in loops of their own that read the sources again
 (bench_merge, bf16, 134M, vs task arithmetic: DARE 2.54x written, 1.87x in one call; DELLA 5.49x, 4.62x). The
@@ -62,6 +64,8 @@ class Sparsifier:
     # The kernel counts entry positions (srcs = [at, t, *sources], `at` as a hashed sparsifier's, t the magnitude
     # bounds' thresholds: `magnitude_thresholds`) but hashes nothing.
     positional = False
+    # The kept L1 norms of a rescaled merge are given (l1's row 2: task_arithmetic.KeptL1), not summed in a first pass.
+    looked_up = False
 
     def keep(self, srcs: list[torch.Tensor], lim: torch.Tensor, d: torch.Tensor) -> torch.Tensor | None:
         """(n,) bool: the kept entries of one expert (d: its delta, for the shape); None: every entry."""
@@ -141,9 +145,9 @@ def magnitude_thresholds(d: torch.Tensor, lim: torch.Tensor) -> torch.Tensor:
 
 
 class _Random(Sparsifier):
-    """DARE: uniforms below the keep probability."""
+    """DARE: uniforms below the keep probability; its kept L1 norms looked up."""
 
-    sources = ("u",)
+    sources, looked_up = ("u",), True
 
     def keep(self, srcs, lim, d):
         return srcs[0] < _col(lim, 0)
@@ -397,7 +401,7 @@ def _rescaled_nums(sp: Sparsifier, ds, srcs, lim, l1, nums, cob=None) -> torch.T
     block."""
     n_exp = len(ds)
     coef, rs = nums[..., :n_exp], nums[..., n_exp:2 * n_exp]
-    kept_l1 = _kept_l1(sp, ds, srcs, lim, l1, cob, nums.shape[0])
+    kept_l1 = l1[..., 2, :] if sp.looked_up else _kept_l1(sp, ds, srcs, lim, l1, cob, nums.shape[0])
     c = rescale_factor(l1[..., 0, :], torch.where(rs > 0, kept_l1, torch.zeros_like(kept_l1))) * coef
     return torch.cat([torch.where(rs > 0, _round(c, ds[0].dtype), c), nums[..., n_exp:]], dim=-1)
 

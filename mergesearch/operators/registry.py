@@ -117,6 +117,11 @@ class Operator:
     hashed_bytes: int = 0
     # Bytes per entry and expert a HASHED_DEVICES merge keeps in host memory (on the CPU they are its memory).
     host_bytes: int = 0
+    # Bytes per 16-bit uniform value present, per chunk and expert, kept in host memory on every device (DARE's
+    # kept L1 lookup, task_arithmetic.KeptL1): at most 2**16 values a chunk, whatever its size.
+    table_bytes: int = 0
+    # What that host-memory state is, for `validate` and its warnings (mergesearch.memory).
+    host_state_doc: str = ""
     # group(out, base, deltas, state, sizes, params, scratch) -> None | Tensor: many chunks merged in one call
     # (see the package docstring); None: the method merges chunk by chunk only.
     group: Callable[..., torch.Tensor | None] | None = None
@@ -172,7 +177,7 @@ def register(name: str, *, params: Sequence[Param], doc: str, min_experts: int =
              ignored_mergekit_keys: Sequence[str] = (),
              linear_parts: Callable[..., list[torch.Tensor]] | None = None, parts_are_deltas: bool = False,
              rules: Sequence[ParamRule] = (), state_bytes: int = 0, hashed_bytes: int = 0, host_bytes: int = 0,
-             group: Callable[..., torch.Tensor | None] | None = None, scratch_blocks: tuple[int, int] = (0, 0),
+             table_bytes: int = 0, host_state_doc: str = "", group: Callable[..., torch.Tensor | None] | None = None, scratch_blocks: tuple[int, int] = (0, 0),
              scratch_chunks: int = 0) -> Callable[[Kernel], Kernel]:
     """Decorator: register `kernel` as merge method `name` (the one place a method is added)."""
 
@@ -184,7 +189,8 @@ def register(name: str, *, params: Sequence[Param], doc: str, min_experts: int =
                                    reference=reference, ignored_mergekit_keys=frozenset(ignored_mergekit_keys),
                                    linear_parts=linear_parts, parts_are_deltas=parts_are_deltas,
                                    rules=tuple(rules), state_bytes=state_bytes, hashed_bytes=hashed_bytes,
-                                   host_bytes=host_bytes, group=group, scratch_blocks=scratch_blocks,
+                                   host_bytes=host_bytes, table_bytes=table_bytes, host_state_doc=host_state_doc,
+                                   group=group, scratch_blocks=scratch_blocks,
                                    scratch_chunks=scratch_chunks)
         return kernel
 
