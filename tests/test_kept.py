@@ -77,11 +77,17 @@ def test_a_groups_joined_lookup_gives_each_chunks():
         scales = _l1(deltas)[1].tolist()
         tables.append(KeptL1.of([_kept_table(d, 10 + n + e, s) for e, (d, s) in enumerate(zip(deltas, scales))]))
         chunks.append(n)
-    joined = KeptL1.join(tables)
     counts = [[0, 1 << 16], [12_345, 40_000], [65_535, 1]]
     want = [x for t, c in zip(tables, counts) for x in t.lookup(c).tolist()]
+    nbytes = sum(t.nbytes for t in tables)
+    joined = KeptL1.join(tables)
     assert joined.lookup([c for pair in counts for c in pair]).tolist() == want
-    assert joined.nbytes == sum(t.nbytes for t in tables) - 8 * (len(tables) - 1)  # one leading 0 of the sums
+    assert joined.nbytes == nbytes - 8 * (len(tables) - 1)  # one leading 0 of the sums
+    # the chunks' tables are views of the group's now (one copy in memory), and give the same norms
+    assert all(np.shares_memory(t.keys, joined.keys) and np.shares_memory(t.sums, joined.sums) for t in tables)
+    assert [x for t, c in zip(tables, counts) for x in t.lookup(c).tolist()] == want
+    again = KeptL1.join(tables)  # a group made again from the same chunks (views): the same lookups
+    assert again.lookup([c for pair in counts for c in pair]).tolist() == want
 
 
 def test_the_rescaled_formula_reads_the_looked_up_norms_not_the_deltas():

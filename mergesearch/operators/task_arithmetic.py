@@ -221,6 +221,7 @@ class KeptL1:
         self.sums = sums  # (values + 1,) float64: 0, then each segment's running fixed-point sum, value by value
         self.starts = starts  # (segments,) int64: each segment's first value in `keys`
         self.scales = scales  # (segments,) float64: each segment's fixed-point scale (fused.l1_scale)
+        self.first = 0  # the segment number of segment 0 in `keys` (a chunk's table within its group's: `join`)
 
     @classmethod
     def of(cls, tables: list[tuple[np.ndarray, np.ndarray, float]]) -> "KeptL1":
@@ -237,12 +238,21 @@ class KeptL1:
         """A group's (mergesearch.groups: one per chunk, in layout order): segment c * E + e."""
         keys, starts, at, segments = [], [], 0, 0
         for t in tables:
-            keys.append(t.keys.astype(np.int64) + (segments << 16))
+            keys.append(t.keys.astype(np.int64) + ((segments - t.first) << 16))
             starts.append(t.starts + at)
             at, segments = at + len(t.keys), segments + len(t.starts)
         sums = [np.zeros(1)] + [t.sums[1:] for t in tables]
-        return cls(np.concatenate(keys), np.concatenate(sums), np.concatenate(starts),
-                   np.concatenate([t.scales for t in tables]))
+        group = cls(np.concatenate(keys), np.concatenate(sums), np.concatenate(starts),
+                    np.concatenate([t.scales for t in tables]))
+        # Each chunk's table becomes a view of the group's (one copy in memory; a chunk merged on its own, as
+        # streaming does, still looks up its own): keys from its segment's number on, sums from the entry before
+        # its first (never read: `lookup` masks it).
+        segment, at = 0, 0
+        for t in tables:
+            n = len(t.keys)
+            t.keys, t.sums, t.first = group.keys[at:at + n], group.sums[at:at + n + 1], segment
+            segment, at = segment + len(t.starts), at + n
+        return group
 
     @property
     def nbytes(self) -> int:
@@ -252,7 +262,7 @@ class KeptL1:
         """(segments,) float64: each segment's L1 norm over its entries whose 16 bits are below counts[s] (0 ..
         2**16), in fixed point divided by its scale, as fused._kept_l1 returns it."""
         counts = np.asarray(counts, dtype=np.int64)
-        queries = (np.arange(len(counts), dtype=np.int64) << 16) + counts  # < 2**16 segments: below 2**32
+        queries = ((self.first + np.arange(len(counts), dtype=np.int64)) << 16) + counts  # uint32 keys: < 2**32
         at = np.searchsorted(self.keys, queries.astype(self.keys.dtype))  # the keys' dtype: no copy of them
         return np.where(at > self.starts, self.sums[at], 0.0) / self.scales
 
