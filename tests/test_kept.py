@@ -42,6 +42,12 @@ def test_the_lookup_is_the_kept_l1_written_out(dtype):
     keys = [5, 2 ** 31 - 1, 77]
     scales = _l1(deltas)[1].tolist()
     table = KeptL1.of([_kept_table(d, k, s) for d, k, s in zip(deltas, keys, scales)])
+    # hashed the CUDA way (wrapping int32), and read from the uniforms the CPU stores: the same table
+    hashed32 = KeptL1.of([_kept_table(d, k, s, wide=False) for d, k, s in zip(deltas, keys, scales)])
+    stored = KeptL1.of([_kept_table(d, k, s, counter.field(d.numel(), k, "cpu"))
+                        for d, k, s in zip(deltas, keys, scales)])
+    for other in (hashed32, stored):
+        assert np.array_equal(other.keys, table.keys) and np.array_equal(other.sums, table.sums)
     for p in DENSITIES:
         got = table.lookup([_Random(p).below()] * 3).tolist()
         assert got == [_written_out(d, k, s, p) for d, k, s in zip(deltas, keys, scales)], p

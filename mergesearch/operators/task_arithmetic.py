@@ -267,18 +267,22 @@ class KeptL1:
         return np.where(at > self.starts, self.sums[at], 0.0) / self.scales
 
 
-def _kept_table(d: torch.Tensor, key: int, scale: float, field: torch.Tensor | None = None
-                ) -> tuple[np.ndarray, np.ndarray, float]:
+def _kept_table(d: torch.Tensor, key: int, scale: float, field: torch.Tensor | None = None,
+                wide: bool | None = None) -> tuple[np.ndarray, np.ndarray, float]:
     """One expert's (16-bit values present ascending, the fixed-point sum of |d| over the entries of each, `scale`)
     (`KeptL1`), summed on d's device in blocks of _L1_BLOCK entries (bounded temporaries). The 16 bits are read
-    from the stored uniforms `field` where there is one: hashing them again took ~4x the rest on a CPU."""
+    from the stored uniforms `field` where there is one (hashing them again took ~4x the rest on a CPU), else
+    hashed in int64, or where `wide` is False (default: on CUDA, whose int64 multiplies are emulated) in wrapping
+    int32: the same numbers (operators/counter.py)."""
     flat, dev = d.reshape(-1), d.device
+    wide = dev.type != "cuda" if wide is None else wide
     sums = torch.zeros(1 << 16, dtype=torch.float64, device=dev)
     counts = torch.zeros(1 << 16, dtype=torch.int64, device=dev)
     for lo in range(0, flat.numel(), _L1_BLOCK):
         hi = min(flat.numel(), lo + _L1_BLOCK)
         if field is None:
-            bits = counter.bits(torch.arange(lo, hi, device=dev), key)
+            index = torch.arange(lo, hi, device=dev, dtype=torch.int64 if wide else torch.int32)
+            bits = counter.bits(index, key, wide)
         else:  # u = bits * 2**-16 exactly
             bits = (field[lo:hi] * 2.0 ** 16).to(torch.int64)
         # fused.fixed_l1's rounded entries; index_add_ (not bincount with weights: deterministic on CUDA too), its
