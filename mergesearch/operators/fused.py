@@ -15,14 +15,14 @@ tests/test_fused.py checks that for every method.
 Which entries an expert keeps is a `Sparsifier` (one small class per kind: magnitude rank bounds, DARE's uniforms,
 DELLA's uniforms and row ranks); the formulas are written once for all of them.
 
-With `rescale`, DARE's kept L1 norms are looked up in a table made once per chunk (task_arithmetic.KeptL1, given
-as l1's row 2: `Sparsifier.looked_up`), so its merge is one pass. DELLA's keep rule depends on each entry's row rank
+With `rescale`, DARE's kept L1 norms are looked up in a table made once per chunk (task_arithmetic.KeptL1, given as
+l1's row 2: `Sparsifier.looked_up`), so its merge is one pass. DELLA's keep rule depends on each entry's row rank
 too, which no small table answers exactly: a first pass sums each expert's kept L1 norm and turns the norms into the
 candidate's coefficients, and the merge pass reads the deltas and the mask's sources again: both passes are one
-graph, one call (`_merge_rescaled`), on every device and dtype. On a GPU a call's host time is more than a mid-sized chunk's
-merge; on a CPU (torch 2.13) writing the kept entries for the merge pass to read instead was slower even where the
-sources are twice a bf16 delta's bytes, as inductor wrote them in loops of their own that read the sources again
-(bench_merge, bf16, 134M, vs task arithmetic: DARE 2.54x written, 1.87x in one call; DELLA 5.49x, 4.62x). The
+graph, one call (`_merge_rescaled`), on every device and dtype. On a GPU a call's host time is more than a mid-sized
+chunk's merge; on a CPU (torch 2.13) writing the kept entries for the merge pass to read instead was slower even
+where the sources are twice a bf16 delta's bytes, as inductor wrote them in loops of their own that read the sources
+again (bench_merge, bf16, 134M, vs task arithmetic: DARE 2.54x written, 1.87x in one call; DELLA 5.49x, 4.62x). The
 norms are summed in fixed point on both paths (the eager kernel per block, this one in one reduction; `l1_scale`):
 integer sums are the same in any order, where float32 sums were not (a factor one ulp apart flips the elected sign
 of the rare entries whose vote is ~0).

@@ -177,8 +177,8 @@ def register(name: str, *, params: Sequence[Param], doc: str, min_experts: int =
              ignored_mergekit_keys: Sequence[str] = (),
              linear_parts: Callable[..., list[torch.Tensor]] | None = None, parts_are_deltas: bool = False,
              rules: Sequence[ParamRule] = (), state_bytes: int = 0, hashed_bytes: int = 0, host_bytes: int = 0,
-             table_bytes: int = 0, host_state_doc: str = "", group: Callable[..., torch.Tensor | None] | None = None, scratch_blocks: tuple[int, int] = (0, 0),
-             scratch_chunks: int = 0) -> Callable[[Kernel], Kernel]:
+             table_bytes: int = 0, host_state_doc: str = "", group: Callable[..., torch.Tensor | None] | None = None,
+             scratch_blocks: tuple[int, int] = (0, 0), scratch_chunks: int = 0) -> Callable[[Kernel], Kernel]:
     """Decorator: register `kernel` as merge method `name` (the one place a method is added)."""
 
     def deco(kernel: Kernel) -> Kernel:

@@ -211,9 +211,10 @@ class KeptL1:
     (counter.bits) are below each value. An entry is kept iff u < p (p float32 on every path), i.e. iff its 16 bits
     are below ceil(p * 2**16), so a candidate's kept norms are one lookup, where they were a pass over the deltas
     and the uniforms before the merge pass read both again (bench_merge, 134M Llama, float32, vs task arithmetic:
-    dare_linear 2.76x -> 1.68x, dare_ties 2.96x -> 1.74x). Exact: the sums are integers below 2**53 (`fused.l1_scale`), the same in
-    any order, so they are the numbers that pass summed, bit for bit (tests/test_kept.py). 12 bytes per 16-bit
-    value present, per chunk and expert: at most 768 KiB however large the chunk (`TABLE_BYTES`)."""
+    dare_linear 2.76x -> 1.68x, dare_ties 2.96x -> 1.74x). Exact: the sums are integers below 2**53
+    (`fused.l1_scale`), the same in any order, so they are the numbers that pass summed, bit for bit
+    (tests/test_kept.py). 12 bytes per 16-bit value present, per chunk and expert: at most 768 KiB however large
+    the chunk (`TABLE_BYTES`)."""
 
     def __init__(self, keys: np.ndarray, sums: np.ndarray, starts: np.ndarray, scales: np.ndarray):
         # (values,): segment * 2**16 + a 16-bit value present there, ascending; uint32 below 2**16 segments
@@ -712,8 +713,8 @@ def _lim_dtype(sp: fused.Sparsifier) -> torch.dtype:
 
 def _merge_compiled(kind: str, rules: _Rules, o, b, ds, state, scratch: Scratch) -> torch.Tensor | None:
     """Write the merged chunk into o with the compiled formula (operators/fused.py): the same rules, one pass
-    over the sources (DELLA with `rescale`: a first pass for the kept L1 norms, which DARE looks up). Returns the float32 sum of what it
-    wrote; None where it cannot compile here: the eager kernel's turn."""
+    over the sources (DELLA with `rescale`: a first pass for the kept L1 norms, which DARE looks up). Returns the
+    float32 sum of what it wrote; None where it cannot compile here: the eager kernel's turn."""
     n, dev, n_exp = b.numel(), b.device, len(ds)
     sp = _sparsifier(kind, scratch)
     srcs = [_chunk_sources(sp, state, e, dev) for e in range(n_exp)]
@@ -877,7 +878,8 @@ def _register(name: str, kind: str, consensus: bool, normalize: bool, rescale: b
              # and row rank in one int32 (CUDA: the rank alone)
              state_bytes={"none": 0, "magnitude": 4, "outliers": 4, "random": 4, "della": 4}[kind],
              hashed_bytes={"magnitude": 4, "outliers": 4, "random": 4, "della": 2}.get(kind, 0),
-             host_bytes={"magnitude": 4, "outliers": 4}.get(kind, 0), table_bytes=TABLE_BYTES if kind == "random" else 0,
+             host_bytes={"magnitude": 4, "outliers": 4}.get(kind, 0),
+             table_bytes=TABLE_BYTES if kind == "random" else 0,  # DARE's kept-L1 lookup (KeptL1)
              host_state_doc={"magnitude": "magnitude ranks' order", "outliers": "magnitude ranks' order",
                              "random": "kept-L1 tables"}.get(kind, ""),
              group=_make_group_kernel(kind, consensus),
