@@ -56,7 +56,7 @@ class MemoryEstimate:
     sources: int  # on the device (streaming: the largest tensor's only)
     host_sources: int  # in host memory (streaming), else 0
     # state a merge keeps in host memory, streaming or not: TIES's rank order on a GPU (on the CPU it is in
-    # `sources`), DARE's kept-L1 tables on every device (an upper bound: 2**16 values per tensor and expert at most)
+    # `sources`), DARE's kept-L1 tables on every device (an upper bound: 2**16 values per chunk and expert at most)
     host_state: int
     model: int
     scratch: int
@@ -75,10 +75,11 @@ class MemoryEstimate:
 def estimate(tensors: Sequence[TensorInfo], n_experts: int, method: str, dtype: str | torch.dtype, *,
              device: str | torch.device = "cuda", streaming: bool = False, batch_size: int = DEFAULT_BATCH_SIZE,
              tokens: int = 256, gen_tokens: int | None = None, vocab: int | None = None, hidden: int | None = None,
-             fit: bool = False) -> MemoryEstimate:
+             fit: bool = False, chunks: int = 1) -> MemoryEstimate:
     """The memory a study on these tensors needs on `device` (shapes only: a meta-device model will do).
     `tokens`: a scored row's length; `gen_tokens`: the KV cache's length per slot when generating (default:
-    short answers, `generated_tokens` of a study whose tasks set no `max_new_tokens`)."""
+    short answers, `generated_tokens` of a study whose tasks set no `max_new_tokens`); `chunks`: the most row
+    chunks a tensor is split into (`study_chunks`), each with its own DARE kept-L1 table."""
     size = torch.finfo(parse_dtype(dtype)).bits // 8
     floats = [t for t in tensors if t.dtype.is_floating_point]
     n = sum(t.numel for t in floats)
@@ -97,8 +98,8 @@ def estimate(tensors: Sequence[TensorInfo], n_experts: int, method: str, dtype: 
     generation = batch_size * gen * (kv_bytes_per_token(floats, hidden, size) + 8 * hidden * size) \
         + batch_size * vocab * 4
     evaluator = max(scoring, generation)
-    # DARE's kept-L1 tables: per tensor merged whole (chunk-wise coefficients: per chunk, which this leaves out)
-    tables = op.table_bytes * n_experts * sum(min(t.numel, 1 << 16) for t in floats)
+    # DARE's kept-L1 tables: at most 2**16 values per chunk and expert
+    tables = op.table_bytes * n_experts * sum(min(t.numel, chunks << 16) for t in floats)
     fit_bytes = 0
     if fit:
         layers = _layers(floats)
@@ -181,7 +182,7 @@ def study_estimates(cfg, tensors: Sequence[TensorInfo], n_experts: int) -> dict:
     except CheckpointError as exc:  # validating on another machine than the one that will run it
         dev, missing = torch.device(cfg.merge.device), str(exc)
     kw = {"device": dev, "batch_size": cfg.objectives.batch_size, "fit": cfg.fit is not None,
-          "gen_tokens": generated_tokens(cfg)}
+          "gen_tokens": generated_tokens(cfg), "chunks": study_chunks(cfg)}
     resident = estimate(tensors, n_experts, cfg.merge.method, cfg.merge.dtype, streaming=False, **kw)
     streamed = estimate(tensors, n_experts, cfg.merge.method, cfg.merge.dtype, streaming=True, **kw)
     if missing:
@@ -191,6 +192,13 @@ def study_estimates(cfg, tensors: Sequence[TensorInfo], n_experts: int) -> dict:
     streaming, why = choose_streaming(cfg.merge.streaming, resident, free)
     return {"resident": resident.as_dict(), "streaming": streamed.as_dict(), "free": free,
             "streams": streaming, "why": why, "host_warning": host_shortfall(resident, cfg.merge.method)}
+
+
+def study_chunks(cfg) -> int:
+    """The most row chunks a study splits a tensor into: the fit's where there is one (the materialiser merges its
+    fitted coefficients' chunks), else the search space's; `chunks: auto` at most `max_chunks`."""
+    chunking = cfg.fit if cfg.fit is not None else cfg.space
+    return chunking.max_chunks if chunking.chunks == "auto" else chunking.chunks
 
 
 def host_shortfall(est: MemoryEstimate, method: str, free: int | None = None) -> str | None:

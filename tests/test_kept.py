@@ -127,13 +127,26 @@ def test_the_memory_estimate_bounds_the_tables_the_materialiser_holds(tiny_famil
     from mergesearch.materializer import Materializer
 
     base, experts = tiny_family("llama", 2)
-    m = Materializer(base, experts, "dare_ties", device="cpu", dtype="float32")
-    held = sum(s["kept"].nbytes for i in range(len(m.tensors)) for s in m.sources(i)[3])
-    for device in ("cpu", "cuda"):
-        est = memory.estimate(m.tensors, 2, "dare_ties", "float32", device=device)
+    for chunks in (1, 3):  # chunk-wise coefficients: a table per chunk
+        m = Materializer(base, experts, "dare_ties", device="cpu", dtype="float32", chunks=chunks)
+        held = sum(s["kept"].nbytes for i in range(len(m.tensors)) for s in m.sources(i)[3])
         floats = [t for t in m.tensors if t.dtype.is_floating_point]
-        assert est.host_state == TABLE_BYTES * 2 * sum(min(t.numel, 1 << 16) for t in floats)
-        assert held <= est.host_state + 32 * len(floats)  # + each table's leading 0, starts and scales
-        line = memory.format_estimate(est.as_dict())[0]
-        assert f"host memory for the kept-L1 tables {est.host_state / memory.GiB:.2f} GiB" in line
+        for device in ("cpu", "cuda"):
+            est = memory.estimate(m.tensors, 2, "dare_ties", "float32", device=device, chunks=chunks)
+            assert est.host_state == TABLE_BYTES * 2 * sum(min(t.numel, chunks << 16) for t in floats)
+            assert held <= est.host_state + 32 * chunks * len(floats)  # + each table's leading 0, starts, scales
+            line = memory.format_estimate(est.as_dict())[0]
+            assert f"host memory for the kept-L1 tables {est.host_state / memory.GiB:.2f} GiB" in line
     assert memory.estimate(m.tensors, 2, "della", "float32", device="cpu").host_state == 0
+
+
+def test_a_studys_chunks_reach_the_estimate():
+    from types import SimpleNamespace
+
+    from mergesearch.memory import study_chunks
+
+    def chunking(chunks, max_chunks=8):
+        return SimpleNamespace(chunks=chunks, max_chunks=max_chunks)
+    assert study_chunks(SimpleNamespace(fit=None, space=chunking(3))) == 3
+    assert study_chunks(SimpleNamespace(fit=chunking(4), space=chunking(1))) == 4  # the fit's chunks are merged
+    assert study_chunks(SimpleNamespace(fit=None, space=chunking("auto", 6))) == 6
