@@ -154,7 +154,12 @@ def free_bytes(device: str | torch.device) -> int:
 
 
 def fits(est: MemoryEstimate, free: int) -> bool:
-    return est.total <= (1.0 - HEADROOM) * free
+    return _within(est.total, free)
+
+
+def _within(nbytes: int, free: int) -> bool:
+    """Whether `nbytes` fit `free` bytes, `HEADROOM` left over."""
+    return nbytes <= (1.0 - HEADROOM) * free
 
 
 def choose_streaming(setting: bool | str, resident: MemoryEstimate, free: int) -> tuple[bool, str]:
@@ -205,7 +210,7 @@ def host_shortfall(est: MemoryEstimate, method: str, free: int | None = None) ->
     """A warning where the state a merge keeps in host memory whether streaming or not (`host_state`: TIES's rank
     order on CUDA, DARE's kept-L1 tables) will not fit the host's available memory (`free`: now), else None."""
     free = free_bytes("cpu") if free is None else free
-    if not est.host_state or not free or est.host_state <= (1.0 - HEADROOM) * free:  # as `fits`, for the host
+    if not est.host_state or not free or _within(est.host_state, free):
         return None
     fix = ("fewer experts, or a method without magnitude ranks such as dare_ties" if "magnitude" in est.host_what
            else "fewer experts")

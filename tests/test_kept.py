@@ -62,6 +62,7 @@ def test_the_lookup_is_the_pass_the_formula_and_the_eager_kernel_sum(dtype):
     g = torch.Generator().manual_seed(1)
     deltas = [(torch.randn(3001, generator=g) * s).to(dtype) for s in (1e-3, 1.0, 30.0)]
     state = _prepare_random(None, deltas, torch.Generator().manual_seed(2))
+    assert torch.equal(state["l1"], _l1(deltas))  # the norms prepare takes from the tables: the pass's
     lim = torch.tensor([[0.3], [0.61], [2.0]])
     srcs = [[u] for u in state["u"]]
     summed = fused._kept_l1(fused.RANDOM, deltas, srcs, lim, state["l1"])
@@ -77,12 +78,11 @@ def test_the_lookup_is_the_pass_the_formula_and_the_eager_kernel_sum(dtype):
 
 def test_a_groups_joined_lookup_gives_each_chunks():
     g = torch.Generator().manual_seed(3)
-    tables, chunks = [], []
+    tables = []
     for n in (4096, 70_000, 1):  # one chunk larger than the grid: every 16-bit value present
         deltas = [torch.randn(n, generator=g) for _ in range(2)]
         scales = _l1(deltas)[1].tolist()
         tables.append(KeptL1.of([_kept_table(d, 10 + n + e, s) for e, (d, s) in enumerate(zip(deltas, scales))]))
-        chunks.append(n)
     counts = [[0, 1 << 16], [12_345, 40_000], [65_535, 1]]
     want = [x for t, c in zip(tables, counts) for x in t.lookup(c).tolist()]
     nbytes = sum(t.nbytes for t in tables)

@@ -353,10 +353,15 @@ def l1_scale(d: torch.Tensor) -> float:
     return 2.0 ** max(-126, min(126, k))
 
 
+def fixed_entries(a: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """float32 integers: the entries of `a` (>= 0; float32, or cast to it) in fixed point at `scale` (a power of two:
+    |a| * scale is exact, and so is its rounding); what `fixed_l1` and DARE's kept-L1 tables sum."""
+    return torch.round(a.to(torch.float32) * scale)
+
+
 def fixed_l1(a: torch.Tensor, scale: torch.Tensor | float, dim: int | None = None) -> torch.Tensor:
-    """float64 holding an integer: the fixed-point sum of `a` (>= 0; float32, or cast to it) at `scale` (float32:
-    |a| * scale is exact, and so is its rounding), along `dim` (None: all)."""
-    x = torch.round(a.to(torch.float32) * scale)
+    """float64 holding an integer: the fixed-point sum of `a` (`fixed_entries`) along `dim` (None: all)."""
+    x = fixed_entries(a, scale)
     return x.sum(dtype=torch.float64) if dim is None else x.sum(dim=dim, dtype=torch.float64)
 
 
@@ -408,8 +413,9 @@ def _rescaled_nums(sp: Sparsifier, ds, srcs, lim, l1, nums, cob=None) -> torch.T
 
 def _merge_rescaled(sp: Sparsifier, consensus: bool, normalize: bool, out, b, ds, srcs, lim, l1, nums
                     ) -> torch.Tensor:
-    """`_merge` of a chunk with `rescale` in one graph: the kept L1 norms and the coefficients
-    (`_rescaled_nums`), then the merge, which reads the deltas and their mask sources again. One call per chunk
+    """`_merge` of a chunk with `rescale` in one graph: the kept L1 norms (DELLA: summed, reading the deltas and
+    their mask sources before the merge reads them again; DARE: given) and the coefficients (`_rescaled_nums`),
+    then the merge. One call per chunk
     instead of two: the host time of a call is more than a mid-sized chunk's merge on a GPU."""
     return _merge(sp, consensus, normalize, out, b, ds, srcs, lim, _rescaled_nums(sp, ds, srcs, lim, l1, nums),
                   rescaled=True)

@@ -111,15 +111,22 @@ _L1_BLOCK = 1 << 24  # entries per step of `_l1`: its float32 temporaries stay 6
 def _l1(deltas) -> torch.Tensor:
     """(2, E) float64: each task vector's L1 norm (row 0) in fixed point at its scale (row 1): the sums the rescale
     of DARE and DELLA compares its kept entries' against (fused.l1_scale: exact in any order, on every path)."""
-    if not deltas:
-        return torch.zeros(2, 0, dtype=torch.float64)
     rows = []
     for d in deltas:
         scale, flat = fused.l1_scale(d), d.reshape(-1)
         total = sum(int(fused.fixed_l1(flat[lo:lo + _L1_BLOCK].abs(), scale))
                     for lo in range(0, flat.numel(), _L1_BLOCK))
-        rows.append((total / scale, scale))  # total < 2**53: exact in Python, one rounding to float64
-    return torch.tensor(rows, dtype=torch.float64, device=deltas[0].device).T.contiguous()
+        rows.append((total, scale))
+    return _norms(rows, deltas)
+
+
+def _norms(rows: list[tuple[float, float]], deltas) -> torch.Tensor:
+    """`_l1`'s (2, E) tensor on the deltas' device from each expert's (fixed-point total, scale)."""
+    if not deltas:
+        return torch.zeros(2, 0, dtype=torch.float64)
+    # total < 2**53: exact as a Python int or float64, one rounding to float64 in the division
+    return torch.tensor([(total / scale, scale) for total, scale in rows], dtype=torch.float64,
+                        device=deltas[0].device).T.contiguous()
 
 
 MAX_MAGNITUDE_CHUNK = 2**31 - 1  # entries: positions are int32 in the order and in the kernel (fused._Magnitude)
@@ -286,9 +293,8 @@ def _kept_table(d: torch.Tensor, key: int, scale: float, field: torch.Tensor | N
             bits = counter.bits(index, key, wide)
         else:  # u = bits * 2**-16 exactly
             bits = (field[lo:hi] * 2.0 ** 16).to(torch.int64)
-        # fused.fixed_l1's rounded entries; index_add_ (not bincount with weights: deterministic on CUDA too), its
-        # integer sums exact in any order
-        sums.index_add_(0, bits, torch.round(flat[lo:hi].abs().to(torch.float32) * scale).to(torch.float64))
+        # index_add_ (not bincount with weights: deterministic on CUDA too); integer sums, exact in any order
+        sums.index_add_(0, bits, fused.fixed_entries(flat[lo:hi].abs(), scale).to(torch.float64))
         counts += torch.bincount(bits, minlength=1 << 16)
     values = np.flatnonzero((counts > 0).cpu().numpy())
     return values, sums.cpu().numpy()[values], scale
@@ -298,12 +304,15 @@ def _prepare_random(base, deltas, gen) -> dict:
     """"key" (E,) int64 each expert's key, "kept" their kept L1 norms by lookup (`KeptL1`, host memory), and
     (unless the device hashes them) "u" the (n,) float32 uniforms they hash to (entry kept iff u < p, i.e. with
     probability p)."""
-    keys, l1 = _keys(deltas, gen), _l1(deltas)
-    state = {"key": _key_tensor(keys, deltas), "l1": l1}
+    keys = _keys(deltas, gen)
+    state = {"key": _key_tensor(keys, deltas)}
     fields = [None] * len(deltas)
     if not _hashed(deltas):
         fields = state["u"] = [counter.field(d.numel(), k, d.device) for d, k in zip(deltas, keys)]
-    state["kept"] = KeptL1.of([_kept_table(d, k, s, u) for d, k, s, u in zip(deltas, keys, l1[1].tolist(), fields)])
+    tables = [_kept_table(d, k, fused.l1_scale(d), u) for d, k, u in zip(deltas, keys, fields)]
+    state["kept"] = KeptL1.of(tables)
+    # each table sums every entry's fixed-point |d| once: its total is `_l1`'s, without another pass over the deltas
+    state["l1"] = _norms([(float(sums.sum()), scale) for _, sums, scale in tables], deltas)
     return state
 
 
@@ -531,8 +540,7 @@ class _Rules:
         table = state.get("kept")
         if table is None:
             return None
-        rescaled = set(self.rescaled)
-        return _on_device(table.lookup(self.below(rescaled)), torch.float64, device)
+        return _on_device(table.lookup(self.below(self.rescaled)), torch.float64, device)
 
     def below(self, experts) -> list[int]:
         """Per expert of the chunk, how many 16-bit uniforms it keeps (`_Random.below`); 0 outside `experts`."""
