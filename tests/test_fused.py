@@ -20,7 +20,7 @@ from test_merge import STREAMED
 from mergesearch import operators
 from mergesearch.materializer import Materializer
 from mergesearch.operators import fused, merge_tensor
-from mergesearch.operators import task_arithmetic
+from mergesearch.operators import registry, task_arithmetic
 
 FAMILY = [n for n in operators.names() if operators.get(n).kernel.__module__ == task_arithmetic.__name__]
 PARAMS = {m: v for m, v in STREAMED if m in FAMILY}
@@ -215,10 +215,15 @@ def test_the_policy_compiles_float32_chunks_of_large_models_on_cpu_and_cuda(monk
     assert operators.Scratch(compiled_min=0, compiled_dtypes=operators.compiled_dtypes("cuda")).compiled(x.half())
     # task arithmetic stays on the CPU's eager kernel (as fast) unless forced
     assert not scratch.compiled(x, plain=True) and operators.Scratch(compiled_min=0).compiled(x, plain=True)
-    # ... except a float32 group in one call (faster there); a bf16 group stays eager (its emulated rounding is not)
+    # ... except a float32 group in one call (faster there); on an AVX2 CPU a bf16 group stays eager (its emulated
+    # rounding is not faster), with AVX-512 it is compiled too
+    monkeypatch.setattr(registry, "wide_cpu", lambda: False)
     assert scratch.compiled(x, plain=True, grouped=True) and not scratch.compiled(x.bfloat16(), True, grouped=True)
     assert scratch.compiled(x.bfloat16(), grouped=True) and not scratch.compiled(x[1:], True, grouped=True)
     assert operators.Scratch(compiled_min=0).compiled(x.bfloat16(), True, grouped=True)
+    monkeypatch.setattr(registry, "wide_cpu", lambda: True)
+    assert scratch.compiled(x.bfloat16(), True, grouped=True) and not scratch.compiled(x.bfloat16(), True)
+    assert not scratch.compiled(x[1:].bfloat16(), True, grouped=True)
 
 
 def test_the_demo_sized_model_merges_eagerly_by_default(tiny_family, monkeypatch):
@@ -294,3 +299,32 @@ def test_the_fixed_point_l1_norm_is_exact_in_any_order_and_cannot_overflow():
     worst = torch.full((n,), float(d.abs().max()))  # every entry the largest: the bound's case
     total = fused.fixed_l1(worst, scale)
     assert float(total) <= 2 ** 52 and float(total) == n * round(float(worst[0]) * scale)
+
+
+def test_the_fixed_point_l1_norm_is_the_same_summed_in_int64():
+    """AVX-512 CPUs sum the fixed-point entries in int64 (`registry.wide_cpu`), others in float64: the same integers,
+    whole and per row, up to the scale's bound."""
+    g = torch.Generator().manual_seed(1)
+    d = torch.randn(1 << 16, generator=g) * 0.03
+    scale = fused.l1_scale(d)
+    for a in (d.abs(), torch.full_like(d, float(d.abs().max()))):
+        assert torch.equal(fused.fixed_l1(a, scale, integer=True), fused.fixed_l1(a, scale))
+        rows = a.view(64, -1)
+        assert torch.equal(fused.fixed_l1(rows, scale, dim=1, integer=True), fused.fixed_l1(rows, scale, dim=1))
+    assert fused.fixed_l1(d.abs(), scale, integer=True).dtype == torch.float64
+
+
+@pytest.mark.parametrize("method", ["della", "della_linear", "dare_ties"])
+def test_both_cpu_vector_widths_give_the_same_weights(method, monkeypatch):
+    """The formulas an AVX-512 CPU runs (int32 sources read as they are, L1 sums in int64) and those of an AVX2 CPU
+    (int32 read as float32 bits, sums in float64) give identical weights, both equal to the eager kernel's: CI
+    runs on either kind of CPU, and each forced choice is compiled whatever this one is."""
+    base, experts = _sources((384, 512), 2, seed=5, anti=True)
+    kw = _params(method, 2, weight=[0.6, 0.5], rescale=1.0)
+    got = {}
+    for wide in (False, True):
+        monkeypatch.setattr(registry, "wide_cpu", lambda wide=wide: wide)
+        got[wide], want = _both(method, base, experts, seed=6, chunks=2, **kw)
+        assert fused.WIDE_CPU is wide
+        torch.testing.assert_close(got[wide], want, rtol=0, atol=1e-6)
+    assert torch.equal(got[False], got[True])

@@ -44,7 +44,7 @@ import warnings
 import torch
 import torch.fx.experimental._config as fx_config  # dynamo's duck sizing (`_call`)
 
-from mergesearch.operators import counter
+from mergesearch.operators import counter, registry
 
 log = logging.getLogger(__name__)
 
@@ -333,15 +333,18 @@ def _round(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x if dtype == torch.float32 else x.to(dtype).to(torch.float32)
 
 
-# L1 norms in fixed point: |entry| * 2**k (k per expert and chunk, `l1_scale`) rounded to an integer and summed in
-# float64, where integers below 2**53 are exact: integer sums are exact in any order, so the eager kernel's block
-# sums, the compiled reduction and a group's per-block sums all give the same norms, hence the same rescale factors
-# and elected signs, on every device. Why float64 and not int64: a float32 -> int64 conversion has no vector
-# instruction before AVX-512 (inductor's C++ converted entry by entry), and it was most of a DARE or DELLA first
-# pass on an AVX2 CPU (a bf16 DARE candidate's 3 x 16.8M entries: 120 ms, against 25 ms rounded in float32 and
-# summed in float64). k puts the chunk's largest |entry| just below 2**(52 - ceil(log2 n)): n rounded entries sum
-# to at most 2**52, and rounding (not truncating: its errors cancel instead of adding up) moves each entry by at
-# most 2**-(52 - ceil(log2 n)) of the largest (2**-23 in a 2**29-entry chunk).
+# L1 norms in fixed point: |entry| * 2**k (k per expert and chunk, `l1_scale`) rounded to an integer and summed
+# where integers below 2**53 are exact: integer sums are exact in any order, so the eager kernel's block sums, the
+# compiled reduction and a group's per-block sums all give the same norms, hence the same rescale factors and elected
+# signs, on every device. The compiled reduction sums in int64 where inductor's C++ uses AVX-512 (`wide_cpu`) and
+# in float64 elsewhere: the same integers either way. A float32 -> int64 conversion has no vector instruction before
+# AVX-512 (inductor's C++ converted entry by entry), and it was most of a DARE or DELLA first pass on an AVX2 CPU (a
+# bf16 DARE candidate's 3 x 16.8M entries: 120 ms, against 25 ms rounded in float32 and summed in float64); with
+# AVX-512 (vcvtps2qq) int64 is the faster one, as float64 adds take half a float32 vector's lanes twice over (3 x
+# 16.8M float32 entries: 10.2 ms in int64, 17.2 ms in float64). k puts the chunk's largest |entry| just below
+# 2**(52 - ceil(log2 n)): n rounded entries sum to at most 2**52, and rounding (not truncating: its errors cancel
+# instead of adding up) moves each entry by at most 2**-(52 - ceil(log2 n)) of the largest (2**-23 in a 2**29-entry
+# chunk).
 
 
 def l1_scale(d: torch.Tensor) -> float:
@@ -359,10 +362,16 @@ def fixed_entries(a: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
     return torch.round(a.to(torch.float32) * scale)
 
 
-def fixed_l1(a: torch.Tensor, scale: torch.Tensor | float, dim: int | None = None) -> torch.Tensor:
-    """float64 holding an integer: the fixed-point sum of `a` (`fixed_entries`) along `dim` (None: all)."""
+def fixed_l1(a: torch.Tensor, scale: torch.Tensor | float, dim: int | None = None, integer: bool = False
+             ) -> torch.Tensor:
+    """float64 holding an integer: the fixed-point sum of `a` (`fixed_entries`) along `dim` (None: all), summed in
+    int64 where `integer` (the same number; see above), else in float64."""
     x = fixed_entries(a, scale)
-    return x.sum(dtype=torch.float64) if dim is None else x.sum(dim=dim, dtype=torch.float64)
+    acc = torch.int64 if integer else torch.float64
+    if integer:
+        x = x.to(torch.int64)
+    total = x.sum(dtype=acc) if dim is None else x.sum(dim=dim, dtype=acc)
+    return total.to(torch.float64)
 
 
 def _kept_l1(sp: Sparsifier, ds, srcs, lim, l1, cob=None, n_chunks=None) -> torch.Tensor:
@@ -375,13 +384,14 @@ def _kept_l1(sp: Sparsifier, ds, srcs, lim, l1, cob=None, n_chunks=None) -> torc
     the kernel of a mid-sized tensor."""
     scale = l1[..., 1, :]
     per_block = scale.to(torch.float32) if cob is None else scale.to(torch.float32)[cob]  # (E,) or (blocks, E)
+    integer = ds[0].device.type == "cpu" and WIDE_CPU
     norms = []
     for e, d in enumerate(ds):
         t = _masked(sp, d.to(torch.float32), srcs[e], lim[e])  # float32: bf16 ops would round (exact, but slow)
         if cob is None:
-            norms.append(fixed_l1(t.abs(), per_block[e]))
+            norms.append(fixed_l1(t.abs(), per_block[e], integer=integer))
         else:
-            sums = fixed_l1(t.abs(), per_block[:, e:e + 1], dim=1)
+            sums = fixed_l1(t.abs(), per_block[:, e:e + 1], dim=1, integer=integer)
             norms.append(sums.new_zeros(n_chunks).index_add(0, cob, sums))
     return torch.stack(norms, dim=-1) / scale  # fixed_l1's sums are float64 already
 
@@ -483,18 +493,23 @@ def _unviewed(args, bits: bool) -> list:
             else _unviewed(a, bits) if isinstance(a, list) else a for a in args]
 
 
-# int32 tensors cross into a float32 chunk's compiled formula as float32 tensors over the same bytes, and the
-# formula reads them back with `from_bits` (a bit cast: no conversion, no copy). Why: inductor's C++ loads a vector
-# of int32 with at::vec's `Vectorized<int32_t>::loadu(ptr, count)`, which (torch 2.13, AVX2) copies every 8 entries
-# through a stack buffer even when the vector is full, where float32's `loadu` is one instruction. A compiled pass
-# reading 16.8M int32 entries took 2.9x the same pass reading them as float32 bits (14 ms vs 4.8 ms), and DELLA's
-# packed uniforms and ranks (`pack`) are its only per-entry sources: on the CPU a float32 DELLA candidate was
-# 6.5x task arithmetic, 4.1x since. Not for a 16-bit chunk: its loop takes 16 entries at a time, inductor writes
-# the bit cast of 16 as a scalar loop whose result is loaded through that same int32 path, and it was slower
-# than the int32 load alone (one 16.8M-entry bf16 chunk, 3 experts, DELLA: 61 against 44 ms). Bit patterns of
-# `pack` are below 2**31 - 2**23 (no NaN or inf: nothing is lost in any copy). So every formula reads an int32
-# source through `from_bits` (DELLA's packed state is the only one); one that did not would fail to compile and
-# fall back to the eager kernel, with the warning `_call` logs.
+# Where inductor's C++ uses 256-bit vectors (AVX2), int32 tensors cross into a float32 chunk's compiled formula as
+# float32 tensors over the same bytes, and the formula reads them back with `from_bits` (a bit cast: no conversion,
+# no copy). Why: inductor's C++ loads a vector of int32 with at::vec's `Vectorized<int32_t>::loadu(ptr, count)`,
+# which (torch 2.13, AVX2) copies every 8 entries through a stack buffer even when the vector is full, where
+# float32's `loadu` is one instruction. A compiled pass reading 16.8M int32 entries took 2.9x the same pass reading
+# them as float32 bits (14 ms vs 4.8 ms), and DELLA's packed uniforms and ranks (`pack`) are its only per-entry
+# sources: on the CPU a float32 DELLA candidate was 6.5x task arithmetic, 4.1x since. With AVX-512 (`WIDE_CPU`) it is
+# the other way round: the int32 `loadu` of a full vector is one instruction there, and inductor writes the bit cast
+# of 16 lanes as a scalar loop through a stack buffer; int32 is passed as it is (one 16.8M-entry float32 DELLA chunk,
+# 3 experts, both passes: 47 ms, against 99 ms through the bits). Not for a 16-bit chunk either: its loop takes 16
+# entries at a time, inductor writes the bit cast of 16 as a scalar loop whose result is loaded through that same
+# int32 path, and it was slower than the int32 load alone (AVX2, one 16.8M-entry bf16 chunk, 3 experts, DELLA: 61
+# against 44 ms). Bit patterns of `pack` are below 2**31 - 2**23 (no NaN or inf: nothing is lost in any copy). So
+# every formula reads an int32 source through `from_bits`, which is the tensor itself where it was passed as int32
+# (DELLA's packed state is the only one); one that did not would fail to compile and fall back to the eager kernel,
+# with the warning `_call` logs.
+WIDE_CPU = False  # registry.wide_cpu(), set by `_call` before a CPU formula is traced (the formulas read it then)
 
 
 def as_bits(x: torch.Tensor) -> torch.Tensor:
@@ -526,7 +541,11 @@ def _call(key: tuple, sample: torch.Tensor, *args) -> tuple[bool, object]:
     sig = (*key, sample.dtype, sample.device.type)
     if sig in _BROKEN:
         return False, None
-    args = _unviewed(args, bits=sample.dtype == torch.float32)
+    global WIDE_CPU
+    cpu = sample.device.type == "cpu"
+    if cpu:
+        WIDE_CPU = registry.wide_cpu()
+    args = _unviewed(args, bits=sample.dtype == torch.float32 and not (cpu and WIDE_CPU))
     try:
         if sig in _RAN:
             result = _compiled(*key)(*args)
