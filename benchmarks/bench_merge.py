@@ -113,6 +113,18 @@ def make_models(root: Path, *, quick: bool, n_experts: int = 3) -> tuple[Path, l
     return base, experts, n_params
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or "unknown"
+
+
 def add_bandwidth(numel: int, dtype: torch.dtype, repeat: int) -> float:
     """GB/s of torch.add(a, b, out=c) streaming `numel` elements per operand (3 operands touched)."""
     a, b, c = (torch.randn(numel).to(dtype) for _ in range(3))
@@ -270,6 +282,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         base, experts, n_params = make_models(root, quick=args.quick)
         print(f"model: Llama-shaped, {n_params / 1e6:.1f}M parameters, {len(experts)} experts, "
               f"torch {torch.__version__}, {torch.get_num_threads()} threads (made in {time.perf_counter() - t0:.0f}s)")
+        from mergesearch.operators import registry
+        print(f"cpu: {cpu_model()}; inductor's C++ vectors: "
+              f"{'512-bit (AVX-512)' if registry.wide_cpu() else '256-bit or narrower'} (ratios depend on both)")
         ours: dict[tuple[str, str], tuple[float, float]] = {}
         for dtype in dtypes:
             dt = getattr(torch, dtype)
