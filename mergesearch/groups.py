@@ -98,7 +98,8 @@ class Group:
 
     def finish_state(self, n_experts: int, device: torch.device) -> None:
         """Make the group's state: each per-entry state as (blocks, B) views per expert, each per-chunk (E,) state
-        stacked to (chunks, E) (norms, the uniforms' keys), each other per-chunk value as a list in layout order
+        stacked to (chunks, E) (norms, the uniforms' keys; any per-chunk tensors of one shape are stacked so), each
+        other per-chunk value as a list in layout order
         (or joined into one by its type's `join`: DARE's kept L1 lookup),
         "cob" (blocks,) int64 each block's chunk, and "at" (blocks, 1) int64 each block's first entry in its
         chunk."""
@@ -106,8 +107,9 @@ class Group:
             if isinstance(slot, tuple) and slot[0] == "state":
                 _, key, e = slot
                 self.state.setdefault(key, [None] * n_experts)[e] = self.blocks(buf)
-        for key, rows in self._norms.items():
-            self.state[key] = torch.stack(rows)
+        for key, rows in self._norms.items():  # per-chunk tensors of differing shapes (model_stock's per-row
+            # factors, which its group does not read) stay a list in layout order
+            self.state[key] = torch.stack(rows) if len({r.shape for r in rows}) == 1 else rows
         for key, rows in self._host.items():  # one per chunk, or one for the group where its type can join them
             join = getattr(type(rows[0]), "join", None)
             self.state[key] = join(rows) if join is not None else rows

@@ -101,6 +101,31 @@ def test_the_models_parameters_are_views_of_the_group_and_tied_weights_stay_tied
     assert torch.equal(logits[True], logits[False])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_stock_in_one_call_gives_its_chunk_by_chunk_and_written_out_weights(dtype, tiny_family):
+    """model_stock runs task arithmetic's formula at t / N per chunk: in one call the weights of its chunk-by-chunk
+    kernel, and within float rounding base + t mean_i(d_i) with t written out from the angles (module docstring)."""
+    base, experts = tiny_family("llama", 3)
+    got = {}
+    for grouped in (True, False):
+        m = Materializer(base, experts, "model_stock", device="cpu", chunks=2, compiled=True, grouped=grouped,
+                         dtype=dtype)
+        got[grouped], ran = _run(m, m.plan())
+        assert ran and bool({k for k in ran if k[0].startswith("group_")}) is grouped, ran
+    for k, v in got[True].items():
+        assert torch.equal(v, got[False][k]), k
+    i = next(i for i, t in enumerate(m.tensors) if t.name.endswith("layers.0.mlp.up_proj.weight"))
+    b, ds, bounds, _ = m.sources(i)
+    lo, hi = bounds[0]
+    d = [x[lo:hi].double().flatten() for x in ds]
+    pairs = [(a, c) for j, a in enumerate(d) for c in d[j + 1:]]
+    cos = sum(float(a @ c / (a.norm() * c.norm())) for a, c in pairs) / len(pairs)
+    t = 3 * cos / (1 + 2 * cos)
+    want = b[lo:hi].double() + t * sum(x[lo:hi].double() for x in ds) / 3
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got[True][m.tensors[i].name][lo:hi].double(), want, rtol=0, atol=tol)
+
+
 def test_a_candidate_the_group_refuses_is_refused_chunk_by_chunk_by_name(tiny_family):
     """An overflow inside the group is found by the group's own sum, and named."""
     base, experts = tiny_family("llama", 2)
@@ -126,12 +151,18 @@ def test_which_tensors_form_the_group(tiny_family, monkeypatch):
     assert Materializer(base, experts, "ties", device="cpu", compiled=False)._group is None  # eager: no group
     assert Materializer(base, experts, "ties", device="cpu", compiled=True, streaming=True)._group is None
     # a method without a group kernel keeps the layout for the plans of state-free ones (task arithmetic)
-    other = Materializer(base, experts, "model_stock", device="cpu", compiled=True)
+    other = Materializer(base, experts[:1], "slerp", device="cpu", compiled=True)
     assert other._group is not None
-    _, ran = _run(other, other.plan())
-    assert ran == {}  # model_stock itself: its own kernel, chunk by chunk
-    _, ran = _run(other, Plan.full("task_arithmetic", other.tensors, 2, weight=[0.5, 0.5]))
+    _, ran = _run(other, other.plan(t=0.3))
+    assert ran == {}  # slerp itself: its own kernel, chunk by chunk
+    _, ran = _run(other, Plan.full("task_arithmetic", other.tensors, 1, weight=[0.5]))
     assert set(ran) == {("group_merge", "_Dense", False, False)}
+    # model_stock runs task arithmetic's group at its per-chunk coefficients; per row (filter_wise) its own kernel
+    stock = Materializer(base, experts, "model_stock", device="cpu", compiled=True)
+    _, ran = _run(stock, stock.plan())
+    assert set(ran) == {("group_merge", "_Dense", False, False)}
+    _, ran = _run(stock, stock.plan(filter_wise=1.0))
+    assert ran == {}
     monkeypatch.setenv("MERGESEARCH_GROUPED", "0")
     assert Materializer(base, experts, "ties", device="cpu", compiled=True)._group is None
     bounds = [[(0, 3)], [(0, 5)]]
