@@ -328,3 +328,23 @@ def test_both_cpu_vector_widths_give_the_same_weights(method, monkeypatch):
         assert fused.WIDE_CPU is wide
         torch.testing.assert_close(got[wide], want, rtol=0, atol=1e-6)
     assert torch.equal(got[False], got[True])
+
+
+def test_the_vector_width_is_inductors_and_falls_back_to_avx2s_choices(monkeypatch):
+    """`registry.wide_cpu` asks inductor's own ISA pick (a private API); where that fails, the AVX2 choices stand
+    (exact everywhere, only slower on an AVX-512 CPU)."""
+    from torch._inductor import cpu_vec_isa
+
+    registry.wide_cpu.cache_clear()
+    isa = cpu_vec_isa.pick_vec_isa()
+    assert registry.wide_cpu() is (bool(isa) and isa.bit_width() >= 512)
+
+    def broken():
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(cpu_vec_isa, "pick_vec_isa", broken)
+    registry.wide_cpu.cache_clear()
+    try:
+        assert registry.wide_cpu() is False
+    finally:
+        registry.wide_cpu.cache_clear()  # asked again, unpatched, by the next caller
