@@ -151,7 +151,10 @@ def _overhead_once(zoo: Path, n_trials: int, url: str, opener, granularity: str,
     """One study of `n_trials` on one storage, then Optuna's floor for the same study, back to back."""
     cfg = config_from_dict(study_dict(zoo, url, n_trials, name, granularity))
     runner, study = _runner_on(cfg, opener)
-    runner.evaluator.evaluate()  # warm-up: first forward passes allocate
+    # warm-up (first forward passes allocate) on a real candidate: until the first one is written the model's
+    # weights are uninitialised memory, whose logits may be anything, NaN included
+    n_experts = len(runner.expert_names)
+    runner.score_plan(runner.baseline_plan([1.0 / n_experts] * n_experts))
     t0 = time.perf_counter()
     runner.optimize(study, n_trials, progress=False)
     wall = time.perf_counter() - t0

@@ -432,6 +432,24 @@ def test_weights_overwritten_in_place_are_reread(tmp_path, nl_model):
     assert second.scores != first.scores
 
 
+def test_nan_logits_are_scored_by_generation_not_a_crash(tmp_path, nl_model):
+    """A merge whose forward overflows gives NaN logits: the one-pass shortcut proves nothing there (no token is
+    within reach of a NaN top; it once indexed an empty list of ties) and generation scores every example."""
+    model, tok = nl_model
+    task = load_task(own_answer_jsonl(tmp_path / "own.jsonl", model, tok, n=8))
+    saved = model.lm_head.weight.detach().clone()
+    try:
+        with torch.no_grad():
+            model.lm_head.weight[5] = float("nan")
+        result = Evaluator(model, tok, [task]).evaluate()
+    finally:
+        with torch.no_grad():
+            model.lm_head.weight.copy_(saved)
+    recs = result.records[task.name]
+    assert len(recs) == 8 and {r["decided_by"] for r in recs} == {"generation"}
+    assert result.primary(task.name) == 0.0
+
+
 def test_eval_result_table_and_primary():
     r = EvalResult(scores={"a": {"exact_match": 0.5, "logprob": -1.0}, "b": {"acc": 1.0}},
                    metric={"a": "exact_match", "b": "acc"}, n={"a": 2, "b": 1}, seconds=0.1)

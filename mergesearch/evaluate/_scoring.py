@@ -479,7 +479,8 @@ def score_gen_batch(model, batch: GenBatch, max_new_tokens: int, stop_ids: set[i
     answer (greedy takes one of them, float noise decides which: `TIE_EPS`), or none where the pass proves
     nothing usable). complete: generation ends right there (a stop/EOS token, or max_new_tokens used up).
     None proven: a special token other than EOS (it decodes to nothing, so the text is unchanged but
-    generation goes on), a near-tie the gold token is part of, or one of more than TIED_MOST tokens.
+    generation goes on), a near-tie the gold token is part of, one of more than TIED_MOST tokens, or logits that
+    are NaN or inf (a merge whose forward overflows: generation scores it, whatever it emits).
     """
     cache = _run_prefix(model, batch.prefix, len(batch.items))
     if cache is None:
@@ -506,6 +507,9 @@ def score_gen_batch(model, batch: GenBatch, max_new_tokens: int, stop_ids: set[i
         starts = [gold[:max_new_tokens]]  # if greedy follows gold until the tokens run out
         for j in range(min(len(gold) + 1, max_new_tokens)):
             ties = [t for t, near in zip(index[i][j], tied[i][j]) if near]
+            if not ties:  # NaN or inf logits (a broken merge): the top is not even within reach of itself
+                starts = []
+                break
             if len(ties) > 1:  # a near-tie: decidable only where no tied token is the gold one
                 parts = len(ties) < k and (j == len(gold) or gold[j] not in ties)
                 starts = [gold[:j] + [t] for t in ties] if parts else []
