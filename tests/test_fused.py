@@ -213,17 +213,38 @@ def test_the_policy_compiles_float32_chunks_of_large_models_on_cpu_and_cuda(monk
     assert scratch.compiled(x) and not scratch.compiled(x[1:]) and scratch.compiled(x.bfloat16())
     assert not scratch.compiled(x.half())  # fp16: eager on the CPU
     assert operators.Scratch(compiled_min=0, compiled_dtypes=operators.compiled_dtypes("cuda")).compiled(x.half())
-    # task arithmetic stays on the CPU's eager kernel (as fast) unless forced
-    assert not scratch.compiled(x, plain=True) and operators.Scratch(compiled_min=0).compiled(x, plain=True)
-    # ... except a float32 group in one call (faster there); on an AVX2 CPU a bf16 group stays eager (its emulated
-    # rounding is not faster), with AVX-512 it is compiled too
+    # plain task arithmetic: float32 compiled; bf16 on the eager adds of an AVX2 CPU unless forced, compiled with
+    # AVX-512; a chunk alone or a group alike (streamed and resident weights are the same)
     monkeypatch.setattr(registry, "wide_cpu", lambda: False)
-    assert scratch.compiled(x, plain=True, grouped=True) and not scratch.compiled(x.bfloat16(), True, grouped=True)
-    assert scratch.compiled(x.bfloat16(), grouped=True) and not scratch.compiled(x[1:], True, grouped=True)
-    assert operators.Scratch(compiled_min=0).compiled(x.bfloat16(), True, grouped=True)
+    assert scratch.compiled(x, plain=True) and not scratch.compiled(x.bfloat16(), plain=True)
+    assert scratch.compiled(x.bfloat16()) and not scratch.compiled(x[1:], plain=True)
+    assert operators.Scratch(compiled_min=0).compiled(x.bfloat16(), plain=True)
     monkeypatch.setattr(registry, "wide_cpu", lambda: True)
-    assert scratch.compiled(x.bfloat16(), True, grouped=True) and not scratch.compiled(x.bfloat16(), True)
-    assert not scratch.compiled(x[1:].bfloat16(), True, grouped=True)
+    assert scratch.compiled(x.bfloat16(), plain=True) and not scratch.compiled(x[1:].bfloat16(), plain=True)
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_streamed_and_resident_weights_are_the_same_under_the_default_policy(wide, tiny_family, monkeypatch):
+    """The policy a large model gets (not forced: `compiled_min_entries` of a model past COMPILED_MIN_MODEL), for the
+    methods whose plain chunks the CPU may merge with its eager adds: the streamed model (chunk by chunk) equals the
+    resident one (its chunks in one group call) bit for bit, in float32 and bf16, on either CPU vector width."""
+    monkeypatch.delenv("MERGESEARCH_FUSED", raising=False)
+    monkeypatch.setitem(operators.COMPILED_MIN_MODEL, "cpu", 1)
+    monkeypatch.setattr(registry, "COMPILED_MIN_ENTRIES", 1024)  # the tiny model's matrices; its norms stay eager
+    monkeypatch.setattr(registry, "wide_cpu", lambda: wide)
+    base, experts = tiny_family("llama", 3)
+    cases = (("task_arithmetic", {"weight": [0.3, 0.9, -0.4]}), ("linear", {"weight": [0.2, 0.5, 0.3]}),
+             ("model_stock", {}))
+    for method, values in cases:
+        for dtype in ("float32", "bfloat16"):
+            got = {}
+            for streaming in (False, True):
+                m = Materializer(base, experts, method, device="cpu", streaming=streaming, dtype=dtype)
+                assert m.scratch.compiled_min is not None and m.grouped is not streaming
+                m.materialize(m.plan(**values))
+                got[streaming] = {k: v.clone() for k, v in m.state_dict().items()}
+            for k, v in got[False].items():
+                assert torch.equal(v, got[True][k]), (method, dtype, k)
 
 
 def test_the_demo_sized_model_merges_eagerly_by_default(tiny_family, monkeypatch):

@@ -382,20 +382,22 @@ class Scratch:
         """Bytes the buffers hold now."""
         return sum(b.numel() * b.element_size() for b in self._bufs.values())
 
-    def compiled(self, chunk: torch.Tensor, plain: bool = False, grouped: bool = False) -> bool:
-        """Whether the family's compiled formula merges `chunk` (the policy: `compiled_min_entries`), or with
-        `grouped` a group of chunks in one call, `chunk` its base.
+    def compiled(self, chunk: torch.Tensor, plain: bool = False) -> bool:
+        """Whether the family's compiled formula merges `chunk` (the policy: `compiled_min_entries`), chunk by chunk
+        or as the base of a group of chunks in one call: the same decision for both, so that a model's weights do
+        not depend on whether its chunks were grouped (resident) or not (streamed, a group of one).
 
-        `plain`: task arithmetic at this chunk (every chunk of the group). The CPU's eager kernel adds whole chunks
-        as fast (the compiled one took 1.1x its time), so there it stays eager unless the formula is forced
-        (compiled_min 0); a float32 group in one call took 0.66-0.69x the eager kernel's time, but a bf16 one
-        1.5x on an AVX2 CPU (134M Llama, 3 experts, 2 threads: the formula's exact bf16 rounding after every add,
-        which inductor emulates, costs more there than the eager adds). With AVX-512 (`wide_cpu`) a bf16 group took
-        0.19x the eager kernel's time (72 against 371 ms, the same model): compiled there too."""
+        `plain`: task arithmetic at this chunk (every chunk of the group). On the CPU the formula's exact bf16
+        rounding after every add, which inductor emulates, took 1.5x the eager adds' time on an AVX2 CPU (a bf16
+        group, 134M Llama, 3 experts, 2 threads), so plain bf16 stays on the eager adds there unless the formula is
+        forced (compiled_min 0); with AVX-512 (`wide_cpu`) the bf16 group took 0.19x their time (72 against 371 ms,
+        the same model). A float32 group took 0.66-0.69x the eager adds' time, a float32 chunk alone 1.1x: until
+        2026-12-08 such a chunk stayed eager, so a streamed model (chunk by chunk) differed from the resident one
+        (grouped) in the last bit of most tensors."""
         if self.compiled_min is None or chunk.dtype not in self.compiled_dtypes:
             return False
         eager_adds = plain and chunk.device.type == "cpu" and self.compiled_min > 0
-        if eager_adds and not (grouped and (chunk.dtype == torch.float32 or wide_cpu())):
+        if eager_adds and not (chunk.dtype == torch.float32 or wide_cpu()):
             return False
         return chunk.numel() >= self.compiled_min
 

@@ -778,10 +778,9 @@ def _make_group_kernel(kind: str, consensus: bool):
         rules = [memo.get(key) or memo.setdefault(key, _Rules(kind, consensus, n, p))
                  for n, p in zip(sizes, params) for key in [(n, *p.values())]]
         plain = all(r.plain or not r.live for r in rules)
-        # Plain task arithmetic too, also on the CPU in float32, where chunk by chunk it stays eager: in one call it
-        # took 0.69x the eager kernel's time (134M Llama, 3 experts, float32, 2 threads; 0.79x the compiled
-        # chunks'). Not in bf16 there (Scratch.compiled).
-        if not scratch.compiled(base, plain, grouped=True) or (consensus and len({r.normalize for r in rules}) > 1):
+        # Plain task arithmetic too: on the CPU in one call it took 0.69x the eager kernel's time (134M Llama, 3
+        # experts, float32, 2 threads; 0.79x the compiled chunks'). Not in bf16 on an AVX2 CPU (Scratch.compiled).
+        if not scratch.compiled(base, plain) or (consensus and len({r.normalize for r in rules}) > 1):
             return None
         sp = fused.DENSE if plain else _sparsifier(kind, scratch)
         # a hashed sparsifier's keys (chunks,) and each block's first entry in its chunk, then per-entry sources
